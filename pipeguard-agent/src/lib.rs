@@ -1,0 +1,12 @@
+//! pipeguard: egress enforcement for CI runner pods with cgroup eBPF programs.
+//!
+//! Layers, each with one job:
+//! - [`policy`]: NetworkPolicy parsing, validation and the pure compiler (no kernel, no network).
+//! - [`engine`]: loads and attaches the eBPF programs, writes the maps, reads counters and events.
+//! - [`cgroup`]: cgroup2 discovery and the job cgroup.
+//! - [`cli`]: one module per subcommand.
+
+pub mod cgroup;
+pub mod cli;
+pub mod engine;
+pub mod policy;

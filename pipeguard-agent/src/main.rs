@@ -1,0 +1,13 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use pipeguard::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pipeguard::cli::init_logging(&cli.log_level);
+    match cli.command {
+        Command::Exec(args) => pipeguard::cli::exec::run(args),
+        Command::Check(args) => pipeguard::cli::check::run(args),
+    }
+}

@@ -1,0 +1,288 @@
+//! Memory layouts shared by the eBPF programs and user space.
+//!
+//! Every type is `#[repr(C)]` with explicit padding, so the two sides cannot disagree
+//! about a layout; the size asserts below fail the build on both sides if one changes.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Map names are versioned: a new layout gets a new name, so an upgraded agent never
+/// reads a pinned map with the old layout.
+pub mod map_names {
+    pub const PODS: &str = "PG_PODS_V1";
+    pub const ALLOW_V4: &str = "PG_ALLOW4_V1";
+    pub const ALLOW_V6: &str = "PG_ALLOW6_V1";
+    pub const COUNTERS: &str = "PG_COUNTERS_V1";
+    pub const FLOWS: &str = "PG_FLOWS_V1";
+    pub const EVENTS: &str = "PG_EVENTS_V1";
+    pub const EVENT_DROPS: &str = "PG_EVENT_DROPS_V1";
+    pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
+    pub const CONFIG: &str = "PG_CONFIG_V1";
+}
+
+/// Program names as they appear in the object file.
+pub mod program_names {
+    pub const CONNECT4: &str = "pg_connect4";
+    pub const CONNECT6: &str = "pg_connect6";
+    pub const SENDMSG4: &str = "pg_sendmsg4";
+    pub const SENDMSG6: &str = "pg_sendmsg6";
+    pub const EGRESS: &str = "pg_egress";
+    pub const SOCK_CREATE: &str = "pg_sock_create";
+}
+
+/// Capacity of the allow tries (per family). 100k CIDRs is the benchmark target.
+pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
+pub const MAX_PODS: u32 = 65_536;
+pub const MAX_COUNTERS: u32 = 65_536;
+pub const MAX_FLOWS: u32 = 16_384;
+pub const EVENT_RING_BYTES: u32 = 1 << 22;
+/// How many ancestors of a socket's cgroup the programs walk to find the pod cgroup.
+pub const MAX_CGROUP_DEPTH: u32 = 12;
+/// Port ranges one trie entry can hold; the compiler rejects anything larger rather than
+/// truncating, so a prefix never silently loses an allowed port.
+pub const MAX_PORT_RANGES: usize = 16;
+/// Per-flow event rate limit for the packet hook: one event per flow per this interval.
+pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
+
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+
+/// `PodEntry::flags`
+pub const POD_DENY_RAW_SOCKETS: u32 = 1 << 0;
+
+/// Value of the pod table, keyed by the pod-level cgroup id (u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PodEntry {
+    /// Selects the allowlist in the tries.
+    pub policy_id: u32,
+    /// `MODE_ENFORCE` or `MODE_AUDIT`.
+    pub mode: u32,
+    /// `POD_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodEntry>() == 16);
+
+/// Data of the IPv4 LPM trie key (the map key is `{u32 prefix_len, AllowKeyV4}`, as in
+/// `struct bpf_lpm_trie_key_u8`). The prefix length counts the 32 bits of `policy_id` plus
+/// the address prefix, so every lookup matches its own policy id exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AllowKeyV4 {
+    /// Big-endian, so the trie's bitwise prefix covers it the same on every host.
+    pub policy_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<AllowKeyV4>() == 8);
+
+/// Data of the IPv6 LPM trie key; same scheme as `AllowKeyV4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AllowKeyV6 {
+    pub policy_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AllowKeyV6>() == 20);
+
+/// Bits of the key's prefix length taken by the policy id.
+pub const POLICY_ID_BITS: u32 = 32;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// One allowed port range for one protocol, inclusive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PortRange>() == 8);
+
+/// `PortSet::flags`: every protocol and port is allowed (a rule without ports).
+pub const PORTS_ALL: u32 = 1 << 0;
+
+/// Trie value: what the longest matching prefix allows. An entry with no flags and no
+/// ranges is a hole (an `except`): the prefix is denied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortSet {
+    pub flags: u32,
+    /// Number of valid entries in `ranges`.
+    pub count: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+const _: () = assert!(core::mem::size_of::<PortSet>() == 8 + 8 * MAX_PORT_RANGES);
+
+impl PortSet {
+    /// The verdict for one destination. `port` 0 with a port-less protocol (ICMP, raw)
+    /// only passes `PORTS_ALL`, because NetworkPolicy ports only name TCP, UDP and SCTP.
+    #[inline(always)]
+    pub fn allows(&self, protocol: u8, port: u16) -> bool {
+        if self.flags & PORTS_ALL != 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if i as u32 >= self.count {
+                break;
+            }
+            let r = &self.ranges[i];
+            if r.protocol == protocol && r.start <= port && port <= r.end {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Hooks, as reported in counters and events.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Connect4 = 0,
+    Connect6 = 1,
+    Sendmsg4 = 2,
+    Sendmsg6 = 3,
+    Egress = 4,
+    SockCreate = 5,
+}
+pub const HOOK_COUNT: usize = 6;
+
+impl Hook {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Connect4,
+            1 => Self::Connect6,
+            2 => Self::Sendmsg4,
+            3 => Self::Sendmsg6,
+            4 => Self::Egress,
+            5 => Self::SockCreate,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Egress => "egress",
+            Self::SockCreate => "sock_create",
+        }
+    }
+}
+
+/// Verdicts, as reported in counters and events.
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DENY: u8 = 1;
+/// Would have been denied; let through because the pod is in audit mode.
+pub const VERDICT_AUDIT: u8 = 2;
+/// The program could not decide (malformed packet, failed helper); the packet was dropped
+/// in a guarded pod and an error counted.
+pub const VERDICT_ERROR: u8 = 3;
+
+/// Per-CPU counter key: per pod cgroup, verdict and hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CounterKey {
+    pub cgroup_id: u64,
+    pub verdict: u8,
+    pub hook: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Per-destination flow statistics (LRU, per CPU), used for the exec summary and for
+/// the packet hook's event rate limit. Addresses are IPv6 or IPv4-mapped IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub cgroup_id: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 32);
+
+/// `Event::flags`: the event stands for more attempts than one; see `Event::count`.
+pub const EVENT_AGGREGATED: u32 = 1 << 0;
+
+/// Ring buffer record for a denied or audited attempt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC)
+    pub timestamp_ns: u64,
+    /// The socket's own cgroup.
+    pub cgroup_id: u64,
+    /// The pod-level cgroup that selected the policy.
+    pub pod_cgroup_id: u64,
+    /// IPv6, or IPv4-mapped IPv6 when `family` is 4.
+    pub addr: [u8; 16],
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: [u8; 16],
+    pub policy_id: u32,
+    pub flags: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub hook: u8,
+    pub verdict: u8,
+    /// For sock_create: socket type (SOCK_RAW = 3) and family (AF_PACKET = 17).
+    pub sock_type: u8,
+    pub _pad: u8,
+    pub _pad2: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
+
+/// Global configuration, array map index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// What a socket whose cgroup is not in the pod table gets: `UNKNOWN_ALLOW` or
+    /// `UNKNOWN_DENY`.
+    pub unknown_pods: u32,
+    /// `CONFIG_*` flags.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+
+pub const UNKNOWN_ALLOW: u32 = 0;
+pub const UNKNOWN_DENY: u32 = 1;
+/// Keep per-destination flow statistics (costs one LRU update per packet).
+pub const CONFIG_FLOW_STATS: u32 = 1 << 0;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), padding-free (asserted above) and valid for any
+    // bit pattern.
+    unsafe impl aya::Pod for PodEntry {}
+    unsafe impl aya::Pod for AllowKeyV4 {}
+    unsafe impl aya::Pod for AllowKeyV6 {}
+    unsafe impl aya::Pod for PortSet {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for Config {}
+}
