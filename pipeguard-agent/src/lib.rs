@@ -3,10 +3,12 @@
 //! Layers, each with one job:
 //! - [`policy`]: NetworkPolicy parsing, validation and the pure compiler (no kernel, no network).
 //! - [`engine`]: loads and attaches the eBPF programs, writes the maps, reads counters and events.
-//! - [`cgroup`]: cgroup2 discovery and the job cgroup.
+//! - [`cgroup`]: cgroup2 discovery and cgroups pipeguard owns.
+//! - [`job`]: one command under enforcement (`pipeguard exec`).
 //! - [`cli`]: one module per subcommand.
 
 pub mod cgroup;
 pub mod cli;
 pub mod engine;
-pub mod policy;
+pub mod job;
+// pub mod policy;

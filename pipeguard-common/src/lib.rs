@@ -28,6 +28,7 @@ pub mod program_names {
     pub const SENDMSG6: &str = "pg_sendmsg6";
     pub const EGRESS: &str = "pg_egress";
     pub const SOCK_CREATE: &str = "pg_sock_create";
+    pub const SOCKET_CREATE_LSM: &str = "pg_socket_create_lsm";
 }
 
 /// Capacity of the allow tries (per family). 100k CIDRs is the benchmark target.
@@ -222,9 +223,6 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 32);
 
-/// `Event::flags`: the event stands for more attempts than one; see `Event::count`.
-pub const EVENT_AGGREGATED: u32 = 1 << 0;
-
 /// Ring buffer record for a denied or audited attempt.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -241,6 +239,7 @@ pub struct Event {
     pub tgid: u32,
     pub comm: [u8; 16],
     pub policy_id: u32,
+    /// Reserved, zero.
     pub flags: u32,
     pub port: u16,
     pub protocol: u8,

@@ -1,12 +1,16 @@
 //! The `pipeguard` command line: one module per subcommand.
 
 pub mod check;
-pub mod exec;
+//pub mod exec;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pipeguard", version, about = "Kernel-enforced egress control for CI jobs")]
+#[command(
+    name = "pipeguard",
+    version,
+    about = "Kernel-enforced egress control for CI jobs"
+)]
 pub struct Cli {
     /// Log filter for pipeguard and its kernel programs (tracing EnvFilter syntax).
     #[arg(long, global = true, default_value = "info", env = "PIPEGUARD_LOG")]
@@ -17,7 +21,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    Exec(exec::ExecArgs),
+    //    Exec(exec::ExecArgs),
     Check(check::CheckArgs),
 }
 

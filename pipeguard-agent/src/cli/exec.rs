@@ -1,0 +1,165 @@
+//! `pipeguard exec`: run one command under egress enforcement, policies from files.
+
+use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
+
+use crate::{
+    engine::PolicyEntries,
+    job::{self, EventSink, JobSpec, Mode},
+    policy::{self, Egress, PodIdentity},
+};
+
+/// Exit code when `--fail-on-violation` is set and something was denied (or audited).
+pub const EXIT_VIOLATION: u8 = 99;
+/// Exit code when pipeguard itself cannot guard the job; the command was not run.
+pub const EXIT_SETUP: u8 = 125;
+
+/// Run a command with its egress enforced by NetworkPolicy manifests.
+///
+/// The command runs in a fresh cgroup as a pod in --namespace with --label labels; the
+/// NetworkPolicies in that namespace that select it decide where it may send.
+///
+/// Example: sudo pipeguard exec --policy ci-egress.yaml --label app=runner -- make release
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    /// NetworkPolicy YAML file (several documents allowed) or directory; repeatable.
+    #[arg(long = "policy", required = true, value_name = "PATH")]
+    pub policies: Vec<PathBuf>,
+    /// Namespace the job counts as being in.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Label of the job as a pod, KEY=VALUE; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Labels of the job's namespace, KEY=VALUE; repeatable (for namespaceSelector peers).
+    #[arg(long = "namespace-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub namespace_labels: Vec<(String, String)>,
+    /// Cluster snapshot (Namespaces and Pods, YAML) so podSelector/namespaceSelector peers
+    /// resolve to pod IPs.
+    #[arg(long, value_name = "PATH")]
+    pub cluster: Option<PathBuf>,
+    /// enforce: deny what no policy allows. audit: allow everything, report what would be denied.
+    #[arg(long, value_enum, default_value = "enforce")]
+    pub mode: Mode,
+    /// Where violation events go as JSON lines: a file (appended), or - for stdout. Default: stderr.
+    #[arg(long, value_name = "PATH|-")]
+    pub events: Option<PathBuf>,
+    /// Exit with code 99 if anything was denied (or would have been, in audit mode), even
+    /// when the command succeeded.
+    #[arg(long)]
+    pub fail_on_violation: bool,
+    /// Let the job open raw IP and AF_PACKET sockets (refused by default: they bypass the
+    /// socket hooks).
+    #[arg(long)]
+    pub allow_raw_sockets: bool,
+    /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
+    #[arg(long, default_value = "warn", value_parser = parse_kernel_log_level)]
+    pub kernel_log_level: u8,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if k.is_empty() {
+        return Err(format!("empty label key in {s:?}"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_kernel_log_level(s: &str) -> Result<u8, String> {
+    Ok(match s {
+        "off" => 0,
+        "error" => 1,
+        "warn" => 2,
+        "info" => 3,
+        "debug" => 4,
+        "trace" => 5,
+        _ => return Err(format!("unknown level {s:?}: use off, error, warn, info, debug or trace")),
+    })
+}
+
+pub fn run(args: ExecArgs) -> ExitCode {
+    match guard(args) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("pipeguard: {message}");
+            ExitCode::from(EXIT_SETUP)
+        }
+    }
+}
+
+fn guard(args: ExecArgs) -> Result<ExitCode, String> {
+    // Policies first: an invalid policy is reported even where the kernel checks would fail.
+    let allowlist = compile(&args)?;
+    let cgroup_root = job::preflight::check().map_err(|e| e.to_string())?;
+    let events = EventSink::open(args.events.as_ref())
+        .map_err(|e| format!("opening --events {}: {e}", args.events.as_ref().map(|p| p.display().to_string()).unwrap_or_default()))?;
+    let outcome = job::run(JobSpec {
+        command: args.command,
+        allowlist,
+        mode: args.mode,
+        deny_raw_sockets: !args.allow_raw_sockets,
+        cgroup_parent: cgroup_root.join("pipeguard"),
+        events,
+        kernel_log_level: args.kernel_log_level,
+    })
+    .map_err(|e| e.to_string())?;
+    eprintln!("{}", outcome.summary);
+    if args.fail_on_violation && outcome.violations > 0 {
+        eprintln!("pipeguard: {} egress violations; exiting with {EXIT_VIOLATION} (--fail-on-violation)", outcome.violations);
+        return Ok(ExitCode::from(EXIT_VIOLATION));
+    }
+    Ok(ExitCode::from(outcome.exit.shell_code().clamp(0, 255) as u8))
+}
+
+/// Policies → the job's allowlist, with the warnings NetworkPolicy semantics call for.
+fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
+    let set = policy::load_policies(&args.policies);
+    if !set.errors.is_empty() {
+        let lines: Vec<String> = set.errors.iter().map(|e| format!("  {e}")).collect();
+        return Err(format!("invalid policy, the command was not run:\n{}", lines.join("\n")));
+    }
+    let cluster = match &args.cluster {
+        Some(path) => Some(policy::load_cluster(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let pod = PodIdentity {
+        namespace: args.namespace.clone(),
+        name: "pipeguard-exec".to_string(),
+        labels: args.labels.iter().cloned().collect(),
+    };
+    let namespace_labels: BTreeMap<String, String> = args.namespace_labels.iter().cloned().collect();
+    let rules = match policy::egress_for(&set, &pod, Some(&namespace_labels), cluster.as_ref()) {
+        Egress::Unrestricted => {
+            tracing::warn!(
+                namespace = %args.namespace,
+                "no NetworkPolicy with Egress in its policyTypes selects this job: egress is unrestricted"
+            );
+            return Ok(allow_all());
+        }
+        Egress::Isolated { rules, policies, warnings } => {
+            tracing::info!(policies = %policies.join(", "), "egress restricted by");
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            if cluster.is_none() {
+                tracing::warn!(
+                    "podSelector/namespaceSelector peers match nothing without --cluster: only ipBlock rules allow egress"
+                );
+            }
+            rules
+        }
+    };
+    let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
+    Ok(PolicyEntries { v4: entries.v4, v6: entries.v6 })
+}
+
+/// Unrestricted egress is still an allowlist, so the job's traffic is counted the same way.
+fn allow_all() -> PolicyEntries {
+    let all = pipeguard_common::PortSet { flags: pipeguard_common::PORTS_ALL, ..Default::default() };
+    PolicyEntries {
+        v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
+        v6: vec![("::/0".parse().expect("valid"), all)],
+    }
+}

@@ -1,0 +1,198 @@
+//! The enforcement engine: the kernel programs and their maps, behind one handle.
+//!
+//! Both `pipeguard exec` and the agent drive it the same way: load, attach to a cgroup,
+//! write allowlists under a policy id, then point pod cgroups at a policy id.
+
+mod attach;
+pub mod events;
+mod object;
+pub mod stats;
+mod tables;
+
+use std::{os::fd::AsFd, path::Path};
+
+use aya::{Ebpf, EbpfLoader};
+use aya_log::EbpfLogger;
+use pipeguard_common::{CONFIG_FLOW_STATS, Config, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names};
+
+pub use self::tables::PolicyEntries;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "this pipeguard was built without its eBPF programs (AYA_BUILD_SKIP=1); rebuild with the eBPF toolchain (cargo xtask build)"
+    )]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {program} to cgroup {cgroup}: {source}")]
+    Attach {
+        program: &'static str,
+        cgroup: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening cgroup {cgroup}: {source}")]
+    OpenCgroup {
+        cgroup: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    MissingMap { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// What a socket whose cgroup is in no pod entry gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownPods {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub unknown_pods: UnknownPods,
+    /// Per-destination packet and byte statistics (one LRU update per packet).
+    pub flow_stats: bool,
+    /// Most verbose aya-log level the kernel side emits (1 error … 5 trace; 0 off).
+    pub kernel_log_level: u8,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            // Mixed nodes: pods the agent does not know keep working.
+            unknown_pods: UnknownPods::Allow,
+            // Off for the agent's hot path; `exec` turns it on for its summary.
+            flow_stats: false,
+            // Warnings and errors only: the kernel side never logs per packet.
+            kernel_log_level: 2,
+        }
+    }
+}
+
+pub struct Engine {
+    ebpf: Ebpf,
+    /// Kept alive so kernel log records keep flowing; drained by `drain_kernel_logs`.
+    // aya-log speaks the `log` facade; tracing-subscriber bridges it into tracing.
+    logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    /// Why AF_PACKET sockets cannot be refused here, if they cannot (see `packet_guard`).
+    packet_guard_unavailable: Option<String>,
+}
+
+impl Engine {
+    /// Loads every program and creates the maps. Nothing is attached yet.
+    pub fn load(config: &EngineConfig) -> Result<Self, EngineError> {
+        let object = object::bytes().ok_or(EngineError::NoObject)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &config.kernel_log_level, false)
+            .load(object)
+            .map_err(EngineError::Load)?;
+        let logger = match EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            // The object has no log statements compiled in at this level; nothing to drain.
+            Err(error) => {
+                tracing::debug!(%error, "kernel-side logging unavailable");
+                None
+            }
+        };
+        attach::load_programs(&mut ebpf)?;
+        let packet_guard_unavailable = attach::load_packet_guard(&mut ebpf).err();
+        if let Some(reason) = &packet_guard_unavailable {
+            tracing::warn!(%reason, "AF_PACKET sockets cannot be refused on this kernel; raw IP sockets still are");
+        }
+        let mut engine = Self {
+            ebpf,
+            logger,
+            packet_guard_unavailable,
+        };
+        engine.write_config(config)?;
+        Ok(engine)
+    }
+
+    /// Attaches every program to the cgroup at `path` (and so to all its descendants).
+    pub fn attach(&mut self, path: &Path) -> Result<(), EngineError> {
+        let file = std::fs::File::open(path).map_err(|source| EngineError::OpenCgroup {
+            cgroup: path.display().to_string(),
+            source,
+        })?;
+        attach::attach_all(&mut self.ebpf, file.as_fd(), path)?;
+        if self.packet_guard_unavailable.is_none() {
+            attach::attach_packet_guard(&mut self.ebpf, file.as_fd(), path)?;
+        }
+        Ok(())
+    }
+
+    /// `None` when AF_PACKET sockets are refused in guarded pods; otherwise why not (the
+    /// BPF LSM is not active on this kernel).
+    pub fn packet_guard_unavailable(&self) -> Option<&str> {
+        self.packet_guard_unavailable.as_deref()
+    }
+
+    fn write_config(&mut self, config: &EngineConfig) -> Result<(), EngineError> {
+        let value = Config {
+            unknown_pods: match config.unknown_pods {
+                UnknownPods::Allow => UNKNOWN_ALLOW,
+                UnknownPods::Deny => UNKNOWN_DENY,
+            },
+            flags: if config.flow_stats { CONFIG_FLOW_STATS } else { 0 },
+        };
+        let mut array: aya::maps::Array<_, Config> = self.map_mut(map_names::CONFIG)?;
+        array.set(0, value, 0).map_err(|source| EngineError::Map {
+            map: map_names::CONFIG,
+            source,
+        })
+    }
+
+    /// Forwards pending kernel log records to tracing.
+    pub fn drain_kernel_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, EngineError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(EngineError::MissingMap { map: name })?;
+        T::try_from(map).map_err(|source| EngineError::Map { map: name, source })
+    }
+
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, EngineError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(EngineError::MissingMap { map: name })?;
+        T::try_from(map).map_err(|source| EngineError::Map { map: name, source })
+    }
+
+    /// Takes the event ring buffer out of the engine, for a reader task.
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>, EngineError> {
+        let map = self
+            .ebpf
+            .take_map(map_names::EVENTS)
+            .ok_or(EngineError::MissingMap {
+                map: map_names::EVENTS,
+            })?;
+        aya::maps::RingBuf::try_from(map).map_err(|source| EngineError::Map {
+            map: map_names::EVENTS,
+            source,
+        })
+    }
+}

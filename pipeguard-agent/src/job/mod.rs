@@ -1,0 +1,140 @@
+//! One command under enforcement: the engine behind `pipeguard exec`.
+//!
+//! Order matters: the programs are attached and the allowlist and pod entry are written
+//! before the command is moved into the cgroup, so its first packet is already judged.
+
+mod child;
+pub mod preflight;
+mod sink;
+mod summary;
+
+use std::{path::PathBuf, time::Duration};
+
+use pipeguard_common::{
+    MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PodEntry, VERDICT_AUDIT, VERDICT_DENY,
+};
+
+pub use self::{child::ExitReason, sink::EventSink, summary::Summary};
+use crate::{
+    cgroup::OwnedCgroup,
+    engine::{Engine, EngineConfig, PolicyEntries, UnknownPods, events},
+};
+
+/// The policy id `exec` writes its one allowlist under.
+const JOB_POLICY_ID: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Deny what the policy does not allow.
+    Enforce,
+    /// Allow everything; report what enforce mode would deny.
+    Audit,
+}
+
+pub struct JobSpec {
+    pub command: Vec<String>,
+    pub allowlist: PolicyEntries,
+    pub mode: Mode,
+    pub deny_raw_sockets: bool,
+    pub cgroup_parent: PathBuf,
+    pub events: EventSink,
+    pub kernel_log_level: u8,
+}
+
+pub struct JobOutcome {
+    pub exit: ExitReason,
+    /// Denied attempts (audited ones in audit mode), from the kernel counters.
+    pub violations: u64,
+    pub summary: Summary,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("creating the job cgroup under {parent}: {source}")]
+    Cgroup {
+        parent: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn run(spec: JobSpec) -> Result<JobOutcome, JobError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(spec))
+}
+
+async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
+    let mut engine = Engine::load(&EngineConfig {
+        unknown_pods: UnknownPods::Allow,
+        flow_stats: true,
+        kernel_log_level: spec.kernel_log_level,
+    })?;
+    let name = format!("exec-{}", std::process::id());
+    let cgroup = OwnedCgroup::create(&spec.cgroup_parent, &name).map_err(|source| JobError::Cgroup {
+        parent: spec.cgroup_parent.display().to_string(),
+        source,
+    })?;
+    let cgroup_id = cgroup.id()?;
+    engine.put_policy(JOB_POLICY_ID, &spec.allowlist)?;
+    engine.put_pod(
+        cgroup_id,
+        PodEntry {
+            policy_id: JOB_POLICY_ID,
+            mode: match spec.mode {
+                Mode::Enforce => MODE_ENFORCE,
+                Mode::Audit => MODE_AUDIT,
+            },
+            flags: if spec.deny_raw_sockets {
+                POD_DENY_RAW_SOCKETS
+            } else {
+                0
+            },
+            _pad: 0,
+        },
+    )?;
+    engine.attach(cgroup.path())?;
+
+    let ring = engine.take_events()?;
+    let clock = events::Clock::now();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reader = tokio::spawn(sink::pump(ring, clock, spec.events, stop_rx));
+
+    let exit = child::run(&spec.command, &cgroup).await?;
+
+    // Let the last packets' events land, then stop the reader; it drains before it exits.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = stop_tx.send(true);
+    let delivered = reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    engine.drain_kernel_logs();
+
+    let counters = engine.counters(cgroup_id)?;
+    let violations = counters
+        .iter()
+        .filter(|(k, _)| k.verdict == VERDICT_DENY || k.verdict == VERDICT_AUDIT)
+        .map(|(_, c)| c.packets)
+        .sum();
+    let summary = Summary::new(
+        engine.flows(cgroup_id)?,
+        &counters,
+        delivered,
+        engine.event_drops()?,
+    );
+    drop(cgroup);
+    Ok(JobOutcome {
+        exit,
+        violations,
+        summary,
+    })
+}

@@ -1,0 +1,105 @@
+//! Shared by the kernel tests: root check, the guarded cgroup, listeners outside it, and the
+//! probe that runs inside it.
+#![allow(dead_code, reason = "each test binary uses a different part of this module")]
+
+pub mod listeners;
+pub mod probe;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use pipeguard::cgroup::{OwnedCgroup, cgroup2_mount};
+
+/// Kernel tests never skip: without root or cgroup2 they fail and say why.
+pub fn require_kernel() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test loads eBPF programs and creates cgroups: run it as root (cargo xtask test does)"
+    );
+    cgroup2_mount()
+        .expect("read /proc/self/mountinfo")
+        .expect("this test needs a cgroup2 mount (none in /proc/self/mountinfo)")
+}
+
+/// A fresh cgroup for one test, removed (with anything left in it) when dropped.
+pub fn test_cgroup(name: &str) -> OwnedCgroup {
+    let root = require_kernel();
+    let parent = root.join("pipeguard-test");
+    let name = format!("{name}-{}", std::process::id());
+    let _ = std::fs::remove_dir(parent.join(&name));
+    OwnedCgroup::create(&parent, &name).expect("create test cgroup")
+}
+
+/// Runs the probe (this test binary, re-executed) inside `cgroup` with `actions`, and
+/// returns its outcomes, one per action.
+pub fn run_probe(cgroup: &Path, actions: &[String]) -> Vec<probe::Outcome> {
+    let output = probe_command(cgroup, actions).output().expect("spawn probe");
+    parse_outcomes(&output)
+}
+
+pub fn parse_outcomes(output: &std::process::Output) -> Vec<probe::Outcome> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let outcomes: Vec<probe::Outcome> = stdout
+        .lines()
+        .filter_map(|l| l.find(probe::MARK).map(|i| &l[i + probe::MARK.len()..]))
+        .map(|l| serde_json::from_str(l).expect("probe outcome json"))
+        .collect();
+    assert!(
+        output.status.success(),
+        "probe failed: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    outcomes
+}
+
+/// The probe command: this test binary running only its ignored `probe_main` test.
+pub fn probe_command(cgroup: &Path, actions: &[String]) -> Command {
+    let mut cmd = probe_argv_command(actions);
+    let procs =
+        std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The probe's argv, without placing it anywhere (for `pipeguard exec -- ...`).
+pub fn probe_argv() -> Vec<String> {
+    let exe = std::env::current_exe().expect("current exe");
+    vec![
+        exe.display().to_string(),
+        "probe_main".into(),
+        "--exact".into(),
+        "--ignored".into(),
+        "--nocapture".into(),
+        "--test-threads=1".into(),
+    ]
+}
+
+fn probe_argv_command(actions: &[String]) -> Command {
+    let argv = probe_argv();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env(probe::ACTIONS_ENV, actions.join("\n"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}

@@ -1,0 +1,314 @@
+//! The probe: egress attempts made from inside the guarded cgroup, one per action, each
+//! reported as a JSON line. It runs as this test binary re-executed with only the ignored
+//! `probe_main` test selected.
+//!
+//! Actions, one per line of `PG_PROBE_ACTIONS`: `KIND TARGET [PAYLOAD]`.
+
+use std::{
+    io::Write,
+    mem::{size_of, zeroed},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const ACTIONS_ENV: &str = "PG_PROBE_ACTIONS";
+pub const MARK: &str = "PG_PROBE ";
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct Outcome {
+    pub action: String,
+    pub ok: bool,
+    /// errno of the failing call; 0 when ok.
+    pub errno: i32,
+    pub elapsed_ms: u64,
+}
+
+impl Outcome {
+    pub fn denied_with_eperm(&self) -> bool {
+        !self.ok && self.errno == libc::EPERM
+    }
+}
+
+/// Entry point used by each kernel test binary's ignored `probe_main` test.
+pub fn main() {
+    let Ok(actions) = std::env::var(ACTIONS_ENV) else {
+        panic!("probe_main is the kernel tests' probe; it only runs re-executed with {ACTIONS_ENV} set");
+    };
+    for action in actions.lines().filter(|l| !l.trim().is_empty()) {
+        run(action);
+    }
+}
+
+fn report(action: &str, started: Instant, result: std::io::Result<()>) {
+    let outcome = Outcome {
+        action: action.to_string(),
+        ok: result.is_ok(),
+        errno: result
+            .as_ref()
+            .err()
+            .and_then(|e| e.raw_os_error())
+            .unwrap_or(if result.is_ok() { 0 } else { -1 }),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{MARK}{}", serde_json::to_string(&outcome).unwrap()).unwrap();
+    out.flush().unwrap();
+}
+
+fn run(action: &str) {
+    let mut parts = action.splitn(3, ' ');
+    let kind = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let rest = parts.next().unwrap_or("pipeguard-probe");
+    let started = Instant::now();
+    let result = match kind {
+        // Process shapes: the nested action runs in another process or thread of the job.
+        "child" => return spawn_nested(&format!("{target} {rest}"), false),
+        "daemon" => return spawn_nested(&format!("{target} {rest}"), true),
+        "thread" => {
+            let nested = format!("{target} {rest}");
+            std::thread::spawn(move || run(&nested)).join().unwrap();
+            return;
+        }
+        "tcp" => tcp(target, rest.as_bytes()),
+        "udp-connect" => udp_connect(target, rest.as_bytes()),
+        "udp-sendto" => udp_sendto(target, rest.as_bytes()),
+        "udp-sendmsg" => udp_sendmsg(target, rest.as_bytes(), false),
+        "udp-sendmmsg" => udp_sendmsg(target, rest.as_bytes(), true),
+        "tfo" => tcp_fastopen(target, rest.as_bytes()),
+        "raw-udp" => raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP, target),
+        "raw-icmp" => raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP, target),
+        "packet" => raw_socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+            target,
+        ),
+        "hold" => hold(target, rest),
+        other => panic!("unknown probe action {other:?}"),
+    };
+    report(action, started, result);
+}
+
+fn spawn_nested(action: &str, daemonize: bool) {
+    let argv = super::probe_argv();
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env(ACTIONS_ENV, action);
+    if daemonize {
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        // Not waited for: it outlives this process and reports on the inherited stdout.
+        cmd.spawn().expect("spawn daemon");
+    } else {
+        let status = cmd.status().expect("spawn child");
+        assert!(status.success(), "nested probe failed: {status}");
+    }
+}
+
+fn addr(target: &str) -> SocketAddr {
+    target
+        .parse()
+        .unwrap_or_else(|e| panic!("probe target {target:?}: {e}"))
+}
+
+fn tcp(target: &str, payload: &[u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr(target), Duration::from_secs(3))?;
+    stream.write_all(payload)?;
+    stream.flush()
+}
+
+fn udp_socket(target: &SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+}
+
+fn udp_connect(target: &str, payload: &[u8]) -> std::io::Result<()> {
+    let target = addr(target);
+    let socket = udp_socket(&target)?;
+    socket.connect(target)?;
+    socket.send(payload).map(drop)
+}
+
+fn udp_sendto(target: &str, payload: &[u8]) -> std::io::Result<()> {
+    let target = addr(target);
+    udp_socket(&target)?.send_to(payload, target).map(drop)
+}
+
+/// A socket address as the C API wants it.
+fn sockaddr(target: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match target {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn check(ret: isize) -> std::io::Result<()> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// sendmsg, or sendmmsg with two messages, on an unconnected UDP socket.
+fn udp_sendmsg(target: &str, payload: &[u8], multiple: bool) -> std::io::Result<()> {
+    let target = addr(target);
+    let socket = udp_socket(&target)?;
+    let (mut name, name_len) = sockaddr(&target);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut _,
+        iov_len: payload.len(),
+    };
+    // SAFETY: all-zero msghdr is valid; pointers below outlive the calls.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = name_len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if multiple {
+        let mut msgs = [
+            libc::mmsghdr {
+                msg_hdr: msg,
+                msg_len: 0,
+            },
+            libc::mmsghdr {
+                msg_hdr: msg,
+                msg_len: 0,
+            },
+        ];
+        // SAFETY: valid socket, two initialized mmsghdr.
+        check(unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), 2, 0) } as isize)
+    } else {
+        // SAFETY: valid socket and msghdr.
+        check(unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) })
+    }
+}
+
+fn new_socket(family: i32, ty: i32, protocol: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// TCP Fast Open: the SYN carries data and no connect() call is made.
+fn tcp_fastopen(target: &str, payload: &[u8]) -> std::io::Result<()> {
+    let target = addr(target);
+    let family = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let socket = new_socket(family, libc::SOCK_STREAM, 0)?;
+    let (name, len) = sockaddr(&target);
+    // SAFETY: valid socket, payload and address.
+    check(unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const name).cast(),
+            len,
+        )
+    })?;
+    // Give the handshake a moment, so a leak would reach the listener.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
+}
+
+/// Creating the socket is the attempt; if creation is allowed, try to send through it so a
+/// gap would show as received bytes.
+fn raw_socket(family: i32, ty: i32, protocol: i32, target: &str) -> std::io::Result<()> {
+    let socket = new_socket(family, ty, protocol)?;
+    if family == libc::AF_INET {
+        let target = addr(target);
+        let (name, len) = sockaddr(&target);
+        let packet = if protocol == libc::IPPROTO_ICMP {
+            ICMP_ECHO.to_vec()
+        } else {
+            udp_datagram(&target, b"raw-leak")
+        };
+        // SAFETY: valid socket, buffer and address.
+        check(unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const name).cast(),
+                len,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A UDP header + payload for a raw IPPROTO_UDP socket (the kernel adds the IP header).
+fn udp_datagram(target: &SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut d = Vec::new();
+    d.extend_from_slice(&40000u16.to_be_bytes());
+    d.extend_from_slice(&target.port().to_be_bytes());
+    d.extend_from_slice(&len.to_be_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes()); // no checksum (allowed for IPv4)
+    d.extend_from_slice(payload);
+    d
+}
+
+/// ICMP echo request, id 1 seq 1, checksum precomputed.
+const ICMP_ECHO: [u8; 8] = [8, 0, 0xf7, 0xfd, 0, 1, 0, 1];
+
+/// Connects and sends "before", waits until the file `flag` exists (the test changes the
+/// policy meanwhile), then sends "after".
+fn hold(target: &str, flag: &str) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr(target), Duration::from_secs(3))?;
+    stream.write_all(b"before")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::path::Path::new(flag).exists() {
+        assert!(Instant::now() < deadline, "hold: the test never created {flag}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Packets are dropped at egress, so the write itself may succeed (queued) or fail.
+    let _ = stream.write_all(b"after");
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! Every map the programs use. Layouts are in pipeguard-common; names are versioned there.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use pipeguard_common::{
+    AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, EVENT_RING_BYTES, FlowKey, MAX_ALLOW_ENTRIES,
+    MAX_COUNTERS, MAX_FLOWS, MAX_PODS, PodEntry, PortSet,
+};
+
+/// Pod-level cgroup id → the pod's policy id, mode and flags.
+#[map(name = "PG_PODS_V1")]
+pub static PODS: HashMap<u64, PodEntry> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// {policy id, IPv4 prefix} → ports allowed there. An empty port set is a hole (an except).
+#[map(name = "PG_ALLOW4_V1")]
+pub static ALLOW_V4: LpmTrie<AllowKeyV4, PortSet> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
+
+/// {policy id, IPv6 prefix} → ports allowed there.
+#[map(name = "PG_ALLOW6_V1")]
+pub static ALLOW_V6: LpmTrie<AllowKeyV6, PortSet> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
+
+/// {pod cgroup, verdict, hook} → packets and bytes (connect/sendmsg count attempts).
+#[map(name = "PG_COUNTERS_V1")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> = PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+
+/// {pod cgroup, destination, port, protocol, verdict} → packets and bytes; only written when
+/// `CONFIG_FLOW_STATS` is set. LRU, so it can never fill up and fail an update.
+#[map(name = "PG_FLOWS_V1")]
+pub static FLOWS: LruPerCpuHashMap<FlowKey, Counter> = LruPerCpuHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Denied and audited attempts (`pipeguard_common::Event`).
+#[map(name = "PG_EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// Index 0: events lost because the ring buffer was full.
+#[map(name = "PG_EVENT_DROPS_V1")]
+pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flow (verdict field = hook) → time of the last event the packet hook sent for it, so a
+/// stream of dropped packets yields one event per flow per interval, not one per packet.
+#[map(name = "PG_EVENT_LIMIT_V1")]
+pub static EVENT_LIMIT: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Index 0: global `Config`.
+#[map(name = "PG_CONFIG_V1")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -1,0 +1,73 @@
+//! connect4/6 and sendmsg4/6. connect refuses with EPERM, so the job sees an immediate
+//! error instead of a SYN timeout (TCP Fast Open's implicit connect passes here too).
+//! Unconnected UDP (sendto, sendmsg, sendmmsg) names its destination per call and only
+//! passes sendmsg4/6.
+
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_current_cgroup_id, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
+use pipeguard_common::Hook;
+
+use crate::{
+    addr::Dest,
+    pod,
+    verdict::{Attempt, check},
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn pg_connect4(ctx: SockAddrContext) -> i32 {
+    decide(ctx, Hook::Connect4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn pg_connect6(ctx: SockAddrContext) -> i32 {
+    decide(ctx, Hook::Connect6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn pg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide(ctx, Hook::Sendmsg4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn pg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide(ctx, Hook::Sendmsg6)
+}
+
+#[inline(always)]
+fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
+    let sa = ctx.sock_addr;
+    // Context fields must be read with exactly-sized loads; the verifier rewrites them.
+    let (dest, port, protocol) = unsafe {
+        let dest = match hook {
+            Hook::Connect6 | Hook::Sendmsg6 => Dest::v6([
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ]),
+            _ => Dest::v4(read_volatile(addr_of!((*sa).user_ip4))),
+        };
+        let port = read_volatile(addr_of!((*sa).user_port));
+        let protocol = read_volatile(addr_of!((*sa).protocol));
+        (dest, port, protocol)
+    };
+    let attempt = Attempt {
+        dest,
+        port: u16::from_be(port as u16),
+        protocol: protocol as u8,
+        hook,
+        bytes: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    if check(&attempt, pod::of_current_task()) {
+        ALLOW
+    } else {
+        DENY
+    }
+}

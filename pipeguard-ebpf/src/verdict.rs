@@ -1,0 +1,203 @@
+//! The decision shared by every hook: look the destination up in the pod's allowlist,
+//! count it, report it, and say whether it may pass.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
+use pipeguard_common::{
+    AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, Config, Counter, CounterKey, EVENT_INTERVAL_NS, Event,
+    FlowKey, Hook, MODE_AUDIT, POLICY_ID_BITS, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+};
+
+use crate::{
+    addr::Dest,
+    maps::{ALLOW_V4, ALLOW_V6, CONFIG, COUNTERS, EVENT_DROPS, EVENT_LIMIT, EVENTS, FLOWS},
+    pod::Pod,
+};
+
+/// One attempt to send somewhere, as a hook saw it.
+pub struct Attempt {
+    pub dest: Dest,
+    /// Host byte order; 0 for protocols without ports.
+    pub port: u16,
+    pub protocol: u8,
+    pub hook: Hook,
+    /// Packet length for the packet hook; 0 for socket hooks, which count attempts.
+    pub bytes: u64,
+    /// The socket's own cgroup (reported in events).
+    pub cgroup_id: u64,
+}
+
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// True when the attempt may proceed.
+#[inline(always)]
+pub fn check(attempt: &Attempt, pod: Option<Pod>) -> bool {
+    let config = config();
+    let Some(pod) = pod else {
+        if config.unknown_pods != UNKNOWN_DENY {
+            return true;
+        }
+        report(attempt, 0, 0, VERDICT_DENY, &config);
+        return false;
+    };
+    let verdict = if allowed(pod.entry.policy_id, attempt) {
+        VERDICT_ALLOW
+    } else if pod.entry.mode == MODE_AUDIT {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DENY
+    };
+    report(attempt, pod.cgroup_id, pod.entry.policy_id, verdict, &config);
+    verdict != VERDICT_DENY
+}
+
+#[inline(always)]
+fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
+    let policy_id = policy_id.to_be_bytes();
+    let ports = if attempt.dest.is_v4 {
+        let key = Key::new(
+            POLICY_ID_BITS + 32,
+            AllowKeyV4 {
+                policy_id,
+                addr: attempt.dest.v4_bytes(),
+            },
+        );
+        ALLOW_V4.get(&key)
+    } else {
+        let key = Key::new(
+            POLICY_ID_BITS + 128,
+            AllowKeyV6 {
+                policy_id,
+                addr: attempt.dest.addr,
+            },
+        );
+        ALLOW_V6.get(&key)
+    };
+    // No matching prefix: nothing allows it.
+    ports.is_some_and(|p| p.allows(attempt.protocol, attempt.port))
+}
+
+/// A denied (or audited) verdict may also be for a pod with no entry (`pod_cgroup_id` 0).
+#[inline(always)]
+pub fn report(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, config: &Config) {
+    count(pod_cgroup_id, verdict, attempt.hook, attempt.bytes);
+
+    let is_packet = attempt.hook == Hook::Egress;
+    let flow = FlowKey {
+        cgroup_id: pod_cgroup_id,
+        addr: attempt.dest.addr,
+        port: attempt.port,
+        protocol: attempt.protocol,
+        verdict,
+        _pad: [0; 4],
+    };
+    // Allowed socket attempts are counted as packets by the packet hook; only refusals
+    // of socket hooks are flows of their own.
+    if config.flags & CONFIG_FLOW_STATS != 0 && (is_packet || verdict != VERDICT_ALLOW) {
+        bump_flow(&flow, attempt.bytes);
+    }
+    if verdict == VERDICT_ALLOW {
+        return;
+    }
+    if is_packet && !packet_event_due(&flow) {
+        return;
+    }
+    emit(attempt, pod_cgroup_id, policy_id, verdict);
+}
+
+#[inline(always)]
+pub fn count(pod_cgroup_id: u64, verdict: u8, hook: Hook, bytes: u64) {
+    let key = CounterKey {
+        cgroup_id: pod_cgroup_id,
+        verdict,
+        hook: hook as u8,
+        _pad: [0; 6],
+    };
+    match COUNTERS.get_ptr_mut(&key) {
+        // Per-CPU value: no other writer.
+        Some(c) => unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        },
+        None => {
+            let _ = COUNTERS.insert(&key, &Counter { packets: 1, bytes }, BPF_NOEXIST as u64);
+        }
+    }
+}
+
+#[inline(always)]
+fn bump_flow(key: &FlowKey, bytes: u64) {
+    match FLOWS.get_ptr_mut(key) {
+        Some(c) => unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        },
+        None => {
+            let _ = FLOWS.insert(key, &Counter { packets: 1, bytes }, BPF_NOEXIST as u64);
+        }
+    }
+}
+
+/// Packet events are limited to one per flow per interval; counters still see every packet.
+#[inline(always)]
+fn packet_event_due(flow: &FlowKey) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(last) = unsafe { EVENT_LIMIT.get(flow) } {
+        if now.wrapping_sub(*last) < EVENT_INTERVAL_NS {
+            return false;
+        }
+    }
+    let _ = EVENT_LIMIT.insert(flow, &now, 0);
+    true
+}
+
+#[inline(always)]
+pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8) {
+    emit_event(Event {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: attempt.cgroup_id,
+        pod_cgroup_id,
+        addr: attempt.dest.addr,
+        port: attempt.port,
+        protocol: attempt.protocol,
+        family: if attempt.dest.is_v4 { 4 } else { 6 },
+        hook: attempt.hook as u8,
+        verdict,
+        policy_id,
+        ..task_fields()
+    });
+}
+
+/// pid and comm of the current task; in softirq context this is whatever task was running.
+#[inline(always)]
+pub fn task_fields() -> Event {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Event {
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        ..Event::default()
+    }
+}
+
+#[inline(always)]
+pub fn emit_event(event: Event) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(0);
+        }
+        None => {
+            // Never lose an event silently: user space reports this count.
+            if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
+                unsafe { *drops += 1 };
+            }
+        }
+    }
+}
