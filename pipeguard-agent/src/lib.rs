@@ -11,4 +11,4 @@ pub mod cgroup;
 pub mod cli;
 pub mod engine;
 pub mod job;
-// pub mod policy;
+pub mod policy;

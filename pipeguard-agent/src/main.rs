@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     pipeguard::cli::init_logging(&cli.log_level);
     match cli.command {
-        //        Command::Exec(args) => pipeguard::cli::exec::run(args),
+        Command::Exec(args) => pipeguard::cli::exec::run(args),
         Command::Check(args) => pipeguard::cli::check::run(args),
     }
 }

@@ -1,6 +1,6 @@
 //! `pipeguard exec`: run one command under egress enforcement, policies from files.
 
-use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     engine::PolicyEntries,
@@ -30,9 +30,6 @@ pub struct ExecArgs {
     /// Label of the job as a pod, KEY=VALUE; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// Labels of the job's namespace, KEY=VALUE; repeatable (for namespaceSelector peers).
-    #[arg(long = "namespace-label", value_name = "KEY=VALUE", value_parser = parse_label)]
-    pub namespace_labels: Vec<(String, String)>,
     /// Cluster snapshot (Namespaces and Pods, YAML) so podSelector/namespaceSelector peers
     /// resolve to pod IPs.
     #[arg(long, value_name = "PATH")]
@@ -60,7 +57,9 @@ pub struct ExecArgs {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
     if k.is_empty() {
         return Err(format!("empty label key in {s:?}"));
     }
@@ -75,7 +74,11 @@ fn parse_kernel_log_level(s: &str) -> Result<u8, String> {
         "info" => 3,
         "debug" => 4,
         "trace" => 5,
-        _ => return Err(format!("unknown level {s:?}: use off, error, warn, info, debug or trace")),
+        _ => {
+            return Err(format!(
+                "unknown level {s:?}: use off, error, warn, info, debug or trace"
+            ));
+        }
     })
 }
 
@@ -93,8 +96,15 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     // Policies first: an invalid policy is reported even where the kernel checks would fail.
     let allowlist = compile(&args)?;
     let cgroup_root = job::preflight::check().map_err(|e| e.to_string())?;
-    let events = EventSink::open(args.events.as_ref())
-        .map_err(|e| format!("opening --events {}: {e}", args.events.as_ref().map(|p| p.display().to_string()).unwrap_or_default()))?;
+    let events = EventSink::open(args.events.as_ref()).map_err(|e| {
+        format!(
+            "opening --events {}: {e}",
+            args.events
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )
+    })?;
     let outcome = job::run(JobSpec {
         command: args.command,
         allowlist,
@@ -107,7 +117,10 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     .map_err(|e| e.to_string())?;
     eprintln!("{}", outcome.summary);
     if args.fail_on_violation && outcome.violations > 0 {
-        eprintln!("pipeguard: {} egress violations; exiting with {EXIT_VIOLATION} (--fail-on-violation)", outcome.violations);
+        eprintln!(
+            "pipeguard: {} egress violations; exiting with {EXIT_VIOLATION} (--fail-on-violation)",
+            outcome.violations
+        );
         return Ok(ExitCode::from(EXIT_VIOLATION));
     }
     Ok(ExitCode::from(outcome.exit.shell_code().clamp(0, 255) as u8))
@@ -118,7 +131,10 @@ fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
     let set = policy::load_policies(&args.policies);
     if !set.errors.is_empty() {
         let lines: Vec<String> = set.errors.iter().map(|e| format!("  {e}")).collect();
-        return Err(format!("invalid policy, the command was not run:\n{}", lines.join("\n")));
+        return Err(format!(
+            "invalid policy, the command was not run:\n{}",
+            lines.join("\n")
+        ));
     }
     let cluster = match &args.cluster {
         Some(path) => Some(policy::load_cluster(path).map_err(|e| e.to_string())?),
@@ -129,8 +145,7 @@ fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
         name: "pipeguard-exec".to_string(),
         labels: args.labels.iter().cloned().collect(),
     };
-    let namespace_labels: BTreeMap<String, String> = args.namespace_labels.iter().cloned().collect();
-    let rules = match policy::egress_for(&set, &pod, Some(&namespace_labels), cluster.as_ref()) {
+    let rules = match policy::egress_for(&set, &pod, cluster.as_ref()) {
         Egress::Unrestricted => {
             tracing::warn!(
                 namespace = %args.namespace,
@@ -138,26 +153,31 @@ fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
             );
             return Ok(allow_all());
         }
-        Egress::Isolated { rules, policies, warnings } => {
+        Egress::Isolated {
+            rules,
+            policies,
+            warnings,
+        } => {
             tracing::info!(policies = %policies.join(", "), "egress restricted by");
             for warning in warnings {
                 tracing::warn!("{warning}");
-            }
-            if cluster.is_none() {
-                tracing::warn!(
-                    "podSelector/namespaceSelector peers match nothing without --cluster: only ipBlock rules allow egress"
-                );
             }
             rules
         }
     };
     let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
-    Ok(PolicyEntries { v4: entries.v4, v6: entries.v6 })
+    Ok(PolicyEntries {
+        v4: entries.v4,
+        v6: entries.v6,
+    })
 }
 
 /// Unrestricted egress is still an allowlist, so the job's traffic is counted the same way.
 fn allow_all() -> PolicyEntries {
-    let all = pipeguard_common::PortSet { flags: pipeguard_common::PORTS_ALL, ..Default::default() };
+    let all = pipeguard_common::PortSet {
+        flags: pipeguard_common::PORTS_ALL,
+        ..Default::default()
+    };
     PolicyEntries {
         v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
         v6: vec![("::/0".parse().expect("valid"), all)],

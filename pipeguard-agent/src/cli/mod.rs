@@ -1,7 +1,7 @@
 //! The `pipeguard` command line: one module per subcommand.
 
 pub mod check;
-//pub mod exec;
+pub mod exec;
 
 use clap::{Parser, Subcommand};
 
@@ -21,7 +21,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    //    Exec(exec::ExecArgs),
+    Exec(exec::ExecArgs),
     Check(check::CheckArgs),
 }
 

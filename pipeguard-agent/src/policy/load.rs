@@ -1,0 +1,151 @@
+//! Policy files and directories → validated policies, collecting one error per bad object
+//! so the rest of the set still compiles.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{
+    error::PolicyError,
+    model::NetworkPolicyDoc,
+    validate::{Policy, validate},
+};
+
+/// Larger files are refused whole: a policy file is never legitimately this big, and
+/// parsing must not be a way to exhaust the agent's memory.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    pub policies: Vec<Policy>,
+    pub errors: Vec<PolicyError>,
+}
+
+/// Every path is a YAML file (several `---` documents allowed) or a directory whose
+/// `*.yaml`/`*.yml` files are read recursively, in sorted order.
+pub fn load_policies(paths: &[PathBuf]) -> PolicySet {
+    let mut set = PolicySet::default();
+    for path in paths {
+        let mut files = Vec::new();
+        if let Err(e) = collect_files(path, &mut files) {
+            set.errors
+                .push(PolicyError::file(&path.display().to_string(), e.to_string()));
+            continue;
+        }
+        for file in files {
+            let label = file.display().to_string();
+            match read_limited(&file) {
+                Ok(text) => {
+                    let parsed = parse_policies(&label, &text);
+                    set.policies.extend(parsed.policies);
+                    set.errors.extend(parsed.errors);
+                }
+                Err(message) => set.errors.push(PolicyError::file(&label, message)),
+            }
+        }
+    }
+    set
+}
+
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if !path.is_dir() {
+        std::fs::metadata(path)?;
+        files.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            collect_files(&entry, files)?;
+        } else if entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+fn read_limited(path: &Path) -> Result<String, String> {
+    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(format!("file is {size} bytes; the limit is {MAX_FILE_BYTES}"));
+    }
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
+}
+
+/// Parses YAML text from `source` (a file name or another label).
+pub fn parse_policies(source: &str, text: &str) -> PolicySet {
+    let mut set = PolicySet::default();
+    let documents = serde_yaml::Deserializer::from_str(text);
+    let many = text.lines().filter(|l| l.trim_end() == "---").count() > 0;
+    for (i, document) in documents.enumerate() {
+        let doc_no = many.then_some(i + 1);
+        let value = match serde_yaml::Value::deserialize(document) {
+            Ok(v) => v,
+            Err(e) => {
+                set.errors.push(PolicyError {
+                    document: doc_no,
+                    ..PolicyError::file(source, format!("YAML: {e}"))
+                });
+                // The stream cannot be trusted past a syntax error.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        match parse_object(value) {
+            Ok(policy) => set.policies.push(policy),
+            Err((object, field, message)) => set.errors.push(PolicyError {
+                source: source.into(),
+                document: doc_no,
+                object,
+                field,
+                message,
+            }),
+        }
+    }
+    set
+}
+
+type ObjectError = (Option<String>, Option<String>, String);
+
+/// Reads the object's identity first, so even a structurally broken object is named.
+fn parse_object(value: serde_yaml::Value) -> Result<Policy, ObjectError> {
+    let text = |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|s| s.as_str()).map(str::to_string);
+    let kind = text(&value, "kind").unwrap_or_default();
+    let metadata = value.get("metadata").cloned().unwrap_or_default();
+    let name = text(&metadata, "name");
+    let namespace = text(&metadata, "namespace").unwrap_or_else(|| "default".into());
+    let object = Some(format!(
+        "{} {namespace}/{}",
+        if kind.is_empty() {
+            "object".to_string()
+        } else {
+            kind.to_lowercase()
+        },
+        name.as_deref().unwrap_or("<no name>")
+    ));
+    if kind != "NetworkPolicy" {
+        let message = if kind.is_empty() {
+            "missing kind (expected NetworkPolicy)".to_string()
+        } else {
+            format!("unsupported kind {kind:?}: only networking.k8s.io/v1 NetworkPolicy is read")
+        };
+        return Err((object, Some("kind".into()), message));
+    }
+    let doc: NetworkPolicyDoc = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        (
+            object.clone(),
+            (path != ".").then_some(path),
+            e.into_inner().to_string(),
+        )
+    })?;
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        return Err((object, Some("metadata.name".into()), "missing name".into()));
+    };
+    validate(doc, namespace, name).map_err(|(field, message)| (object, Some(field), message))
+}

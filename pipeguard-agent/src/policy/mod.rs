@@ -1,0 +1,65 @@
+//! NetworkPolicy (networking.k8s.io/v1) parsing, validation and compilation to the kernel's
+//! allowlist. Pure: no kernel, no network, so most tests run here.
+//!
+//! Pipeline: `load` (files → raw objects, strict serde with field paths) → `validate`
+//! (typed policies, every spec rule checked) → `egress` (which policies select a pod, the
+//! union of their rules as [`AllowRule`]s) → `lpm` (trie entries whose longest-prefix answer
+//! equals [`evaluate`], the straightforward reference).
+
+mod cluster;
+mod egress;
+mod error;
+mod eval;
+mod load;
+mod lpm;
+mod model;
+mod selector;
+mod validate;
+
+pub use self::{
+    cluster::{Cluster, ClusterPod, load_cluster},
+    egress::{Egress, PodIdentity, egress_for},
+    error::PolicyError,
+    eval::evaluate,
+    load::{PolicySet, load_policies, parse_policies},
+    lpm::{CompileError, LpmEntries, lpm_entries},
+    selector::Selector,
+    validate::{Peer, Policy, PortRef, PortSpec, Rule},
+};
+
+/// One allowed destination range: `cidr` minus `except`, on `ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowRule {
+    pub cidr: ipnet::IpNet,
+    pub except: Vec<ipnet::IpNet>,
+    pub ports: Ports,
+}
+
+/// What a rule allows on the destinations it covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ports {
+    /// A rule without ports: every protocol (ICMP included) and port.
+    All,
+    /// (protocol number, first port, last port), inclusive. Empty allows nothing.
+    List(Vec<(u8, u16, u16)>),
+}
+
+impl Ports {
+    pub fn allows(&self, protocol: u8, port: u16) -> bool {
+        match self {
+            Self::All => true,
+            Self::List(list) => list
+                .iter()
+                .any(|&(p, lo, hi)| p == protocol && lo <= port && port <= hi),
+        }
+    }
+}
+
+/// ::ffff:a.b.c.d destinations are IPv4 on the wire; the kernel looks them up as IPv4, so
+/// the compiler and the reference evaluator do the same.
+pub fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
