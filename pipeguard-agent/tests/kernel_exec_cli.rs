@@ -219,6 +219,34 @@ fn audit_mode_lets_the_job_through_and_reports_what_would_be_denied() {
     );
 }
 
+#[test]
+fn raw_and_packet_sockets_are_refused_in_the_job() {
+    let target = listeners::udp("127.0.0.1:0");
+    let dir = TempDir::new("exec-raw");
+    let policy = dir.write("policy.yaml", &registry_only(9));
+    let a = target.addr;
+    let out = exec_probe(
+        &policy,
+        &[],
+        &[
+            format!("raw-udp {a}"),
+            format!("raw-icmp {a}"),
+            format!("packet {a}"),
+        ],
+    );
+    for o in common::parse_outcomes(&out) {
+        assert!(o.denied_with_eperm(), "{o:?}\n{}", stderr(&out));
+    }
+    assert!(target.received.bytes().is_empty());
+    // With --allow-raw-sockets the socket opens, and the packet hook still drops what the
+    // policy does not allow.
+    let out = exec_probe(&policy, &["--allow-raw-sockets"], &[format!("raw-udp {a}")]);
+    let outcomes = common::parse_outcomes(&out);
+    assert!(outcomes[0].denied_with_eperm(), "dropped at egress: {outcomes:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(target.received.bytes().is_empty(), "raw UDP leaked");
+}
+
 fn exec_shell(policy: &Path, script: &str) -> Output {
     require_kernel();
     pipeguard()

@@ -1,5 +1,6 @@
 //! `cargo xtask`: toolchain setup, build, demo, tests.
 
+mod demo;
 mod toolchain;
 
 use std::process::{Command, ExitCode};
@@ -69,7 +70,17 @@ fn status(mut cmd: Command) -> Result<()> {
 
 fn build() -> Result<std::path::PathBuf> {
     let tc = toolchain::setup()?;
-    status(cargo(&tc, &["build", "--release", "--package", "pipeguard-agent", "--bin", "pipeguard"]))?;
+    status(cargo(
+        &tc,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "pipeguard-agent",
+            "--bin",
+            "pipeguard",
+        ],
+    ))?;
     Ok(workspace_root().join("target/release/pipeguard"))
 }
 
@@ -82,13 +93,7 @@ fn workspace_root() -> std::path::PathBuf {
 
 fn demo() -> Result<ExitCode> {
     let bin = build()?;
-    let root = workspace_root();
-    let st = Command::new("bash")
-        .arg(root.join("demo/demo.sh"))
-        .env("PIPEGUARD", &bin)
-        .current_dir(&root)
-        .status()?;
-    Ok(if st.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    demo::run(&bin, &workspace_root())
 }
 
 fn test() -> Result<ExitCode> {

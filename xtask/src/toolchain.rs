@@ -55,23 +55,17 @@ fn cargo_home() -> PathBuf {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8(out.stdout)?)
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))
-    .context("the nightly toolchain is needed to build eBPF programs (rustup toolchain install nightly)")?;
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+            .context(
+            "the nightly toolchain is needed to build eBPF programs (rustup toolchain install nightly)",
+        )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }

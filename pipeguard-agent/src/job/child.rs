@@ -41,7 +41,13 @@ const FORWARDED: [i32; 6] = [
     libc::SIGUSR2,
 ];
 
-pub async fn run(command: &[String], cgroup: &OwnedCgroup) -> Result<ExitReason, JobError> {
+/// `drop_net_raw`: take CAP_NET_RAW out of the job's capability sets, so raw and packet
+/// sockets are refused by the kernel itself, even where the BPF LSM hook cannot load.
+pub async fn run(
+    command: &[String],
+    cgroup: &OwnedCgroup,
+    drop_net_raw: bool,
+) -> Result<ExitReason, JobError> {
     let (program, args) = command.split_first().ok_or_else(|| JobError::Spawn {
         command: String::new(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command given"),
@@ -75,6 +81,9 @@ pub async fn run(command: &[String], cgroup: &OwnedCgroup) -> Result<ExitReason,
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if drop_net_raw {
+                drop_capability(CAP_NET_RAW)?;
+            }
             Ok(())
         });
     }
@@ -94,6 +103,52 @@ pub async fn run(command: &[String], cgroup: &OwnedCgroup) -> Result<ExitReason,
         task.abort();
     }
     Ok(ExitReason::from_status(status?))
+}
+
+const CAP_NET_RAW: u32 = 13;
+
+/// Removes `cap` from the bounding set (so exec cannot regain it) and from the effective,
+/// permitted and inheritable sets. Async-signal-safe: raw syscalls only.
+fn drop_capability(cap: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    // SAFETY: prctl and capget/capset with valid pointers to correctly laid out structs.
+    unsafe {
+        if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+        data[word].effective &= !bit;
+        data[word].permitted &= !bit;
+        data[word].inheritable &= !bit;
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 async fn forward(mut stream: tokio::signal::unix::Signal, sig: i32, pid: i32) {

@@ -111,7 +111,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reader = tokio::spawn(sink::pump(ring, clock, spec.events, stop_rx));
 
-    let exit = child::run(&spec.command, &cgroup).await?;
+    let exit = child::run(&spec.command, &cgroup, spec.deny_raw_sockets).await?;
 
     // Let the last packets' events land, then stop the reader; it drains before it exits.
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -38,23 +38,23 @@ pub fn test_cgroup(name: &str) -> OwnedCgroup {
 /// returns its outcomes, one per action.
 pub fn run_probe(cgroup: &Path, actions: &[String]) -> Vec<probe::Outcome> {
     let output = probe_command(cgroup, actions).output().expect("spawn probe");
+    assert!(
+        output.status.success(),
+        "probe failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     parse_outcomes(&output)
 }
 
+/// The probe's outcomes in its output; the caller judges the exit status.
 pub fn parse_outcomes(output: &std::process::Output) -> Vec<probe::Outcome> {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let outcomes: Vec<probe::Outcome> = stdout
+    String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|l| l.find(probe::MARK).map(|i| &l[i + probe::MARK.len()..]))
         .map(|l| serde_json::from_str(l).expect("probe outcome json"))
-        .collect();
-    assert!(
-        output.status.success(),
-        "probe failed: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    outcomes
+        .collect()
 }
 
 /// The probe command: this test binary running only its ignored `probe_main` test.
