@@ -99,6 +99,7 @@ fn demo() -> Result<ExitCode> {
 fn test() -> Result<ExitCode> {
     let tc = toolchain::setup()?;
     // Kernel tests share cgroups and the loopback; run them one at a time.
-    status(cargo(&tc, &["test", "--workspace", "--", "--test-threads=1"]))?;
+    // Default members only: the eBPF crate builds for bpfel-unknown-none, never for the host.
+    status(cargo(&tc, &["test", "--", "--test-threads=1"]))?;
     Ok(ExitCode::SUCCESS)
 }
