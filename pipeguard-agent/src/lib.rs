@@ -5,8 +5,10 @@
 //! - [`engine`]: loads and attaches the eBPF programs, writes the maps, reads counters and events.
 //! - [`cgroup`]: cgroup2 discovery and cgroups pipeguard owns.
 //! - [`job`]: one command under enforcement (`pipeguard exec`).
+//! - [`agent`]: the DaemonSet (`pipeguard agent`): kube caches, pod cgroups, incremental sync.
 //! - [`cli`]: one module per subcommand.
 
+pub mod agent;
 pub mod cgroup;
 pub mod cli;
 pub mod engine;

@@ -9,5 +9,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Exec(args) => pipeguard::cli::exec::run(args),
         Command::Check(args) => pipeguard::cli::check::run(args),
+        Command::Agent(args) => pipeguard::cli::agent::run(args),
     }
 }

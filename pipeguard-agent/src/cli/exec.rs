@@ -66,7 +66,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-fn parse_kernel_log_level(s: &str) -> Result<u8, String> {
+pub(crate) fn parse_kernel_log_level(s: &str) -> Result<u8, String> {
     Ok(match s {
         "off" => 0,
         "error" => 1,

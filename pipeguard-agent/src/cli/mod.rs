@@ -1,5 +1,6 @@
 //! The `pipeguard` command line: one module per subcommand.
 
+pub mod agent;
 pub mod check;
 pub mod exec;
 
@@ -22,6 +23,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     Exec(exec::ExecArgs),
+    Agent(agent::AgentArgs),
     Check(check::CheckArgs),
 }
 

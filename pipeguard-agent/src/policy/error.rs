@@ -11,6 +11,8 @@ pub struct PolicyError {
     pub document: Option<usize>,
     /// `networkpolicy NS/NAME` (or the kind and name of another object).
     pub object: Option<String>,
+    /// The object's namespace, when known: an error taints every guarded pod there.
+    pub namespace: Option<String>,
     /// Field path, like `spec.egress[0].to[1].ipBlock.cidr`.
     pub field: Option<String>,
     pub message: String,
@@ -22,6 +24,7 @@ impl PolicyError {
             source: source.into(),
             document: None,
             object: None,
+            namespace: None,
             field: None,
             message: message.into(),
         }

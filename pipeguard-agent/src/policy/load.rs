@@ -96,18 +96,33 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
         if value.is_null() {
             continue;
         }
-        match parse_object(value) {
+        match policy_from_value(source, value) {
             Ok(policy) => set.policies.push(policy),
-            Err((object, field, message)) => set.errors.push(PolicyError {
-                source: source.into(),
+            Err(error) => set.errors.push(PolicyError {
                 document: doc_no,
-                object,
-                field,
-                message,
+                ..error
             }),
         }
     }
     set
+}
+
+/// One object (from a file, or from the API server), strictly parsed and validated.
+pub fn policy_from_value(source: &str, value: serde_yaml::Value) -> Result<Policy, PolicyError> {
+    let namespace = value
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("default")
+        .to_string();
+    parse_object(value).map_err(|(object, field, message)| PolicyError {
+        source: source.into(),
+        document: None,
+        object,
+        namespace: Some(namespace),
+        field,
+        message,
+    })
 }
 
 type ObjectError = (Option<String>, Option<String>, String);

@@ -21,7 +21,7 @@ pub use self::{
     egress::{Egress, PodIdentity, egress_for},
     error::PolicyError,
     eval::evaluate,
-    load::{PolicySet, load_policies, parse_policies},
+    load::{PolicySet, load_policies, parse_policies, policy_from_value},
     lpm::{CompileError, LpmEntries, lpm_entries},
     selector::Selector,
     validate::{Peer, Policy, PortRef, PortSpec, Rule},

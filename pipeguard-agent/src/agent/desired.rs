@@ -1,0 +1,275 @@
+//! The desired kernel state for this node's pods: a pure function of the policies, the
+//! cluster snapshot and the pod cgroups found, so it is tested without a kernel.
+//!
+//! Fail closed: a guarded pod whose namespace has a policy that does not parse or validate,
+//! or whose allowlist does not compile, keeps its last good allowlist, or gets deny-all if
+//! it never had one. It never falls back to unrestricted egress.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use pipeguard_common::{MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PORTS_ALL, PortSet};
+
+use super::guard::GuardConfig;
+use crate::{
+    engine::PolicyEntries,
+    job::Mode,
+    policy::{self, Cluster, Egress, PodIdentity, PolicySet},
+};
+
+/// A pod scheduled on this node whose cgroup was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub cgroup_id: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub guard: GuardConfig,
+    /// Isolate guarded pods that no egress policy selects.
+    pub default_deny_egress: bool,
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Not guarded: allow-all, counted.
+    NotGuarded,
+    /// Guarded, but no egress policy selects it (and no default deny).
+    Unrestricted,
+    /// Egress restricted by these policies ("ns/name").
+    Enforced(Vec<String>),
+    /// Guarded, restricted by `--default-deny-egress` alone.
+    DefaultDeny,
+    /// Its policies could not be compiled; `kept_last_good` says what it got instead.
+    FailedClosed { reason: String, kept_last_good: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredPod {
+    pub pod: LocalPod,
+    pub entries: PolicyEntries,
+    pub mode: u32,
+    pub flags: u32,
+    pub status: Status,
+}
+
+pub fn allow_all() -> PolicyEntries {
+    let all = PortSet {
+        flags: PORTS_ALL,
+        ..PortSet::default()
+    };
+    PolicyEntries {
+        v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
+        v6: vec![("::/0".parse().expect("valid"), all)],
+    }
+}
+
+/// `last_good`: the allowlists last applied per pod UID (for fail-closed).
+pub fn compute(
+    settings: &Settings,
+    policies: &PolicySet,
+    cluster: &Cluster,
+    local: &[LocalPod],
+    last_good: &HashMap<String, PolicyEntries>,
+) -> Vec<DesiredPod> {
+    let tainted: BTreeSet<&str> = policies
+        .errors
+        .iter()
+        .filter_map(|e| e.namespace.as_deref())
+        .collect();
+    let mode = match settings.mode {
+        Mode::Enforce => MODE_ENFORCE,
+        Mode::Audit => MODE_AUDIT,
+    };
+    local
+        .iter()
+        .map(|pod| {
+            if !settings.guard.is_guarded(&pod.namespace, &pod.labels) {
+                return DesiredPod {
+                    pod: pod.clone(),
+                    entries: allow_all(),
+                    mode: MODE_ENFORCE,
+                    flags: 0,
+                    status: Status::NotGuarded,
+                };
+            }
+            let (entries, status) = guarded(settings, policies, cluster, pod, &tainted, last_good);
+            DesiredPod {
+                pod: pod.clone(),
+                entries,
+                mode,
+                flags: POD_DENY_RAW_SOCKETS,
+                status,
+            }
+        })
+        .collect()
+}
+
+fn guarded(
+    settings: &Settings,
+    policies: &PolicySet,
+    cluster: &Cluster,
+    pod: &LocalPod,
+    tainted: &BTreeSet<&str>,
+    last_good: &HashMap<String, PolicyEntries>,
+) -> (PolicyEntries, Status) {
+    let fail_closed = |reason: String| {
+        let kept = last_good.get(&pod.uid).cloned();
+        let kept_last_good = kept.is_some();
+        (
+            kept.unwrap_or_default(),
+            Status::FailedClosed {
+                reason,
+                kept_last_good,
+            },
+        )
+    };
+    if tainted.contains(pod.namespace.as_str()) {
+        return fail_closed(format!(
+            "a NetworkPolicy in namespace {} is invalid",
+            pod.namespace
+        ));
+    }
+    let identity = PodIdentity {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        labels: pod.labels.clone(),
+    };
+    match policy::egress_for(policies, &identity, Some(cluster)) {
+        Egress::Unrestricted if settings.default_deny_egress => {
+            (PolicyEntries::default(), Status::DefaultDeny)
+        }
+        Egress::Unrestricted => (allow_all(), Status::Unrestricted),
+        Egress::Isolated { rules, policies, .. } => match policy::lpm_entries(&rules) {
+            Ok(e) => (PolicyEntries { v4: e.v4, v6: e.v6 }, Status::Enforced(policies)),
+            Err(error) => fail_closed(error.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_policies;
+
+    fn pod(ns: &str, labels: &[(&str, &str)]) -> LocalPod {
+        LocalPod {
+            uid: format!("uid-{ns}"),
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cgroup_id: 42,
+        }
+    }
+
+    fn settings(default_deny: bool) -> Settings {
+        Settings {
+            guard: GuardConfig {
+                namespaces: vec!["ci".into()],
+                selector: None,
+                runner_labels: true,
+            },
+            default_deny_egress: default_deny,
+            mode: Mode::Enforce,
+        }
+    }
+
+    const REGISTRY_ONLY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: reg, namespace: ci}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.1/32}}]\n";
+
+    #[test]
+    fn guarded_pods_get_their_policy_and_others_allow_all() {
+        let set = parse_policies("p.yaml", REGISTRY_ONLY);
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[pod("ci", &[]), pod("web", &[])],
+            &HashMap::new(),
+        );
+        assert_eq!(out[0].status, Status::Enforced(vec!["ci/reg".into()]));
+        assert_eq!(out[0].entries.v4.len(), 1);
+        assert_eq!(out[0].flags, POD_DENY_RAW_SOCKETS);
+        assert_eq!(out[1].status, Status::NotGuarded);
+        assert_eq!(out[1].entries, allow_all());
+    }
+
+    #[test]
+    fn unselected_guarded_pods_follow_default_deny() {
+        let set = PolicySet::default();
+        let open = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[pod("ci", &[])],
+            &HashMap::new(),
+        );
+        assert_eq!(open[0].status, Status::Unrestricted);
+        let closed = compute(
+            &settings(true),
+            &set,
+            &Cluster::default(),
+            &[pod("ci", &[])],
+            &HashMap::new(),
+        );
+        assert_eq!(closed[0].status, Status::DefaultDeny);
+        assert!(closed[0].entries.v4.is_empty() && closed[0].entries.v6.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_policy_fails_closed_never_open() {
+        let broken = REGISTRY_ONLY.replace("10.0.0.1/32", "10.0.0.1/33");
+        let set = parse_policies("p.yaml", &broken);
+        assert_eq!(set.errors.len(), 1);
+        // Never had an allowlist: deny-all, although no valid policy selects the pod.
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[pod("ci", &[])],
+            &HashMap::new(),
+        );
+        assert!(
+            matches!(
+                out[0].status,
+                Status::FailedClosed {
+                    kept_last_good: false,
+                    ..
+                }
+            ),
+            "{:?}",
+            out[0].status
+        );
+        assert_eq!(out[0].entries, PolicyEntries::default());
+        // Had one: keeps it.
+        let good = compute(
+            &settings(false),
+            &parse_policies("p.yaml", REGISTRY_ONLY),
+            &Cluster::default(),
+            &[pod("ci", &[])],
+            &HashMap::new(),
+        );
+        let last = HashMap::from([("uid-ci".to_string(), good[0].entries.clone())]);
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[pod("ci", &[])],
+            &last,
+        );
+        assert!(matches!(
+            out[0].status,
+            Status::FailedClosed {
+                kept_last_good: true,
+                ..
+            }
+        ));
+        assert_eq!(out[0].entries, good[0].entries);
+    }
+}

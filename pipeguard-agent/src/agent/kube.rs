@@ -1,0 +1,155 @@
+//! Reflectors on Pods, Namespaces and NetworkPolicies. All pods in the cluster are watched
+//! because selector peers need their IPs; only the fields the compiler reads are kept.
+//! Watch errors, 410 Gone and API server restarts are retried with backoff by the watcher;
+//! the stores keep the last known state meanwhile, so an outage never opens egress.
+
+use std::{path::Path, sync::Arc};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use tokio::sync::Notify;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kubernetes client configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// In-cluster config, KUBECONFIG, or `--kubeconfig`, as kubectl infers it.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        None => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The three caches. `changed` fires after any change to any of them.
+#[derive(Clone)]
+pub struct Caches {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    pub policies: Store<NetworkPolicy>,
+    pub changed: Arc<Notify>,
+}
+
+impl Caches {
+    /// Resolves once every cache has had its initial list.
+    pub async fn ready(&self) {
+        let _ = tokio::join!(
+            self.pods.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+            self.policies.wait_until_ready()
+        );
+    }
+}
+
+/// Starts the reflectors as tasks on the current runtime.
+pub fn start(client: Client) -> Caches {
+    let changed = Arc::new(Notify::new());
+    let pods = reflect(Api::<Pod>::all(client.clone()), strip_pod, changed.clone());
+    let namespaces = reflect(Api::<Namespace>::all(client.clone()), strip_meta, changed.clone());
+    let policies = reflect(Api::<NetworkPolicy>::all(client), strip_meta, changed.clone());
+    Caches {
+        pods,
+        namespaces,
+        policies,
+        changed,
+    }
+}
+
+fn reflect<K>(api: Api<K>, strip: fn(&mut K), changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer);
+    tokio::spawn(drive(stream, changed, std::any::type_name::<K>()));
+    store
+}
+
+async fn drive<S, K>(stream: S, changed: Arc<Notify>, kind: &'static str)
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            // The store has been updated before the event is yielded.
+            Ok(_) => changed.notify_one(),
+            Err(error) => {
+                tracing::warn!(kind, %error, "watch error; retrying with backoff (caches keep their last state)")
+            }
+        }
+    }
+}
+
+fn strip_meta<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+/// Keeps labels, annotations, node, container ports and pod IPs: what selection, named
+/// ports and enrichment need.
+fn strip_pod(pod: &mut Pod) {
+    strip_meta(pod);
+    if let Some(spec) = &mut pod.spec {
+        spec.volumes = None;
+        spec.init_containers = None;
+        spec.ephemeral_containers = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        for c in &mut spec.containers {
+            c.env = None;
+            c.env_from = None;
+            c.command = None;
+            c.args = None;
+            c.volume_mounts = None;
+            c.resources = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+        }
+    }
+    if let Some(status) = &mut pod.status {
+        status.conditions = None;
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+    }
+}

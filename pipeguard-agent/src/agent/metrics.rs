@@ -1,0 +1,140 @@
+//! Prometheus metrics, one registry, `pipeguard_` prefix. Label cardinality stays bounded:
+//! per pod and per policy, never per destination.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub ready: Gauge,
+    /// 1 compiled, 0 failed, per NetworkPolicy.
+    pub policy_compiled: Family<PolicyLabels, Gauge>,
+    /// Count of NetworkPolicies by state (compiled, failed).
+    pub policies: Family<StateLabels, Gauge>,
+    /// Local pods by status (enforced, unrestricted, default_deny, failed_closed, not_guarded).
+    pub pods: Family<StateLabels, Gauge>,
+    pub allow_entries: Gauge,
+    pub allowlists: Gauge,
+    pub sync_seconds: Histogram,
+    pub sync_errors: Counter,
+    pub packets: Family<TrafficLabels, Counter>,
+    pub bytes: Family<TrafficLabels, Counter>,
+    /// Last absolute kernel counter values, to turn them into counter increments.
+    last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("pipeguard");
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register("build_info", "pipeguard version", build_info);
+        let m = Self {
+            ready: Gauge::default(),
+            policy_compiled: Family::default(),
+            policies: Family::default(),
+            pods: Family::default(),
+            allow_entries: Gauge::default(),
+            allowlists: Gauge::default(),
+            sync_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
+            sync_errors: Counter::default(),
+            packets: Family::default(),
+            bytes: Family::default(),
+            last_traffic: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "ready",
+            "1 when synced and the programs are attached",
+            m.ready.clone(),
+        );
+        registry.register(
+            "policy_compiled",
+            "1 if the NetworkPolicy compiled, 0 if it was rejected",
+            m.policy_compiled.clone(),
+        );
+        registry.register("policies", "NetworkPolicies by state", m.policies.clone());
+        registry.register("pods", "Pods on this node by enforcement status", m.pods.clone());
+        registry.register(
+            "allow_entries",
+            "Entries in the allow tries",
+            m.allow_entries.clone(),
+        );
+        registry.register(
+            "allowlists",
+            "Distinct allowlists (policy ids) in the maps",
+            m.allowlists.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "Time to compute and apply one sync",
+            m.sync_seconds.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Syncs that failed to write the maps",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "packets",
+            "Packets and refused attempts per pod and verdict",
+            m.packets.clone(),
+        );
+        registry.register("bytes", "Bytes per pod and verdict", m.bytes.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Records absolute kernel counter values as counter increments.
+    pub fn observe_traffic(&self, labels: TrafficLabels, packets: u64, bytes: u64) {
+        let mut last = self.last_traffic.lock().expect("metrics lock");
+        for (is_bytes, value, family) in [(false, packets, &self.packets), (true, bytes, &self.bytes)] {
+            let prev = last.insert((labels.clone(), is_bytes), value).unwrap_or(0);
+            // A recreated map restarts at zero; count from there.
+            family
+                .get_or_create(&labels)
+                .inc_by(value.checked_sub(prev).unwrap_or(value));
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

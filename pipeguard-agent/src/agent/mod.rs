@@ -1,0 +1,351 @@
+//! `pipeguard agent`: the DaemonSet. Watches the cluster, finds this node's pod cgroups,
+//! and keeps the kernel maps equal to what the NetworkPolicies allow.
+//!
+//! Order at start: HTTP (so probes can say why it is not ready), programs loaded and
+//! attached to the kubepods cgroups, caches synced, then the first sync. Only then ready.
+
+mod cgroup_watch;
+mod desired;
+mod events;
+mod guard;
+mod http;
+mod kube;
+mod metrics;
+mod pod_cgroups;
+mod snapshot;
+mod sync;
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+pub use self::{
+    desired::{LocalPod, Settings, Status},
+    guard::{GuardConfig, RUNNER_LABELS, parse_selector},
+    http::Health,
+};
+use crate::{
+    engine::{Engine, EngineConfig, PolicyEntries, UnknownPods},
+    job::Mode,
+};
+
+pub struct AgentConfig {
+    pub node_name: String,
+    pub cgroup_root: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub settings: Settings,
+    pub unknown_pods: UnknownPods,
+    /// Not ready (and saying why) if the caches have not synced by then.
+    pub sync_deadline: Duration,
+    pub kernel_log_level: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("finding the cgroup2 mount: {0}")]
+    CgroupRoot(String),
+    #[error(transparent)]
+    Kube(#[from] kube::KubeError),
+    #[error("watching cgroups: {0}")]
+    Watch(#[source] std::io::Error),
+}
+
+/// How often counters and cgroups are re-read even without a change notification.
+const RESYNC: Duration = Duration::from_secs(10);
+
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let health = Arc::new(Health::default());
+    health.set_not_ready("starting");
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, node = %config.node_name, "pipeguard agent starting");
+    tokio::spawn(http::serve(listener, health.clone()));
+
+    let root = match &config.cgroup_root {
+        Some(root) => root.clone(),
+        None => crate::cgroup::cgroup2_mount()
+            .map_err(|e| AgentError::CgroupRoot(e.to_string()))?
+            .ok_or_else(|| AgentError::CgroupRoot("no cgroup2 mount in /proc/self/mountinfo".into()))?,
+    };
+    let mut engine = loop {
+        match Engine::load(&EngineConfig {
+            unknown_pods: config.unknown_pods,
+            flow_stats: false,
+            kernel_log_level: config.kernel_log_level,
+        }) {
+            Ok(engine) => break engine,
+            // Not ready and saying why beats a crash loop; retry in case it was transient.
+            Err(error) => {
+                health.set_not_ready(format!("cannot load the eBPF programs: {error}"));
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    };
+    let attached = attach_kubepods(&mut engine, &root, &health).await;
+    tracing::info!(cgroups = ?attached, "programs attached");
+
+    let client = kube::client(config.kubeconfig.as_deref()).await?;
+    let caches = kube::start(client);
+    cgroup_watch::start(root.clone(), caches.changed.clone()).map_err(AgentError::Watch)?;
+    tokio::select! {
+        _ = caches.ready() => {}
+        _ = tokio::time::sleep(config.sync_deadline) => {
+            health.set_not_ready(format!("caches not synced with the API server after {:?}", config.sync_deadline));
+            caches.ready().await;
+        }
+    }
+    tracing::info!("caches synced");
+
+    let pods_by_cgroup = events::PodIndex::default();
+    match engine.take_events() {
+        Ok(ring) => {
+            tokio::spawn(events::pump(
+                ring,
+                pods_by_cgroup.clone(),
+                config.node_name.clone(),
+            ));
+        }
+        Err(error) => tracing::error!(%error, "no event stream"),
+    }
+    let mut state = Loop {
+        applied: sync::Applied::default(),
+        last_good: HashMap::new(),
+        reported: Default::default(),
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(AgentError::Watch)?;
+    loop {
+        let start = std::time::Instant::now();
+        match state.sync(&config, &caches, &root, &mut engine, &pods_by_cgroup, &health) {
+            Ok(()) => health.set_ready(),
+            Err(error) => {
+                health.metrics.sync_errors.inc();
+                health.set_not_ready(format!("writing the kernel maps failed: {error}"));
+            }
+        }
+        health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
+        engine.drain_kernel_logs();
+        tokio::select! {
+            _ = caches.changed.notified() => {}
+            _ = tokio::time::sleep(RESYNC) => {}
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: detaching and exiting");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Attaches to every kubepods cgroup, waiting (not ready) until kubelet has created one.
+async fn attach_kubepods(engine: &mut Engine, root: &std::path::Path, health: &Health) -> Vec<PathBuf> {
+    loop {
+        let roots = pod_cgroups::kubepods_roots(root);
+        if roots.is_empty() {
+            health.set_not_ready(format!("no kubepods cgroup under {} yet", root.display()));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let mut attached = Vec::new();
+        for r in roots {
+            match engine.attach(&r) {
+                Ok(()) => attached.push(r),
+                Err(error) => health.set_not_ready(format!("cannot attach programs: {error}")),
+            }
+        }
+        if !attached.is_empty() {
+            return attached;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+struct Loop {
+    applied: sync::Applied,
+    /// Last applied allowlist per pod UID, for fail-closed.
+    last_good: HashMap<String, PolicyEntries>,
+    /// Policy errors already logged, so each is logged once.
+    reported: std::collections::HashSet<String>,
+}
+
+impl Loop {
+    fn sync(
+        &mut self,
+        config: &AgentConfig,
+        caches: &kube::Caches,
+        root: &std::path::Path,
+        engine: &mut Engine,
+        index: &events::PodIndex,
+        health: &Health,
+    ) -> Result<(), crate::engine::EngineError> {
+        let policy_objects = caches.policies.state();
+        let policies = snapshot::policies(&policy_objects);
+        self.report_policies(&policy_objects, &policies, health);
+        let pods = caches.pods.state();
+        let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
+        let scheduled = snapshot::local_pods(&pods, &config.node_name);
+        let cgroups = pod_cgroups::scan(root).unwrap_or_else(|error| {
+            tracing::warn!(%error, "scanning pod cgroups");
+            Vec::new()
+        });
+        let mut local = Vec::new();
+        for cg in cgroups {
+            let Some((namespace, name, labels)) = scheduled.get(&cg.uid) else {
+                continue;
+            };
+            let Ok(cgroup_id) = crate::cgroup::cgroup_id(&cg.path) else {
+                continue;
+            };
+            local.push(LocalPod {
+                uid: cg.uid.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                labels: labels.clone(),
+                cgroup_id,
+            });
+        }
+        let desired = desired::compute(&config.settings, &policies, &cluster, &local, &self.last_good);
+        let stats = self.applied.apply(engine, &desired)?;
+        if stats != sync::SyncStats::default() {
+            tracing::info!(?stats, pods = desired.len(), "synced");
+        }
+        let mut by_status: HashMap<&'static str, i64> = HashMap::new();
+        for d in &desired {
+            let status = match &d.status {
+                Status::NotGuarded => "not_guarded",
+                Status::Unrestricted => "unrestricted",
+                Status::Enforced(_) => "enforced",
+                Status::DefaultDeny => "default_deny",
+                Status::FailedClosed {
+                    reason,
+                    kept_last_good,
+                } => {
+                    tracing::warn!(namespace = %d.pod.namespace, pod = %d.pod.name, %reason, kept_last_good, "failing closed");
+                    "failed_closed"
+                }
+            };
+            *by_status.entry(status).or_default() += 1;
+            if matches!(
+                d.status,
+                Status::Enforced(_) | Status::DefaultDeny | Status::Unrestricted
+            ) {
+                self.last_good.insert(d.pod.uid.clone(), d.entries.clone());
+            }
+            self.observe_traffic(engine, d, health);
+        }
+        for status in [
+            "not_guarded",
+            "unrestricted",
+            "enforced",
+            "default_deny",
+            "failed_closed",
+        ] {
+            health
+                .metrics
+                .pods
+                .get_or_create(&metrics::StateLabels { state: status.into() })
+                .set(*by_status.get(status).unwrap_or(&0));
+        }
+        health.metrics.allowlists.set(self.applied.policy_count() as i64);
+        health
+            .metrics
+            .allow_entries
+            .set(self.applied.entry_count() as i64);
+        index.replace(
+            desired
+                .iter()
+                .map(|d| (d.pod.cgroup_id, (d.pod.namespace.clone(), d.pod.name.clone())))
+                .collect(),
+        );
+        Ok(())
+    }
+
+    fn report_policies(
+        &mut self,
+        objects: &[Arc<k8s_openapi::api::networking::v1::NetworkPolicy>],
+        set: &crate::policy::PolicySet,
+        health: &Health,
+    ) {
+        for error in &set.errors {
+            let text = error.to_string();
+            if self.reported.insert(text.clone()) {
+                tracing::error!(error = %text, "NetworkPolicy rejected; guarded pods in its namespace fail closed");
+            }
+        }
+        health.metrics.policy_compiled.clear();
+        for obj in objects {
+            let namespace = obj.metadata.namespace.clone().unwrap_or_default();
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            let ok = set
+                .policies
+                .iter()
+                .any(|p| p.namespace == namespace && p.name == name);
+            health
+                .metrics
+                .policy_compiled
+                .get_or_create(&metrics::PolicyLabels { namespace, name })
+                .set(ok as i64);
+        }
+        let failed = set.errors.len() as i64;
+        health
+            .metrics
+            .policies
+            .get_or_create(&metrics::StateLabels {
+                state: "compiled".into(),
+            })
+            .set(set.policies.len() as i64);
+        health
+            .metrics
+            .policies
+            .get_or_create(&metrics::StateLabels {
+                state: "failed".into(),
+            })
+            .set(failed);
+    }
+
+    fn observe_traffic(&self, engine: &Engine, d: &desired::DesiredPod, health: &Health) {
+        let Ok(counters) = engine.counters(d.pod.cgroup_id) else {
+            return;
+        };
+        let mut totals: HashMap<u8, (u64, u64)> = HashMap::new();
+        for (key, c) in counters {
+            let t = totals.entry(key.verdict).or_default();
+            t.0 += c.packets;
+            t.1 += c.bytes;
+        }
+        for (verdict, (packets, bytes)) in totals {
+            let verdict = match verdict {
+                pipeguard_common::VERDICT_ALLOW => "allow",
+                pipeguard_common::VERDICT_DENY => "deny",
+                pipeguard_common::VERDICT_AUDIT => "audit",
+                _ => "error",
+            };
+            let labels = metrics::TrafficLabels {
+                namespace: d.pod.namespace.clone(),
+                pod: d.pod.name.clone(),
+                verdict: verdict.into(),
+            };
+            health.metrics.observe_traffic(labels, packets, bytes);
+        }
+    }
+}
+
+/// The defaults the CLI documents, in one place for tests.
+pub fn default_settings() -> Settings {
+    Settings {
+        guard: GuardConfig {
+            runner_labels: true,
+            ..GuardConfig::default()
+        },
+        default_deny_egress: false,
+        mode: Mode::Enforce,
+    }
+}

@@ -1,0 +1,116 @@
+//! Kubernetes objects from the caches → the policy layer's inputs.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::policy::{Cluster, ClusterPod, PolicyError, PolicySet, policy_from_value};
+
+/// Every NetworkPolicy through the same strict parser as files, so one error type and one
+/// set of rules covers both. Objects that fail are reported, never skipped silently.
+pub fn policies(objects: &[std::sync::Arc<NetworkPolicy>]) -> PolicySet {
+    let mut set = PolicySet::default();
+    for obj in objects {
+        let mut obj = (**obj).clone();
+        obj.metadata.managed_fields = None;
+        let value = serde_json::to_value(&obj)
+            .map_err(|e| e.to_string())
+            .and_then(|mut v| {
+                // The typed object omits kind/apiVersion; the parser checks them.
+                v["apiVersion"] = "networking.k8s.io/v1".into();
+                v["kind"] = "NetworkPolicy".into();
+                serde_yaml::to_value(v).map_err(|e| e.to_string())
+            });
+        let result = match value {
+            Ok(value) => policy_from_value("kube", value),
+            Err(message) => Err(PolicyError {
+                namespace: obj.metadata.namespace.clone(),
+                ..PolicyError::file("kube", message)
+            }),
+        };
+        match result {
+            Ok(p) => set.policies.push(p),
+            Err(e) => set.errors.push(e),
+        }
+    }
+    set
+}
+
+pub fn cluster(namespaces: &[std::sync::Arc<Namespace>], pods: &[std::sync::Arc<Pod>]) -> Cluster {
+    let mut cluster = Cluster::default();
+    for ns in namespaces {
+        if let Some(name) = &ns.metadata.name {
+            cluster.add_namespace(name, ns.metadata.labels.clone().unwrap_or_default());
+        }
+    }
+    for pod in pods {
+        if let Some(p) = cluster_pod(pod) {
+            cluster.pods.push(p);
+        }
+    }
+    cluster
+}
+
+/// A pod without a name or IP cannot be a peer yet; it is left out until it has them.
+fn cluster_pod(pod: &Pod) -> Option<ClusterPod> {
+    let status = pod.status.as_ref()?;
+    let mut ips = Vec::new();
+    for text in status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| &p.ip)
+        .chain(status.pod_ip.as_ref())
+    {
+        if let Ok(ip) = text.parse()
+            && !ips.contains(&ip)
+        {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    let mut named_ports = Vec::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        for port in c.ports.iter().flatten() {
+            let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
+                continue;
+            };
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "UDP" => pipeguard_common::PROTO_UDP,
+                "SCTP" => pipeguard_common::PROTO_SCTP,
+                _ => pipeguard_common::PROTO_TCP,
+            };
+            named_ports.push((name.clone(), protocol, number));
+        }
+    }
+    Some(ClusterPod {
+        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.clone()?,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips,
+        named_ports,
+    })
+}
+
+/// Pods scheduled on `node`: uid → (namespace, name, labels).
+pub fn local_pods(
+    pods: &[std::sync::Arc<Pod>],
+    node: &str,
+) -> BTreeMap<String, (String, String, BTreeMap<String, String>)> {
+    pods.iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter_map(|p| {
+            Some((
+                p.metadata.uid.clone()?,
+                (
+                    p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                    p.metadata.name.clone()?,
+                    p.metadata.labels.clone().unwrap_or_default(),
+                ),
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,120 @@
+//! Applies the desired state to the kernel maps incrementally, in an order that never
+//! opens a hole: a changed allowlist is written under a fresh policy id, then the pod
+//! entry is switched to it, then the old id is deleted. Identical allowlists share an id.
+
+use std::collections::HashMap;
+
+use pipeguard_common::PodEntry;
+
+use super::desired::DesiredPod;
+use crate::engine::{Engine, EngineError, PolicyEntries};
+
+/// Byte identity of an allowlist, for sharing ids between identical allowlists.
+fn fingerprint(entries: &PolicyEntries) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (net, ports) in &entries.v4 {
+        out.extend_from_slice(&net.network().octets());
+        out.push(net.prefix_len());
+        out.extend_from_slice(bytemuck::bytes_of(ports));
+    }
+    out.push(0xff);
+    for (net, ports) in &entries.v6 {
+        out.extend_from_slice(&net.network().octets());
+        out.push(net.prefix_len());
+        out.extend_from_slice(bytemuck::bytes_of(ports));
+    }
+    out
+}
+
+struct AppliedPolicy {
+    id: u32,
+    entries: PolicyEntries,
+}
+
+/// What the maps hold, as far as this agent wrote them.
+#[derive(Default)]
+pub struct Applied {
+    policies: HashMap<Vec<u8>, AppliedPolicy>,
+    pods: HashMap<u64, (Vec<u8>, PodEntry)>,
+    /// Policy ids are never reused while the agent runs; 0 is never used.
+    next_id: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    pub policies_written: usize,
+    pub policies_deleted: usize,
+    pub pods_written: usize,
+    pub pods_deleted: usize,
+}
+
+impl Applied {
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn entry_count(&self) -> usize {
+        self.policies
+            .values()
+            .map(|p| p.entries.v4.len() + p.entries.v6.len())
+            .sum()
+    }
+
+    pub fn apply(&mut self, engine: &mut Engine, desired: &[DesiredPod]) -> Result<SyncStats, EngineError> {
+        let mut stats = SyncStats::default();
+        // 1. New allowlists first, under fresh ids.
+        for d in desired {
+            let key = fingerprint(&d.entries);
+            if !self.policies.contains_key(&key) {
+                self.next_id += 1;
+                let id = self.next_id;
+                engine.put_policy(id, &d.entries)?;
+                stats.policies_written += 1;
+                self.policies.insert(
+                    key,
+                    AppliedPolicy {
+                        id,
+                        entries: d.entries.clone(),
+                    },
+                );
+            }
+        }
+        // 2. Point pods at them.
+        let mut wanted = HashMap::new();
+        for d in desired {
+            let key = fingerprint(&d.entries);
+            let id = self.policies[&key].id;
+            let entry = PodEntry {
+                policy_id: id,
+                mode: d.mode,
+                flags: d.flags,
+                _pad: 0,
+            };
+            if self.pods.get(&d.pod.cgroup_id) != Some(&(key.clone(), entry)) {
+                engine.put_pod(d.pod.cgroup_id, entry)?;
+                stats.pods_written += 1;
+            }
+            wanted.insert(d.pod.cgroup_id, (key, entry));
+        }
+        // 3. Forget pods that are gone.
+        for cgroup_id in self.pods.keys().filter(|c| !wanted.contains_key(c)) {
+            engine.delete_pod(*cgroup_id)?;
+            stats.pods_deleted += 1;
+        }
+        self.pods = wanted;
+        // 4. Only now delete allowlists no pod uses.
+        let used: std::collections::HashSet<&Vec<u8>> = self.pods.values().map(|(k, _)| k).collect();
+        let unused: Vec<Vec<u8>> = self
+            .policies
+            .keys()
+            .filter(|k| !used.contains(k))
+            .cloned()
+            .collect();
+        for key in unused {
+            let policy = self.policies.remove(&key).expect("listed above");
+            engine.delete_policy(policy.id, &policy.entries)?;
+            stats.policies_deleted += 1;
+        }
+        Ok(stats)
+    }
+}

@@ -1,0 +1,109 @@
+//! `pipeguard agent`: the DaemonSet agent. Every flag also reads PIPEGUARD_<FLAG>, so the
+//! deploy ConfigMap can set them as environment variables.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use crate::{
+    agent::{self, AgentConfig, GuardConfig, Settings},
+    engine::UnknownPods,
+    job::Mode,
+};
+
+/// Enforce NetworkPolicy egress on this node's CI runner pods.
+///
+/// Example: pipeguard agent --node-name "$NODE_NAME" --guard-namespaces ci,arc-runners
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// This node's name (spec.nodeName of its pods).
+    #[arg(long, env = "PIPEGUARD_NODE_NAME")]
+    pub node_name: String,
+    /// Where the kubelet cgroup tree lives. Default: the cgroup2 mount.
+    #[arg(long, env = "PIPEGUARD_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// kubeconfig file. Default: in-cluster config, then KUBECONFIG, then ~/.kube/config.
+    #[arg(long, env = "PIPEGUARD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "PIPEGUARD_LISTEN", default_value = "0.0.0.0:9440")]
+    pub listen: SocketAddr,
+    /// Namespaces whose pods are guarded, comma-separated.
+    #[arg(long, env = "PIPEGUARD_GUARD_NAMESPACES", value_delimiter = ',')]
+    pub guard_namespaces: Vec<String>,
+    /// Pods matching this label selector (key=value,key) are guarded.
+    #[arg(long, env = "PIPEGUARD_GUARD_SELECTOR")]
+    pub guard_selector: Option<String>,
+    /// Do not recognize Actions Runner Controller, GitLab Runner and Tekton pods by their labels.
+    #[arg(long, env = "PIPEGUARD_NO_RUNNER_LABELS")]
+    pub no_runner_labels: bool,
+    /// What a new pod cgroup gets before it is matched to a pod: allow (mixed nodes) or deny
+    /// (dedicated runner node pools).
+    #[arg(long, env = "PIPEGUARD_UNKNOWN_PODS", value_enum, default_value = "allow")]
+    pub unknown_pods: UnknownPods,
+    /// Isolate guarded pods that no egress NetworkPolicy selects.
+    #[arg(long, env = "PIPEGUARD_DEFAULT_DENY_EGRESS")]
+    pub default_deny_egress: bool,
+    /// enforce, or audit (allow everything, report what would be denied).
+    #[arg(long, env = "PIPEGUARD_MODE", value_enum, default_value = "enforce")]
+    pub mode: Mode,
+    /// Seconds to wait for the first API sync before reporting not ready.
+    #[arg(long, env = "PIPEGUARD_SYNC_DEADLINE", default_value = "60")]
+    pub sync_deadline: u64,
+    /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
+    #[arg(long, env = "PIPEGUARD_KERNEL_LOG_LEVEL", default_value = "warn", value_parser = super::exec::parse_kernel_log_level)]
+    pub kernel_log_level: u8,
+}
+
+pub fn run(args: AgentArgs) -> ExitCode {
+    let selector = match args
+        .guard_selector
+        .as_deref()
+        .map(agent::parse_selector)
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(message) => {
+            eprintln!("pipeguard agent: --guard-selector: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = AgentConfig {
+        node_name: args.node_name,
+        cgroup_root: args.cgroup_root,
+        kubeconfig: args.kubeconfig,
+        listen: args.listen,
+        settings: Settings {
+            guard: GuardConfig {
+                namespaces: args
+                    .guard_namespaces
+                    .into_iter()
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+                selector,
+                runner_labels: !args.no_runner_labels,
+            },
+            default_deny_egress: args.default_deny_egress,
+            mode: args.mode,
+        },
+        unknown_pods: args.unknown_pods,
+        sync_deadline: Duration::from_secs(args.sync_deadline),
+        kernel_log_level: args.kernel_log_level,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("pipeguard agent: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "agent stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
