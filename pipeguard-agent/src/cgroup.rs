@@ -102,6 +102,11 @@ impl Drop for OwnedCgroup {
         if let Err(error) = self.remove() {
             tracing::warn!(cgroup = %self.path.display(), %error, "could not remove cgroup");
         }
+        // The parent is pipeguard's own (`pipeguard/`, `pipeguard-test/`): it goes with its
+        // last child. While another job still uses it, rmdir fails and it stays.
+        if let Some(parent) = self.path.parent() {
+            let _ = fs::remove_dir(parent);
+        }
     }
 }
 

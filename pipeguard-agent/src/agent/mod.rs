@@ -5,7 +5,7 @@
 //! attached to the kubepods cgroups, caches synced, then the first sync. Only then ready.
 
 mod cgroup_watch;
-mod desired;
+pub mod desired;
 mod events;
 mod guard;
 mod http;
@@ -13,7 +13,7 @@ mod kube;
 mod metrics;
 mod pod_cgroups;
 mod snapshot;
-mod sync;
+pub mod sync;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

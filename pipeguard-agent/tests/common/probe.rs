@@ -88,6 +88,9 @@ fn run(action: &str) {
             target,
         ),
         "hold" => hold(target, rest),
+        "wait-denied" => wait_for(target, true),
+        "wait-allowed" => wait_for(target, false),
+        "hammer" => hammer(target, rest),
         other => panic!("unknown probe action {other:?}"),
     };
     report(action, started, result);
@@ -296,6 +299,41 @@ fn udp_datagram(target: &SocketAddr, payload: &[u8]) -> Vec<u8> {
 
 /// ICMP echo request, id 1 seq 1, checksum precomputed.
 const ICMP_ECHO: [u8; 8] = [8, 0, 0xf7, 0xfd, 0, 1, 0, 1];
+
+/// Connects to `target` every millisecond until the verdict flips (`denied`: until EPERM;
+/// otherwise until a connection succeeds), for at most 10 s. `elapsed_ms` is the time it
+/// took: how long enforcement lagged behind the change the test made just before.
+fn wait_for(target: &str, denied: bool) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let result = TcpStream::connect_timeout(&addr(target), Duration::from_secs(1));
+        match (&result, denied) {
+            (Err(e), true) if e.raw_os_error() == Some(libc::EPERM) => return Ok(()),
+            (Ok(_), false) => return Ok(()),
+            _ if Instant::now() >= deadline => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "verdict never changed",
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// Connects to `target` in a loop for `millis` ms; fails if any connection succeeds.
+fn hammer(target: &str, millis: &str) -> std::io::Result<()> {
+    let until = Instant::now() + Duration::from_millis(millis.parse().expect("hammer duration in ms"));
+    let mut attempts = 0u64;
+    while Instant::now() < until {
+        attempts += 1;
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr(target), Duration::from_secs(1)) {
+            let _ = s.write_all(b"leak");
+            return Err(std::io::Error::other(format!("connected on attempt {attempts}")));
+        }
+    }
+    Ok(())
+}
 
 /// Connects and sends "before", waits until the file `flag` exists (the test changes the
 /// policy meanwhile), then sends "after".
