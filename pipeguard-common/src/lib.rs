@@ -18,6 +18,18 @@ pub mod map_names {
     pub const EVENT_DROPS: &str = "PG_EVENT_DROPS_V1";
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
     pub const CONFIG: &str = "PG_CONFIG_V1";
+    /// Every map, for pinning.
+    pub const ALL: [&str; 9] = [
+        PODS,
+        ALLOW_V4,
+        ALLOW_V6,
+        COUNTERS,
+        FLOWS,
+        EVENTS,
+        EVENT_DROPS,
+        EVENT_LIMIT,
+        CONFIG,
+    ];
 }
 
 /// Program names as they appear in the object file.

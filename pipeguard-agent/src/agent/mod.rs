@@ -37,6 +37,8 @@ pub struct AgentConfig {
     /// Not ready (and saying why) if the caches have not synced by then.
     pub sync_deadline: Duration,
     pub kernel_log_level: u8,
+    /// Where links and maps are pinned, so enforcement survives the agent.
+    pub pin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             unknown_pods: config.unknown_pods,
             flow_stats: false,
             kernel_log_level: config.kernel_log_level,
+            pin_dir: config.pin_dir.clone(),
         }) {
             Ok(engine) => break engine,
             // Not ready and saying why beats a crash loop; retry in case it was transient.

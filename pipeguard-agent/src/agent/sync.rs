@@ -38,6 +38,8 @@ pub struct Applied {
     pods: HashMap<u64, (Vec<u8>, PodEntry)>,
     /// Policy ids are never reused while the agent runs; 0 is never used.
     next_id: u32,
+    /// Adopted duplicates, deleted after the first sync.
+    orphans: Vec<AppliedPolicy>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,34 @@ pub struct SyncStats {
 }
 
 impl Applied {
+    /// Takes over what a previous agent left in pinned maps, so the first sync changes them
+    /// in the hole-free order instead of overwriting ids pods still point at.
+    pub fn adopt(engine: &Engine) -> Result<Self, EngineError> {
+        let mut applied = Self::default();
+        let mut key_of_id = HashMap::new();
+        for (id, entries) in engine.policies()? {
+            let key = fingerprint(&entries);
+            applied.next_id = applied.next_id.max(id);
+            key_of_id.insert(id, key.clone());
+            // Two ids with one allowlist: keep one; the other goes once no pod uses it.
+            if let Some(twin) = applied
+                .policies
+                .insert(key.clone(), AppliedPolicy { id, entries })
+            {
+                applied.orphans.push(twin);
+            }
+        }
+        for (cgroup_id, entry) in engine.pods()? {
+            // A pod pointing at an id with no entries (deny-all) has the empty fingerprint.
+            let key = key_of_id
+                .get(&entry.policy_id)
+                .cloned()
+                .unwrap_or_else(|| fingerprint(&PolicyEntries::default()));
+            applied.pods.insert(cgroup_id, (key, entry));
+        }
+        Ok(applied)
+    }
+
     pub fn policy_count(&self) -> usize {
         self.policies.len()
     }
@@ -113,6 +143,10 @@ impl Applied {
         for key in unused {
             let policy = self.policies.remove(&key).expect("listed above");
             engine.delete_policy(policy.id, &policy.entries)?;
+            stats.policies_deleted += 1;
+        }
+        for orphan in std::mem::take(&mut self.orphans) {
+            engine.delete_policy(orphan.id, &orphan.entries)?;
             stats.policies_deleted += 1;
         }
         Ok(stats)

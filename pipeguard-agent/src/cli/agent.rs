@@ -15,8 +15,8 @@ use crate::{
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
     /// This node's name (spec.nodeName of its pods).
-    #[arg(long, env = "PIPEGUARD_NODE_NAME")]
-    pub node_name: String,
+    #[arg(long, env = "PIPEGUARD_NODE_NAME", required_unless_present = "uninstall")]
+    pub node_name: Option<String>,
     /// Where the kubelet cgroup tree lives. Default: the cgroup2 mount.
     #[arg(long, env = "PIPEGUARD_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -48,12 +48,34 @@ pub struct AgentArgs {
     /// Seconds to wait for the first API sync before reporting not ready.
     #[arg(long, env = "PIPEGUARD_SYNC_DEADLINE", default_value = "60")]
     pub sync_deadline: u64,
+    /// Where links and maps are pinned (on a bpf filesystem), so enforcement survives an
+    /// agent restart or upgrade; the next agent adopts them.
+    #[arg(long, env = "PIPEGUARD_PIN_DIR", default_value = "/sys/fs/bpf/pipeguard")]
+    pub pin_dir: PathBuf,
+    /// Remove everything pinned under --pin-dir (detaching the programs) and exit.
+    #[arg(long)]
+    pub uninstall: bool,
     /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
     #[arg(long, env = "PIPEGUARD_KERNEL_LOG_LEVEL", default_value = "warn", value_parser = super::exec::parse_kernel_log_level)]
     pub kernel_log_level: u8,
 }
 
 pub fn run(args: AgentArgs) -> ExitCode {
+    if args.uninstall {
+        return match crate::engine::pins::remove_all(&args.pin_dir) {
+            Ok(n) => {
+                eprintln!(
+                    "pipeguard agent: removed {n} pinned objects under {}; programs are detached",
+                    args.pin_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("pipeguard agent: uninstall {}: {error}", args.pin_dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let selector = match args
         .guard_selector
         .as_deref()
@@ -67,7 +89,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
         }
     };
     let config = AgentConfig {
-        node_name: args.node_name,
+        node_name: args.node_name.unwrap_or_default(),
         cgroup_root: args.cgroup_root,
         kubeconfig: args.kubeconfig,
         listen: args.listen,
@@ -87,6 +109,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
         unknown_pods: args.unknown_pods,
         sync_deadline: Duration::from_secs(args.sync_deadline),
         kernel_log_level: args.kernel_log_level,
+        pin_dir: Some(args.pin_dir),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

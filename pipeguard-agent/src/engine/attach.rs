@@ -1,14 +1,17 @@
 //! Loading the programs into the kernel and attaching them to a cgroup with bpf_link.
 
-use std::{os::fd::BorrowedFd, path::Path};
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSkbAttachType, Program},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
 use pipeguard_common::program_names as names;
 
-use super::EngineError;
+use super::{EngineError, pins};
 
 /// Every program, in attach order. The packet hook goes first so that, while the socket
 /// hooks are being attached, no packet leaves unjudged.
@@ -51,39 +54,90 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), EngineError> {
     Ok(())
 }
 
-pub fn attach_all(ebpf: &mut Ebpf, cgroup: BorrowedFd<'_>, path: &Path) -> Result<(), EngineError> {
+/// Where to pin the links of one cgroup (agent mode).
+pub struct LinkPins {
+    pub dir: PathBuf,
+    pub cgroup_id: u64,
+}
+
+/// Attaches with bpf_link, and pins the link when asked. A link already pinned for this
+/// cgroup and program is kept and switched atomically to the new program (BPF_LINK_UPDATE):
+/// an agent upgrade never leaves the cgroup without a program.
+macro_rules! attach_link {
+    ($program:expr, $attach:expr, $pin:expr) => {{
+        let id = $attach?;
+        if let Some(path) = $pin {
+            let link = $program.take_link(id)?;
+            let fd_link = FdLink::try_from(link)
+                .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+            fd_link
+                .pin(path)
+                .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+        }
+        Ok::<(), ProgramError>(())
+    }};
+}
+
+fn attach_one(
+    program: &mut Program,
+    cgroup: BorrowedFd<'_>,
+    pin: Option<PathBuf>,
+) -> Result<(), ProgramError> {
+    if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
+        let link = pins::open_pinned(path)?;
+        return pins::update_link(link.as_fd(), program.fd()?.as_fd()).map_err(ProgramError::IOError);
+    }
+    if let Some(dir) = pin.as_ref().and_then(|p| p.parent()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Single: AllowMultiple makes bpf_link_create fail with EINVAL on these kernels, and
+    // link-based attachments coexist with other programs anyway.
+    let mode = CgroupAttachMode::Single;
+    match program {
+        Program::CgroupSkb(p) => attach_link!(p, p.attach(cgroup, CgroupSkbAttachType::Egress, mode), pin),
+        Program::CgroupSock(p) => attach_link!(p, p.attach(cgroup, mode), pin),
+        Program::CgroupSockAddr(p) => attach_link!(p, p.attach(cgroup, mode), pin),
+        Program::LsmCgroup(p) => attach_link!(p, p.attach(cgroup), pin),
+        _ => Err(ProgramError::UnexpectedProgramType),
+    }
+}
+
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: BorrowedFd<'_>,
+    path: &Path,
+    pins: Option<&LinkPins>,
+) -> Result<(), EngineError> {
     for name in PROGRAMS {
-        let error = |source| EngineError::Attach {
-            program: name,
-            cgroup: path.display().to_string(),
-            source,
-        };
-        let program = ebpf
-            .program_mut(name)
-            .ok_or_else(|| error(aya::programs::ProgramError::UnexpectedProgramType))?;
-        // Single: AllowMultiple makes bpf_link_create fail with EINVAL on these kernels,
-        // and link-based attachments coexist with other programs anyway.
-        let mode = CgroupAttachMode::Single;
-        let result = match program {
-            Program::CgroupSkb(p) => p.attach(cgroup, CgroupSkbAttachType::Egress, mode).map(drop),
-            Program::CgroupSock(p) => p.attach(cgroup, mode).map(drop),
-            Program::CgroupSockAddr(p) => p.attach(cgroup, mode).map(drop),
-            _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
-        };
-        result.map_err(error)?;
+        attach_named(ebpf, name, cgroup, path, pins)?;
     }
     Ok(())
 }
 
-pub fn attach_packet_guard(ebpf: &mut Ebpf, cgroup: BorrowedFd<'_>, path: &Path) -> Result<(), EngineError> {
-    let name = names::SOCKET_CREATE_LSM;
+pub fn attach_packet_guard(
+    ebpf: &mut Ebpf,
+    cgroup: BorrowedFd<'_>,
+    path: &Path,
+    pins: Option<&LinkPins>,
+) -> Result<(), EngineError> {
+    attach_named(ebpf, names::SOCKET_CREATE_LSM, cgroup, path, pins)
+}
+
+fn attach_named(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: BorrowedFd<'_>,
+    path: &Path,
+    pins: Option<&LinkPins>,
+) -> Result<(), EngineError> {
     let error = |source| EngineError::Attach {
         program: name,
         cgroup: path.display().to_string(),
         source,
     };
-    match ebpf.program_mut(name) {
-        Some(Program::LsmCgroup(p)) => p.attach(cgroup).map(drop).map_err(error),
-        _ => Err(error(aya::programs::ProgramError::UnexpectedProgramType)),
-    }
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| error(ProgramError::UnexpectedProgramType))?;
+    let pin = pins.map(|p| pins::link_path(&p.dir, p.cgroup_id, name));
+    attach_one(program, cgroup, pin).map_err(error)
 }

@@ -6,6 +6,7 @@
 mod attach;
 pub mod events;
 mod object;
+pub mod pins;
 pub mod stats;
 mod tables;
 
@@ -46,6 +47,14 @@ pub enum EngineError {
     },
     #[error("map {map} is missing from the eBPF object")]
     MissingMap { map: &'static str },
+    #[error("pinned state is not what this version writes: {0}")]
+    Corrupt(String),
+    #[error("pin directory {dir}: {source}")]
+    Pin {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -68,6 +77,9 @@ pub struct EngineConfig {
     pub flow_stats: bool,
     /// Most verbose aya-log level the kernel side emits (1 error … 5 trace; 0 off).
     pub kernel_log_level: u8,
+    /// Pin maps and links here so enforcement outlives the process (the agent); `None`
+    /// ties everything to this process (exec).
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -79,6 +91,8 @@ impl Default for EngineConfig {
             flow_stats: false,
             // Warnings and errors only: the kernel side never logs per packet.
             kernel_log_level: 2,
+            // Nothing outlives the process unless asked.
+            pin_dir: None,
         }
     }
 }
@@ -90,16 +104,33 @@ pub struct Engine {
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     /// Why AF_PACKET sockets cannot be refused here, if they cannot (see `packet_guard`).
     packet_guard_unavailable: Option<String>,
+    pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Engine {
     /// Loads every program and creates the maps. Nothing is attached yet.
     pub fn load(config: &EngineConfig) -> Result<Self, EngineError> {
         let object = object::bytes().ok_or(EngineError::NoObject)?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &config.kernel_log_level, false)
-            .load(object)
-            .map_err(EngineError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &config.kernel_log_level, false);
+        let pin_paths: Vec<(&'static str, std::path::PathBuf)> = match &config.pin_dir {
+            Some(dir) => {
+                pins::prepare(dir).map_err(|source| EngineError::Pin {
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
+                map_names::ALL
+                    .iter()
+                    .map(|name| (*name, pins::maps_dir(dir).join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        // An existing pin is reused: state and counters carry over to this process.
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object).map_err(EngineError::Load)?;
         let logger = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             // The object has no log statements compiled in at this level; nothing to drain.
@@ -117,6 +148,7 @@ impl Engine {
             ebpf,
             logger,
             packet_guard_unavailable,
+            pin_dir: config.pin_dir.clone(),
         };
         engine.write_config(config)?;
         Ok(engine)
@@ -128,9 +160,17 @@ impl Engine {
             cgroup: path.display().to_string(),
             source,
         })?;
-        attach::attach_all(&mut self.ebpf, file.as_fd(), path)?;
+        let cgroup_id = crate::cgroup::cgroup_id(path).map_err(|source| EngineError::OpenCgroup {
+            cgroup: path.display().to_string(),
+            source,
+        })?;
+        let pins = self.pin_dir.as_ref().map(|dir| attach::LinkPins {
+            dir: dir.clone(),
+            cgroup_id,
+        });
+        attach::attach_all(&mut self.ebpf, file.as_fd(), path, pins.as_ref())?;
         if self.packet_guard_unavailable.is_none() {
-            attach::attach_packet_guard(&mut self.ebpf, file.as_fd(), path)?;
+            attach::attach_packet_guard(&mut self.ebpf, file.as_fd(), path, pins.as_ref())?;
         }
         Ok(())
     }

@@ -115,6 +115,48 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Every pod entry in the map (for adopting pinned state).
+    pub fn pods(&self) -> Result<Vec<(u64, PodEntry)>, EngineError> {
+        let pods: HashMap<&MapData, u64, PodEntry> = self.map(map_names::PODS)?;
+        pods.iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(map_names::PODS))
+    }
+
+    /// Every allowlist in the tries, by policy id (for adopting pinned state).
+    pub fn policies(&self) -> Result<std::collections::HashMap<u32, PolicyEntries>, EngineError> {
+        let mut out: std::collections::HashMap<u32, PolicyEntries> = std::collections::HashMap::new();
+        let v4: LpmTrie<&MapData, AllowKeyV4, PortSet> = self.map(map_names::ALLOW_V4)?;
+        for item in v4.iter() {
+            let (key, ports) = item.map_err(map_error(map_names::ALLOW_V4))?;
+            let data = key.data();
+            let len = (key.prefix_len() - POLICY_ID_BITS) as u8;
+            let net = Ipv4Net::new(data.addr.into(), len).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+            out.entry(u32::from_be_bytes(data.policy_id))
+                .or_default()
+                .v4
+                .push((net, ports));
+        }
+        let v6: LpmTrie<&MapData, AllowKeyV6, PortSet> = self.map(map_names::ALLOW_V6)?;
+        for item in v6.iter() {
+            let (key, ports) = item.map_err(map_error(map_names::ALLOW_V6))?;
+            let data = key.data();
+            let len = (key.prefix_len() - POLICY_ID_BITS) as u8;
+            let net = Ipv6Net::new(data.addr.into(), len).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+            out.entry(u32::from_be_bytes(data.policy_id))
+                .or_default()
+                .v6
+                .push((net, ports));
+        }
+        for entries in out.values_mut() {
+            entries.v4.sort_by_key(|(n, _)| (*n, n.prefix_len()));
+            entries.v6.sort_by_key(|(n, _)| (*n, n.prefix_len()));
+        }
+        Ok(out)
+    }
+}
+
 fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),

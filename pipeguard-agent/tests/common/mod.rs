@@ -103,3 +103,43 @@ fn probe_argv_command(actions: &[String]) -> Command {
         .stderr(Stdio::piped());
     cmd
 }
+
+/// A private bpf filesystem for one test's pins, unmounted (with everything pinned in it)
+/// when dropped, so no test leaves pinned links or maps behind.
+pub struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    pub fn mount(name: &str) -> Self {
+        require_kernel();
+        let path = std::env::temp_dir().join(format!("pg-bpffs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let bpf = std::ffi::CString::new("bpf").unwrap();
+        // SAFETY: valid C strings; bpffs takes no data.
+        let rc = unsafe { libc::mount(bpf.as_ptr(), c.as_ptr(), bpf.as_ptr(), 0, std::ptr::null()) };
+        assert_eq!(
+            rc,
+            0,
+            "mount bpffs at {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        Self { path }
+    }
+
+    /// The pin directory to hand to the agent.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.path.join("pipeguard")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: unmounting the filesystem this guard mounted.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

@@ -1,0 +1,148 @@
+//! Pinning under the pin directory (default /sys/fs/bpf/pipeguard), so enforcement outlives
+//! the agent process: a crash, a SIGKILL or an upgrade leaves links and maps in place, and
+//! the next agent adopts them.
+//!
+//! Layout: `maps/<MAP_NAME_V1>` and `links/<cgroup id>/<program>`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+/// bpffs superblock magic (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+pub fn link_path(pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    pin_dir.join("links").join(cgroup_id.to_string()).join(program)
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: valid C string and an out-pointer to a zeroed statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` is on a bpffs, mounting one at its parent when that parent is an
+/// empty, unmounted /sys/fs/bpf (as Cilium does; some hosts do not mount it).
+pub fn prepare(pin_dir: &Path) -> io::Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent)?;
+    if !is_bpffs(parent)? {
+        if parent != Path::new("/sys/fs/bpf") {
+            return Err(io::Error::other(format!(
+                "{} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or choose a --pin-dir under it",
+                pin_dir.display()
+            )));
+        }
+        let target = CString::new("/sys/fs/bpf").expect("no NUL");
+        let fstype = CString::new("bpf").expect("no NUL");
+        // SAFETY: valid C strings; mounting bpffs has no data argument.
+        if unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(maps_dir(pin_dir))?;
+    std::fs::create_dir_all(pin_dir.join("links"))?;
+    Ok(())
+}
+
+/// Atomically replaces the program behind a link (BPF_LINK_UPDATE): no moment without a
+/// program attached, so an upgrade never opens a gap.
+pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    // The bpf() attr union is larger than this member; the kernel reads only its size.
+    let mut attr = [0u64; 16];
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: attr is large enough and zeroed beyond the member; BPF_LINK_UPDATE = 29.
+    unsafe {
+        std::ptr::write(attr.as_mut_ptr().cast::<LinkUpdate>(), update);
+        if libc::syscall(libc::SYS_bpf, 29, attr.as_mut_ptr(), size_of_val(&attr)) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything pinned under `pin_dir`: unpinning a link detaches its program once no
+/// process holds it; unpinning a map frees it once no program uses it.
+pub fn remove_all(pin_dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    remove_tree(pin_dir, &mut removed)?;
+    Ok(removed)
+}
+
+fn remove_tree(dir: &Path, removed: &mut usize) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path(), removed)?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+            *removed += 1;
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+/// Opens a pinned BPF object (BPF_OBJ_GET).
+pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    // SAFETY: attr is zeroed and large enough; c outlives the call; BPF_OBJ_GET = 7.
+    let fd = unsafe {
+        std::ptr::write(
+            attr.as_mut_ptr().cast::<ObjGet>(),
+            ObjGet {
+                pathname: c.as_ptr() as u64,
+                bpf_fd: 0,
+                file_flags: 0,
+            },
+        );
+        libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), size_of_val(&attr))
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
