@@ -380,3 +380,74 @@ fn nested_cgroups_inside_the_job_stay_under_its_policy() {
         "counted against the job's pod cgroup"
     );
 }
+
+#[test]
+fn pinned_enforcement_outlives_the_engine_and_is_adopted_then_removed() {
+    let (allowed, _) = listeners::tcp_and_udp("127.0.0.1");
+    let denied = listeners::tcp("127.0.0.1:0");
+    let bpffs = common::Bpffs::mount("engine-pins");
+    let cgroup = test_cgroup("pins");
+    let config = EngineConfig {
+        pin_dir: Some(bpffs.pin_dir()),
+        ..EngineConfig::default()
+    };
+    let cgroup_id = cgroup.id().unwrap();
+    {
+        let mut engine = Engine::load(&config).expect("load with pins");
+        engine.put_policy(POLICY, &only(allowed.addr.port())).unwrap();
+        engine
+            .put_pod(
+                cgroup_id,
+                PodEntry {
+                    policy_id: POLICY,
+                    mode: MODE_ENFORCE,
+                    flags: 0,
+                    _pad: 0,
+                },
+            )
+            .unwrap();
+        engine.attach(cgroup.path()).unwrap();
+        assert_eperm(&run_probe(cgroup.path(), &[format!("tcp {} x", denied.addr)]));
+    }
+    // The process's engine is gone; the pinned links and maps are not.
+    assert_eperm(&run_probe(cgroup.path(), &[format!("tcp {} x", denied.addr)]));
+    assert_ok(&run_probe(cgroup.path(), &[format!("tcp {} y", allowed.addr)]));
+
+    let mut engine = Engine::load(&config).expect("a second engine reuses the pinned maps");
+    assert!(
+        engine.pods().unwrap().contains(&(
+            cgroup_id,
+            PodEntry {
+                policy_id: POLICY,
+                mode: MODE_ENFORCE,
+                flags: 0,
+                _pad: 0
+            }
+        )),
+        "the pod table survived"
+    );
+    assert_eq!(
+        engine.policies().unwrap().get(&POLICY),
+        Some(&only(allowed.addr.port())),
+        "the allowlist survived"
+    );
+    let before = engine.counters(cgroup_id).unwrap();
+    assert!(
+        before
+            .iter()
+            .any(|(k, c)| k.verdict == VERDICT_DENY && c.packets >= 2),
+        "counters survived: {before:?}"
+    );
+    // Re-attaching switches the pinned links to this engine's programs.
+    engine.attach(cgroup.path()).expect("update the pinned links");
+    assert_eperm(&run_probe(cgroup.path(), &[format!("tcp {} x", denied.addr)]));
+    drop(engine);
+
+    let removed = pipeguard::engine::pins::remove_all(&bpffs.pin_dir()).unwrap();
+    assert!(removed >= 9 + 6, "maps and links were pinned: {removed}");
+    assert_ok(&run_probe(cgroup.path(), &[format!("tcp {} z", denied.addr)]));
+    assert!(
+        denied.received.wait_for(b"z", Duration::from_secs(3)),
+        "programs are detached after removal"
+    );
+}
