@@ -63,7 +63,8 @@ pub async fn run(
 
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: only async-signal-safe calls (open, write, close, prctl) between fork and exec.
+    // SAFETY: only async-signal-safe calls (open, write, close, unshare, prctl, capset) between
+    // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             // Join the job cgroup before exec: the command's first instruction is guarded.
@@ -74,6 +75,12 @@ pub async fn run(
             let written = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);
             if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A cgroup namespace rooted at the job cgroup. Where cgroup2 is mounted with
+            // nsdelegate (systemd's default), the kernel then refuses to move the job to a
+            // cgroup outside it; elsewhere only non-root jobs are stopped (SECURITY.md).
+            if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // If pipeguard dies, its links go with it: take the job down rather than let it

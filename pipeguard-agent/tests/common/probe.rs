@@ -91,6 +91,14 @@ fn run(action: &str) {
         "wait-denied" => wait_for(target, true),
         "wait-allowed" => wait_for(target, false),
         "hammer" => hammer(target, rest),
+        // Red-team routes: see tests/kernel_redteam.rs.
+        "netns-tcp" => in_new_netns(target),
+        "setns-tcp" => in_other_netns(target, rest),
+        "fd-tcp" => with_inherited_fd(target, rest),
+        "uring-tcp" => uring_connect(target),
+        "uring-udp" => uring_sendmsg(target, rest.as_bytes()),
+        "sctp" => sctp_connect(target),
+        "escape-cgroup" => escape_cgroup(target, rest),
         other => panic!("unknown probe action {other:?}"),
     };
     report(action, started, result);
@@ -349,4 +357,106 @@ fn hold(target: &str, flag: &str) -> std::io::Result<()> {
     let _ = stream.write_all(b"after");
     std::thread::sleep(Duration::from_millis(300));
     Ok(())
+}
+
+/// unshare(CLONE_NEWNET), bring up lo, connect: the cgroup hooks do not care which netns.
+fn in_new_netns(target: &str) -> std::io::Result<()> {
+    // SAFETY: plain syscall; affects only this (probe) process.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    TcpStream::connect_timeout(&addr(target), Duration::from_secs(2)).map(drop)
+}
+
+/// setns into a network namespace the test made, staying in the cgroup, then connect.
+fn in_other_netns(ns_path: &str, target: &str) -> std::io::Result<()> {
+    let ns = std::fs::File::open(ns_path)?;
+    // SAFETY: valid fd of a netns file.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    TcpStream::connect_timeout(&addr(target), Duration::from_secs(2)).map(drop)
+}
+
+/// Connects with a socket created outside the job and inherited as fd `fd`.
+fn with_inherited_fd(fd: &str, target: &str) -> std::io::Result<()> {
+    let fd: i32 = fd.parse().expect("fd number");
+    let (name, len) = sockaddr(&addr(target));
+    // SAFETY: the test passed this fd open; connect reads `name` only.
+    check(unsafe { libc::connect(fd, (&raw const name).cast(), len) } as isize)?;
+    // SAFETY: as above; write the payload through the inherited socket.
+    check(unsafe { libc::write(fd, b"fd-leak".as_ptr().cast(), 7) })
+}
+
+fn uring_connect(target: &str) -> std::io::Result<()> {
+    let target = addr(target);
+    let socket = new_socket(
+        if target.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        },
+        libc::SOCK_STREAM,
+        0,
+    )?;
+    let (name, len) = sockaddr(&target);
+    let op = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(socket.as_raw_fd()),
+        (&raw const name).cast(),
+        len,
+    )
+    .build();
+    uring_submit(op)
+}
+
+fn uring_sendmsg(target: &str, payload: &[u8]) -> std::io::Result<()> {
+    let target = addr(target);
+    let socket = udp_socket(&target)?;
+    let (mut name, name_len) = sockaddr(&target);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut _,
+        iov_len: payload.len(),
+    };
+    // SAFETY: all-zero msghdr is valid; pointers outlive the submission.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = name_len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    let op = io_uring::opcode::SendMsg::new(io_uring::types::Fd(socket.as_raw_fd()), &raw const msg).build();
+    uring_submit(op)
+}
+
+/// Submits one operation and returns its result as an io::Result.
+fn uring_submit(op: io_uring::squeue::Entry) -> std::io::Result<()> {
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: every buffer the operation points at outlives submit_and_wait below.
+    unsafe { ring.submission().push(&op).map_err(std::io::Error::other)? };
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        Err(std::io::Error::from_raw_os_error(-cqe.result()))
+    } else {
+        Ok(())
+    }
+}
+
+fn sctp_connect(target: &str) -> std::io::Result<()> {
+    let target = addr(target);
+    let socket = new_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP)?;
+    let (name, len) = sockaddr(&target);
+    // SAFETY: valid socket and address.
+    check(unsafe { libc::connect(socket.as_raw_fd(), (&raw const name).cast(), len) } as isize)
+}
+
+/// Moves this process into the cgroup whose cgroup.procs is `procs`, then connects.
+fn escape_cgroup(procs: &str, target: &str) -> std::io::Result<()> {
+    std::fs::write(procs, "0")?;
+    TcpStream::connect_timeout(&addr(target), Duration::from_secs(2)).map(drop)
 }
