@@ -4,27 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use pipeguard::policy::{AllowRule, LpmEntries, Ports, evaluate, lpm_entries};
+use pipeguard::policy::{AllowRule, Ports, evaluate, lookup, lpm_entries};
 use pipeguard_common::{PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use proptest::prelude::*;
-
-/// Longest-prefix match, as the kernel's LPM trie answers it.
-fn lookup(entries: &LpmEntries, ip: IpAddr) -> Option<pipeguard_common::PortSet> {
-    match pipeguard::policy::canonical(ip) {
-        IpAddr::V4(ip) => entries
-            .v4
-            .iter()
-            .filter(|(n, _)| n.contains(&ip))
-            .max_by_key(|(n, _)| n.prefix_len())
-            .map(|(_, p)| *p),
-        IpAddr::V6(ip) => entries
-            .v6
-            .iter()
-            .filter(|(n, _)| n.contains(&ip))
-            .max_by_key(|(n, _)| n.prefix_len())
-            .map(|(_, p)| *p),
-    }
-}
 
 /// Addresses from a small pool so that rules overlap and probes hit their boundaries.
 fn v4_addr() -> impl Strategy<Value = Ipv4Addr> {

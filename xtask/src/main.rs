@@ -25,6 +25,12 @@ enum Task {
     Demo,
     /// Run every test, including the ones that load programs into the kernel (needs root).
     Test,
+    /// Fuzz the policy parser and compiler for a bounded time (installs cargo-fuzz).
+    Fuzz {
+        /// Seconds per fuzz target.
+        #[arg(long, default_value = "60")]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +56,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Task::Demo => demo(),
         Task::Test => test(),
+        Task::Fuzz { seconds } => fuzz(seconds),
     }
 }
 
@@ -101,5 +108,45 @@ fn test() -> Result<ExitCode> {
     // Kernel tests share cgroups and the loopback; run them one at a time.
     // Default members only: the eBPF crate builds for bpfel-unknown-none, never for the host.
     status(cargo(&tc, &["test", "--", "--test-threads=1"]))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fuzz targets under pipeguard-agent/fuzz; crashes land in its artifacts/ directory and,
+/// once fixed, are copied to fuzz/regressions/ where the test suite replays them.
+const FUZZ_TARGETS: [&str; 1] = ["policy_compile"];
+
+fn fuzz(seconds: u64) -> Result<ExitCode> {
+    let have = Command::new(env!("CARGO"))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("xtask: installing cargo-fuzz");
+        let mut install = Command::new(env!("CARGO"));
+        install.args(["install", "cargo-fuzz", "--locked"]);
+        status(install)?;
+    }
+    let root = workspace_root();
+    let fuzz_dir = root.join("pipeguard-agent/fuzz");
+    for target in FUZZ_TARGETS {
+        // New inputs go to an untracked work corpus; the committed seeds stay as they are.
+        let work = root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&work)?;
+        let mut cmd = Command::new("cargo");
+        cmd.args(["+nightly", "fuzz", "run", "--fuzz-dir"])
+            .arg(&fuzz_dir)
+            .arg(target)
+            .arg(&work)
+            .arg(fuzz_dir.join("corpus").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-max_len=8192")
+            // The fuzzed code is the pure policy layer; no eBPF object is needed.
+            .env("AYA_BUILD_SKIP", "1")
+            .current_dir(&root);
+        status(cmd).with_context(|| {
+            format!("fuzz target {target} failed; see pipeguard-agent/fuzz/artifacts/{target}")
+        })?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@ mod cgroup_watch;
 pub mod desired;
 mod events;
 mod guard;
-mod http;
+pub mod http;
 mod kube;
 mod metrics;
 mod pod_cgroups;

@@ -131,9 +131,9 @@ fn sort_key(net: &IpNet) -> (IpNet, u8) {
     (net.trunc(), net.prefix_len())
 }
 
-/// Longest-prefix match over compiled entries, as the kernel does it (for tests).
-#[cfg(test)]
-pub(crate) fn lookup(entries: &LpmEntries, ip: std::net::IpAddr) -> Option<PortSet> {
+/// Longest-prefix match over compiled entries, as the kernel's trie answers it (for tests,
+/// fuzzing and offline checks).
+pub fn lookup(entries: &LpmEntries, ip: std::net::IpAddr) -> Option<PortSet> {
     match super::canonical(ip) {
         std::net::IpAddr::V4(ip) => entries
             .v4

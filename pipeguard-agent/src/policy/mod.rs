@@ -22,7 +22,7 @@ pub use self::{
     error::PolicyError,
     eval::evaluate,
     load::{PolicySet, load_policies, parse_policies, policy_from_value},
-    lpm::{CompileError, LpmEntries, lpm_entries},
+    lpm::{CompileError, LpmEntries, lookup, lpm_entries},
     selector::Selector,
     validate::{Peer, Policy, PortRef, PortSpec, Rule},
 };
