@@ -143,3 +143,4 @@ impl Drop for Bpffs {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+pub mod kube_api;

@@ -1,0 +1,361 @@
+//! A test HTTP server that speaks the Kubernetes list/watch protocol, for the real kube
+//! client: paginated lists with resourceVersion, chunked watch streams of JSON events,
+//! bookmarks, 410 Gone for an expired resourceVersion, and dropped watches. Loopback only.
+//!
+//! Served: `/api/v1/pods`, `/api/v1/namespaces`, `/apis/networking.k8s.io/v1/networkpolicies`
+//! (cluster-wide list and watch), and POST/PATCH of core events. Label and field selectors
+//! are not evaluated (the agent asks for neither).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::{broadcast, mpsc},
+};
+
+type Key = (String, String, String); // kind, namespace, name
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    /// (resourceVersion, kind, event JSON line) since the history floor.
+    history: Vec<(u64, String, String)>,
+    /// A watch from a resourceVersion below this gets 410 Gone.
+    floor: u64,
+    watchers: Vec<(String, mpsc::UnboundedSender<String>)>,
+    requests: Vec<String>,
+    events: Vec<Value>,
+}
+
+pub struct KubeApiServer {
+    addr: std::net::SocketAddr,
+    state: Arc<Mutex<State>>,
+    drop_tx: broadcast::Sender<()>,
+}
+
+fn kind_of_path(path: &str) -> Option<&'static str> {
+    match path {
+        "/api/v1/pods" => Some("Pod"),
+        "/api/v1/namespaces" => Some("Namespace"),
+        "/apis/networking.k8s.io/v1/networkpolicies" => Some("NetworkPolicy"),
+        _ => None,
+    }
+}
+
+fn list_kind(kind: &str) -> (&'static str, &'static str) {
+    match kind {
+        "Pod" => ("PodList", "v1"),
+        "Namespace" => ("NamespaceList", "v1"),
+        _ => ("NetworkPolicyList", "networking.k8s.io/v1"),
+    }
+}
+
+impl KubeApiServer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            ..State::default()
+        }));
+        let (drop_tx, _) = broadcast::channel(16);
+        let (s, d) = (state.clone(), drop_tx.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, s.clone(), d.subscribe()));
+            }
+        });
+        Self { addr, state, drop_tx }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server into `dir`.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
+            self.url()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Creates or replaces an object and tells the watchers.
+    pub fn apply(&self, mut obj: Value) {
+        let kind = obj["kind"].as_str().expect("kind").to_string();
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = st.rv.to_string().into();
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = format!("uid-{kind}-{ns}-{name}").to_lowercase().into();
+        }
+        let key = (kind.clone(), ns, name);
+        let kind_of_event = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key, obj.clone());
+        publish(&mut st, &kind, kind_of_event, obj);
+    }
+
+    pub fn delete(&self, kind: &str, namespace: Option<&str>, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        let key = (
+            kind.to_string(),
+            namespace.unwrap_or_default().to_string(),
+            name.to_string(),
+        );
+        if let Some(mut obj) = st.objects.remove(&key) {
+            st.rv += 1;
+            obj["metadata"]["resourceVersion"] = st.rv.to_string().into();
+            publish(&mut st, kind, "DELETED", obj);
+        }
+    }
+
+    /// Closes every watch stream abruptly, without the final chunk.
+    pub fn drop_watches(&self) {
+        let _ = self.drop_tx.send(());
+        self.state.lock().unwrap().watchers.clear();
+    }
+
+    /// Forgets the event history: resuming a watch from any version seen so far gets 410.
+    pub fn expire_history(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.history.clear();
+        st.floor = st.rv + 1;
+        st.rv += 1;
+    }
+
+    pub fn request_log(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
+    }
+}
+
+fn publish(st: &mut State, kind: &str, event_type: &str, obj: Value) {
+    let line = json!({"type": event_type, "object": obj}).to_string();
+    let rv = st.rv;
+    st.history.push((rv, kind.to_string(), line.clone()));
+    st.watchers
+        .retain(|(k, tx)| k != kind || tx.send(line.clone()).is_ok());
+}
+
+fn query(target: &str) -> (String, BTreeMap<String, String>) {
+    let (path, q) = target.split_once('?').unwrap_or((target, ""));
+    let params = q
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (path.to_string(), params)
+}
+
+async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::Receiver<()>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, target) = (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        );
+        state.lock().unwrap().requests.push(format!("{method} {target}"));
+        let (path, params) = query(&target);
+        if method != "GET" && path.starts_with("/api/v1/namespaces/") && path.contains("/events") {
+            let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            state.lock().unwrap().events.push(event.clone());
+            if respond(
+                &mut write,
+                if method == "POST" { 201 } else { 200 },
+                &event.to_string(),
+            )
+            .await
+            .is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        let Some(kind) = kind_of_path(&path) else {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+            if respond(&mut write, 404, &status.to_string()).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
+            // A watch holds the connection to its end.
+            watch(write, kind, &params, state, drop_rx).await;
+            return;
+        }
+        let list = list(kind, &params, &state);
+        if respond(&mut write, 200, &list.to_string()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn list(kind: &str, params: &BTreeMap<String, String>, state: &Mutex<State>) -> Value {
+    let st = state.lock().unwrap();
+    let items: Vec<Value> = st
+        .objects
+        .iter()
+        .filter(|((k, _, _), _)| k == kind)
+        .map(|(_, v)| v.clone())
+        .collect();
+    let start: usize = params.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit: usize = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let end = start.saturating_add(limit).min(items.len());
+    let page = items.get(start..end).unwrap_or_default().to_vec();
+    let (list_kind, api_version) = list_kind(kind);
+    let mut metadata = json!({"resourceVersion": st.rv.to_string()});
+    if end < items.len() {
+        metadata["continue"] = end.to_string().into();
+    }
+    json!({"kind": list_kind, "apiVersion": api_version, "metadata": metadata, "items": page})
+}
+
+async fn respond(
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    status: u16,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        _ => "Not Found",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body.as_bytes()).await
+}
+
+async fn chunk(write: &mut tokio::net::tcp::OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+    let data = format!("{line}\n");
+    write
+        .write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
+        .await?;
+    write.flush().await
+}
+
+async fn watch(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    kind: &str,
+    params: &BTreeMap<String, String>,
+    state: Arc<Mutex<State>>,
+    mut drop_rx: broadcast::Receiver<()>,
+) {
+    let from: u64 = params
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = params.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = params
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(300u64);
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if write.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let backlog: Result<Vec<String>, ()> = {
+        let mut st = state.lock().unwrap();
+        if from != 0 && from < st.floor {
+            Err(())
+        } else {
+            st.watchers.push((kind.to_string(), tx));
+            Ok(st
+                .history
+                .iter()
+                .filter(|(rv, k, _)| *rv > from && k == kind)
+                .map(|(_, _, l)| l.clone())
+                .collect())
+        }
+    };
+    let Ok(backlog) = backlog else {
+        // What the real server sends for a resourceVersion it no longer has.
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410}});
+        let _ = chunk(&mut write, &gone.to_string()).await;
+        let _ = write.write_all(b"0\r\n\r\n").await;
+        return;
+    };
+    for line in backlog {
+        if chunk(&mut write, &line).await.is_err() {
+            return;
+        }
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(timeout));
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            line = rx.recv() => match line {
+                Some(line) => if chunk(&mut write, &line).await.is_err() { return },
+                None => return,
+            },
+            _ = tick.tick(), if bookmarks => {
+                let rv = state.lock().unwrap().rv;
+                let (_, api_version) = list_kind(kind);
+                let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": rv.to_string()}}});
+                if chunk(&mut write, &bookmark.to_string()).await.is_err() { return }
+            }
+            _ = &mut deadline => {
+                let _ = write.write_all(b"0\r\n\r\n").await;
+                return;
+            }
+            // Abrupt: no final chunk, the socket just goes.
+            _ = drop_rx.recv() => return,
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! The agent end to end: a test server speaking the Kubernetes list/watch protocol, the
+//! real `pipeguard agent` binary, real cgroups in both kubelet layouts, real eBPF
+//! enforcement, and probe processes placed in pod cgroups. Needs root and cgroup2; fails
+//! (never skips) without them. Prints the latencies it measures.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use std::rc::Rc;
+
+use common::{
+    Bpffs, kube_api::KubeApiServer, listeners, probe::Outcome, probe_command, run_probe, test_cgroup,
+};
+use serde_json::{Value, json};
+
+#[test]
+#[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
+fn probe_main() {
+    common::probe::main();
+}
+
+const NODE: &str = "test-node";
+const RUNNER_A: &str = "0a0a0a0a-1111-2222-3333-444444444444";
+const RUNNER_B: &str = "0b0b0b0b-1111-2222-3333-444444444444";
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(ns: &str, name: &str, uid: &str, node: &str, labels: Value, ip: &str, ports: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn egress_policy(ns: &str, name: &str, to: Value, ports: Value) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": to, "ports": ports}]}
+    })
+}
+
+fn tcp_port(port: u16) -> Value {
+    json!([{"protocol": "TCP", "port": port}])
+}
+
+fn ip_block(cidr: &str) -> Value {
+    json!([{"ipBlock": {"cidr": cidr}}])
+}
+
+/// The agent process, stopped and reaped on drop; its pins live on a private bpffs that
+/// goes with the last agent using it.
+struct Agent {
+    child: Option<Child>,
+    listen: String,
+    _bpffs: Rc<Bpffs>,
+}
+
+impl Agent {
+    fn stop(&mut self, signal: i32) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling the agent process this test started and has not reaped.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop(libc::SIGTERM);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_agent(root: &Path, kubeconfig: &Path, extra: &[&str]) -> Agent {
+    start_agent_on(root, kubeconfig, extra, Rc::new(Bpffs::mount("agent")))
+}
+
+fn start_agent_on(root: &Path, kubeconfig: &Path, extra: &[&str], bpffs: Rc<Bpffs>) -> Agent {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args([
+            "agent",
+            "--node-name",
+            NODE,
+            "--guard-namespaces",
+            "ci",
+            "--listen",
+            &listen,
+        ])
+        .arg("--cgroup-root")
+        .arg(root)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start pipeguard agent");
+    Agent {
+        child: Some(child),
+        listen,
+        _bpffs: bpffs,
+    }
+}
+
+/// A plain HTTP/1.0 GET over a real socket: (status, body).
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn wait_ready(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, _)) = http_get(&agent.listen, "/readyz") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent never became ready: {:?}",
+            http_get(&agent.listen, "/readyz")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Creates the pod cgroup and a container cgroup inside it; returns the container cgroup.
+fn pod_cgroup(root: &Path, relative: &str) -> PathBuf {
+    let container = root.join(relative).join("cri-containerd-0123abcd.scope");
+    std::fs::create_dir_all(&container).unwrap();
+    container
+}
+
+fn once(cgroup: &Path, action: String) -> Outcome {
+    run_probe(cgroup, &[action]).pop().expect("one outcome")
+}
+
+/// Runs a `wait-*` probe until the verdict flips.
+fn until(cgroup: &Path, action: String) {
+    let o = once(cgroup, action);
+    assert!(o.ok, "the verdict never changed: {o:?}");
+}
+
+/// Time from `since` (just before the change) until a probe saw the new verdict: an upper
+/// bound on the lag, as it includes starting the probe process.
+fn until_since(since: Instant, cgroup: &Path, action: String) -> Duration {
+    until(cgroup, action);
+    since.elapsed()
+}
+
+fn summary(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "n={} min={:?} p50={:?} max={:?}",
+        samples.len(),
+        samples[0],
+        at(0.5),
+        samples[samples.len() - 1]
+    )
+}
+
+#[test]
+fn agent_enforces_cluster_policies_on_pod_cgroups() {
+    let test_root = test_cgroup("agent-e2e");
+    let root = test_root.path().to_path_buf();
+    std::fs::create_dir_all(root.join("kubepods/burstable")).unwrap();
+    std::fs::create_dir_all(root.join("kubepods.slice/kubepods-besteffort.slice")).unwrap();
+
+    let registry = listeners::tcp("127.0.0.1:0");
+    let mirror = listeners::tcp("127.0.0.1:0");
+    let svc = listeners::tcp("127.0.0.3:0");
+    let (r, m, s) = (registry.addr, mirror.addr, svc.addr);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(KubeApiServer::start());
+    let dir = std::env::temp_dir().join(format!("pg-agent-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.kubeconfig(&dir);
+
+    server.apply(namespace("ci", json!({})));
+    server.apply(namespace("svc", json!({"env": "prod"})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(pod(
+        "svc",
+        "staging-api",
+        "0c0c0c0c-1111-2222-3333-444444444444",
+        "other-node",
+        json!({"app": "api"}),
+        "127.0.0.3",
+        json!([{"name": "api-http", "containerPort": s.port(), "protocol": "TCP"}]),
+    ));
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+
+    let a = pod_cgroup(&root, &format!("kubepods/burstable/pod{RUNNER_A}"));
+    let agent = start_agent(&root, &kubeconfig, &[]);
+    wait_ready(&agent);
+
+    // 1. The policy from the API is enforced on the cgroupfs-layout pod.
+    assert!(once(&a, format!("tcp {r} up")).ok, "the registry is allowed");
+    assert!(
+        once(&a, format!("tcp {m} leak")).denied_with_eperm(),
+        "the mirror is not"
+    );
+
+    // 2. Policy changes reach the kernel: flip the allowed port back and forth.
+    let mut samples = Vec::new();
+    for i in 0..10 {
+        let (to, from) = if i % 2 == 0 { (m, r) } else { (r, m) };
+        let t0 = Instant::now();
+        server.apply(egress_policy(
+            "ci",
+            "registry",
+            ip_block("127.0.0.1/32"),
+            tcp_port(to.port()),
+        ));
+        samples.push(until_since(t0, &a, format!("wait-allowed {to}")));
+        assert!(
+            once(&a, format!("tcp {from} leak")).denied_with_eperm(),
+            "the old allow is revoked"
+        );
+    }
+    eprintln!(
+        "LATENCY policy change → enforcement (API event to a probe seeing it): {}",
+        summary(samples)
+    );
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(m.port()),
+    ));
+    until(&a, format!("wait-allowed {m}"));
+
+    // 3. A new pod whose cgroup appears after the pod object (systemd layout).
+    server.apply(pod(
+        "ci",
+        "runner-b",
+        RUNNER_B,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.11",
+        json!([]),
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let b = pod_cgroup(
+        &root,
+        &format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            RUNNER_B.replace('-', "_")
+        ),
+    );
+    let new_pod = until_since(t0, &b, format!("wait-denied {r}"));
+    eprintln!("LATENCY new pod cgroup → enforcement (--unknown-pods allow: open for at most): {new_pod:?}");
+    assert!(
+        once(&b, format!("tcp {m} ok")).ok,
+        "runner-b gets the same policy"
+    );
+
+    // 4. A namespace label change flips a namespaceSelector peer with a named port.
+    let ns_peer = json!([{"namespaceSelector": {"matchLabels": {"env": "staging"}}, "podSelector": {"matchLabels": {"app": "api"}}}]);
+    server.apply(egress_policy(
+        "ci",
+        "staging-api",
+        ns_peer,
+        json!([{"protocol": "TCP", "port": "api-http"}]),
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        once(&a, format!("tcp {s} no")).denied_with_eperm(),
+        "svc is env=prod: not selected"
+    );
+    let t0 = Instant::now();
+    server.apply(namespace("svc", json!({"env": "staging"})));
+    let flip = until_since(t0, &a, format!("wait-allowed {s}"));
+    eprintln!("LATENCY namespace label change → enforcement: {flip:?}");
+
+    // 5. The server drops every watch, and later forgets its history (410 Gone on resume):
+    //    the agent re-watches / re-lists and keeps following changes, never opening egress.
+    server.drop_watches();
+    assert!(
+        once(&a, format!("tcp {r} leak")).denied_with_eperm(),
+        "still enforced while watches are down"
+    );
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+    until(&a, format!("wait-allowed {r}"));
+    server.expire_history();
+    server.drop_watches();
+    server.delete("NetworkPolicy", Some("ci"), "staging-api");
+    until(&a, format!("wait-denied {s}"));
+
+    // The agent really watched, with bookmarks, and re-listed after the 410.
+    let log = server.request_log();
+    let watches = log.iter().filter(|l| l.contains("watch=true")).count();
+    assert!(
+        watches >= 6,
+        "three kinds watched, and watched again after the drop: {log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("allowWatchBookmarks=true")),
+        "{log:#?}"
+    );
+    // Each watcher re-lists after its 410, after its backoff.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for path in [
+        "GET /api/v1/pods?",
+        "GET /api/v1/namespaces?",
+        "GET /apis/networking.k8s.io/v1/networkpolicies?",
+    ] {
+        loop {
+            let lists = server
+                .request_log()
+                .iter()
+                .filter(|l| l.starts_with(path) && !l.contains("watch=true"))
+                .count();
+            if lists >= 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} was not listed again after 410 Gone: {:#?}",
+                server.request_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // 6. Deleting the last egress policy leaves the guarded pod unrestricted (NetworkPolicy
+    //    semantics without --default-deny-egress).
+    server.delete("NetworkPolicy", Some("ci"), "registry");
+    until(&a, format!("wait-allowed {m}"));
+
+    // 7. Health and metrics over a real socket.
+    let (status, body) = http_get(&agent.listen, "/healthz").expect("healthz");
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, metrics) = http_get(&agent.listen, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "pipeguard_ready 1",
+        "pipeguard_pods{state=\"unrestricted\"} 2",
+        "pipeguard_build_info",
+        "pipeguard_sync_duration_seconds",
+        "pipeguard_packets_total{",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_invalid_policy_fails_closed_and_is_reported() {
+    let test_root = test_cgroup("agent-invalid");
+    let root = test_root.path().to_path_buf();
+    let registry = listeners::tcp("127.0.0.1:0");
+    let r = registry.addr;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(KubeApiServer::start());
+    let dir = std::env::temp_dir().join(format!("pg-agent-invalid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.kubeconfig(&dir);
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let agent = start_agent(&root, &kubeconfig, &[]);
+    wait_ready(&agent);
+    assert!(once(&a, format!("tcp {r} ok")).ok);
+
+    // An object the real API server would reject reaches the agent anyway: the pod keeps its
+    // last good allowlist; it does not become unrestricted.
+    let other = listeners::tcp("127.0.0.1:0");
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/33"),
+        tcp_port(r.port()),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        once(&a, format!("tcp {} leak", other.addr)).denied_with_eperm(),
+        "fails closed"
+    );
+    assert!(
+        once(&a, format!("tcp {r} ok")).ok,
+        "keeps its last good allowlist"
+    );
+    let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+    assert!(
+        metrics.contains("pipeguard_policy_compiled{namespace=\"ci\",name=\"registry\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pipeguard_pods{state=\"failed_closed\"} 1"),
+        "{metrics}"
+    );
+
+    // A pod that never had an allowlist gets deny-all.
+    server.apply(pod(
+        "ci",
+        "runner-b",
+        RUNNER_B,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.11",
+        json!([]),
+    ));
+    let b = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_B}"));
+    until(&b, format!("wait-denied {r}"));
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unknown_pods_deny_closes_the_window_before_a_pod_is_matched() {
+    let test_root = test_cgroup("agent-unknown");
+    let root = test_root.path().to_path_buf();
+    std::fs::create_dir_all(root.join("kubepods/besteffort")).unwrap();
+    let registry = listeners::tcp("127.0.0.1:0");
+    let r = registry.addr;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(KubeApiServer::start());
+    let dir = std::env::temp_dir().join(format!("pg-agent-unknown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.kubeconfig(&dir);
+    server.apply(namespace("ci", json!({})));
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+    let agent = start_agent(&root, &kubeconfig, &["--unknown-pods", "deny"]);
+    wait_ready(&agent);
+
+    // A pod cgroup the agent cannot match to any pod gets no egress at all.
+    let stray = pod_cgroup(
+        &root,
+        "kubepods/besteffort/pod0e0e0e0e-1111-2222-3333-444444444444",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        once(&stray, format!("tcp {r} no")).denied_with_eperm(),
+        "an unmatched pod cgroup is denied"
+    );
+
+    // A new runner pod: denied until matched, then its policy applies. The window is the
+    // time from its cgroup appearing to its first allowed connection.
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    let t0 = Instant::now();
+    let a = pod_cgroup(&root, &format!("kubepods/besteffort/pod{RUNNER_A}"));
+    let window = until_since(t0, &a, format!("wait-allowed {r}"));
+    eprintln!("LATENCY new pod cgroup → enforcement (--unknown-pods deny: denied for at most): {window:?}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
+    let test_root = test_cgroup("agent-restart");
+    let root = test_root.path().to_path_buf();
+    let registry = listeners::tcp("127.0.0.1:0");
+    let attacker = listeners::tcp("127.0.0.1:0");
+    let (r, d) = (registry.addr, attacker.addr);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(KubeApiServer::start());
+    let dir = std::env::temp_dir().join(format!("pg-agent-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.kubeconfig(&dir);
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let bpffs = Rc::new(Bpffs::mount("restart"));
+
+    let mut first = start_agent_on(&root, &kubeconfig, &[], bpffs.clone());
+    wait_ready(&first);
+    assert!(once(&a, format!("tcp {d} before")).denied_with_eperm());
+    // The hammer tries the denied destination without pause through the kill and restart.
+    let hammer = probe_command(&a, &[format!("hammer {d} 3000")]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    first.stop(libc::SIGKILL);
+    assert!(
+        once(&a, format!("tcp {r} during")).ok,
+        "allowed traffic keeps working with no agent running"
+    );
+    assert!(
+        once(&a, format!("tcp {d} during")).denied_with_eperm(),
+        "denied traffic stays denied with no agent"
+    );
+
+    let second = start_agent_on(&root, &kubeconfig, &[], bpffs.clone());
+    wait_ready(&second);
+    let output = hammer.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "a denied connection got through during the restart: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(attacker.received.bytes().is_empty());
+    assert!(once(&a, format!("tcp {r} after")).ok);
+    // Counters survive: denials from before the restart still count.
+    let (_, metrics) = http_get(&second.listen, "/metrics").unwrap();
+    let denied = metrics
+        .lines()
+        .find(|l| l.starts_with("pipeguard_packets_total{") && l.contains("verdict=\"deny\""))
+        .unwrap_or_else(|| panic!("no deny counter after restart:\n{metrics}"));
+    assert!(!denied.ends_with(" 0"), "{denied}");
+    // The adopted state still follows changes.
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(d.port()),
+    ));
+    until(&a, format!("wait-allowed {d}"));
+    drop(second);
+
+    // Still enforced after a clean stop; --uninstall removes it all.
+    assert!(
+        once(&a, format!("tcp {r} stopped")).denied_with_eperm(),
+        "a stopped agent leaves enforcement in place"
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["agent", "--uninstall", "--pin-dir"])
+        .arg(bpffs.pin_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(!bpffs.pin_dir().exists(), "uninstall leaves nothing pinned");
+    until(&a, format!("wait-allowed {r}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
