@@ -91,6 +91,18 @@ fn garbage_and_oversized_requests_are_refused_and_the_server_keeps_serving() {
     let _ = s.read_to_end(&mut response);
     let text = String::from_utf8_lossy(&response);
     assert!(!text.starts_with("HTTP/1.1 200"), "a 1 MiB header was accepted");
+    // An oversized body is not read into memory: the request is refused.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n");
+    let _ = s.write_all(&vec![b'x'; 1 << 16]);
+    let mut response = Vec::new();
+    let _ = s.read_to_end(&mut response);
+    assert!(
+        String::from_utf8_lossy(&response).starts_with("HTTP/1.1 405"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
     assert_eq!(get(addr, "/healthz").0, 200, "still serving");
 }
 

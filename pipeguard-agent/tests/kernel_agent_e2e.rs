@@ -616,3 +616,47 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
     until(&a, format!("wait-allowed {r}"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn not_ready_while_the_api_is_unreachable_and_it_says_why() {
+    let test_root = test_cgroup("agent-unreachable");
+    let root = test_root.path().to_path_buf();
+    std::fs::create_dir_all(root.join("kubepods")).unwrap();
+    let dir = std::env::temp_dir().join(format!("pg-agent-unreachable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A kubeconfig pointing at a loopback port nothing listens on.
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\nusers:\n- name: t\n  user: {{}}\ncontexts:\n- name: t\n  context: {{cluster: t, user: t}}\ncurrent-context: t\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let agent = start_agent(&root, &kubeconfig, &["--sync-deadline", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((status, body)) = http_get(&agent.listen, "/readyz")
+            && body.contains("caches not synced")
+        {
+            assert_eq!(status, 503);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz never explained: {:?}",
+            http_get(&agent.listen, "/readyz")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        http_get(&agent.listen, "/healthz").map(|r| r.0),
+        Some(200),
+        "alive, just not ready"
+    );
+    let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+    assert!(metrics.contains("pipeguard_ready 0"), "{metrics}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

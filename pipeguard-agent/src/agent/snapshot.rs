@@ -114,3 +114,55 @@ pub fn local_pods(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    #[test]
+    fn objects_with_missing_fields_are_skipped_or_reported_never_a_panic() {
+        let pods = vec![
+            from::<Pod>(serde_json::json!({"metadata": {"name": "bare"}})),
+            from::<Pod>(
+                serde_json::json!({"metadata": {"name": "no-ip", "namespace": "ci"}, "spec": {"containers": []}}),
+            ),
+            from::<Pod>(
+                serde_json::json!({"metadata": {"namespace": "ci"}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            from::<Pod>(
+                serde_json::json!({"metadata": {"name": "bad-ip", "namespace": "ci"}, "status": {"podIP": "not-an-ip"}}),
+            ),
+            from::<Pod>(
+                serde_json::json!({"metadata": {"name": "ok", "namespace": "ci", "uid": "u1"},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"containerPort": 70000, "name": "big"}]}]},
+                "status": {"podIP": "10.0.0.2"}}),
+            ),
+        ];
+        let namespaces = vec![from::<Namespace>(serde_json::json!({"metadata": {}}))];
+        let cluster = cluster(&namespaces, &pods);
+        assert_eq!(
+            cluster.pods.len(),
+            1,
+            "only the pod with a name and an IP is a peer"
+        );
+        assert!(
+            cluster.pods[0].named_ports.is_empty(),
+            "an out-of-range port is not a named port"
+        );
+        let local = local_pods(&pods, "n1");
+        assert_eq!(local.len(), 1);
+        // A NetworkPolicy without a spec cannot be compiled: it is an error for its namespace.
+        let set = policies(&[from::<NetworkPolicy>(
+            serde_json::json!({"metadata": {"name": "x", "namespace": "ci"}}),
+        )]);
+        assert_eq!(set.policies.len(), 0);
+        assert_eq!(set.errors.len(), 1);
+        assert_eq!(set.errors[0].namespace.as_deref(), Some("ci"));
+    }
+}
