@@ -1,12 +1,183 @@
-//! `pipeguard check`: offline NetworkPolicy evaluation. (Being written.)
+//! `pipeguard check`: NetworkPolicy as code. Answers whether one pod can reach another (or
+//! an IP) from policy files and a cluster snapshot, with no cluster and no kernel, or
+//! prints the whole pod-to-pod truth table for review as a diff.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
-/// Evaluate NetworkPolicy manifests offline.
-#[derive(clap::Args)]
-pub struct CheckArgs {}
+use serde::Serialize;
 
-pub fn run(_args: CheckArgs) -> ExitCode {
-    eprintln!("pipeguard check: not implemented yet");
-    ExitCode::from(2)
+use crate::policy::{self, Cluster, ClusterPod, Destination, PortQuery, Reach};
+
+/// Evaluate NetworkPolicies offline: egress of the source, ingress of the destination.
+///
+/// Exit code: 0 allow, 1 deny, 2 error.
+///
+/// Example: pipeguard check --policies policies/ --cluster cluster.yaml --from ci/runner --to 10.0.0.5 --port 443
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// NetworkPolicy YAML file or directory; repeatable.
+    #[arg(long = "policies", required = true, value_name = "PATH")]
+    pub policies: Vec<PathBuf>,
+    /// Cluster snapshot: multi-document YAML of v1 Namespaces and v1 Pods.
+    #[arg(long, value_name = "PATH")]
+    pub cluster: PathBuf,
+    /// Source pod, NAMESPACE/POD.
+    #[arg(long, required_unless_present = "matrix")]
+    pub from: Option<String>,
+    /// Destination: NAMESPACE/POD, or an IP address.
+    #[arg(long, required_unless_present = "matrix")]
+    pub to: Option<String>,
+    /// Destination port: a number, or a container port name of the destination pod.
+    #[arg(long, required_unless_present = "matrix")]
+    pub port: Option<String>,
+    /// TCP, UDP or SCTP.
+    #[arg(long, default_value = "TCP", value_parser = parse_protocol)]
+    pub protocol: u8,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the pod-to-pod reachability table for --port (default 80) instead.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub matrix: bool,
+}
+
+fn parse_protocol(s: &str) -> Result<u8, String> {
+    match s {
+        "TCP" => Ok(pipeguard_common::PROTO_TCP),
+        "UDP" => Ok(pipeguard_common::PROTO_UDP),
+        "SCTP" => Ok(pipeguard_common::PROTO_SCTP),
+        _ => Err(format!("unknown protocol {s:?}: use TCP, UDP or SCTP")),
+    }
+}
+
+const EXIT_ALLOW: u8 = 0;
+const EXIT_DENY: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+pub fn run(args: CheckArgs) -> ExitCode {
+    match check(&args) {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("pipeguard check: {message}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn check(args: &CheckArgs) -> Result<u8, String> {
+    let set = policy::load_policies(&args.policies);
+    if !set.errors.is_empty() {
+        let lines: Vec<String> = set.errors.iter().map(|e| format!("  {e}")).collect();
+        return Err(format!("invalid policy:\n{}", lines.join("\n")));
+    }
+    let cluster = policy::load_cluster(&args.cluster).map_err(|e| e.to_string())?;
+    if args.matrix {
+        let port = match args.port.as_deref() {
+            None => 80,
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("--matrix needs a numeric --port, got {p:?}"))?,
+        };
+        print!("{}", matrix(&set, &cluster, port, args.protocol)?);
+        return Ok(EXIT_ALLOW);
+    }
+    let (from, to, port) = (
+        args.from.as_deref().expect("clap requires it"),
+        args.to.as_deref().expect("clap requires it"),
+        args.port.as_deref().expect("clap requires it"),
+    );
+    let source = find_pod(&cluster, from)?;
+    let destination = match to.parse() {
+        Ok(ip) => match cluster.pods.iter().find(|p| p.ips.contains(&ip)) {
+            Some(pod) => Destination::Pod(pod),
+            None => Destination::Ip(ip),
+        },
+        Err(_) => Destination::Pod(find_pod(&cluster, to)?),
+    };
+    let port = match port.parse() {
+        Ok(n) => PortQuery::Number(n),
+        Err(_) => PortQuery::Name(port.to_string()),
+    };
+    let answer = policy::reach(&set, &cluster, source, &destination, &port, args.protocol)
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&Json::from(&answer)).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!("egress:  {}", answer.egress.as_str());
+        println!("ingress: {}", answer.ingress.as_str());
+        println!("verdict: {}", if answer.allowed { "allow" } else { "deny" });
+        if !answer.policies.is_empty() {
+            println!("policies: {}", answer.policies.join(", "));
+        }
+        println!("reason: {}", answer.reason);
+    }
+    Ok(if answer.allowed { EXIT_ALLOW } else { EXIT_DENY })
+}
+
+fn find_pod<'a>(cluster: &'a Cluster, name: &str) -> Result<&'a ClusterPod, String> {
+    let (ns, pod) = name
+        .split_once('/')
+        .ok_or_else(|| format!("{name:?}: expected NAMESPACE/POD"))?;
+    cluster
+        .pods
+        .iter()
+        .find(|p| p.namespace == ns && p.name == pod)
+        .ok_or_else(|| format!("pod {name} is not in the cluster snapshot"))
+}
+
+/// The field names are a stable interface.
+#[derive(Serialize)]
+struct Json<'a> {
+    verdict: &'static str,
+    egress: &'static str,
+    ingress: &'static str,
+    policies: &'a [String],
+    reason: &'a str,
+}
+
+impl<'a> From<&'a Reach> for Json<'a> {
+    fn from(r: &'a Reach) -> Self {
+        Self {
+            verdict: if r.allowed { "allow" } else { "deny" },
+            egress: r.egress.as_str(),
+            ingress: r.ingress.as_str(),
+            policies: &r.policies,
+            reason: &r.reason,
+        }
+    }
+}
+
+/// Rows are sources, columns destinations, `.` reachable and `X` not, tab-separated, in
+/// namespace/pod order: the layout of the upstream e2e truth tables.
+pub fn matrix(set: &policy::PolicySet, cluster: &Cluster, port: u16, protocol: u8) -> Result<String, String> {
+    let mut pods: Vec<&ClusterPod> = cluster.pods.iter().collect();
+    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let name = |p: &ClusterPod| format!("{}/{}", p.namespace, p.name);
+    let mut out = String::from("-");
+    for to in &pods {
+        out.push('\t');
+        out.push_str(&name(to));
+    }
+    out.push('\n');
+    for from in &pods {
+        out.push_str(&name(from));
+        for to in &pods {
+            let r = policy::reach(
+                set,
+                cluster,
+                from,
+                &Destination::Pod(to),
+                &PortQuery::Number(port),
+                protocol,
+            )
+            .map_err(|e| e.to_string())?;
+            out.push('\t');
+            out.push(if r.allowed { '.' } else { 'X' });
+        }
+        out.push('\n');
+    }
+    Ok(out)
 }

@@ -9,7 +9,7 @@ use super::{
     AllowRule, Ports,
     cluster::{Cluster, ClusterPod},
     load::PolicySet,
-    validate::{Peer, PortRef, PortSpec, Rule},
+    validate::{Peer, Policy, PortRef, PortSpec, Rule},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,11 +33,7 @@ pub enum Egress {
 }
 
 pub fn egress_for(set: &PolicySet, pod: &PodIdentity, cluster: Option<&Cluster>) -> Egress {
-    let selecting: Vec<_> = set
-        .policies
-        .iter()
-        .filter(|p| p.namespace == pod.namespace && p.egress.is_some() && p.pod_selector.matches(&pod.labels))
-        .collect();
+    let selecting = selecting_egress(set, pod);
     if selecting.is_empty() {
         return Egress::Unrestricted;
     }
@@ -45,22 +41,41 @@ pub fn egress_for(set: &PolicySet, pod: &PodIdentity, cluster: Option<&Cluster>)
     let mut warnings = Vec::new();
     for policy in &selecting {
         warnings.extend(policy.warnings.iter().cloned());
-        for rule in policy.egress.iter().flatten() {
-            compile_rule(
-                &policy.namespace,
-                rule,
-                cluster,
-                &mut rules,
-                &mut warnings,
-                &policy.key(),
-            );
-        }
+        rules.extend(policy_egress_rules(policy, cluster, &mut warnings));
     }
     Egress::Isolated {
         rules,
         policies: selecting.iter().map(|p| p.key()).collect(),
         warnings,
     }
+}
+
+/// The policies that isolate `pod` for egress.
+pub fn selecting_egress<'a>(set: &'a PolicySet, pod: &PodIdentity) -> Vec<&'a Policy> {
+    set.policies
+        .iter()
+        .filter(|p| p.namespace == pod.namespace && p.egress.is_some() && p.pod_selector.matches(&pod.labels))
+        .collect()
+}
+
+/// What one policy's egress rules allow, resolved against the cluster snapshot.
+pub fn policy_egress_rules(
+    policy: &Policy,
+    cluster: Option<&Cluster>,
+    warnings: &mut Vec<String>,
+) -> Vec<AllowRule> {
+    let mut rules = Vec::new();
+    for rule in policy.egress.iter().flatten() {
+        compile_rule(
+            &policy.namespace,
+            rule,
+            cluster,
+            &mut rules,
+            warnings,
+            &policy.key(),
+        );
+    }
+    rules
 }
 
 fn everywhere() -> [IpNet; 2] {

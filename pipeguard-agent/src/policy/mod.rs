@@ -10,19 +10,23 @@ mod cluster;
 mod egress;
 mod error;
 mod eval;
+mod ingress;
 mod load;
 mod lpm;
 mod model;
+mod reach;
 mod selector;
 mod validate;
 
 pub use self::{
     cluster::{Cluster, ClusterPod, load_cluster},
-    egress::{Egress, PodIdentity, egress_for},
+    egress::{Egress, PodIdentity, egress_for, policy_egress_rules, selecting_egress},
     error::PolicyError,
     eval::evaluate,
+    ingress::{Source, policy_admits, selecting_ingress},
     load::{PolicySet, load_policies, parse_policies, policy_from_value},
     lpm::{CompileError, LpmEntries, lookup, lpm_entries},
+    reach::{Destination, PortQuery, Reach, ReachError, Side, reach},
     selector::Selector,
     validate::{Peer, Policy, PortRef, PortSpec, Rule},
 };
