@@ -12,5 +12,6 @@ pub mod agent;
 pub mod cgroup;
 pub mod cli;
 pub mod engine;
+pub mod events;
 pub mod job;
 pub mod policy;

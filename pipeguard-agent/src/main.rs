@@ -10,5 +10,6 @@ fn main() -> ExitCode {
         Command::Exec(args) => pipeguard::cli::exec::run(args),
         Command::Check(args) => pipeguard::cli::check::run(args),
         Command::Agent(args) => pipeguard::cli::agent::run(args),
+        Command::Events(args) => pipeguard::cli::events::run(args),
     }
 }

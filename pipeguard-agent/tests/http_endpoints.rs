@@ -19,7 +19,7 @@ fn start() -> (SocketAddr, Arc<Health>, tokio::runtime::Runtime) {
     let health = Arc::new(Health::default());
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
-    rt.spawn(serve(listener, health.clone()));
+    rt.spawn(serve(listener, health.clone(), None));
     (addr, health, rt)
 }
 

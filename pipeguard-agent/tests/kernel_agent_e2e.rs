@@ -574,8 +574,25 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
         "denied traffic stays denied with no agent"
     );
 
+    // The policy changes while no agent runs: a different prefix with a hole, another port.
+    let mirror = listeners::tcp("127.0.0.1:0");
+    let m = mirror.addr;
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        json!([{"ipBlock": {"cidr": "127.0.0.0/8", "except": ["127.0.0.2/32"]}}]),
+        tcp_port(m.port()),
+    ));
+
     let second = start_agent_on(&root, &kubeconfig, &[], bpffs.clone());
     wait_ready(&second);
+    until(&a, format!("wait-allowed {m}"));
+    // The adopted allowlist was replaced, not overwritten in place: nothing of it is left
+    // to allow the registry port the new policy no longer has.
+    assert!(
+        once(&a, format!("tcp {r} stale")).denied_with_eperm(),
+        "a stale entry of the old allowlist survived"
+    );
     let output = hammer.wait_with_output().unwrap();
     assert!(
         output.status.success(),
@@ -583,7 +600,6 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
         String::from_utf8_lossy(&output.stdout)
     );
     assert!(attacker.received.bytes().is_empty());
-    assert!(once(&a, format!("tcp {r} after")).ok);
     // Counters survive: denials from before the restart still count.
     let (_, metrics) = http_get(&second.listen, "/metrics").unwrap();
     let denied = metrics
@@ -603,7 +619,7 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
 
     // Still enforced after a clean stop; --uninstall removes it all.
     assert!(
-        once(&a, format!("tcp {r} stopped")).denied_with_eperm(),
+        once(&a, format!("tcp {m} stopped")).denied_with_eperm(),
         "a stopped agent leaves enforcement in place"
     );
     let status = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
@@ -613,7 +629,7 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
         .unwrap();
     assert!(status.success());
     assert!(!bpffs.pin_dir().exists(), "uninstall leaves nothing pinned");
-    until(&a, format!("wait-allowed {r}"));
+    until(&a, format!("wait-allowed {m}"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

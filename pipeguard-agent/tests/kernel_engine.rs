@@ -290,7 +290,7 @@ fn revoking_an_allow_cuts_an_established_connection() {
     let mut g = guard("revoke", &only(allowed.addr.port()), MODE_ENFORCE);
     let flag = std::env::temp_dir().join(format!("pg-revoke-{}", std::process::id()));
     let _ = std::fs::remove_file(&flag);
-    let mut child = common::probe_command(
+    let child = common::probe_command(
         g.cgroup.path(),
         &[format!("hold {} {}", allowed.addr, flag.display())],
     )

@@ -8,6 +8,7 @@ use std::sync::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
 use super::metrics::Metrics;
+use crate::events::stream::StreamState;
 
 /// What the endpoints report; written by the agent's loop.
 #[derive(Default)]
@@ -38,12 +39,20 @@ impl Health {
     }
 }
 
-pub fn router(health: Arc<Health>) -> Router {
-    Router::new()
+pub fn router(health: Arc<Health>, events: Option<StreamState>) -> Router {
+    let base = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(health)
+        .with_state(health);
+    match events {
+        Some(state) => base.merge(
+            Router::new()
+                .route("/v1/events", get(crate::events::stream::handler))
+                .with_state(state),
+        ),
+        None => base,
+    }
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -65,8 +74,8 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     )
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
-    if let Err(error) = axum::serve(listener, router(health)).await {
+pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, events: Option<StreamState>) {
+    if let Err(error) = axum::serve(listener, router(health, events)).await {
         tracing::error!(%error, "HTTP server stopped");
     }
 }

@@ -148,7 +148,15 @@ fn strip_pod(pod: &mut Pod) {
     }
     if let Some(status) = &mut pod.status {
         status.conditions = None;
-        status.container_statuses = None;
+        // Only name and id are kept: enrichment maps container cgroups to names.
+        for c in status.container_statuses.iter_mut().flatten() {
+            c.state = None;
+            c.last_state = None;
+            c.image = String::new();
+            c.image_id = String::new();
+            c.resources = None;
+            c.volume_mounts = None;
+        }
         status.init_container_statuses = None;
         status.ephemeral_container_statuses = None;
     }

@@ -46,6 +46,15 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     pub sync_errors: Counter,
     pub packets: Family<TrafficLabels, Counter>,
+    /// Denied (or audited) attempts the event pipeline received.
+    pub event_attempts: Counter,
+    /// Records delivered (each may stand for many attempts).
+    pub event_records: Counter,
+    /// Events the kernel could not queue (ring buffer full); reported, never silent.
+    pub event_ring_drops: Counter,
+    pub event_sink_errors: Counter,
+    pub event_subscribers: Gauge,
+    pub event_subscribers_dropped: Counter,
     pub bytes: Family<TrafficLabels, Counter>,
     /// Last absolute kernel counter values, to turn them into counter increments.
     last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
@@ -74,6 +83,12 @@ impl Default for Metrics {
             sync_errors: Counter::default(),
             packets: Family::default(),
             bytes: Family::default(),
+            event_attempts: Counter::default(),
+            event_records: Counter::default(),
+            event_ring_drops: Counter::default(),
+            event_sink_errors: Counter::default(),
+            event_subscribers: Gauge::default(),
+            event_subscribers_dropped: Counter::default(),
             last_traffic: Mutex::default(),
             registry: Registry::default(),
         };
@@ -115,6 +130,36 @@ impl Default for Metrics {
             m.packets.clone(),
         );
         registry.register("bytes", "Bytes per pod and verdict", m.bytes.clone());
+        registry.register(
+            "event_attempts",
+            "Denied or audited attempts seen by the event pipeline",
+            m.event_attempts.clone(),
+        );
+        registry.register(
+            "event_records",
+            "Violation records delivered (after aggregation)",
+            m.event_records.clone(),
+        );
+        registry.register(
+            "event_ring_drops",
+            "Kernel events lost to a full ring buffer",
+            m.event_ring_drops.clone(),
+        );
+        registry.register(
+            "event_sink_errors",
+            "Records a sink failed to deliver",
+            m.event_sink_errors.clone(),
+        );
+        registry.register(
+            "event_subscribers",
+            "Connected /v1/events subscribers",
+            m.event_subscribers.clone(),
+        );
+        registry.register(
+            "event_subscribers_dropped",
+            "Subscribers dropped for falling behind",
+            m.event_subscribers_dropped.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -130,6 +175,21 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(value.checked_sub(prev).unwrap_or(value));
         }
+    }
+
+    /// Brings the event counters up to the pipeline's and the hub's absolute values.
+    pub fn observe_events(&self, stats: &crate::events::pipeline::Stats, hub: &crate::events::hub::Hub) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bump = |c: &Counter, value: u64| c.inc_by(value.saturating_sub(c.get()));
+        bump(&self.event_attempts, stats.attempts.load(Relaxed));
+        bump(&self.event_records, stats.records.load(Relaxed));
+        bump(&self.event_ring_drops, stats.kernel_drops.load(Relaxed));
+        bump(
+            &self.event_subscribers_dropped,
+            hub.dropped_subscribers.load(Relaxed),
+        );
+        self.event_sink_errors.inc_by(stats.sink_errors.swap(0, Relaxed));
+        self.event_subscribers.set(hub.subscriber_count() as i64);
     }
 
     pub fn encode(&self) -> String {

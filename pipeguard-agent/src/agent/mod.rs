@@ -6,7 +6,6 @@
 
 mod cgroup_watch;
 pub mod desired;
-mod events;
 mod guard;
 pub mod http;
 mod kube;
@@ -39,6 +38,20 @@ pub struct AgentConfig {
     pub kernel_log_level: u8,
     /// Where links and maps are pinned, so enforcement survives the agent.
     pub pin_dir: Option<PathBuf>,
+    pub events: EventsConfig,
+}
+
+/// Where violation records go (several at once).
+#[derive(Clone, Debug, Default)]
+pub struct EventsConfig {
+    pub stdout: bool,
+    pub file: Option<PathBuf>,
+    pub file_max_bytes: u64,
+    pub file_keep: usize,
+    /// Bearer token for `GET /v1/events`; without one the endpoint is only on for loopback.
+    pub token: Option<Vec<u8>>,
+    /// Kubernetes Events on the pod.
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +66,8 @@ pub enum AgentError {
     CgroupRoot(String),
     #[error(transparent)]
     Kube(#[from] kube::KubeError),
+    #[error("adopting pinned state: {0}")]
+    Adopt(#[source] crate::engine::EngineError),
     #[error("watching cgroups: {0}")]
     Watch(#[source] std::io::Error),
 }
@@ -70,7 +85,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             source,
         })?;
     tracing::info!(listen = %config.listen, node = %config.node_name, "pipeguard agent starting");
-    tokio::spawn(http::serve(listener, health.clone()));
+    let hub = Arc::new(crate::events::hub::Hub::default());
+    let access = crate::events::stream::Access::new(config.events.token.clone(), config.listen);
+    if matches!(access, crate::events::stream::Access::Off) {
+        tracing::info!("GET /v1/events is off: no --events-token-file and the listener is not loopback");
+    }
+    let stream = crate::events::stream::StreamState {
+        hub: hub.clone(),
+        access,
+    };
+    tokio::spawn(http::serve(listener, health.clone(), Some(stream)));
 
     let root = match &config.cgroup_root {
         Some(root) => root.clone(),
@@ -97,7 +121,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     tracing::info!(cgroups = ?attached, "programs attached");
 
     let client = kube::client(config.kubeconfig.as_deref()).await?;
-    let caches = kube::start(client);
+    let caches = kube::start(client.clone());
     cgroup_watch::start(root.clone(), caches.changed.clone()).map_err(AgentError::Watch)?;
     tokio::select! {
         _ = caches.ready() => {}
@@ -108,19 +132,60 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("caches synced");
 
-    let pods_by_cgroup = events::PodIndex::default();
+    let pod_index = crate::events::pipeline::PodIndex::default();
+    let event_stats = Arc::new(crate::events::pipeline::Stats::default());
     match engine.take_events() {
         Ok(ring) => {
-            tokio::spawn(events::pump(
-                ring,
-                pods_by_cgroup.clone(),
-                config.node_name.clone(),
-            ));
+            let file = match &config.events.file {
+                Some(path) => match crate::events::sinks::FileSink::open(
+                    path.clone(),
+                    config.events.file_max_bytes,
+                    config.events.file_keep,
+                ) {
+                    Ok(f) => Some(f),
+                    Err(error) => {
+                        tracing::error!(path = %path.display(), %error, "cannot open the events file");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let kube = config.events.kubernetes.then(|| {
+                crate::events::kube_events::KubeEvents::start(
+                    client.clone(),
+                    config.node_name.clone(),
+                    health.metrics.event_sink_errors.clone(),
+                )
+            });
+            let pipeline = crate::events::pipeline::Pipeline {
+                node: config.node_name.clone(),
+                index: pod_index.clone(),
+                hub: hub.clone(),
+                stdout: config.events.stdout,
+                file,
+                kube,
+                drops: engine.take_event_drops().ok(),
+                stats: event_stats.clone(),
+                aggregator: crate::events::aggregate::Aggregator::new(
+                    crate::events::pipeline::WINDOW,
+                    crate::events::pipeline::MAX_KEYS,
+                ),
+            };
+            tokio::spawn(pipeline.run(ring));
         }
         Err(error) => tracing::error!(%error, "no event stream"),
     }
+    // Pinned state from a previous agent is adopted, not overwritten: its allowlists are
+    // replaced in the hole-free order and its stale ids deleted.
+    let applied = match sync::Applied::adopt(&engine) {
+        Ok(applied) => applied,
+        Err(error) => {
+            health.set_not_ready(format!("cannot read the pinned maps: {error}"));
+            return Err(AgentError::Adopt(error));
+        }
+    };
     let mut state = Loop {
-        applied: sync::Applied::default(),
+        applied,
         last_good: HashMap::new(),
         reported: Default::default(),
     };
@@ -128,7 +193,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .map_err(AgentError::Watch)?;
     loop {
         let start = std::time::Instant::now();
-        match state.sync(&config, &caches, &root, &mut engine, &pods_by_cgroup, &health) {
+        match state.sync(&config, &caches, &root, &mut engine, &pod_index, &health) {
             Ok(()) => health.set_ready(),
             Err(error) => {
                 health.metrics.sync_errors.inc();
@@ -136,6 +201,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             }
         }
         health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
+        health.metrics.observe_events(&event_stats, &hub);
         engine.drain_kernel_logs();
         tokio::select! {
             _ = caches.changed.notified() => {}
@@ -186,7 +252,7 @@ impl Loop {
         caches: &kube::Caches,
         root: &std::path::Path,
         engine: &mut Engine,
-        index: &events::PodIndex,
+        index: &crate::events::pipeline::PodIndex,
         health: &Health,
     ) -> Result<(), crate::engine::EngineError> {
         let policy_objects = caches.policies.state();
@@ -265,7 +331,7 @@ impl Loop {
         index.replace(
             desired
                 .iter()
-                .map(|d| (d.pod.cgroup_id, (d.pod.namespace.clone(), d.pod.name.clone())))
+                .map(|d| (d.pod.cgroup_id, pod_info(d, &pods, root)))
                 .collect(),
         );
         Ok(())
@@ -338,6 +404,53 @@ impl Loop {
             };
             health.metrics.observe_traffic(labels, packets, bytes);
         }
+    }
+}
+
+/// What the event pipeline needs to know about a pod to enrich its records.
+fn pod_info(
+    d: &desired::DesiredPod,
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    root: &std::path::Path,
+) -> crate::events::pipeline::PodInfo {
+    let pod = pods
+        .iter()
+        .find(|p| p.metadata.uid.as_deref() == Some(d.pod.uid.as_str()));
+    let (policies, restriction) = match &d.status {
+        Status::Enforced(policies) => (policies.clone(), None),
+        Status::DefaultDeny => (
+            Vec::new(),
+            Some("no egress policy selects the pod and --default-deny-egress is set".into()),
+        ),
+        Status::FailedClosed {
+            reason,
+            kept_last_good,
+        } => (
+            Vec::new(),
+            Some(format!(
+                "failing closed ({reason}); {}",
+                if *kept_last_good {
+                    "the last good allowlist applies"
+                } else {
+                    "all egress is denied"
+                }
+            )),
+        ),
+        Status::Unrestricted | Status::NotGuarded => (Vec::new(), None),
+    };
+    crate::events::pipeline::PodInfo {
+        namespace: d.pod.namespace.clone(),
+        name: d.pod.name.clone(),
+        uid: d.pod.uid.clone(),
+        labels: d.pod.labels.clone(),
+        annotations: pod
+            .and_then(|p| p.metadata.annotations.clone())
+            .unwrap_or_default(),
+        policies,
+        restriction,
+        containers: pod
+            .map(|p| snapshot::container_cgroups(p, &d.pod.uid, root))
+            .unwrap_or_default(),
     }
 }
 

@@ -115,6 +115,47 @@ pub fn local_pods(
         .collect()
 }
 
+/// Container cgroup id → container name, from the pod cgroup's children (named after the
+/// container id by every runtime) and the pod's container statuses.
+pub fn container_cgroups(
+    pod: &Pod,
+    uid: &str,
+    root: &std::path::Path,
+) -> std::collections::HashMap<u64, String> {
+    let names: Vec<(String, String)> = pod
+        .status
+        .iter()
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .filter_map(|c| {
+            let id = c.container_id.as_deref()?.split("://").nth(1)?.to_string();
+            Some((id, c.name.clone()))
+        })
+        .collect();
+    let mut out = std::collections::HashMap::new();
+    let Some(dir) = super::pod_cgroups::scan(root)
+        .ok()
+        .and_then(|all| all.into_iter().find(|p| p.uid == uid))
+    else {
+        return out;
+    };
+    for entry in std::fs::read_dir(&dir.path).into_iter().flatten().flatten() {
+        let dirname = entry.file_name().to_string_lossy().into_owned();
+        let Ok(id) = crate::cgroup::cgroup_id(&entry.path()) else {
+            continue;
+        };
+        if !entry.path().is_dir() {
+            continue;
+        }
+        let name = names
+            .iter()
+            .find(|(cid, _)| dirname.contains(cid.as_str()))
+            .map(|(_, n)| n.clone())
+            .unwrap_or(dirname);
+        out.insert(id, name);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -52,6 +52,25 @@ pub struct AgentArgs {
     /// agent restart or upgrade; the next agent adopts them.
     #[arg(long, env = "PIPEGUARD_PIN_DIR", default_value = "/sys/fs/bpf/pipeguard")]
     pub pin_dir: PathBuf,
+    /// Do not print violation records on stdout.
+    #[arg(long, env = "PIPEGUARD_NO_EVENTS_STDOUT")]
+    pub no_events_stdout: bool,
+    /// Also append violation records to this file (JSON lines), rotated by size.
+    #[arg(long, env = "PIPEGUARD_EVENTS_FILE")]
+    pub events_file: Option<PathBuf>,
+    /// Rotate the events file past this many bytes.
+    #[arg(long, env = "PIPEGUARD_EVENTS_FILE_MAX_BYTES", default_value = "104857600")]
+    pub events_file_max_bytes: u64,
+    /// Rotated events files kept (events.jsonl.1 … .N).
+    #[arg(long, env = "PIPEGUARD_EVENTS_FILE_KEEP", default_value = "5")]
+    pub events_file_keep: usize,
+    /// File holding the bearer token for GET /v1/events (e.g. a mounted Secret). Without
+    /// it the endpoint only serves a loopback listener.
+    #[arg(long, env = "PIPEGUARD_EVENTS_TOKEN_FILE")]
+    pub events_token_file: Option<PathBuf>,
+    /// Do not post Kubernetes Events on pods for blocked attempts.
+    #[arg(long, env = "PIPEGUARD_NO_KUBE_EVENTS")]
+    pub no_kube_events: bool,
     /// Remove everything pinned under --pin-dir (detaching the programs) and exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -88,6 +107,16 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let token = match &args.events_token_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => Some(String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec()),
+            Err(error) => {
+                eprintln!("pipeguard agent: --events-token-file {}: {error}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let config = AgentConfig {
         node_name: args.node_name.unwrap_or_default(),
         cgroup_root: args.cgroup_root,
@@ -110,6 +139,14 @@ pub fn run(args: AgentArgs) -> ExitCode {
         sync_deadline: Duration::from_secs(args.sync_deadline),
         kernel_log_level: args.kernel_log_level,
         pin_dir: Some(args.pin_dir),
+        events: agent::EventsConfig {
+            stdout: !args.no_events_stdout,
+            file: args.events_file,
+            file_max_bytes: args.events_file_max_bytes,
+            file_keep: args.events_file_keep,
+            token,
+            kubernetes: !args.no_kube_events,
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod events;
 pub mod exec;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,7 @@ pub struct Cli {
 pub enum Command {
     Exec(exec::ExecArgs),
     Agent(agent::AgentArgs),
+    Events(events::EventsArgs),
     Check(check::CheckArgs),
 }
 

@@ -222,6 +222,22 @@ impl Engine {
         T::try_from(map).map_err(|source| EngineError::Map { map: name, source })
     }
 
+    /// Takes the ring buffer drop counter out of the engine, for the event pipeline.
+    pub fn take_event_drops(
+        &mut self,
+    ) -> Result<aya::maps::PerCpuArray<aya::maps::MapData, u64>, EngineError> {
+        let map = self
+            .ebpf
+            .take_map(map_names::EVENT_DROPS)
+            .ok_or(EngineError::MissingMap {
+                map: map_names::EVENT_DROPS,
+            })?;
+        aya::maps::PerCpuArray::try_from(map).map_err(|source| EngineError::Map {
+            map: map_names::EVENT_DROPS,
+            source,
+        })
+    }
+
     /// Takes the event ring buffer out of the engine, for a reader task.
     pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>, EngineError> {
         let map = self

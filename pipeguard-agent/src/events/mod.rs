@@ -1,0 +1,12 @@
+//! The violation event stream: every blocked (or audited) attempt, aggregated, enriched
+//! with the pod, CI job, process and policy, and delivered to stdout, a rotating file,
+//! Kubernetes Events on the pod, and `GET /v1/events` subscribers.
+
+pub mod aggregate;
+pub mod client;
+pub mod hub;
+pub mod kube_events;
+pub mod pipeline;
+pub mod record;
+pub mod sinks;
+pub mod stream;

@@ -1,0 +1,240 @@
+//! Kernel ring buffer → aggregation → enrichment → hub and sinks. Runs as one task; the
+//! hub and the sinks never block it (subscribers are dropped, Kubernetes Events are queued).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::{
+    aggregate::{Aggregator, Emit},
+    hub::Hub,
+    kube_events::KubeEvents,
+    record::{CiContext, Kind, PodRef, Record},
+    sinks::{self, FileSink},
+};
+use crate::engine::events::{self as decode, Clock};
+
+/// What enrichment knows about a pod, keyed by its pod-level cgroup id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Egress policies selecting the pod ("ns/name").
+    pub policies: Vec<String>,
+    /// Why its egress is restricted, when it is not by those policies' rules.
+    pub restriction: Option<String>,
+    /// Container cgroup id → container name (or id).
+    pub containers: HashMap<u64, String>,
+}
+
+#[derive(Clone, Default)]
+pub struct PodIndex(Arc<RwLock<HashMap<u64, PodInfo>>>);
+
+impl PodIndex {
+    pub fn replace(&self, map: HashMap<u64, PodInfo>) {
+        *self.0.write().expect("pod index lock") = map;
+    }
+
+    fn get(&self, cgroup_id: u64) -> Option<PodInfo> {
+        self.0.read().expect("pod index lock").get(&cgroup_id).cloned()
+    }
+}
+
+/// Counters the pipeline keeps; the agent exports them as metrics.
+#[derive(Default)]
+pub struct Stats {
+    pub attempts: std::sync::atomic::AtomicU64,
+    pub records: std::sync::atomic::AtomicU64,
+    pub kernel_drops: std::sync::atomic::AtomicU64,
+    pub sink_errors: std::sync::atomic::AtomicU64,
+}
+
+pub struct Pipeline {
+    pub node: String,
+    pub index: PodIndex,
+    pub hub: Arc<Hub>,
+    pub stdout: bool,
+    pub file: Option<FileSink>,
+    pub kube: Option<KubeEvents>,
+    pub drops: Option<PerCpuArray<MapData, u64>>,
+    pub stats: Arc<Stats>,
+    pub aggregator: Aggregator,
+}
+
+/// How long identical attempts are folded into one record.
+pub const WINDOW: Duration = Duration::from_secs(1);
+/// Open aggregation windows kept at most (memory bound under floods).
+pub const MAX_KEYS: usize = 16_384;
+
+impl Pipeline {
+    pub async fn run(mut self, ring: RingBuf<MapData>) {
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
+        let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::error!(%error, "cannot poll the event ring buffer");
+                return;
+            }
+        };
+        let clock = Clock::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut reported_drops = 0u64;
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let Ok(mut guard) = guard else { return };
+                    let now = Instant::now();
+                    let mut batch = Vec::new();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if let Some(v) = decode::decode(&item, &clock) {
+                            self.stats.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            batch.extend(self.aggregator.add(v, now));
+                        }
+                    }
+                    guard.clear_ready();
+                    for e in batch {
+                        self.emit(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    for e in self.aggregator.flush(now) {
+                        self.emit(e);
+                    }
+                    reported_drops = self.report_drops(reported_drops);
+                    if let Some(kube) = &mut self.kube {
+                        kube.flush_due(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kernel drops become a record and a metric: never lost silently.
+    fn report_drops(&mut self, reported: u64) -> u64 {
+        let Some(map) = &self.drops else { return reported };
+        let Ok(values) = map.get(&0, 0) else {
+            return reported;
+        };
+        let total: u64 = values.iter().sum();
+        if total > reported {
+            self.stats
+                .kernel_drops
+                .store(total, std::sync::atomic::Ordering::Relaxed);
+            let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+            self.publish(Record {
+                kind: Kind::Drops,
+                time: now.clone(),
+                first_seen: now.clone(),
+                last_seen: now,
+                count: total - reported,
+                verdict: None,
+                hook: None,
+                protocol: None,
+                dst_ip: None,
+                dst_port: None,
+                pid: None,
+                comm: None,
+                exe: None,
+                node: self.node.clone(),
+                pod: None,
+                policies: Vec::new(),
+                reason: Some(
+                    "the kernel's event ring buffer was full; counters still counted these attempts".into(),
+                ),
+                ci: None,
+                cgroup_id: 0,
+            });
+        }
+        total
+    }
+
+    fn emit(&mut self, e: Emit) {
+        let record = enrich(&e, &self.index, &self.node);
+        if let Some(kube) = &mut self.kube {
+            kube.observe(&record, Instant::now());
+        }
+        self.publish(record);
+    }
+
+    fn publish(&mut self, record: Record) {
+        self.stats
+            .records
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.stdout && sinks::stdout(&record).is_err() {
+            self.stats
+                .sink_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(file) = &mut self.file
+            && let Err(error) = file.write(&record)
+        {
+            self.stats
+                .sink_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%error, "writing the events file");
+        }
+        self.hub.publish(record);
+    }
+}
+
+pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
+    let v = &e.sample;
+    let pod = index.get(v.pod_cgroup_id);
+    let dest = match (v.dst_ip, v.dst_port) {
+        (Some(ip), Some(port)) => format!("{ip}:{port}/{}", v.protocol),
+        _ => String::new(),
+    };
+    let reason = if v.hook == "sock_create" {
+        "raw and packet sockets are refused in guarded pods".to_string()
+    } else if v.pod_cgroup_id == 0 {
+        "the cgroup is not matched to a pod yet (--unknown-pods deny)".to_string()
+    } else {
+        match &pod {
+            Some(p) if p.restriction.is_some() => p.restriction.clone().unwrap_or_default(),
+            Some(p) if !p.policies.is_empty() => {
+                format!("no egress rule of {} allows {dest}", p.policies.join(", "))
+            }
+            _ => format!("no allowlist entry covers {dest}"),
+        }
+    };
+    Record {
+        kind: Kind::Violation,
+        time: v.time.clone(),
+        first_seen: e.first_seen.clone(),
+        last_seen: v.time.clone(),
+        count: e.count,
+        verdict: Some(v.verdict.to_string()),
+        hook: Some(v.hook.to_string()),
+        protocol: Some(v.protocol.clone()),
+        dst_ip: v.dst_ip,
+        dst_port: v.dst_port,
+        pid: Some(v.pid),
+        comm: Some(v.comm.clone()),
+        // Cheap, and only once per record, not per attempt.
+        exe: std::fs::read_link(format!("/proc/{}/exe", v.pid))
+            .ok()
+            .map(|p| p.display().to_string()),
+        node: node.to_string(),
+        ci: pod
+            .as_ref()
+            .and_then(|p| CiContext::of(&p.labels, &p.annotations)),
+        policies: pod.as_ref().map(|p| p.policies.clone()).unwrap_or_default(),
+        pod: pod.map(|p| PodRef {
+            container: p.containers.get(&v.cgroup_id).cloned(),
+            namespace: p.namespace,
+            name: p.name,
+            uid: p.uid,
+        }),
+        reason: Some(reason),
+        cgroup_id: v.cgroup_id,
+    }
+}

@@ -1,0 +1,175 @@
+//! The violation record users see: the kernel event, aggregated and enriched with the pod,
+//! the CI job, the process and the policy. Field names are a stable interface.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// What the stream carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Denied (or audited) attempts: `count` identical ones between first and last seen.
+    Violation,
+    /// Kernel events lost because the ring buffer was full: `count` of them.
+    Drops,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub kind: Kind,
+    /// RFC 3339, the last attempt this record stands for.
+    pub time: String,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// How many attempts this record stands for.
+    pub count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// The executable, when the process was still there to ask.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// The egress policies that select the pod ("ns/name").
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub policies: Vec<String>,
+    /// Why nothing allowed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci: Option<CiContext>,
+    pub cgroup_id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// The CI job behind a runner pod, from the labels and annotations its system sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiContext {
+    /// actions-runner-controller, gitlab-runner or tekton.
+    pub system: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// (system, output field, label or annotation key). Keys absent from a pod are skipped.
+const CI_KEYS: [(&str, &str, &str); 12] = [
+    (
+        "actions-runner-controller",
+        "scale_set",
+        "actions.github.com/scale-set-name",
+    ),
+    (
+        "actions-runner-controller",
+        "repository",
+        "actions.github.com/repository",
+    ),
+    (
+        "actions-runner-controller",
+        "organization",
+        "actions.github.com/organization",
+    ),
+    (
+        "actions-runner-controller",
+        "workflow",
+        "actions.github.com/workflow",
+    ),
+    ("actions-runner-controller", "job", "actions.github.com/job"),
+    ("gitlab-runner", "project", "project.runner.gitlab.com/name"),
+    ("gitlab-runner", "project_id", "project.runner.gitlab.com/id"),
+    ("gitlab-runner", "job_id", "job.runner.gitlab.com/id"),
+    ("gitlab-runner", "pipeline_id", "pipeline.runner.gitlab.com/id"),
+    ("tekton", "pipeline_run", "tekton.dev/pipelineRun"),
+    ("tekton", "task_run", "tekton.dev/taskRun"),
+    ("tekton", "pipeline", "tekton.dev/pipeline"),
+];
+
+impl CiContext {
+    pub fn of(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> Option<Self> {
+        let mut ctx: Option<Self> = None;
+        for (system, field, key) in CI_KEYS {
+            let Some(value) = labels.get(key).or_else(|| annotations.get(key)) else {
+                continue;
+            };
+            let ctx = ctx.get_or_insert_with(|| Self {
+                system: system.into(),
+                fields: BTreeMap::new(),
+            });
+            if ctx.system == system {
+                ctx.fields.insert(field.into(), value.clone());
+            }
+        }
+        ctx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn ci_context_for_each_runner_system() {
+        let arc = CiContext::of(
+            &map(&[("actions.github.com/scale-set-name", "linux")]),
+            &map(&[
+                ("actions.github.com/repository", "org/app"),
+                ("actions.github.com/workflow", "ci.yml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(arc.system, "actions-runner-controller");
+        assert_eq!(arc.fields["repository"], "org/app");
+        assert_eq!(arc.fields["workflow"], "ci.yml");
+        let gitlab = CiContext::of(
+            &map(&[
+                ("job.runner.gitlab.com/id", "42"),
+                ("project.runner.gitlab.com/id", "7"),
+            ]),
+            &map(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            (gitlab.system.as_str(), gitlab.fields["job_id"].as_str()),
+            ("gitlab-runner", "42")
+        );
+        let tekton = CiContext::of(
+            &map(&[
+                ("tekton.dev/taskRun", "build-x"),
+                ("tekton.dev/pipelineRun", "run-1"),
+            ]),
+            &map(&[]),
+        )
+        .unwrap();
+        assert_eq!(tekton.fields["task_run"], "build-x");
+        assert_eq!(tekton.fields["pipeline_run"], "run-1");
+        assert_eq!(CiContext::of(&map(&[("app", "web")]), &map(&[])), None);
+    }
+}

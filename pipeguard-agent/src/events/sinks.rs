@@ -1,0 +1,130 @@
+//! Where records go besides HTTP subscribers: stdout (JSON lines) and an append-only file
+//! with size-based rotation.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write},
+    path::PathBuf,
+};
+
+use super::record::Record;
+
+pub fn stdout(record: &Record) -> io::Result<()> {
+    let line = serde_json::to_string(record).map_err(io::Error::other)?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
+/// Appends JSON lines to `path`; past `max_bytes` it becomes `path.1` (older ones shift
+/// to `.2` … `.keep`, the oldest is deleted) and a new file starts.
+pub struct FileSink {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    file: File,
+    written: u64,
+}
+
+impl FileSink {
+    pub fn open(path: PathBuf, max_bytes: u64, keep: usize) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let written = file.metadata()?.len();
+        Ok(Self {
+            path,
+            max_bytes,
+            keep: keep.max(1),
+            file,
+            written,
+        })
+    }
+
+    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
+        line.push(b'\n');
+        if self.written > 0 && self.written + line.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(&line)?;
+        self.written += line.len() as u64;
+        Ok(())
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file.flush()?;
+        let _ = std::fs::remove_file(self.rotated(self.keep));
+        for n in (1..self.keep).rev() {
+            let from = self.rotated(n);
+            if from.exists() {
+                std::fs::rename(&from, self.rotated(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))?;
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::record::Kind;
+
+    fn record(n: u64) -> Record {
+        Record {
+            kind: Kind::Drops,
+            time: "t".into(),
+            first_seen: "t".into(),
+            last_seen: "t".into(),
+            count: n,
+            verdict: None,
+            hook: None,
+            protocol: None,
+            dst_ip: None,
+            dst_port: None,
+            pid: None,
+            comm: None,
+            exe: None,
+            node: "n".into(),
+            pod: None,
+            policies: vec![],
+            reason: None,
+            ci: None,
+            cgroup_id: 0,
+        }
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_a_bounded_number_of_files() {
+        let dir = std::env::temp_dir().join(format!("pg-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let mut sink = FileSink::open(path.clone(), 1000, 2).unwrap();
+        for n in 0..100 {
+            sink.write(&record(n)).unwrap();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]);
+        for name in &names {
+            let len = std::fs::metadata(dir.join(name)).unwrap().len();
+            assert!(len <= 1000, "{name} is {len} bytes");
+        }
+        // The newest record is in the live file, and every line is a whole record.
+        let live = std::fs::read_to_string(&path).unwrap();
+        let last: Record = serde_json::from_str(live.lines().last().unwrap()).unwrap();
+        assert_eq!(last.count, 99);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
