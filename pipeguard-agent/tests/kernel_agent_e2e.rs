@@ -676,3 +676,159 @@ fn not_ready_while_the_api_is_unreachable_and_it_says_why() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_responsive() {
+    use pipeguard::events::{
+        client::{Request, follow},
+        record::{Kind, Record},
+    };
+    const ATTEMPTS: u64 = 200_000;
+    let test_root = test_cgroup("agent-flood");
+    let root = test_root.path().to_path_buf();
+    let registry = listeners::tcp("127.0.0.1:0");
+    let attacker = listeners::tcp("127.0.0.1:0");
+    let d = attacker.addr;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(KubeApiServer::start());
+    let dir = std::env::temp_dir().join(format!("pg-agent-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.kubeconfig(&dir);
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner", "tekton.dev/taskRun": "build-7"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(registry.addr.port()),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let agent = start_agent(&root, &kubeconfig, &["--no-events-stdout"]);
+    wait_ready(&agent);
+
+    // A subscriber on the agent's stream (loopback: no token needed).
+    let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Record>::new()));
+    let (endpoint, sink) = (format!("http://{}", agent.listen), records.clone());
+    runtime.spawn(async move {
+        let req = Request {
+            endpoint: &endpoint,
+            token: None,
+            namespace: Some("ci"),
+            sse: false,
+        };
+        let _ = follow(&req, |line| {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_str(line).expect("a record"));
+            true
+        })
+        .await;
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut flood = probe_command(&a, &[format!("flood {d} {ATTEMPTS}")])
+        .spawn()
+        .unwrap();
+    let mut health_checks = 0;
+    while flood.try_wait().unwrap().is_none() {
+        assert_eq!(
+            http_get(&agent.listen, "/healthz").map(|r| r.0),
+            Some(200),
+            "the agent answers during the flood"
+        );
+        health_checks += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = flood.wait_with_output().unwrap();
+    let outcome = common::parse_outcomes(&output).pop().expect("flood outcome");
+    assert!(outcome.ok, "{outcome:?}");
+    eprintln!(
+        "FLOOD {ATTEMPTS} denied connects in {} ms; {health_checks} health checks answered meanwhile",
+        outcome.elapsed_ms
+    );
+
+    // Every attempt is accounted for: in a record's count, or in a reported drop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (violations, drops, n_records) = loop {
+        let got = records.lock().unwrap().clone();
+        let violations: u64 = got
+            .iter()
+            .filter(|r| r.kind == Kind::Violation && r.dst_port == Some(d.port()))
+            .map(|r| r.count)
+            .sum();
+        let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+        let drops: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pipeguard_event_ring_drops_total "))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0);
+        if violations + drops >= ATTEMPTS || Instant::now() > deadline {
+            break (violations, drops, got.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("FLOOD stream: {n_records} records for {violations} attempts, {drops} reported as dropped");
+    assert_eq!(
+        violations + drops,
+        ATTEMPTS,
+        "records' counts plus reported drops must equal the attempts"
+    );
+    assert!(n_records < 200, "the stream stays bounded: {n_records} records");
+    let sample = records
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.kind == Kind::Violation)
+        .cloned()
+        .unwrap();
+    eprintln!("FLOOD sample record: {}", serde_json::to_string(&sample).unwrap());
+    let pod = sample.pod.clone().expect("enriched with the pod");
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
+        ("ci", "runner-a", RUNNER_A)
+    );
+    assert_eq!(sample.ci.as_ref().map(|c| c.system.as_str()), Some("tekton"));
+    assert_eq!(sample.policies, vec!["ci/registry".to_string()]);
+    assert!(
+        sample
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no egress rule of ci/registry allows"),
+        "{sample:?}"
+    );
+    assert_eq!(sample.node, NODE);
+    assert!(sample.exe.is_some() || sample.comm.is_some());
+
+    // The blocked attempts show up as a Kubernetes Event on the pod.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = server.events();
+        if let Some(e) = events.iter().find(|e| e["involvedObject"]["uid"] == RUNNER_A) {
+            assert_eq!(e["reason"], "EgressDenied");
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("{}:{}/tcp", d.ip(), d.port())),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Kubernetes Event was posted: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

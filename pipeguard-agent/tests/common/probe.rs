@@ -91,6 +91,7 @@ fn run(action: &str) {
         "wait-denied" => wait_for(target, true),
         "wait-allowed" => wait_for(target, false),
         "hammer" => hammer(target, rest),
+        "flood" => flood(target, rest),
         // Red-team routes: see tests/kernel_redteam.rs.
         "netns-tcp" => in_new_netns(target),
         "setns-tcp" => in_other_netns(target, rest),
@@ -327,6 +328,25 @@ fn wait_for(target: &str, denied: bool) -> std::io::Result<()> {
             _ => std::thread::sleep(Duration::from_millis(1)),
         }
     }
+}
+
+/// `count` connect attempts as fast as possible; all must be refused with EPERM.
+fn flood(target: &str, count: &str) -> std::io::Result<()> {
+    let target = addr(target);
+    let (name, len) = sockaddr(&target);
+    let count: u64 = count.parse().expect("flood count");
+    for i in 0..count {
+        let socket = new_socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+        // SAFETY: valid socket and address.
+        let rc = unsafe { libc::connect(socket.as_raw_fd(), (&raw const name).cast(), len) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if rc == 0 || errno != Some(libc::EPERM) {
+            return Err(std::io::Error::other(format!(
+                "attempt {i} was not refused with EPERM: rc {rc}, errno {errno:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Connects to `target` in a loop for `millis` ms; fails if any connection succeeds.
