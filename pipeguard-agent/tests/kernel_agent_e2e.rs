@@ -386,6 +386,10 @@ fn agent_enforces_cluster_policies_on_pod_cgroups() {
     assert_eq!((status, body.trim()), (200, "ok"));
     let (status, metrics) = http_get(&agent.listen, "/metrics").expect("metrics");
     assert_eq!(status, 200);
+    assert!(
+        !metrics.contains("pipeguard_denied_destinations"),
+        "per-destination series are opt-in"
+    );
     for needle in [
         "pipeguard_ready 1",
         "pipeguard_pods{state=\"unrestricted\"} 2",
@@ -711,8 +715,25 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
         tcp_port(registry.addr.port()),
     ));
     let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
-    let agent = start_agent(&root, &kubeconfig, &["--no-events-stdout"]);
+    let agent = start_agent(
+        &root,
+        &kubeconfig,
+        &["--no-events-stdout", "--metrics-per-destination"],
+    );
     wait_ready(&agent);
+
+    // `pipeguard events` follows the stream and prints it for people.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args([
+            "events",
+            "--endpoint",
+            &format!("http://{}", agent.listen),
+            "--namespace",
+            "ci",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
 
     // A subscriber on the agent's stream (loopback: no token needed).
     let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Record>::new()));
@@ -807,6 +828,35 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
     );
     assert_eq!(sample.node, NODE);
     assert!(sample.exe.is_some() || sample.comm.is_some());
+
+    // The opt-in per-destination metric counts what the records count.
+    let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+    let per_dest = format!(
+        "pipeguard_denied_destinations_total{{namespace=\"ci\",pod=\"runner-a\",destination=\"{}:{}/tcp\"}} {violations}",
+        d.ip(),
+        d.port()
+    );
+    assert!(metrics.contains(&per_dest), "{per_dest} missing:\n{metrics}");
+    assert!(
+        metrics.contains("pipeguard_map_capacity{map=\"allow_v4\"} 262144"),
+        "{metrics}"
+    );
+
+    // The follower printed the first record readably.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(follower.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    // SAFETY: stopping the follower process this test started.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGTERM) };
+    let _ = follower.wait();
+    assert!(first.contains("DENIED ci/runner-a"), "{first}");
+    assert!(
+        first.contains(&format!("→ {}:{}/tcp via connect4", d.ip(), d.port())),
+        "{first}"
+    );
 
     // The blocked attempts show up as a Kubernetes Event on the pod.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -28,6 +28,18 @@ pub struct TrafficLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -55,6 +67,10 @@ pub struct Metrics {
     pub event_sink_errors: Counter,
     pub event_subscribers: Gauge,
     pub event_subscribers_dropped: Counter,
+    /// Denied attempts per destination: only with --metrics-per-destination (unbounded labels).
+    pub denied_destinations: Family<DestinationLabels, Counter>,
+    pub map_entries: Family<MapLabels, Gauge>,
+    pub map_capacity: Family<MapLabels, Gauge>,
     pub bytes: Family<TrafficLabels, Counter>,
     /// Last absolute kernel counter values, to turn them into counter increments.
     last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
@@ -89,6 +105,9 @@ impl Default for Metrics {
             event_sink_errors: Counter::default(),
             event_subscribers: Gauge::default(),
             event_subscribers_dropped: Counter::default(),
+            denied_destinations: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
             last_traffic: Mutex::default(),
             registry: Registry::default(),
         };
@@ -160,6 +179,27 @@ impl Default for Metrics {
             "Subscribers dropped for falling behind",
             m.event_subscribers_dropped.clone(),
         );
+        registry.register(
+            "map_entries",
+            "Entries pipeguard keeps in each kernel map",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Capacity of each kernel map",
+            m.map_capacity.clone(),
+        );
+        for (map, capacity) in [
+            ("pods", pipeguard_common::MAX_PODS),
+            ("allow_v4", pipeguard_common::MAX_ALLOW_ENTRIES),
+            ("allow_v6", pipeguard_common::MAX_ALLOW_ENTRIES),
+            ("counters", pipeguard_common::MAX_COUNTERS),
+            ("flows", pipeguard_common::MAX_FLOWS),
+        ] {
+            m.map_capacity
+                .get_or_create(&MapLabels { map: map.into() })
+                .set(i64::from(capacity));
+        }
         Self { registry, ..m }
     }
 }
@@ -175,6 +215,15 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(value.checked_sub(prev).unwrap_or(value));
         }
+    }
+
+    /// Opt-in: registered only with --metrics-per-destination.
+    pub fn enable_per_destination(&mut self) {
+        self.registry.register(
+            "denied_destinations",
+            "Denied attempts per pod and destination (opt-in: one series per destination)",
+            self.denied_destinations.clone(),
+        );
     }
 
     /// Brings the event counters up to the pipeline's and the hub's absolute values.

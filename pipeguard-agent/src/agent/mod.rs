@@ -9,7 +9,7 @@ pub mod desired;
 mod guard;
 pub mod http;
 mod kube;
-mod metrics;
+pub mod metrics;
 mod pod_cgroups;
 mod snapshot;
 pub mod sync;
@@ -52,6 +52,8 @@ pub struct EventsConfig {
     pub token: Option<Vec<u8>>,
     /// Kubernetes Events on the pod.
     pub kubernetes: bool,
+    /// Count denied attempts per destination in metrics (one series per destination).
+    pub per_destination_metrics: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +78,11 @@ pub enum AgentError {
 const RESYNC: Duration = Duration::from_secs(10);
 
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    let health = Arc::new(Health::default());
+    let mut health = Health::default();
+    if config.events.per_destination_metrics {
+        health.metrics.enable_per_destination();
+    }
+    let health = Arc::new(health);
     health.set_not_ready("starting");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -166,6 +172,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 kube,
                 drops: engine.take_event_drops().ok(),
                 stats: event_stats.clone(),
+                per_destination: config
+                    .events
+                    .per_destination_metrics
+                    .then(|| health.metrics.denied_destinations.clone()),
                 aggregator: crate::events::aggregate::Aggregator::new(
                     crate::events::pipeline::WINDOW,
                     crate::events::pipeline::MAX_KEYS,
@@ -324,6 +334,14 @@ impl Loop {
                 .set(*by_status.get(status).unwrap_or(&0));
         }
         health.metrics.allowlists.set(self.applied.policy_count() as i64);
+        let (v4, v6, pod_entries) = self.applied.map_entries();
+        for (map, n) in [("allow_v4", v4), ("allow_v6", v6), ("pods", pod_entries)] {
+            health
+                .metrics
+                .map_entries
+                .get_or_create(&metrics::MapLabels { map: map.into() })
+                .set(n as i64);
+        }
         health
             .metrics
             .allow_entries

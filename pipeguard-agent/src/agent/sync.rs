@@ -90,6 +90,13 @@ impl Applied {
             .sum()
     }
 
+    /// (IPv4 entries, IPv6 entries, pod entries) as written to the maps.
+    pub fn map_entries(&self) -> (usize, usize, usize) {
+        let v4 = self.policies.values().map(|p| p.entries.v4.len()).sum();
+        let v6 = self.policies.values().map(|p| p.entries.v6.len()).sum();
+        (v4, v6, self.pods.len())
+    }
+
     pub fn apply(&mut self, engine: &mut Engine, desired: &[DesiredPod]) -> Result<SyncStats, EngineError> {
         let mut stats = SyncStats::default();
         // 1. New allowlists first, under fresh ids.

@@ -68,6 +68,10 @@ pub struct AgentArgs {
     /// it the endpoint only serves a loopback listener.
     #[arg(long, env = "PIPEGUARD_EVENTS_TOKEN_FILE")]
     pub events_token_file: Option<PathBuf>,
+    /// Count denied attempts per destination in /metrics (one series per destination: opt in
+    /// only where the number of destinations is bounded).
+    #[arg(long, env = "PIPEGUARD_METRICS_PER_DESTINATION")]
+    pub metrics_per_destination: bool,
     /// Do not post Kubernetes Events on pods for blocked attempts.
     #[arg(long, env = "PIPEGUARD_NO_KUBE_EVENTS")]
     pub no_kube_events: bool,
@@ -146,6 +150,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
             file_keep: args.events_file_keep,
             token,
             kubernetes: !args.no_kube_events,
+            per_destination_metrics: args.metrics_per_destination,
         },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

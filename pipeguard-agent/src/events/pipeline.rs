@@ -66,6 +66,13 @@ pub struct Pipeline {
     pub kube: Option<KubeEvents>,
     pub drops: Option<PerCpuArray<MapData, u64>>,
     pub stats: Arc<Stats>,
+    /// Opt-in per-destination counter (see --metrics-per-destination).
+    pub per_destination: Option<
+        prometheus_client::metrics::family::Family<
+            crate::agent::metrics::DestinationLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    >,
     pub aggregator: Aggregator,
 }
 
@@ -159,6 +166,16 @@ impl Pipeline {
 
     fn emit(&mut self, e: Emit) {
         let record = enrich(&e, &self.index, &self.node);
+        if let (Some(family), Some(pod), Some(ip), Some(port)) =
+            (&self.per_destination, &record.pod, record.dst_ip, record.dst_port)
+        {
+            let labels = crate::agent::metrics::DestinationLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                destination: format!("{ip}:{port}/{}", record.protocol.clone().unwrap_or_default()),
+            };
+            family.get_or_create(&labels).inc_by(record.count);
+        }
         if let Some(kube) = &mut self.kube {
             kube.observe(&record, Instant::now());
         }
