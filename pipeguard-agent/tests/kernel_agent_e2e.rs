@@ -60,6 +60,41 @@ fn ip_block(cidr: &str) -> Value {
     json!([{"ipBlock": {"cidr": cidr}}])
 }
 
+/// One node's worth of test fixtures: a cgroup root for kubelet's layouts, a server
+/// speaking the list/watch protocol, and a kubeconfig for it. Removed on drop.
+struct Node {
+    root: PathBuf,
+    server: KubeApiServer,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+    // Dropped after the server's tasks: declared last.
+    runtime: tokio::runtime::Runtime,
+    _cgroup: pipeguard::cgroup::OwnedCgroup,
+}
+
+fn node(name: &str) -> Node {
+    let cgroup = test_cgroup(name);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(KubeApiServer::start());
+    let dir = std::env::temp_dir().join(format!("pg-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.kubeconfig(&dir);
+    Node {
+        root: cgroup.path().to_path_buf(),
+        server,
+        kubeconfig,
+        dir,
+        runtime,
+        _cgroup: cgroup,
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The agent process, stopped and reaped on drop; its pins live on a private bpffs that
 /// goes with the last agent using it.
 struct Agent {
@@ -194,8 +229,8 @@ fn summary(mut samples: Vec<Duration>) -> String {
 
 #[test]
 fn agent_enforces_cluster_policies_on_pod_cgroups() {
-    let test_root = test_cgroup("agent-e2e");
-    let root = test_root.path().to_path_buf();
+    let n = node("agent-e2e");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
     std::fs::create_dir_all(root.join("kubepods/burstable")).unwrap();
     std::fs::create_dir_all(root.join("kubepods.slice/kubepods-besteffort.slice")).unwrap();
 
@@ -203,12 +238,6 @@ fn agent_enforces_cluster_policies_on_pod_cgroups() {
     let mirror = listeners::tcp("127.0.0.1:0");
     let svc = listeners::tcp("127.0.0.3:0");
     let (r, m, s) = (registry.addr, mirror.addr, svc.addr);
-
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(KubeApiServer::start());
-    let dir = std::env::temp_dir().join(format!("pg-agent-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = server.kubeconfig(&dir);
 
     server.apply(namespace("ci", json!({})));
     server.apply(namespace("svc", json!({"env": "prod"})));
@@ -400,20 +429,14 @@ fn agent_enforces_cluster_policies_on_pod_cgroups() {
         assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
     }
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn an_invalid_policy_fails_closed_and_is_reported() {
-    let test_root = test_cgroup("agent-invalid");
-    let root = test_root.path().to_path_buf();
+    let n = node("agent-invalid");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
     let registry = listeners::tcp("127.0.0.1:0");
     let r = registry.addr;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(KubeApiServer::start());
-    let dir = std::env::temp_dir().join(format!("pg-agent-invalid-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = server.kubeconfig(&dir);
     server.apply(namespace("ci", json!({})));
     server.apply(pod(
         "ci",
@@ -476,21 +499,15 @@ fn an_invalid_policy_fails_closed_and_is_reported() {
     let b = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_B}"));
     until(&b, format!("wait-denied {r}"));
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn unknown_pods_deny_closes_the_window_before_a_pod_is_matched() {
-    let test_root = test_cgroup("agent-unknown");
-    let root = test_root.path().to_path_buf();
+    let n = node("agent-unknown");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
     std::fs::create_dir_all(root.join("kubepods/besteffort")).unwrap();
     let registry = listeners::tcp("127.0.0.1:0");
     let r = registry.addr;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(KubeApiServer::start());
-    let dir = std::env::temp_dir().join(format!("pg-agent-unknown-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = server.kubeconfig(&dir);
     server.apply(namespace("ci", json!({})));
     server.apply(egress_policy(
         "ci",
@@ -528,21 +545,15 @@ fn unknown_pods_deny_closes_the_window_before_a_pod_is_matched() {
     let window = until_since(t0, &a, format!("wait-allowed {r}"));
     eprintln!("LATENCY new pod cgroup → enforcement (--unknown-pods deny: denied for at most): {window:?}");
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
-    let test_root = test_cgroup("agent-restart");
-    let root = test_root.path().to_path_buf();
+    let n = node("agent-restart");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
     let registry = listeners::tcp("127.0.0.1:0");
     let attacker = listeners::tcp("127.0.0.1:0");
     let (r, d) = (registry.addr, attacker.addr);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(KubeApiServer::start());
-    let dir = std::env::temp_dir().join(format!("pg-agent-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = server.kubeconfig(&dir);
     server.apply(namespace("ci", json!({})));
     server.apply(pod(
         "ci",
@@ -634,7 +645,6 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
     assert!(status.success());
     assert!(!bpffs.pin_dir().exists(), "uninstall leaves nothing pinned");
     until(&a, format!("wait-allowed {m}"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -688,16 +698,11 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
         record::{Kind, Record},
     };
     const ATTEMPTS: u64 = 200_000;
-    let test_root = test_cgroup("agent-flood");
-    let root = test_root.path().to_path_buf();
+    let n = node("agent-flood");
+    let (root, server, kubeconfig, runtime) = (n.root.clone(), &n.server, n.kubeconfig.clone(), &n.runtime);
     let registry = listeners::tcp("127.0.0.1:0");
     let attacker = listeners::tcp("127.0.0.1:0");
     let d = attacker.addr;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(KubeApiServer::start());
-    let dir = std::env::temp_dir().join(format!("pg-agent-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = server.kubeconfig(&dir);
     server.apply(namespace("ci", json!({})));
     server.apply(pod(
         "ci",
@@ -880,5 +885,4 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,8 +13,8 @@ use pipeguard::{
     engine::{Engine, EngineConfig, PolicyEntries, events},
 };
 use pipeguard_common::{
-    Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, PortRange, PortSet,
-    VERDICT_AUDIT, VERDICT_DENY,
+    Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 
 #[test]
@@ -26,26 +26,7 @@ fn probe_main() {
 const POLICY: u32 = 7;
 
 fn only(port: u16) -> PolicyEntries {
-    let mut ports = PortSet {
-        count: 2,
-        ..PortSet::default()
-    };
-    ports.ranges[0] = PortRange {
-        start: port,
-        end: port,
-        protocol: PROTO_TCP,
-        _pad: [0; 3],
-    };
-    ports.ranges[1] = PortRange {
-        start: port,
-        end: port,
-        protocol: PROTO_UDP,
-        _pad: [0; 3],
-    };
-    PolicyEntries {
-        v4: vec![("127.0.0.1/32".parse().unwrap(), ports)],
-        v6: vec![],
-    }
+    common::allow_only("127.0.0.1/32", port, &[PROTO_TCP, PROTO_UDP])
 }
 
 struct Guarded {

@@ -10,9 +10,7 @@ use std::process::Command;
 
 use common::{listeners, parse_outcomes, probe::Outcome, probe_argv, probe_command, test_cgroup};
 use pipeguard::engine::{Engine, EngineConfig, PolicyEntries};
-use pipeguard_common::{
-    MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, PortRange, PortSet,
-};
+use pipeguard_common::{MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry};
 
 #[test]
 #[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
@@ -46,26 +44,7 @@ struct Route {
 }
 
 fn only(port: u16) -> PolicyEntries {
-    let mut ports = PortSet {
-        count: 2,
-        ..PortSet::default()
-    };
-    ports.ranges[0] = PortRange {
-        start: port,
-        end: port,
-        protocol: PROTO_TCP,
-        _pad: [0; 3],
-    };
-    ports.ranges[1] = PortRange {
-        start: port,
-        end: port,
-        protocol: PROTO_UDP,
-        _pad: [0; 3],
-    };
-    PolicyEntries {
-        v4: vec![("127.0.0.1/32".parse().unwrap(), ports)],
-        v6: vec![],
-    }
+    common::allow_only("127.0.0.1/32", port, &[PROTO_TCP, PROTO_UDP])
 }
 
 /// A network namespace the test owns, deleted on drop.

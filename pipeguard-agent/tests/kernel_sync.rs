@@ -14,7 +14,7 @@ use pipeguard::{
     },
     engine::{Engine, EngineConfig, PolicyEntries},
 };
-use pipeguard_common::{MODE_ENFORCE, PROTO_TCP, PortRange, PortSet};
+use pipeguard_common::{MODE_ENFORCE, PROTO_TCP, PortSet};
 
 #[test]
 #[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
@@ -23,20 +23,7 @@ fn probe_main() {
 }
 
 fn only(cidr: &str, port: u16) -> PolicyEntries {
-    let mut ports = PortSet {
-        count: 1,
-        ..PortSet::default()
-    };
-    ports.ranges[0] = PortRange {
-        start: port,
-        end: port,
-        protocol: PROTO_TCP,
-        _pad: [0; 3],
-    };
-    PolicyEntries {
-        v4: vec![(cidr.parse().unwrap(), ports)],
-        v6: vec![],
-    }
+    common::allow_only(cidr, port, &[PROTO_TCP])
 }
 
 fn desired(cgroup_id: u64, entries: PolicyEntries) -> DesiredPod {

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::policy::Selector;
+
 /// Label keys that mark CI runner pods, with the system that sets them.
 pub const RUNNER_LABELS: [(&str, &str); 5] = [
     (
@@ -13,8 +15,9 @@ pub const RUNNER_LABELS: [(&str, &str); 5] = [
         "runner-deployment-name",
         "Actions Runner Controller (legacy RunnerDeployment)",
     ),
+    // The job id is an annotation; the project id is a label on every job pod.
     (
-        "job.runner.gitlab.com/id",
+        "project.runner.gitlab.com/id",
         "GitLab Runner (Kubernetes executor job pods)",
     ),
     ("tekton.dev/taskRun", "Tekton (TaskRun pods)"),
@@ -24,8 +27,8 @@ pub const RUNNER_LABELS: [(&str, &str); 5] = [
 #[derive(Clone, Debug, Default)]
 pub struct GuardConfig {
     pub namespaces: Vec<String>,
-    /// `key=value` and `key` terms, all of which must hold (a simple equality selector).
-    pub selector: Option<Vec<(String, Option<String>)>>,
+    /// `key=value` and `key` terms, all of which must hold.
+    pub selector: Option<Selector>,
     /// Recognize runner pods by `RUNNER_LABELS`.
     pub runner_labels: bool,
 }
@@ -33,41 +36,36 @@ pub struct GuardConfig {
 impl GuardConfig {
     pub fn is_guarded(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         self.namespaces.iter().any(|n| n == namespace)
-            || self.selector.as_ref().is_some_and(|terms| {
-                terms.iter().all(|(k, v)| match v {
-                    Some(v) => labels.get(k) == Some(v),
-                    None => labels.contains_key(k),
-                })
-            })
+            || self.selector.as_ref().is_some_and(|s| s.matches(labels))
             || (self.runner_labels && RUNNER_LABELS.iter().any(|(k, _)| labels.contains_key(*k)))
     }
 }
 
 /// Parses `a=b,c` (equality and existence terms; `!=` and set operators are refused rather
 /// than misread).
-pub fn parse_selector(text: &str) -> Result<Vec<(String, Option<String>)>, String> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|term| {
-            if term.contains("!=")
-                || term.contains(" in ")
-                || term.contains(" notin ")
-                || term.starts_with('!')
-            {
-                return Err(format!(
-                    "unsupported selector term {term:?}: use key=value or key"
-                ));
-            }
-            Ok(match term.split_once('=') {
-                Some((k, v)) => (
-                    k.trim_end_matches('=').trim().to_string(),
-                    Some(v.trim_start_matches('=').trim().to_string()),
-                ),
-                None => (term.to_string(), None),
-            })
-        })
-        .collect()
+/// Parses `a=b,c` (equality and existence terms; `!=` and set operators are refused
+/// rather than misread, and so is a key given twice).
+pub fn parse_selector(text: &str) -> Result<Selector, String> {
+    let mut terms: Vec<(String, Option<String>)> = Vec::new();
+    for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if term.contains("!=") || term.contains(" in ") || term.contains(" notin ") || term.starts_with('!') {
+            return Err(format!(
+                "unsupported selector term {term:?}: use key=value or key"
+            ));
+        }
+        let (key, value) = match term.split_once('=') {
+            Some((k, v)) => (
+                k.trim().to_string(),
+                Some(v.trim_start_matches('=').trim().to_string()),
+            ),
+            None => (term.to_string(), None),
+        };
+        if terms.iter().any(|(k, _)| *k == key) {
+            return Err(format!("selector key {key:?} is given twice"));
+        }
+        terms.push((key, value));
+    }
+    Ok(Selector::from_terms(&terms))
 }
 
 #[cfg(test)]
@@ -106,16 +104,14 @@ mod tests {
 
     #[test]
     fn selector_parsing_refuses_what_it_cannot_honour() {
-        assert_eq!(
-            parse_selector("a=b, c").unwrap(),
-            vec![("a".into(), Some("b".into())), ("c".into(), None)]
-        );
-        assert_eq!(
-            parse_selector("a==b").unwrap(),
-            vec![("a".into(), Some("b".into()))]
-        );
+        let s = parse_selector("a=b, c").unwrap();
+        assert!(s.matches(&labels(&[("a", "b"), ("c", "")])));
+        assert!(!s.matches(&labels(&[("a", "b")])), "c must exist");
+        assert!(!s.matches(&labels(&[("a", "x"), ("c", "")])));
+        assert!(parse_selector("a==b").unwrap().matches(&labels(&[("a", "b")])));
         assert!(parse_selector("a!=b").is_err());
         assert!(parse_selector("env in (a,b)").is_err());
         assert!(parse_selector("!a").is_err());
+        assert!(parse_selector("a=b,a=c").is_err(), "a key given twice");
     }
 }

@@ -58,6 +58,21 @@ impl Selector {
         })
     }
 
+    /// `key=value` terms as matchLabels and bare `key` terms as Exists (a command-line
+    /// selector such as `--guard-selector`).
+    pub fn from_terms(terms: &[(String, Option<String>)]) -> Self {
+        let mut selector = Self::default();
+        for (key, value) in terms {
+            match value {
+                Some(v) => {
+                    selector.labels.insert(key.clone(), v.clone());
+                }
+                None => selector.expressions.push((key.clone(), Op::Exists)),
+            }
+        }
+        selector
+    }
+
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.expressions.iter().all(|(key, op)| match op {

@@ -144,3 +144,30 @@ impl Drop for Bpffs {
     }
 }
 pub mod kube_api;
+
+/// An allowlist of one prefix on one port, over the given protocols.
+pub fn allow_only(cidr: &str, port: u16, protocols: &[u8]) -> pipeguard::engine::PolicyEntries {
+    let mut ports = pipeguard_common::PortSet {
+        count: protocols.len() as u32,
+        ..Default::default()
+    };
+    for (slot, protocol) in ports.ranges.iter_mut().zip(protocols) {
+        *slot = pipeguard_common::PortRange {
+            start: port,
+            end: port,
+            protocol: *protocol,
+            _pad: [0; 3],
+        };
+    }
+    let net: ipnet::IpNet = cidr.parse().expect("a CIDR");
+    match net {
+        ipnet::IpNet::V4(v4) => pipeguard::engine::PolicyEntries {
+            v4: vec![(v4, ports)],
+            v6: vec![],
+        },
+        ipnet::IpNet::V6(v6) => pipeguard::engine::PolicyEntries {
+            v4: vec![],
+            v6: vec![(v6, ports)],
+        },
+    }
+}

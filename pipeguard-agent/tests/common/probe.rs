@@ -197,6 +197,21 @@ fn check(ret: isize) -> std::io::Result<()> {
     }
 }
 
+/// A msghdr naming `name` and carrying `iov`; both must outlive its use.
+fn msghdr(
+    name: &mut libc::sockaddr_storage,
+    name_len: libc::socklen_t,
+    iov: &mut libc::iovec,
+) -> libc::msghdr {
+    // SAFETY: all-zero msghdr is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = name_len;
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg
+}
+
 /// sendmsg, or sendmmsg with two messages, on an unconnected UDP socket.
 fn udp_sendmsg(target: &str, payload: &[u8], multiple: bool) -> std::io::Result<()> {
     let target = addr(target);
@@ -206,12 +221,7 @@ fn udp_sendmsg(target: &str, payload: &[u8], multiple: bool) -> std::io::Result<
         iov_base: payload.as_ptr() as *mut _,
         iov_len: payload.len(),
     };
-    // SAFETY: all-zero msghdr is valid; pointers below outlive the calls.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = (&raw mut name).cast();
-    msg.msg_namelen = name_len;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
+    let msg = msghdr(&mut name, name_len, &mut iov);
     if multiple {
         let mut msgs = [
             libc::mmsghdr {
@@ -440,12 +450,8 @@ fn uring_sendmsg(target: &str, payload: &[u8]) -> std::io::Result<()> {
         iov_base: payload.as_ptr() as *mut _,
         iov_len: payload.len(),
     };
-    // SAFETY: all-zero msghdr is valid; pointers outlive the submission.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = (&raw mut name).cast();
-    msg.msg_namelen = name_len;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
+    // `name` and `iov` outlive the submission below.
+    let msg = msghdr(&mut name, name_len, &mut iov);
     let op = io_uring::opcode::SendMsg::new(io_uring::types::Fd(socket.as_raw_fd()), &raw const msg).build();
     uring_submit(op)
 }
