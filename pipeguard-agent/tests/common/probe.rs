@@ -359,11 +359,19 @@ fn flood(target: &str, count: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Connects to `target` in a loop for `millis` ms; fails if any connection succeeds.
-fn hammer(target: &str, millis: &str) -> std::io::Result<()> {
-    let until = Instant::now() + Duration::from_millis(millis.parse().expect("hammer duration in ms"));
+/// Connects to `target` in a loop until `until` says stop: a number of milliseconds, or a
+/// path that the test creates when it is done. Fails if any connection succeeds.
+fn hammer(target: &str, until: &str) -> std::io::Result<()> {
+    let deadline = until
+        .parse()
+        .ok()
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let done = || match deadline {
+        Some(d) => Instant::now() >= d,
+        None => std::path::Path::new(until).exists(),
+    };
     let mut attempts = 0u64;
-    while Instant::now() < until {
+    while !done() {
         attempts += 1;
         if let Ok(mut s) = TcpStream::connect_timeout(&addr(target), Duration::from_secs(1)) {
             let _ = s.write_all(b"leak");
