@@ -486,6 +486,21 @@ fn an_invalid_policy_fails_closed_and_is_reported() {
         "{metrics}"
     );
 
+    // ...and on the pod itself, as a Kubernetes Event.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .events()
+        .iter()
+        .any(|e| e["reason"] == "EgressPolicyFailedClosed" && e["involvedObject"]["uid"] == RUNNER_A)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no EgressPolicyFailedClosed event: {:?}",
+            server.events()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // A pod that never had an allowlist gets deny-all.
     server.apply(pod(
         "ci",

@@ -198,6 +198,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         applied,
         last_good: HashMap::new(),
         reported: Default::default(),
+        failing_closed: Default::default(),
+        client: config.events.kubernetes.then(|| client.clone()),
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
@@ -253,6 +255,10 @@ struct Loop {
     last_good: HashMap<String, PolicyEntries>,
     /// Policy errors already logged, so each is logged once.
     reported: std::collections::HashSet<String>,
+    /// Pods currently failing closed (UIDs), reported when they start to.
+    failing_closed: std::collections::HashSet<String>,
+    /// For Kubernetes Events; `None` with --no-kube-events.
+    client: Option<::kube::Client>,
 }
 
 impl Loop {
@@ -307,11 +313,26 @@ impl Loop {
                     reason,
                     kept_last_good,
                 } => {
-                    tracing::warn!(namespace = %d.pod.namespace, pod = %d.pod.name, %reason, kept_last_good, "failing closed");
+                    // Logged and posted on the pod once per episode, not on every sync.
+                    if self.failing_closed.insert(d.pod.uid.clone()) {
+                        tracing::warn!(namespace = %d.pod.namespace, pod = %d.pod.name, %reason, kept_last_good, "failing closed");
+                        if let Some(client) = &self.client {
+                            crate::events::kube_events::post_failed_closed(
+                                client.clone(),
+                                &d.pod,
+                                reason,
+                                *kept_last_good,
+                                &config.node_name,
+                            );
+                        }
+                    }
                     "failed_closed"
                 }
             };
             *by_status.entry(status).or_default() += 1;
+            if status != "failed_closed" {
+                self.failing_closed.remove(&d.pod.uid);
+            }
             if matches!(
                 d.status,
                 Status::Enforced(_) | Status::DefaultDeny | Status::Unrestricted

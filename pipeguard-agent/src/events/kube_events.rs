@@ -135,3 +135,58 @@ fn to_event(r: &Record, dest: &str, count: u64) -> Event {
         ..Event::default()
     }
 }
+
+/// One Event on a guarded pod that starts failing closed (its policies do not compile), so
+/// `kubectl describe pod` says why its egress is restricted.
+pub fn post_failed_closed(
+    client: Client,
+    pod: &crate::agent::LocalPod,
+    reason: &str,
+    kept_last_good: bool,
+    node: &str,
+) {
+    let now = Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}.pipeguard.", pod.name)),
+            namespace: Some(pod.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("Pod".into()),
+            api_version: Some("v1".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..ObjectReference::default()
+        },
+        reason: Some("EgressPolicyFailedClosed".into()),
+        message: Some(format!(
+            "pipeguard is failing closed: {reason}; {}",
+            if kept_last_good {
+                "the last good allowlist stays in force"
+            } else {
+                "all egress is denied"
+            }
+        )),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        reporting_component: Some("pipeguard".into()),
+        reporting_instance: Some(node.to_string()),
+        action: Some("Compile".into()),
+        source: Some(EventSource {
+            component: Some("pipeguard".into()),
+            host: Some(node.to_string()),
+        }),
+        ..Event::default()
+    };
+    tokio::spawn(async move {
+        let api: Api<Event> = Api::namespaced(client, &event.metadata.namespace.clone().unwrap_or_default());
+        if let Err(error) = api.create(&PostParams::default(), &event).await {
+            tracing::warn!(%error, "posting a Kubernetes Event failed");
+        }
+    });
+}
