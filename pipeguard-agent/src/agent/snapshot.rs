@@ -78,10 +78,10 @@ fn cluster_pod(pod: &Pod) -> Option<ClusterPod> {
             let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port)) else {
                 continue;
             };
-            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => pipeguard_common::PROTO_UDP,
-                "SCTP" => pipeguard_common::PROTO_SCTP,
-                _ => pipeguard_common::PROTO_TCP,
+            // A port with a protocol we do not know is no named port of ours.
+            let Some(protocol) = crate::policy::protocol_number(port.protocol.as_deref().unwrap_or("TCP"))
+            else {
+                continue;
             };
             named_ports.push((name.clone(), protocol, number));
         }

@@ -42,12 +42,7 @@ pub struct CheckArgs {
 }
 
 fn parse_protocol(s: &str) -> Result<u8, String> {
-    match s {
-        "TCP" => Ok(pipeguard_common::PROTO_TCP),
-        "UDP" => Ok(pipeguard_common::PROTO_UDP),
-        "SCTP" => Ok(pipeguard_common::PROTO_SCTP),
-        _ => Err(format!("unknown protocol {s:?}: use TCP, UDP or SCTP")),
-    }
+    policy::protocol_number(s).ok_or_else(|| format!("unknown protocol {s:?}: use TCP, UDP or SCTP"))
 }
 
 const EXIT_ALLOW: u8 = 0;

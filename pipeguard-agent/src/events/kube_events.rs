@@ -87,50 +87,70 @@ impl KubeEvents {
 
 fn to_event(r: &Record, dest: &str, count: u64) -> Event {
     let pod = r.pod.clone().expect("only pod records are kept");
-    let now = Timestamp::now();
-    let verb = if r.verdict.as_deref() == Some("audit") {
-        "would block"
-    } else {
-        "blocked"
-    };
+    let audit = r.verdict.as_deref() == Some("audit");
     let who = r.comm.clone().map(|c| format!(" by {c}")).unwrap_or_default();
+    pod_event(
+        PodEvent {
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: &pod.uid,
+        },
+        if audit { "EgressAudit" } else { "EgressDenied" },
+        "Connect",
+        format!(
+            "pipeguard {} {count} egress attempt(s) to {dest}{who}: {}",
+            if audit { "would block" } else { "blocked" },
+            r.reason.clone().unwrap_or_default()
+        ),
+        count,
+        &r.node,
+    )
+}
+
+/// The pod an Event is about.
+pub struct PodEvent<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+}
+
+/// A Warning Event on a pod, reported by pipeguard from `node`.
+fn pod_event(
+    pod: PodEvent<'_>,
+    reason: &str,
+    action: &str,
+    message: String,
+    count: u64,
+    node: &str,
+) -> Event {
+    let now = Timestamp::now();
     Event {
         metadata: ObjectMeta {
             generate_name: Some(format!("{}.pipeguard.", pod.name)),
-            namespace: Some(pod.namespace.clone()),
+            namespace: Some(pod.namespace.to_string()),
             ..ObjectMeta::default()
         },
         involved_object: ObjectReference {
             kind: Some("Pod".into()),
             api_version: Some("v1".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
+            name: Some(pod.name.to_string()),
+            namespace: Some(pod.namespace.to_string()),
+            uid: Some(pod.uid.to_string()),
             ..ObjectReference::default()
         },
-        reason: Some(
-            if r.verdict.as_deref() == Some("audit") {
-                "EgressAudit"
-            } else {
-                "EgressDenied"
-            }
-            .into(),
-        ),
-        message: Some(format!(
-            "pipeguard {verb} {count} egress attempt(s) to {dest}{who}: {}",
-            r.reason.clone().unwrap_or_default()
-        )),
+        reason: Some(reason.into()),
+        message: Some(message),
         type_: Some("Warning".into()),
         count: Some(count.min(i32::MAX as u64) as i32),
         first_timestamp: Some(Time(now)),
         last_timestamp: Some(Time(now)),
         event_time: Some(MicroTime(now)),
         reporting_component: Some("pipeguard".into()),
-        reporting_instance: Some(r.node.clone()),
-        action: Some("Connect".into()),
+        reporting_instance: Some(node.to_string()),
+        action: Some(action.into()),
         source: Some(EventSource {
             component: Some("pipeguard".into()),
-            host: Some(r.node.clone()),
+            host: Some(node.to_string()),
         }),
         ..Event::default()
     }
@@ -145,44 +165,25 @@ pub fn post_failed_closed(
     kept_last_good: bool,
     node: &str,
 ) {
-    let now = Timestamp::now();
-    let event = Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}.pipeguard.", pod.name)),
-            namespace: Some(pod.namespace.clone()),
-            ..ObjectMeta::default()
+    let event = pod_event(
+        PodEvent {
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: &pod.uid,
         },
-        involved_object: ObjectReference {
-            kind: Some("Pod".into()),
-            api_version: Some("v1".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
-            ..ObjectReference::default()
-        },
-        reason: Some("EgressPolicyFailedClosed".into()),
-        message: Some(format!(
+        "EgressPolicyFailedClosed",
+        "Compile",
+        format!(
             "pipeguard is failing closed: {reason}; {}",
             if kept_last_good {
                 "the last good allowlist stays in force"
             } else {
                 "all egress is denied"
             }
-        )),
-        type_: Some("Warning".into()),
-        count: Some(1),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        reporting_component: Some("pipeguard".into()),
-        reporting_instance: Some(node.to_string()),
-        action: Some("Compile".into()),
-        source: Some(EventSource {
-            component: Some("pipeguard".into()),
-            host: Some(node.to_string()),
-        }),
-        ..Event::default()
-    };
+        ),
+        1,
+        node,
+    );
     tokio::spawn(async move {
         let api: Api<Event> = Api::namespaced(client, &event.metadata.namespace.clone().unwrap_or_default());
         if let Err(error) = api.create(&PostParams::default(), &event).await {

@@ -42,6 +42,16 @@ impl Cluster {
     }
 }
 
+/// Kubernetes protocol names (TCP, UDP, SCTP; case-sensitive, as the API is).
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(pipeguard_common::PROTO_TCP),
+        "UDP" => Some(pipeguard_common::PROTO_UDP),
+        "SCTP" => Some(pipeguard_common::PROTO_SCTP),
+        _ => None,
+    }
+}
+
 pub fn load_cluster(path: &Path) -> Result<Cluster, PolicyError> {
     let source = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| PolicyError::file(&source, e.to_string()))?;

@@ -19,7 +19,7 @@ mod selector;
 mod validate;
 
 pub use self::{
-    cluster::{Cluster, ClusterPod, load_cluster},
+    cluster::{Cluster, ClusterPod, load_cluster, protocol_number},
     egress::{Egress, PodIdentity, egress_for, policy_egress_rules, selecting_egress},
     error::PolicyError,
     eval::evaluate,

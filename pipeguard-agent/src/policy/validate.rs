@@ -2,7 +2,6 @@
 //! forbids. Errors carry the field path; the caller adds file and object.
 
 use ipnet::IpNet;
-use pipeguard_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use super::{
     model::{IntOrString, NetworkPolicyDoc, PeerDoc, PortDoc},
@@ -222,17 +221,13 @@ fn cidr(field: &str, text: &str, warnings: &mut Vec<String>) -> Result<IpNet, Fi
 }
 
 fn port(at: &str, doc: &PortDoc) -> Result<PortSpec, FieldError> {
-    let protocol = match doc.protocol.as_deref() {
-        None | Some("TCP") => PROTO_TCP,
-        Some("UDP") => PROTO_UDP,
-        Some("SCTP") => PROTO_SCTP,
-        Some(other) => {
-            return Err((
-                format!("{at}.protocol"),
-                format!("unknown protocol {other:?} (TCP, UDP, SCTP)"),
-            ));
-        }
-    };
+    let text = doc.protocol.as_deref().unwrap_or("TCP");
+    let protocol = super::cluster::protocol_number(text).ok_or_else(|| {
+        (
+            format!("{at}.protocol"),
+            format!("unknown protocol {text:?} (TCP, UDP, SCTP)"),
+        )
+    })?;
     let port = match (&doc.port, doc.end_port) {
         (None, None) => PortRef::Any,
         (None, Some(_)) => return Err((format!("{at}.endPort"), "endPort requires port".into())),
