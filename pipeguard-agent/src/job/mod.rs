@@ -112,7 +112,20 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reader = tokio::spawn(sink::pump(ring, clock, spec.events, stop_rx));
 
-    let exit = child::run(&spec.command, &cgroup, spec.deny_raw_sockets).await?;
+    // With the BPF LSM hook, the programs refuse raw and packet sockets and report each
+    // refusal as an event. Without it, AF_PACKET would be open: take CAP_NET_RAW away
+    // instead, which blocks both kinds but leaves no event behind.
+    let drop_net_raw = match (spec.deny_raw_sockets, engine.packet_guard_unavailable()) {
+        (true, Some(reason)) => {
+            tracing::warn!(
+                %reason,
+                "no BPF LSM hook: the job loses CAP_NET_RAW; raw and packet sockets are refused without events"
+            );
+            true
+        }
+        _ => false,
+    };
+    let exit = child::run(&spec.command, &cgroup, drop_net_raw).await?;
 
     // Let the last packets' events land, then stop the reader; it drains before it exits.
     tokio::time::sleep(Duration::from_millis(50)).await;
