@@ -145,10 +145,32 @@ fn every_known_route_is_blocked_or_documented() {
     // SAFETY: closing our own copy.
     unsafe { libc::close(fd) };
     routes.push(Route {
-        name: "socket created outside the job, passed in (fd inheritance / SCM_RIGHTS)",
+        name: "socket created outside the job, inherited as an fd",
         outcome: parse_outcomes(&out).pop().expect("outcome"),
         expected: Verdict::Escaped,
         why: "out of scope: needs an accomplice outside the job (SECURITY.md)",
+    });
+
+    // The same, handed over a UNIX socket with SCM_RIGHTS by a process outside the job.
+    let unix_path = std::env::temp_dir().join(format!("pg-redteam-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&unix_path);
+    let unix = std::os::unix::net::UnixListener::bind(&unix_path).unwrap();
+    let giver = std::thread::spawn(move || {
+        let (conn, _) = unix.accept().unwrap();
+        // SAFETY: a fresh TCP socket created outside the job, sent and then closed here.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        send_fd(&conn, fd);
+        // SAFETY: closing our copy.
+        unsafe { libc::close(fd) };
+    });
+    let scm = one(c, format!("scm-tcp {} {d}", unix_path.display()));
+    giver.join().unwrap();
+    let _ = std::fs::remove_file(&unix_path);
+    routes.push(Route {
+        name: "socket from a process outside the job, sent over a UNIX socket (SCM_RIGHTS)",
+        outcome: scm,
+        expected: Verdict::Escaped,
+        why: "out of scope: the sender outside the job is the accomplice (SECURITY.md)",
     });
 
     // The job writes its pid into the root cgroup. With the engine alone (no cgroup
@@ -221,11 +243,38 @@ fn every_known_route_is_blocked_or_documented() {
         assert_eq!(verdict(&r.outcome), r.expected, "{}: {:?}", r.name, r.outcome);
     }
     assert!(denied_udp.received.bytes().is_empty(), "UDP leaked");
-    // Only documented escapes reached the listener: the passed-in socket's payload (the
-    // cgroup escape connects without sending).
+    // Only documented escapes reached the listener: the two passed-in sockets' payloads
+    // (the cgroup escape connects without sending).
     let got = String::from_utf8_lossy(&denied.received.bytes()).into_owned();
-    assert!(
-        got.is_empty() || got == "fd-leak",
-        "unexpected bytes at the denied listener: {got:?}"
-    );
+    assert_eq!(got.replace("fd-leak", ""), "", "unexpected bytes at the denied listener: {got:?}");
+}
+
+/// Sends `fd` over the connected UNIX socket `conn` as SCM_RIGHTS.
+fn send_fd(conn: &std::os::unix::net::UnixStream, fd: i32) {
+    use std::os::fd::AsRawFd;
+    let mut byte = [b'x'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: all-zero msghdr is valid; CMSG macros write inside `control`, which is large
+    // enough for one fd; the buffers outlive sendmsg.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<i32>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        assert!(
+            libc::sendmsg(conn.as_raw_fd(), &msg, 0) >= 0,
+            "sendmsg: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

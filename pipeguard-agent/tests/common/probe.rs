@@ -96,6 +96,7 @@ fn run(action: &str) {
         "netns-tcp" => in_new_netns(target),
         "setns-tcp" => in_other_netns(target, rest),
         "fd-tcp" => with_inherited_fd(target, rest),
+        "scm-tcp" => with_received_fd(target, rest),
         "uring-tcp" => uring_connect(target),
         "uring-udp" => uring_sendmsg(target, rest.as_bytes()),
         "sctp" => sctp_connect(target),
@@ -493,4 +494,34 @@ fn sctp_connect(target: &str) -> std::io::Result<()> {
 fn escape_cgroup(procs: &str, target: &str) -> std::io::Result<()> {
     std::fs::write(procs, "0")?;
     TcpStream::connect_timeout(&addr(target), Duration::from_secs(2)).map(drop)
+}
+
+/// Receives a socket over the UNIX socket at `path` (SCM_RIGHTS) from a process outside the
+/// job, then connects with it.
+fn with_received_fd(path: &str, target: &str) -> std::io::Result<()> {
+    let unix = std::os::unix::net::UnixStream::connect(path)?;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one control message carrying one fd.
+    let mut control = [0u64; 8];
+    // SAFETY: all-zero msghdr is valid; the buffers outlive recvmsg.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: valid socket and msghdr.
+    check(unsafe { libc::recvmsg(unix.as_raw_fd(), &mut msg, 0) })?;
+    // SAFETY: the kernel filled `control`; CMSG_FIRSTHDR/CMSG_DATA walk it.
+    let fd = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(std::io::Error::other("no SCM_RIGHTS message"));
+        }
+        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
+    };
+    with_inherited_fd(&fd.to_string(), target)
 }
