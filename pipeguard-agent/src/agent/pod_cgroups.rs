@@ -36,8 +36,7 @@ pub fn pod_uid(dir_name: &str) -> Option<String> {
         return is_uid(uid).then(|| uid.to_string());
     }
     let inner = dir_name.strip_prefix("kubepods-")?.strip_suffix(".slice")?;
-    let uid = inner.rsplit_once("pod").map(|(qos, uid)| (qos, uid))?;
-    let (qos, uid) = uid;
+    let (qos, uid) = inner.rsplit_once("pod")?;
     if !matches!(qos, "" | "burstable-" | "besteffort-") {
         return None;
     }

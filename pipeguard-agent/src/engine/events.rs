@@ -110,7 +110,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Violation> {
         cgroup_id: event.cgroup_id,
         pod_cgroup_id: event.pod_cgroup_id,
         policy_id: event.policy_id,
-        socket: is_socket_refusal.then(|| if event.family == 17 { "packet" } else { "raw" }),
+        socket: is_socket_refusal.then_some(if event.family == 17 { "packet" } else { "raw" }),
     })
 }
 

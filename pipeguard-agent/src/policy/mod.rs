@@ -6,6 +6,11 @@
 //! union of their rules as [`AllowRule`]s) → `lpm` (trie entries whose longest-prefix answer
 //! equals [`evaluate`], the straightforward reference).
 
+#![expect(
+    clippy::result_large_err,
+    reason = "PolicyError carries file, object and field names; errors are the cold path"
+)]
+
 mod cluster;
 mod egress;
 mod error;
