@@ -246,7 +246,11 @@ fn every_known_route_is_blocked_or_documented() {
     // Only documented escapes reached the listener: the two passed-in sockets' payloads
     // (the cgroup escape connects without sending).
     let got = String::from_utf8_lossy(&denied.received.bytes()).into_owned();
-    assert_eq!(got.replace("fd-leak", ""), "", "unexpected bytes at the denied listener: {got:?}");
+    assert_eq!(
+        got.replace("fd-leak", ""),
+        "",
+        "unexpected bytes at the denied listener: {got:?}"
+    );
 }
 
 /// Sends `fd` over the connected UNIX socket `conn` as SCM_RIGHTS.
