@@ -1,5 +1,6 @@
-//! `cargo xtask`: toolchain setup, build, demo, tests.
+//! `cargo xtask`: toolchain setup, build, demo, tests, benchmarks.
 
+mod bench;
 mod demo;
 mod toolchain;
 
@@ -31,6 +32,22 @@ enum Task {
         #[arg(long, default_value = "60")]
         seconds: u64,
     },
+    /// Benchmarks: pipeguard against no enforcement, iptables and nftables (needs root;
+    /// results in BENCHMARKS.md).
+    Bench {
+        /// A short run (under 3 minutes): fewer, shorter rounds.
+        #[arg(long)]
+        quick: bool,
+        /// Write every figure and ratio, with the machine details, as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
+    /// The benchmark's load generator and servers (started by `bench`).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +74,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Demo => demo(),
         Task::Test => test(),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Bench { quick, json } => bench::run(quick, json),
+        Task::BenchWorker { args } => bench::worker(&args),
     }
 }
 
