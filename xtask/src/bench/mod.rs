@@ -33,6 +33,9 @@ use self::{
 
 /// The hidden `xtask bench-worker` entry point.
 pub fn worker(args: &[String]) -> Result<ExitCode> {
+    if let Some(cpu) = std::env::var(PIN_ENV).ok().and_then(|c| c.parse::<usize>().ok()) {
+        pin_to(cpu)?;
+    }
     match args.first().map(String::as_str) {
         Some("server") => {
             let bind: Ipv4Addr = args
@@ -45,6 +48,27 @@ pub fn worker(args: &[String]) -> Result<ExitCode> {
         _ => bail!("bench-worker server IP | client"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Servers and clients all run on the last CPU: no migrations, no cross-CPU wakeups, so
+/// a round measures the CPU cost per operation (what the hooks add to), and the other CPU
+/// absorbs the rest of the machine.
+const PIN_ENV: &str = "PGB_CPU";
+
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t filled by CPU_SET, for this process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 const NS_SERVER: &str = "pgb-srv";
@@ -90,9 +114,9 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
     } else {
         Params {
             quick,
-            rounds: 10,
+            rounds: 12,
             secs: 1.0,
-            kernel_rounds: 3,
+            kernel_rounds: 5,
             kernel_secs: 1.0,
             control_reps: 3,
             events: 300_000,
@@ -111,6 +135,7 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
         results: Json::Arr(Vec::new()),
         table: Table::default(),
         figures: Json::obj(),
+        memory_rows: Vec::new(),
     };
     let outcome = bench.all(&p);
     // Workers first (they are in the namespaces), then the namespaces (Netns drop in all()).
@@ -377,6 +402,7 @@ struct Bench {
     results: Json,
     table: Table,
     figures: Json,
+    memory_rows: Vec<Vec<String>>,
 }
 
 /// The CIDR sets: seeded, so every run walks the same tries.
@@ -494,6 +520,9 @@ impl Bench {
             None => cmd = Self::in_netns(ns, &self.worker_bin),
         }
         cmd.args(["bench-worker", "client"]);
+        if cpus() >= 2 {
+            cmd.env(PIN_ENV, (cpus() - 1).to_string());
+        }
         cmd
     }
 
@@ -547,6 +576,10 @@ impl Bench {
         srv.args(["bench-worker", "server", "0.0.0.0"]);
         let mut lo = lo;
         lo.args(["bench-worker", "server", "127.0.0.1"]);
+        if cpus() >= 2 {
+            srv.env(PIN_ENV, (cpus() - 1).to_string());
+            lo.env(PIN_ENV, (cpus() - 1).to_string());
+        }
         self.spawn("srv-veth", srv)?;
         self.spawn("srv-lo", lo)?;
         self.spawn("base", self.client(NS_CLIENT, None, None))?;
@@ -562,6 +595,13 @@ impl Bench {
         self.memory("after load")?;
         self.kernel_cost(p)?;
         self.control_plane(p)?;
+        self.table.section(
+            "5b. pipeguard exec process memory (RSS) and the BPF memory it holds (fdinfo memlock)",
+            &["configuration", "when", "VmRSS", "VmHWM", "BPF maps", "BPF programs"],
+        );
+        for row in std::mem::take(&mut self.memory_rows) {
+            self.table.row(row);
+        }
         self.events(p)?;
         self.stop_workers();
         drop(netns);
@@ -785,12 +825,6 @@ impl Bench {
     /// RSS of each pipeguard exec and the BPF memory it holds.
     fn memory(&mut self, when: &str) -> Result<()> {
         let mut arr = Json::Arr(Vec::new());
-        if when == "idle" {
-            self.table.section(
-                "5b. pipeguard exec process memory (RSS) and BPF memory it holds",
-                &["configuration", "when", "VmRSS", "VmHWM", "BPF maps (memlock)", "BPF programs (memlock)"],
-            );
-        }
         for (cfg, n) in PG_CONFIGS {
             let pid = self.worker(cfg)?.pid();
             let (rss, hwm) = kernel::process_rss_kib(pid)?;
@@ -805,7 +839,7 @@ impl Bench {
                 .set("bpf_prog_memlock_bytes", progs)
                 .set("bpf_maps", nmaps);
             arr.push(o);
-            self.table.row(vec![
+            self.memory_rows.push(vec![
                 label(cfg).to_string(),
                 when.to_string(),
                 format!("{:.1} MiB", rss as f64 / 1024.0),
@@ -943,7 +977,7 @@ impl Bench {
     /// run, tear down. The difference to allow-all is parse + compile + sync of the CIDRs.
     fn control_plane(&mut self, p: &Params) -> Result<()> {
         self.table.section(
-            "5a. `pipeguard exec --policy P -- true`, wall time (load + parse + compile + sync + attach + teardown)",
+            "5a. `pipeguard exec --policy P -- sleep 0.3`, wall time minus the 0.3 s job (load + parse + compile + sync + attach + teardown)",
             &["policy", "wall time, median (min–max)", "minus allow-all", "VmHWM of pipeguard"],
         );
         let mut arr = Json::Arr(Vec::new());
@@ -1051,6 +1085,9 @@ impl Bench {
             &["figure", "value"],
         );
         let rate = s.ops as f64 / s.secs;
+        // Events the ring buffer holds without a reader (88-byte record + 8-byte header).
+        let ring_capacity = (1u64 << 22) / 96;
+        let reader_floor = lines.saturating_sub(ring_capacity) as f64 / s.secs;
         let mut o = Json::obj();
         o.set("denied_connects", s.ops)
             .set("seconds", s.secs)
@@ -1060,6 +1097,8 @@ impl Bench {
             .set("lost_reported", lost)
             .set("kernel_denied_attempts", attempts)
             .set("delivered_per_second", lines as f64 / s.secs)
+            .set("ring_capacity_events", ring_capacity)
+            .set("reader_events_per_second_at_least", reader_floor)
             .set("unreported_drops", s.ops as i64 as f64 - (lines + lost) as f64)
             .set("paced_events", p.paced_events)
             .set("latency_seconds", lat)
@@ -1071,6 +1110,7 @@ impl Bench {
             ("denied connects made", format!("{} in {:.2} s ({}/s)", s.ops, s.secs, report::si(rate))),
             ("event lines in the file", lines.to_string()),
             ("events delivered per second (file lines ÷ generation time)", report::si(lines as f64 / s.secs)),
+            ("ring buffer reader, at least (lines beyond the 4 MiB ring's ~43.7k ÷ time)", format!("{}/s", report::si(reader_floor))),
             ("pipeguard summary", format!("{delivered} delivered, {lost} lost")),
             ("kernel deny counter", attempts.map_or("?".to_string(), |a| a.to_string())),
             ("unreported drops (connects − lines − lost)", format!("{}", s.ops as i64 - (lines + lost) as i64)),
