@@ -74,10 +74,7 @@ impl EmptyPrograms {
             links.push(unsafe { OwnedFd::from_raw_fd(link) });
             progs.push((name, prog));
         }
-        Ok(Self {
-            progs,
-            _links: links,
-        })
+        Ok(Self { progs, _links: links })
     }
 
     pub fn stats(&self) -> Result<BTreeMap<String, RunStats>> {
@@ -102,8 +99,7 @@ fn load_empty(prog_type: u32, attach: u32, name: &str) -> Result<OwnedFd> {
     let pname = format!("bench_empty_{}", &name[..name.len().min(3)]);
     attr[48..48 + pname.len()].copy_from_slice(pname.as_bytes());
     put_u32(&mut attr, 68, attach);
-    let fd = bpf(BPF_PROG_LOAD, &mut attr)
-        .with_context(|| format!("loading an empty {name} program"))?;
+    let fd = bpf(BPF_PROG_LOAD, &mut attr).with_context(|| format!("loading an empty {name} program"))?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -286,8 +282,5 @@ pub fn hook_of(prog_name: &str) -> Option<&'static str> {
         ("pg_sock_create", "sock_create"),
         ("pg_socket_creat", "socket_create_lsm"),
     ];
-    HOOKS
-        .iter()
-        .find(|(p, _)| prog_name == *p)
-        .map(|(_, h)| *h)
+    HOOKS.iter().find(|(p, _)| prog_name == *p).map(|(_, h)| *h)
 }

@@ -38,10 +38,7 @@ pub fn worker(args: &[String]) -> Result<ExitCode> {
     }
     match args.first().map(String::as_str) {
         Some("server") => {
-            let bind: Ipv4Addr = args
-                .get(1)
-                .context("server needs a bind address")?
-                .parse()?;
+            let bind: Ipv4Addr = args.get(1).context("server needs a bind address")?.parse()?;
             net::server(bind)?;
         }
         Some("client") => net::client()?,
@@ -204,10 +201,7 @@ fn run_quiet(args: &[&str]) -> Result<()> {
         .output()
         .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -236,8 +230,8 @@ impl Netns {
         for (ns, i) in CLIENT_NETNS {
             let (srv_if, cli_if) = (format!("pgb{i}s"), format!("pgb{i}c"));
             run_quiet(&[
-                "ip", "-n", NS_SERVER, "link", "add", &srv_if, "type", "veth", "peer", "name",
-                &cli_if, "netns", ns,
+                "ip", "-n", NS_SERVER, "link", "add", &srv_if, "type", "veth", "peer", "name", &cli_if,
+                "netns", ns,
             ])?;
             run_quiet(&[
                 "ip",
@@ -290,9 +284,7 @@ impl Worker {
     fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Result<Self> {
         let stderr_path = dir.join(format!("{name}.stderr"));
         let stderr = fs::File::create(&stderr_path)?;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting worker {name}: {cmd:?}"))?;
@@ -321,11 +313,7 @@ impl Worker {
         let mut line = String::new();
         if self.stdout.read_line(&mut line)? == 0 {
             let stderr = fs::read_to_string(&self.stderr_path).unwrap_or_default();
-            bail!(
-                "worker {} exited; its stderr:\n{}",
-                self.name,
-                stderr.trim_end()
-            );
+            bail!("worker {} exited; its stderr:\n{}", self.name, stderr.trim_end());
         }
         Ok(line.trim_end().to_string())
     }
@@ -597,7 +585,14 @@ impl Bench {
         self.control_plane(p)?;
         self.table.section(
             "5b. pipeguard exec process memory (RSS) and the BPF memory it holds (fdinfo memlock)",
-            &["configuration", "when", "VmRSS", "VmHWM", "BPF maps", "BPF programs"],
+            &[
+                "configuration",
+                "when",
+                "VmRSS",
+                "VmHWM",
+                "BPF maps",
+                "BPF programs",
+            ],
         );
         for row in std::mem::take(&mut self.memory_rows) {
             self.table.row(row);
@@ -735,11 +730,7 @@ impl Bench {
             ]);
         }
         for (a, b) in comparisons {
-            let ratios: Vec<f64> = values[*a]
-                .iter()
-                .zip(&values[*b])
-                .map(|(x, y)| x / y)
-                .collect();
+            let ratios: Vec<f64> = values[*a].iter().zip(&values[*b]).map(|(x, y)| x / y).collect();
             let s = summarize(&ratios);
             let mut o = Json::obj();
             o.set("test", test)
@@ -769,8 +760,10 @@ impl Bench {
         let rate: fn(&Sample) -> f64 = Sample::rate;
         let bits: fn(&Sample) -> f64 = |s| s.byte_rate() * 8.0;
 
-        self.table
-            .section("1. New TCP connections per second (connect, 1-byte request and response, close)", &header);
+        self.table.section(
+            "1. New TCP connections per second (connect, 1-byte request and response, close)",
+            &header,
+        );
         let lo = ["base", "pg-allow", "pg-10k", "pg-100k"];
         let v = self.interleave("crr", "loopback", PORT_CRR, &lo, secs, rounds, rate)?;
         self.record("conn_rate", "loopback", "/s", &v, &lo, 1.0, &[]);
@@ -904,7 +897,11 @@ impl Bench {
                 let before = stats_of(self, cfg)?;
                 let w = self.worker(cfg)?;
                 w.ask(&format!("crr {} {}", addr("veth", cfg, PORT_CRR), p.kernel_secs))?;
-                w.ask(&format!("udp {} {}", addr("veth", cfg, PORT_UDP), p.kernel_secs / 2.0))?;
+                w.ask(&format!(
+                    "udp {} {}",
+                    addr("veth", cfg, PORT_UDP),
+                    p.kernel_secs / 2.0
+                ))?;
                 let after = stats_of(self, cfg)?;
                 for (hook, a) in &after {
                     let d = a.since(before.get(hook).copied().unwrap_or_default());
@@ -930,7 +927,13 @@ impl Bench {
 
         self.table.section(
             "4. Kernel cost per program run (kernel.bpf_stats_enabled; veth connect loop + UDP sendto)",
-            &["configuration", "hook", "runs", "ns/run raw, median (min–max)", "ns/run net of empty program"],
+            &[
+                "configuration",
+                "hook",
+                "runs",
+                "ns/run raw, median (min–max)",
+                "ns/run net of empty program",
+            ],
         );
         let mut arr = Json::Arr(Vec::new());
         let empty_ns: BTreeMap<String, f64> = totals
@@ -1042,11 +1045,7 @@ impl Bench {
         let s = self
             .worker("events")?
             .ask(&format!("deny {DENIED} {}", p.events))?;
-        let stderr = self
-            .workers
-            .remove("events")
-            .context("events worker")?
-            .finish()?;
+        let stderr = self.workers.remove("events").context("events worker")?.finish()?;
         let lines = fs::read_to_string(&file).unwrap_or_default().lines().count() as u64;
         let (delivered, lost) = parse_event_summary(&stderr)
             .with_context(|| format!("no events summary in pipeguard's stderr:\n{stderr}"))?;
@@ -1107,14 +1106,38 @@ impl Bench {
             .set("latency_samples", latencies.len());
         self.figures.set("events", o);
         for (k, v) in [
-            ("denied connects made", format!("{} in {:.2} s ({}/s)", s.ops, s.secs, report::si(rate))),
+            (
+                "denied connects made",
+                format!("{} in {:.2} s ({}/s)", s.ops, s.secs, report::si(rate)),
+            ),
             ("event lines in the file", lines.to_string()),
-            ("events delivered per second (file lines ÷ generation time)", report::si(lines as f64 / s.secs)),
-            ("ring buffer reader, at least (lines beyond the 4 MiB ring's ~43.7k ÷ time)", format!("{}/s", report::si(reader_floor))),
+            (
+                "events delivered per second (file lines ÷ generation time)",
+                report::si(lines as f64 / s.secs),
+            ),
+            (
+                "ring buffer reader, at least (lines beyond the 4 MiB ring's ~43.7k ÷ time)",
+                format!("{}/s", report::si(reader_floor)),
+            ),
             ("pipeguard summary", format!("{delivered} delivered, {lost} lost")),
-            ("kernel deny counter", attempts.map_or("?".to_string(), |a| a.to_string())),
-            ("unreported drops (connects − lines − lost)", format!("{}", s.ops as i64 - (lines + lost) as i64)),
-            ("delivery latency, 1 event/ms (kernel timestamp → line in file)", format!("p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)", pct(0.5) * 1e3, pct(0.99) * 1e3, lat.max * 1e3, latencies.len())),
+            (
+                "kernel deny counter",
+                attempts.map_or("?".to_string(), |a| a.to_string()),
+            ),
+            (
+                "unreported drops (connects − lines − lost)",
+                format!("{}", s.ops as i64 - (lines + lost) as i64),
+            ),
+            (
+                "delivery latency, 1 event/ms (kernel timestamp → line in file)",
+                format!(
+                    "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+                    pct(0.5) * 1e3,
+                    pct(0.99) * 1e3,
+                    lat.max * 1e3,
+                    latencies.len()
+                ),
+            ),
         ] {
             self.table.row(vec![k.to_string(), v]);
         }
