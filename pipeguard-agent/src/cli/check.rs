@@ -65,7 +65,13 @@ fn check(args: &CheckArgs) -> Result<u8, String> {
         let lines: Vec<String> = set.errors.iter().map(|e| format!("  {e}")).collect();
         return Err(format!("invalid policy:\n{}", lines.join("\n")));
     }
-    let cluster = policy::load_cluster(&args.cluster).map_err(|e| e.to_string())?;
+    // Accepted input that is enforced differently from how it reads (host bits, IPv4-mapped
+    // blocks) is worth a line, but it is not an error.
+    for warning in set.policies.iter().flat_map(|p| &p.warnings) {
+        eprintln!("pipeguard check: warning: {warning}");
+    }
+    let cluster =
+        policy::load_cluster(&args.cluster).map_err(|e| format!("invalid cluster snapshot: {e}"))?;
     if args.matrix {
         let port = match args.port.as_deref() {
             None => 80,

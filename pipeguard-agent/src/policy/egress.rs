@@ -101,6 +101,13 @@ fn compile_rule(
         .filter(|p| matches!(p.port, PortRef::Named(_)))
         .collect();
     let pods = cluster.map(|c| c.pods.as_slice()).unwrap_or_default();
+    if cluster.is_none()
+        && let Some(PortRef::Named(name)) = named.first().map(|p| &p.port)
+    {
+        warnings.push(format!(
+            "{policy}: named port {name:?} matches nothing without a cluster snapshot (--cluster)"
+        ));
+    }
     let push_numeric = |cidr: IpNet, except: Vec<IpNet>, out: &mut Vec<AllowRule>| {
         if numeric != Ports::List(Vec::new()) {
             out.push(AllowRule {

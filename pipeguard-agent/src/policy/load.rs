@@ -34,7 +34,7 @@ pub fn load_policies(paths: &[PathBuf]) -> PolicySet {
         }
         for file in files {
             let label = file.display().to_string();
-            match read_limited(&file) {
+            match read_limited(&file, MAX_FILE_BYTES) {
                 Ok(text) => {
                     let parsed = parse_policies(&label, &text);
                     set.policies.extend(parsed.policies);
@@ -67,10 +67,10 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn read_limited(path: &Path) -> Result<String, String> {
+pub(super) fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
     let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
-    if size > MAX_FILE_BYTES {
-        return Err(format!("file is {size} bytes; the limit is {MAX_FILE_BYTES}"));
+    if size > limit {
+        return Err(format!("file is {size} bytes; the limit is {limit}"));
     }
     std::fs::read_to_string(path).map_err(|e| e.to_string())
 }
@@ -96,15 +96,31 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
         if value.is_null() {
             continue;
         }
-        match policy_from_value(source, value) {
-            Ok(policy) => set.policies.push(policy),
-            Err(error) => set.errors.push(PolicyError {
-                document: doc_no,
-                ..error
-            }),
+        for object in list_items(value) {
+            match policy_from_value(source, object) {
+                Ok(policy) => set.policies.push(policy),
+                Err(error) => set.errors.push(PolicyError {
+                    document: doc_no,
+                    ..error
+                }),
+            }
         }
     }
     set
+}
+
+/// `kubectl get … -o yaml` of several objects writes one `kind: List` (or `…List`) with
+/// `items`: each item is read as its own object. Anything else is one object.
+pub(super) fn list_items(value: serde_yaml::Value) -> Vec<serde_yaml::Value> {
+    let is_list = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .is_some_and(|k| k.ends_with("List"));
+    match value.get("items") {
+        Some(serde_yaml::Value::Sequence(items)) if is_list => items.clone(),
+        Some(serde_yaml::Value::Null) if is_list => Vec::new(),
+        _ => vec![value],
+    }
 }
 
 /// One object (from a file, or from the API server), strictly parsed and validated.
@@ -115,14 +131,21 @@ pub fn policy_from_value(source: &str, value: serde_yaml::Value) -> Result<Polic
         .and_then(|n| n.as_str())
         .unwrap_or("default")
         .to_string();
-    parse_object(value).map_err(|(object, field, message)| PolicyError {
+    let mut policy = parse_object(value).map_err(|(object, field, message)| PolicyError {
         source: source.into(),
         document: None,
         object,
         namespace: Some(namespace),
         field,
         message,
-    })
+    })?;
+    // A warning is read far from the file it came from (exec's start banner, check's
+    // stderr): it names the file and object the way errors do.
+    let prefix = format!("{source}: networkpolicy {}", policy.key());
+    for warning in &mut policy.warnings {
+        *warning = format!("{prefix}: {warning}");
+    }
+    Ok(policy)
 }
 
 type ObjectError = (Option<String>, Option<String>, String);

@@ -24,12 +24,15 @@ mod selector;
 mod validate;
 
 pub use self::{
-    cluster::{Cluster, ClusterPod, load_cluster, protocol_number},
+    cluster::{
+        Cluster, ClusterPod, MAX_CLUSTER_BYTES, NAMESPACE_NAME_LABEL, cluster_from_str, load_cluster,
+        protocol_number,
+    },
     egress::{Egress, PodIdentity, egress_for, policy_egress_rules, selecting_egress},
     error::PolicyError,
     eval::evaluate,
     ingress::{Source, policy_admits, selecting_ingress},
-    load::{PolicySet, load_policies, parse_policies, policy_from_value},
+    load::{MAX_FILE_BYTES, PolicySet, load_policies, parse_policies, policy_from_value},
     lpm::{CompileError, LpmEntries, lookup, lpm_entries},
     reach::{Destination, PortQuery, Reach, ReachError, Side, reach},
     selector::Selector,

@@ -77,9 +77,11 @@ pub fn validate(doc: NetworkPolicyDoc, namespace: String, name: String) -> Resul
         Selector::parse(&spec.pod_selector).map_err(|(f, m)| (format!("spec.podSelector.{f}"), m))?;
     let mut warnings = Vec::new();
     let (mut has_ingress, mut has_egress) = (false, false);
-    match &spec.policy_types {
-        // Kubernetes defaulting: Ingress always; Egress when egress rules are present.
-        None => {
+    match spec.policy_types.as_deref() {
+        // Kubernetes defaulting (also for an empty list, as the API server reads
+        // `len(policyTypes) == 0`): Ingress always; Egress when egress rules are present,
+        // so `egress: []` without policyTypes does not isolate egress.
+        None | Some([]) => {
             has_ingress = true;
             has_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
         }
@@ -198,9 +200,11 @@ fn peer(at: &str, doc: &PeerDoc, warnings: &mut Vec<String>) -> Result<Peer, Fie
     }
 }
 
-/// Host bits are cleared, as Kubernetes implementations read them. A prefix inside
-/// ::ffff:0:0/96 becomes the IPv4 prefix it maps, because the kernel judges IPv4-mapped
-/// destinations as IPv4.
+/// Host bits set (`10.0.0.1/8`) are accepted and cleared, with a warning: the API server
+/// accepts such CIDRs (it parses them sloppily and only warns), and CNIs enforce the
+/// network, so refusing them would reject policies that are live in clusters. A prefix
+/// inside ::ffff:0:0/96 becomes the IPv4 prefix it maps, because the kernel judges
+/// IPv4-mapped destinations as IPv4 (so `::ffff:0:0/96` means 0.0.0.0/0).
 fn cidr(field: &str, text: &str, warnings: &mut Vec<String>) -> Result<IpNet, FieldError> {
     let net: IpNet = text
         .parse()
@@ -216,6 +220,12 @@ fn cidr(field: &str, text: &str, warnings: &mut Vec<String>) -> Result<IpNet, Fi
             "{field}: {text} is IPv4-mapped IPv6; enforced as {mapped}"
         ));
         return Ok(IpNet::V4(mapped));
+    }
+    if net.trunc() != net {
+        warnings.push(format!(
+            "{field}: {text} has host bits set; enforced as {}",
+            net.trunc()
+        ));
     }
     Ok(net.trunc())
 }
