@@ -1,6 +1,9 @@
 //! Applies the desired state to the kernel maps incrementally, in an order that never
-//! opens a hole: a changed allowlist is written under a fresh policy id, then the pod
-//! entry is switched to it, then the old id is deleted. Identical allowlists share an id.
+//! opens a hole. Identical allowlists share an id. When every pod using an allowlist moves
+//! to the same new one, the id is changed in place, key by key in the hole-free order of
+//! `Engine::replace_policy`: a one-CIDR edit of a 100k-entry policy costs one map write.
+//! Otherwise the new allowlist is written under a fresh id, the pod entries are switched to
+//! it, and the old id is deleted once unused.
 
 use std::collections::HashMap;
 
@@ -45,6 +48,8 @@ pub struct Applied {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
     pub policies_written: usize,
+    /// Allowlists changed in place (their pods kept the id).
+    pub policies_updated: usize,
     pub policies_deleted: usize,
     pub pods_written: usize,
     pub pods_deleted: usize,
@@ -99,6 +104,8 @@ impl Applied {
 
     pub fn apply(&mut self, engine: &mut Engine, desired: &[DesiredPod]) -> Result<SyncStats, EngineError> {
         let mut stats = SyncStats::default();
+        // 0. Allowlists whose pods all move to the same new allowlist change in place.
+        self.update_in_place(engine, desired, &mut stats)?;
         // 1. New allowlists first, under fresh ids.
         for d in desired {
             let key = fingerprint(&d.entries);
@@ -157,5 +164,70 @@ impl Applied {
             stats.policies_deleted += 1;
         }
         Ok(stats)
+    }
+}
+
+impl Applied {
+    fn update_in_place(
+        &mut self,
+        engine: &mut Engine,
+        desired: &[DesiredPod],
+        stats: &mut SyncStats,
+    ) -> Result<(), EngineError> {
+        let wanted: HashMap<u64, Vec<u8>> = desired
+            .iter()
+            .map(|d| (d.pod.cgroup_id, fingerprint(&d.entries)))
+            .collect();
+        let wanted_keys: std::collections::HashSet<&Vec<u8>> = wanted.values().collect();
+        // Old allowlist → the one new allowlist all its remaining pods want (None: several).
+        let mut moves: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        for (cgroup_id, (old_key, _)) in &self.pods {
+            let Some(new_key) = wanted.get(cgroup_id) else {
+                continue; // a pod that is going away does not hold its allowlist back
+            };
+            if new_key == old_key {
+                continue;
+            }
+            moves
+                .entry(old_key.clone())
+                .and_modify(|to| {
+                    if to.as_ref() != Some(new_key) {
+                        *to = None;
+                    }
+                })
+                .or_insert_with(|| Some(new_key.clone()));
+        }
+        let mut claimed = std::collections::HashSet::new();
+        for (old_key, new_key) in moves {
+            let Some(new_key) = new_key else { continue };
+            // Still wanted by some pod, or the new allowlist already has an id: no in-place.
+            if wanted_keys.contains(&old_key)
+                || self.policies.contains_key(&new_key)
+                || !claimed.insert(new_key.clone())
+            {
+                continue;
+            }
+            let Some(old) = self.policies.remove(&old_key) else {
+                continue; // a pod adopted with an id that has no entries (deny-all)
+            };
+            let new = desired
+                .iter()
+                .find(|d| wanted[&d.pod.cgroup_id] == new_key)
+                .map(|d| d.entries.clone())
+                .expect("a pod wants it");
+            engine.replace_policy(old.id, &old.entries, &new)?;
+            stats.policies_updated += 1;
+            self.policies.insert(
+                new_key.clone(),
+                AppliedPolicy {
+                    id: old.id,
+                    entries: new,
+                },
+            );
+            for (key, _) in self.pods.values_mut().filter(|(k, _)| k == &old_key) {
+                *key = new_key.clone();
+            }
+        }
+        Ok(())
     }
 }

@@ -1,12 +1,12 @@
 //! Writing allowlists and pod entries into the kernel maps.
 //!
-//! Ordering rule for changing an allowlist in place: write every new entry first, then
-//! delete the keys the new allowlist no longer has. Every intermediate trie then answers
-//! each address with either the old or the new verdict, never with something both deny.
-//! The agent goes further and writes a changed allowlist under a fresh policy id, switches
-//! the pod entry, then deletes the old id.
+//! Changing an allowlist in place is hole-free when the writes go longest prefix first and
+//! the deletes shortest prefix first: at every step, the longest present prefix matching an
+//! address is either its longest match in the new allowlist or its longest match in the old
+//! one (with that allowlist's value), so each address gets the old or the new verdict and
+//! never a broad entry without the narrower exception that came with it.
 
-use std::collections::HashSet;
+use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -61,32 +61,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Moves `policy_id` from `old` to `new` without a moment that allows more than both
-    /// (see the module comment).
+    /// Changes `policy_id` from `old` to `new` in place, touching only the keys that
+    /// differ, in an order where every address is answered by the old or the new allowlist
+    /// at each step, never by a mix (see the module comment). Returns (written, deleted).
     pub fn replace_policy(
         &mut self,
         policy_id: u32,
         old: &PolicyEntries,
         new: &PolicyEntries,
-    ) -> Result<(), EngineError> {
-        self.put_policy(policy_id, new)?;
-        let keep4: HashSet<_> = new.v4.iter().map(|(n, _)| *n).collect();
-        let keep6: HashSet<_> = new.v6.iter().map(|(n, _)| *n).collect();
-        let stale = PolicyEntries {
-            v4: old
-                .v4
-                .iter()
-                .filter(|(n, _)| !keep4.contains(n))
-                .copied()
-                .collect(),
-            v6: old
-                .v6
-                .iter()
-                .filter(|(n, _)| !keep6.contains(n))
-                .copied()
-                .collect(),
-        };
-        self.delete_policy(policy_id, &stale)
+    ) -> Result<(usize, usize), EngineError> {
+        let diff = PolicyDiff::between(old, new);
+        self.put_policy(policy_id, &diff.put)?;
+        self.delete_policy(policy_id, &diff.delete)?;
+        Ok((
+            diff.put.v4.len() + diff.put.v6.len(),
+            diff.delete.v4.len() + diff.delete.v6.len(),
+        ))
     }
 
     /// Deletes the keys of `entries` under `policy_id`; keys already gone are fine.
@@ -164,5 +154,103 @@ fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::ma
             Ok(())
         }
         other => other,
+    }
+}
+
+/// The keys an in-place change writes and deletes, each in its safe order.
+struct PolicyDiff {
+    put: PolicyEntries,
+    delete: PolicyEntries,
+}
+
+impl PolicyDiff {
+    fn between(old: &PolicyEntries, new: &PolicyEntries) -> Self {
+        let (put4, delete4) = diff_family(&old.v4, &new.v4, |n| n.prefix_len());
+        let (put6, delete6) = diff_family(&old.v6, &new.v6, |n| n.prefix_len());
+        Self {
+            put: PolicyEntries { v4: put4, v6: put6 },
+            delete: PolicyEntries {
+                v4: delete4,
+                v6: delete6,
+            },
+        }
+    }
+}
+
+type Entries<N> = Vec<(N, PortSet)>;
+
+/// (new or changed entries, longest prefix first; vanished entries, shortest first).
+fn diff_family<N: Copy + Eq + std::hash::Hash>(
+    old: &[(N, PortSet)],
+    new: &[(N, PortSet)],
+    prefix_len: impl Fn(&N) -> u8,
+) -> (Entries<N>, Entries<N>) {
+    let before: StdHashMap<N, PortSet> = old.iter().copied().collect();
+    let after: StdHashMap<N, PortSet> = new.iter().copied().collect();
+    let mut put: Entries<N> = new
+        .iter()
+        .filter(|(net, ports)| before.get(net) != Some(ports))
+        .copied()
+        .collect();
+    let mut delete: Entries<N> = old
+        .iter()
+        .filter(|(net, _)| !after.contains_key(net))
+        .copied()
+        .collect();
+    put.sort_by_key(|(net, _)| std::cmp::Reverse(prefix_len(net)));
+    delete.sort_by_key(|(net, _)| prefix_len(net));
+    (put, delete)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ports(n: u16) -> PortSet {
+        let mut p = PortSet {
+            count: 1,
+            ..PortSet::default()
+        };
+        p.ranges[0].start = n;
+        p.ranges[0].end = n;
+        p
+    }
+
+    fn v4(entries: &[(&str, u16)]) -> PolicyEntries {
+        PolicyEntries {
+            v4: entries
+                .iter()
+                .map(|(n, p)| (n.parse().unwrap(), ports(*p)))
+                .collect(),
+            v6: vec![],
+        }
+    }
+
+    #[test]
+    fn the_diff_writes_only_changes_longest_first_and_deletes_shortest_first() {
+        let old = v4(&[
+            ("10.0.0.0/8", 1),
+            ("10.1.0.0/16", 2),
+            ("10.1.2.0/24", 3),
+            ("10.9.9.9/32", 4),
+        ]);
+        let new = v4(&[
+            ("10.0.0.0/8", 1),
+            ("10.1.0.0/16", 5),
+            ("11.0.0.0/8", 6),
+            ("11.1.1.1/32", 7),
+        ]);
+        let diff = PolicyDiff::between(&old, &new);
+        let put: Vec<String> = diff.put.v4.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(put, ["11.1.1.1/32", "10.1.0.0/16", "11.0.0.0/8"]);
+        let delete: Vec<String> = diff.delete.v4.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(delete, ["10.1.2.0/24", "10.9.9.9/32"]);
+    }
+
+    #[test]
+    fn an_unchanged_allowlist_has_an_empty_diff() {
+        let same = v4(&[("10.0.0.0/8", 1), ("10.1.0.0/16", 2)]);
+        let diff = PolicyDiff::between(&same, &same);
+        assert!(diff.put.v4.is_empty() && diff.delete.v4.is_empty());
     }
 }
