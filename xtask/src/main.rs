@@ -41,6 +41,9 @@ enum Task {
         /// Write every figure and ratio, with the machine details, as JSON.
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
+        /// Only build what the benchmark runs (no root needed); CI does this so it cannot rot.
+        #[arg(long, conflicts_with_all = ["quick", "json"])]
+        no_run: bool,
     },
     /// The benchmark's load generator and servers (started by `bench`).
     #[command(hide = true)]
@@ -74,7 +77,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Demo => demo(),
         Task::Test => test(),
         Task::Fuzz { seconds } => fuzz(seconds),
-        Task::Bench { quick, json } => bench::run(quick, json),
+        Task::Bench { no_run: true, .. } => bench::build_all().map(|_| ExitCode::SUCCESS),
+        Task::Bench { quick, json, .. } => bench::run(quick, json),
         Task::BenchWorker { args } => bench::worker(&args),
     }
 }

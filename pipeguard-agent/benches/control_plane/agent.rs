@@ -381,7 +381,7 @@ pub fn run(quick: bool, report: &mut Report) {
         }));
     }
     report.section(
-        "5b. Policy change → enforcement through `pipeguard agent` (watch event emitted → a prober in the pod's cgroup sees the new verdict)",
+        "5d. Policy change → enforcement through `pipeguard agent` (watch event emitted → a prober in the pod's cgroup sees the new verdict)",
         &[
             "CIDRs in the policy",
             "incremental changes",
@@ -396,7 +396,7 @@ pub fn run(quick: bool, report: &mut Report) {
         report.row(row);
     }
     report.section(
-        "5c. `pipeguard agent` memory (VmRSS) with the policy synced, and the BPF map memory it holds",
+        "5e. `pipeguard agent` memory (VmRSS) with the policy synced, and the BPF map memory it holds",
         &[
             "CIDRs in the policy",
             "RSS, synced and idle",

@@ -75,7 +75,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 pub fn run(quick: bool, report: &mut Report) {
     let reps = if quick { 1 } else { 5 };
     report.section(
-        "5a. Control plane through the library: each step on its own (median (min–max) of the repetitions)",
+        "5c. Control plane through the library: each step on its own (median (min–max) of the repetitions)",
         &[
             "CIDRs",
             "parse YAML",

@@ -7,6 +7,7 @@
 //! loopback and on veth pairs between network namespaces the bench creates (pgb-*); the
 //! iptables and nftables rules live only in those namespaces. See BENCHMARKS.md.
 
+mod control_plane;
 mod kernel;
 mod net;
 mod report;
@@ -94,8 +95,10 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF)");
     }
     let started = Instant::now();
-    let pipeguard = crate::build()?;
-    let worker_bin = build_worker()?;
+    let Built {
+        pipeguard,
+        worker_bin,
+    } = build_all()?;
     ensure_firewall_tools()?;
     let p = if quick {
         Params {
@@ -138,6 +141,8 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
     // Workers first (they are in the namespaces), then the namespaces (Netns drop in all()).
     bench.stop_workers();
     outcome?;
+    // Its own cgroups, list/watch server and agent; after the namespaces are gone.
+    let (control_md, control_json) = control_plane::run(p.quick, &bench.dir)?;
 
     let mut doc = Json::obj();
     doc.set("machine", machine()?);
@@ -147,7 +152,8 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
         .set("wall_seconds", started.elapsed().as_secs_f64());
     doc.set("throughput", bench.results.clone());
     doc.set("figures", bench.figures.clone());
-    let md = bench.table.markdown();
+    doc.set("control_plane", Json::Raw(control_json.trim().to_string()));
+    let md = bench.table.markdown() + &control_md;
     fs::write(bench.dir.join("table.md"), &md)?;
     if let Some(path) = json_path {
         fs::write(&path, doc.render()).with_context(|| format!("writing {}", path.display()))?;
@@ -159,6 +165,22 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
         bench.dir.join("table.md").display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a run executes: the release `pipeguard`, the load generator, and the control-plane
+/// bench (it links the library, so it lives in pipeguard-agent/benches).
+pub struct Built {
+    pipeguard: PathBuf,
+    worker_bin: PathBuf,
+}
+
+pub fn build_all() -> Result<Built> {
+    let built = Built {
+        pipeguard: crate::build()?,
+        worker_bin: build_worker()?,
+    };
+    control_plane::build()?;
+    Ok(built)
 }
 
 /// The load generator is this xtask, built optimised (cargo xtask itself is a debug build).

@@ -43,6 +43,8 @@ pub enum Json {
     Str(String),
     Arr(Vec<Json>),
     Obj(Vec<(String, Json)>),
+    /// Already-rendered JSON (from the control-plane bench), inserted as is.
+    Raw(String),
 }
 
 impl Json {
@@ -75,6 +77,7 @@ impl Json {
         let pad = |n: usize| "  ".repeat(n);
         match self {
             Json::Null => out.push_str("null"),
+            Json::Raw(text) => out.push_str(text),
             Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Json::Num(n) if n.is_finite() => {
                 if n.fract() == 0.0 && n.abs() < 1e15 {
