@@ -14,4 +14,5 @@ pub mod cli;
 pub mod engine;
 pub mod events;
 pub mod job;
+pub mod memory;
 pub mod policy;

@@ -1,40 +1,64 @@
 //! Kubernetes objects from the caches → the policy layer's inputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::policy::{Cluster, ClusterPod, PolicyError, PolicySet, policy_from_value};
+use crate::policy::{Cluster, ClusterPod, Policy, PolicyError, PolicySet, policy_from_json};
 
 /// Every NetworkPolicy through the same strict parser as files, so one error type and one
-/// set of rules covers both. Objects that fail are reported, never skipped silently.
-pub fn policies(objects: &[std::sync::Arc<NetworkPolicy>]) -> PolicySet {
-    let mut set = PolicySet::default();
-    for obj in objects {
-        let mut obj = (**obj).clone();
-        obj.metadata.managed_fields = None;
-        let value = serde_json::to_value(&obj)
-            .map_err(|e| e.to_string())
-            .and_then(|mut v| {
-                // The typed object omits kind/apiVersion; the parser checks them.
-                v["apiVersion"] = "networking.k8s.io/v1".into();
-                v["kind"] = "NetworkPolicy".into();
-                serde_yaml::to_value(v).map_err(|e| e.to_string())
-            });
-        let result = match value {
-            Ok(value) => policy_from_value("kube", value),
-            Err(message) => Err(PolicyError {
-                namespace: obj.metadata.namespace.clone(),
-                ..PolicyError::file("kube", message)
-            }),
-        };
-        match result {
-            Ok(p) => set.policies.push(p),
-            Err(e) => set.errors.push(e),
+/// set of rules covers both; objects that fail are reported, never skipped silently. Parsed
+/// policies are reused while an object's resourceVersion is unchanged: every pod or
+/// namespace event triggers a sync, and must not re-parse a 100k-CIDR policy.
+#[derive(Default)]
+pub struct PolicyCache {
+    by_object: HashMap<(String, String), (String, Result<Policy, PolicyError>)>,
+}
+
+impl PolicyCache {
+    pub fn policies(&mut self, objects: &[Arc<NetworkPolicy>]) -> PolicySet {
+        let mut seen = HashMap::with_capacity(objects.len());
+        let mut set = PolicySet::default();
+        for obj in objects {
+            let key = (
+                obj.metadata.namespace.clone().unwrap_or_default(),
+                obj.metadata.name.clone().unwrap_or_default(),
+            );
+            let version = obj.metadata.resource_version.clone();
+            let result = match (self.by_object.remove(&key), &version) {
+                (Some((cached, result)), Some(v)) if &cached == v => result,
+                _ => parse(obj),
+            };
+            match &result {
+                Ok(p) => set.policies.push(p.clone()),
+                Err(e) => set.errors.push(e.clone()),
+            }
+            if let Some(v) = version {
+                seen.insert(key, (v, result));
+            }
         }
+        // Objects that are gone are forgotten.
+        self.by_object = seen;
+        set
     }
-    set
+}
+
+#[expect(
+    clippy::result_large_err,
+    reason = "kept as is in the cache, once per object version"
+)]
+fn parse(obj: &NetworkPolicy) -> Result<Policy, PolicyError> {
+    // k8s-openapi writes apiVersion and kind; JSON bytes, not a value tree (see
+    // `policy_from_json`).
+    match serde_json::to_vec(obj) {
+        Ok(json) => policy_from_json("kube", &json),
+        Err(e) => Err(PolicyError {
+            namespace: obj.metadata.namespace.clone(),
+            ..PolicyError::file("kube", e.to_string())
+        }),
+    }
 }
 
 pub fn cluster(namespaces: &[std::sync::Arc<Namespace>], pods: &[std::sync::Arc<Pod>]) -> Cluster {
@@ -164,6 +188,47 @@ mod tests {
 
     fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
         Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn netpol(rv: &str, cidr: &str) -> Arc<NetworkPolicy> {
+        from(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ci", "resourceVersion": rv},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": cidr}}]}]}
+        }))
+    }
+
+    fn first_cidr(set: &PolicySet) -> Option<String> {
+        let egress = set.policies.first()?.egress.as_ref()?;
+        match egress[0].peers.as_ref()?.first()? {
+            crate::policy::Peer::IpBlock { cidr, .. } => Some(cidr.to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_policy_cache_reparses_exactly_when_the_resource_version_changes() {
+        let mut cache = PolicyCache::default();
+        let set = cache.policies(&[netpol("1", "10.0.0.0/8")]);
+        assert_eq!(first_cidr(&set).as_deref(), Some("10.0.0.0/8"));
+        // Same resourceVersion: the cached parse is used (the API server never changes an
+        // object without a new version, so a different body here proves the reuse).
+        let set = cache.policies(&[netpol("1", "11.0.0.0/8")]);
+        assert_eq!(first_cidr(&set).as_deref(), Some("10.0.0.0/8"));
+        let set = cache.policies(&[netpol("2", "11.0.0.0/8")]);
+        assert_eq!(first_cidr(&set).as_deref(), Some("11.0.0.0/8"));
+        // A broken object is reported from the cache as well, with its field.
+        let set = cache.policies(&[netpol("3", "11.0.0.0/33")]);
+        let set_again = cache.policies(&[netpol("3", "11.0.0.0/33")]);
+        assert_eq!(set.errors.len(), 1);
+        assert_eq!(set.errors, set_again.errors);
+        assert!(
+            set.errors[0].to_string().contains("ipBlock.cidr"),
+            "{}",
+            set.errors[0]
+        );
+        // Gone from the cluster, gone from the cache.
+        assert!(cache.policies(&[]).policies.is_empty());
+        assert!(cache.by_object.is_empty());
     }
 
     #[test]

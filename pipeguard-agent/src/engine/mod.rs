@@ -131,6 +131,8 @@ impl Engine {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(EngineError::Load)?;
+        // The loader holds the parsed kernel BTF; it is not needed past this point.
+        drop(loader);
         let logger = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             // The object has no log statements compiled in at this level; nothing to drain.
@@ -151,6 +153,7 @@ impl Engine {
             pin_dir: config.pin_dir.clone(),
         };
         engine.write_config(config)?;
+        crate::memory::release_freed();
         Ok(engine)
     }
 

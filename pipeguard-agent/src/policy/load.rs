@@ -139,13 +139,107 @@ pub fn policy_from_value(source: &str, value: serde_yaml::Value) -> Result<Polic
         field,
         message,
     })?;
-    // A warning is read far from the file it came from (exec's start banner, check's
-    // stderr): it names the file and object the way errors do.
+    name_warnings(source, &mut policy);
+    Ok(policy)
+}
+
+/// One object as JSON bytes (the agent's path). No intermediate value tree: for a policy of
+/// 100k CIDRs that tree is hundreds of MiB of short-lived allocations, which the allocator
+/// keeps long after the parse.
+pub fn policy_from_json(source: &str, json: &[u8]) -> Result<Policy, PolicyError> {
+    #[derive(Deserialize)]
+    struct Identity {
+        #[serde(default)]
+        kind: String,
+        #[serde(default)]
+        metadata: IdentityMeta,
+    }
+    #[derive(Default, Deserialize)]
+    struct IdentityMeta {
+        name: Option<String>,
+        namespace: Option<String>,
+    }
+    let error = |namespace: Option<String>, (object, field, message): ObjectError| PolicyError {
+        source: source.into(),
+        document: None,
+        object,
+        namespace,
+        field,
+        message,
+    };
+    let id: Identity =
+        serde_json::from_slice(json).map_err(|e| error(None, (None, None, format!("JSON: {e}"))))?;
+    let namespace = id.metadata.namespace.unwrap_or_else(|| "default".into());
+    let object = object_label(&id.kind, &namespace, id.metadata.name.as_deref());
+    let parsed = check_kind(&id.kind, &object).and_then(|()| {
+        let doc = deserialize_doc(&mut serde_json::Deserializer::from_slice(json), &object)?;
+        finish(doc, namespace.clone(), id.metadata.name, object.clone())
+    });
+    let mut policy = parsed.map_err(|e| error(Some(namespace.clone()), e))?;
+    name_warnings(source, &mut policy);
+    Ok(policy)
+}
+
+fn object_label(kind: &str, namespace: &str, name: Option<&str>) -> Option<String> {
+    Some(format!(
+        "{} {namespace}/{}",
+        if kind.is_empty() {
+            "object".to_string()
+        } else {
+            kind.to_lowercase()
+        },
+        name.unwrap_or("<no name>")
+    ))
+}
+
+fn check_kind(kind: &str, object: &Option<String>) -> Result<(), ObjectError> {
+    if kind == "NetworkPolicy" {
+        return Ok(());
+    }
+    let message = if kind.is_empty() {
+        "missing kind (expected NetworkPolicy)".to_string()
+    } else {
+        format!("unsupported kind {kind:?}: only networking.k8s.io/v1 NetworkPolicy is read")
+    };
+    Err((object.clone(), Some("kind".into()), message))
+}
+
+fn deserialize_doc<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    object: &Option<String>,
+) -> Result<NetworkPolicyDoc, ObjectError>
+where
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        (
+            object.clone(),
+            (path != ".").then_some(path),
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+fn finish(
+    doc: NetworkPolicyDoc,
+    namespace: String,
+    name: Option<String>,
+    object: Option<String>,
+) -> Result<Policy, ObjectError> {
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        return Err((object, Some("metadata.name".into()), "missing name".into()));
+    };
+    validate(doc, namespace, name).map_err(|(field, message)| (object, Some(field), message))
+}
+
+/// A warning is read far from the file it came from (exec's start banner, check's stderr):
+/// it names the file and object the way errors do.
+fn name_warnings(source: &str, policy: &mut Policy) {
     let prefix = format!("{source}: networkpolicy {}", policy.key());
     for warning in &mut policy.warnings {
         *warning = format!("{prefix}: {warning}");
     }
-    Ok(policy)
 }
 
 type ObjectError = (Option<String>, Option<String>, String);
@@ -157,33 +251,8 @@ fn parse_object(value: serde_yaml::Value) -> Result<Policy, ObjectError> {
     let metadata = value.get("metadata").cloned().unwrap_or_default();
     let name = text(&metadata, "name");
     let namespace = text(&metadata, "namespace").unwrap_or_else(|| "default".into());
-    let object = Some(format!(
-        "{} {namespace}/{}",
-        if kind.is_empty() {
-            "object".to_string()
-        } else {
-            kind.to_lowercase()
-        },
-        name.as_deref().unwrap_or("<no name>")
-    ));
-    if kind != "NetworkPolicy" {
-        let message = if kind.is_empty() {
-            "missing kind (expected NetworkPolicy)".to_string()
-        } else {
-            format!("unsupported kind {kind:?}: only networking.k8s.io/v1 NetworkPolicy is read")
-        };
-        return Err((object, Some("kind".into()), message));
-    }
-    let doc: NetworkPolicyDoc = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        (
-            object.clone(),
-            (path != ".").then_some(path),
-            e.into_inner().to_string(),
-        )
-    })?;
-    let Some(name) = name.filter(|n| !n.is_empty()) else {
-        return Err((object, Some("metadata.name".into()), "missing name".into()));
-    };
-    validate(doc, namespace, name).map_err(|(field, message)| (object, Some(field), message))
+    let object = object_label(&kind, &namespace, name.as_deref());
+    check_kind(&kind, &object)?;
+    let doc = deserialize_doc(value, &object)?;
+    finish(doc, namespace, name, object)
 }

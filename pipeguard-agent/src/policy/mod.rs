@@ -32,7 +32,7 @@ pub use self::{
     error::PolicyError,
     eval::evaluate,
     ingress::{Source, policy_admits, selecting_ingress},
-    load::{MAX_FILE_BYTES, PolicySet, load_policies, parse_policies, policy_from_value},
+    load::{MAX_FILE_BYTES, PolicySet, load_policies, parse_policies, policy_from_json, policy_from_value},
     lpm::{CompileError, LpmEntries, lookup, lpm_entries},
     reach::{Destination, PortQuery, Reach, ReachError, Side, reach},
     selector::Selector,
