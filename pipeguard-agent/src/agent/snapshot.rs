@@ -264,7 +264,7 @@ mod tests {
         let local = local_pods(&pods, "n1");
         assert_eq!(local.len(), 1);
         // A NetworkPolicy without a spec cannot be compiled: it is an error for its namespace.
-        let set = policies(&[from::<NetworkPolicy>(
+        let set = PolicyCache::default().policies(&[from::<NetworkPolicy>(
             serde_json::json!({"metadata": {"name": "x", "namespace": "ci"}}),
         )]);
         assert_eq!(set.policies.len(), 0);
