@@ -153,6 +153,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
             per_destination_metrics: args.metrics_per_destination,
         },
     };
+    crate::memory::tune_for_long_running();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
