@@ -8,6 +8,8 @@
 //! change → enforcement, from the moment the server has emitted the watch event until a
 //! prober inside the pod's cgroup sees its verdict flip, and the agent's memory.
 //!
+//! And the event reader's ceiling in user space: decode and aggregate per record.
+//!
 //! Timings are reported, never asserted. Markdown goes to stdout, every figure to --json.
 
 #[path = "../tests/common/mod.rs"]
@@ -15,6 +17,8 @@ mod common;
 
 #[path = "control_plane/agent.rs"]
 mod agent;
+#[path = "control_plane/events.rs"]
+mod events;
 #[path = "control_plane/library.rs"]
 mod library;
 #[path = "control_plane/report.rs"]
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let mut report = Report::default();
     library::run(quick, &mut report);
     agent::run(quick, &mut report);
+    events::run(quick, &mut report);
     print!("{}", report.markdown());
     if let Some(path) = json {
         if let Err(error) = std::fs::write(&path, report.json()) {
