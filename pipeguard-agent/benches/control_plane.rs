@@ -49,11 +49,11 @@ fn main() -> ExitCode {
     agent::run(quick, &mut report);
     events::run(quick, &mut report);
     print!("{}", report.markdown());
-    if let Some(path) = json {
-        if let Err(error) = std::fs::write(&path, report.json()) {
-            eprintln!("control_plane: writing {}: {error}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if let Some(path) = json
+        && let Err(error) = std::fs::write(&path, report.json())
+    {
+        eprintln!("control_plane: writing {}: {error}", path.display());
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }
