@@ -109,7 +109,7 @@ pub const PROTO_ICMPV6: u8 = 58;
 
 /// One allowed port range for one protocol, inclusive.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct PortRange {
     pub start: u16,
     pub end: u16,
@@ -124,7 +124,7 @@ pub const PORTS_ALL: u32 = 1 << 0;
 /// Trie value: what the longest matching prefix allows. An entry with no flags and no
 /// ranges is a hole (an `except`): the prefix is denied.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct PortSet {
     pub flags: u32,
     /// Number of valid entries in `ranges`.

@@ -74,7 +74,7 @@ pub fn compute(
     policies: &PolicySet,
     cluster: &Cluster,
     local: &[LocalPod],
-    last_good: &HashMap<String, PolicyEntries>,
+    last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
 ) -> Vec<DesiredPod> {
     let tainted: BTreeSet<&str> = policies
         .errors
@@ -115,10 +115,10 @@ fn guarded(
     cluster: &Cluster,
     pod: &LocalPod,
     tainted: &BTreeSet<&str>,
-    last_good: &HashMap<String, PolicyEntries>,
+    last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
 ) -> (PolicyEntries, Status) {
     let fail_closed = |reason: String| {
-        let kept = last_good.get(&pod.uid).cloned();
+        let kept = last_good.get(&pod.uid).map(|e| PolicyEntries::clone(e));
         let kept_last_good = kept.is_some();
         (
             kept.unwrap_or_default(),
@@ -255,7 +255,7 @@ mod tests {
             &[pod("ci", &[])],
             &HashMap::new(),
         );
-        let last = HashMap::from([("uid-ci".to_string(), good[0].entries.clone())]);
+        let last = HashMap::from([("uid-ci".to_string(), std::sync::Arc::new(good[0].entries.clone()))]);
         let out = compute(
             &settings(false),
             &set,

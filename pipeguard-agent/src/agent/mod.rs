@@ -261,7 +261,7 @@ struct Loop {
     applied: sync::Applied,
     parsed: snapshot::PolicyCache,
     /// Last applied allowlist per pod UID, for fail-closed.
-    last_good: HashMap<String, PolicyEntries>,
+    last_good: HashMap<String, std::sync::Arc<PolicyEntries>>,
     /// Policy errors already logged, so each is logged once.
     reported: std::collections::HashSet<String>,
     /// Pods currently failing closed (UIDs), reported when they start to.
@@ -345,11 +345,15 @@ impl Loop {
             if matches!(
                 d.status,
                 Status::Enforced(_) | Status::DefaultDeny | Status::Unrestricted
-            ) {
-                self.last_good.insert(d.pod.uid.clone(), d.entries.clone());
+            ) && let Some(applied) = self.applied.allowlist_of(d.pod.cgroup_id)
+            {
+                // Shared with the applied state, not a copy.
+                self.last_good.insert(d.pod.uid.clone(), applied);
             }
             self.observe_traffic(engine, d, health);
         }
+        let present: std::collections::HashSet<&str> = desired.iter().map(|d| d.pod.uid.as_str()).collect();
+        self.last_good.retain(|uid, _| present.contains(uid.as_str()));
         for status in [
             "not_guarded",
             "unrestricted",

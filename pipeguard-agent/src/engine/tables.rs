@@ -15,7 +15,7 @@ use pipeguard_common::{AllowKeyV4, AllowKeyV6, POLICY_ID_BITS, PodEntry, PortSet
 use super::{Engine, EngineError};
 
 /// The trie contents of one allowlist, as the policy compiler produces them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyEntries {
     pub v4: Vec<(Ipv4Net, PortSet)>,
     pub v6: Vec<(Ipv6Net, PortSet)>,

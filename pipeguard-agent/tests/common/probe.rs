@@ -119,6 +119,7 @@ fn spawn_nested(action: &str, daemonize: bool) {
             });
         }
         // Not waited for: it outlives this process and reports on the inherited stdout.
+        #[expect(clippy::zombie_processes, reason = "a daemon: it outlives this process")]
         cmd.spawn().expect("spawn daemon");
     } else {
         let status = cmd.status().expect("spawn child");
