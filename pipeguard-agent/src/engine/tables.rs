@@ -15,10 +15,29 @@ use pipeguard_common::{AllowKeyV4, AllowKeyV6, POLICY_ID_BITS, PodEntry, PortSet
 use super::{Engine, EngineError};
 
 /// The trie contents of one allowlist, as the policy compiler produces them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyEntries {
     pub v4: Vec<(Ipv4Net, PortSet)>,
     pub v6: Vec<(Ipv6Net, PortSet)>,
+}
+
+/// Equal allowlists hash equally, which is all a map needs: equality is checked in full on
+/// a hash match. Hashing every entry of a 100k-entry allowlist (field by field) would cost
+/// more than the sync it serves, so lengths and a fixed sample of entries are hashed.
+impl std::hash::Hash for PolicyEntries {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        const SAMPLES: usize = 16;
+        fn sample<N: std::hash::Hash, H: std::hash::Hasher>(entries: &[(N, PortSet)], state: &mut H) {
+            entries.len().hash(state);
+            let step = entries.len().div_ceil(SAMPLES).max(1);
+            for (net, ports) in entries.iter().step_by(step) {
+                net.hash(state);
+                bytemuck::bytes_of(ports).hash(state);
+            }
+        }
+        sample(&self.v4, state);
+        sample(&self.v6, state);
+    }
 }
 
 fn key_v4(policy_id: u32, net: &Ipv4Net) -> Key<AllowKeyV4> {
@@ -245,6 +264,20 @@ mod tests {
         assert_eq!(put, ["11.1.1.1/32", "10.1.0.0/16", "11.0.0.0/8"]);
         let delete: Vec<String> = diff.delete.v4.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(delete, ["10.1.2.0/24", "10.9.9.9/32"]);
+    }
+
+    #[test]
+    fn allowlists_differing_outside_the_hash_sample_are_still_different_keys() {
+        use std::collections::HashMap;
+        let many: Vec<(String, u16)> = (0..100).map(|i| (format!("10.0.{i}.0/24"), 1)).collect();
+        let refs: Vec<(&str, u16)> = many.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        let a = v4(&refs);
+        let mut b = a.clone();
+        b.v4[1].1 = ports(2); // index 1 is not sampled (every 7th of 100 is)
+        let mut map = HashMap::new();
+        map.insert(a.clone(), 1);
+        map.insert(b.clone(), 2);
+        assert_eq!((map.len(), map[&a], map[&b]), (2, 1, 2));
     }
 
     #[test]
