@@ -22,7 +22,7 @@ use super::{
     library::cidrs,
     report::{Report, mib, ms, summarize},
 };
-use crate::common::{Bpffs, kube_api::KubeApiServer, test_cgroup};
+use crate::common::{Bpffs, kube_api::KubeApiServer, start_in_cgroup, test_cgroup};
 
 pub const PROBER_ENV: &str = "PG_BENCH_PROBER";
 const NODE: &str = "bench-node";
@@ -247,28 +247,18 @@ impl Node {
 }
 
 fn spawn_prober(cgroup: &Path) -> (Owned, mpsc::Receiver<(Instant, bool)>) {
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())
-        .expect("no NUL in a path");
     let mut cmd = Command::new(std::env::current_exe().expect("this binary"));
     cmd.env(PROBER_ENV, "127.0.0.1:9")
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: prctl is async-signal-safe; runs between fork and exec.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if n != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
             Ok(())
         });
     }
+    start_in_cgroup(&mut cmd, cgroup);
     let mut child = cmd.spawn().expect("start the prober");
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();

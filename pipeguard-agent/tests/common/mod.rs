@@ -60,11 +60,17 @@ pub fn parse_outcomes(output: &std::process::Output) -> Vec<probe::Outcome> {
 /// The probe command: this test binary running only its ignored `probe_main` test.
 pub fn probe_command(cgroup: &Path, actions: &[String]) -> Command {
     let mut cmd = probe_argv_command(actions);
+    start_in_cgroup(&mut cmd, cgroup);
+    cmd
+}
+
+/// Makes `cmd`'s process join `cgroup` between fork and exec, so nothing it runs is outside.
+pub fn start_in_cgroup(cmd: &mut Command, cgroup: &Path) {
     let procs =
         std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -77,7 +83,6 @@ pub fn probe_command(cgroup: &Path, actions: &[String]) -> Command {
             Ok(())
         });
     }
-    cmd
 }
 
 /// The probe's argv, without placing it anywhere (for `pipeguard exec -- ...`).
