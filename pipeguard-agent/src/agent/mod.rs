@@ -211,7 +211,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 health.set_ready();
                 if stats != sync::SyncStats::default() {
                     // The replaced allowlist and the sync's temporaries (all freed by now)
-                    // would otherwise stay in the allocator: 3× the live size at 100k CIDRs.
+                    // would otherwise stay in the allocator, several times the live size.
                     crate::memory::release_freed();
                 }
             }
@@ -286,10 +286,16 @@ impl Loop {
         let pods = caches.pods.state();
         let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
         let scheduled = snapshot::local_pods(&pods, &config.node_name);
-        let cgroups = pod_cgroups::scan(root).unwrap_or_else(|error| {
-            tracing::warn!(%error, "scanning pod cgroups");
-            Vec::new()
-        });
+        let cgroups = match pod_cgroups::scan(root) {
+            Ok(cgroups) => cgroups,
+            Err(error) => {
+                // An empty scan would delete every pod entry, and with `--unknown-pods allow`
+                // open guarded pods. Keep the maps as they are; the next event or the
+                // periodic resync scans again.
+                tracing::warn!(%error, "scanning pod cgroups failed; kernel state kept as is");
+                return Ok(sync::SyncStats::default());
+            }
+        };
         let mut local = Vec::new();
         for cg in cgroups {
             let Some((namespace, name, labels)) = scheduled.get(&cg.uid) else {

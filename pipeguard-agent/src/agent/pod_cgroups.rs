@@ -71,10 +71,20 @@ pub fn scan(root: &Path) -> io::Result<Vec<PodCgroup>> {
 }
 
 fn scan_dir(dir: &Path, descend_qos: bool, pods: &mut Vec<PodCgroup>) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // A QoS cgroup removed while we scan: nothing in it to find.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !descend_qos => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
-        if !entry.file_type()?.is_dir() {
-            continue;
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => {}
+            Ok(_) => continue,
+            // Removed between the listing and the look (a pod going away).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
         }
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(uid) = pod_uid(&name) {
