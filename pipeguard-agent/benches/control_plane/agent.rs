@@ -138,14 +138,38 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn http_status(addr: &str, path: &str) -> Option<u16> {
+/// (status, body) of a plain HTTP/1.0 GET.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The agent's own sync histogram: (seconds summed, syncs). A sync is one recompute of
+/// every pod's allowlist and the map writes; the rest of a change's lag is the watch
+/// stream and its decoding.
+fn sync_totals(addr: &str) -> (f64, f64) {
+    let (_, body) = http_get(addr, "/metrics").expect("the agent's /metrics");
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    (
+        value("pipeguard_sync_duration_seconds_sum"),
+        value("pipeguard_sync_duration_seconds_count"),
+    )
+}
+
+fn mean_sync_ms(before: (f64, f64), after: (f64, f64)) -> f64 {
+    let syncs = (after.1 - before.1).max(1.0);
+    (after.0 - before.0) / syncs * 1e3
 }
 
 impl Node {
@@ -200,7 +224,7 @@ impl Node {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http_status(&agent.listen, "/readyz") != Some(200) {
+        while http_get(&agent.listen, "/readyz").map(|(status, _)| status) != Some(200) {
             assert!(
                 Instant::now() < deadline,
                 "the agent never became ready:\n{}",
@@ -325,12 +349,14 @@ pub fn run(quick: bool, report: &mut Report) {
         let maps = bpf_map_kib(pid);
 
         // Incremental: 127.0.0.1/32 in and out of the same N CIDRs.
+        let before = sync_totals(&node.agent.listen);
         let mut incremental = Vec::new();
         for i in 0..incremental_n {
             let allow = i % 2 == 0;
             let next = policy(&a, allow);
             incremental.push(node.change(next, allow));
         }
+        let after_incremental = sync_totals(&node.agent.listen);
         // Full rebuild: every CIDR changes (set a ↔ set b), and 127.0.0.1/32 with them.
         let mut rebuild = Vec::new();
         if n > 0 {
@@ -342,6 +368,9 @@ pub fn run(quick: bool, report: &mut Report) {
                 allow = !allow;
             }
         }
+        let after_rebuild = sync_totals(&node.agent.listen);
+        let sync_incremental = mean_sync_ms(before, after_incremental);
+        let sync_rebuild = (!rebuild.is_empty()).then(|| mean_sync_ms(after_incremental, after_rebuild));
         let (rss, hwm) = memory_kib(pid);
         let inc = summarize(&incremental);
         let label = if n == 0 {
@@ -355,15 +384,19 @@ pub fn run(quick: bool, report: &mut Report) {
             format!("{}", inc.n),
             ms(inc.p50),
             ms(inc.p99),
+            ms(sync_incremental),
             reb.map_or("—".into(), |r| format!("{}", r.n)),
             reb.map_or("—".into(), |r| ms(r.p50)),
             reb.map_or("—".into(), |r| ms(r.p99)),
+            sync_rebuild.map_or("—".into(), ms),
         ]);
         memory_rows.push(vec![label, mib(idle_rss), mib(rss), mib(hwm), mib(maps)]);
         figures.push(json!({
             "cidrs": n,
             "incremental": inc.json(),
             "full_rebuild": reb.map(|r| r.json()),
+            "agent_sync_mean_ms_incremental": sync_incremental,
+            "agent_sync_mean_ms_full_rebuild": sync_rebuild,
             "agent_rss_kib_synced_idle": idle_rss,
             "agent_rss_kib_after_changes": rss,
             "agent_hwm_kib": hwm,
@@ -377,9 +410,11 @@ pub fn run(quick: bool, report: &mut Report) {
             "incremental changes",
             "incremental p50",
             "incremental p99",
+            "of which agent sync, mean",
             "full rebuilds",
             "full rebuild p50",
             "full rebuild p99",
+            "of which agent sync, mean",
         ],
     );
     for row in rows {
