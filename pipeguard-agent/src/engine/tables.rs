@@ -206,7 +206,7 @@ fn diff_family<N: Copy + Ord>(
 ) -> (Entries<N>, Entries<N>) {
     let sorted = |entries: &[(N, PortSet)]| {
         let mut v = entries.to_vec();
-        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        v.sort_unstable_by_key(|e| e.0);
         v
     };
     let (old, new) = (sorted(old), sorted(new));
