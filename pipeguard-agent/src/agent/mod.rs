@@ -11,7 +11,7 @@ pub mod http;
 mod kube;
 pub mod metrics;
 mod pod_cgroups;
-mod snapshot;
+pub mod snapshot;
 pub mod sync;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
