@@ -12,6 +12,7 @@
 )]
 
 mod cluster;
+mod domain;
 mod egress;
 mod error;
 mod eval;
@@ -24,6 +25,7 @@ mod selector;
 mod validate;
 
 pub use self::{
+    domain::{DomainPattern, DomainRule},
     cluster::{
         Cluster, ClusterPod, MAX_CLUSTER_BYTES, NAMESPACE_NAME_LABEL, cluster_from_str, load_cluster,
         protocol_number,
