@@ -6,6 +6,7 @@
 //! - [`cgroup`]: cgroup2 discovery and cgroups pipeguard owns.
 //! - [`job`]: one command under enforcement (`pipeguard exec`).
 //! - [`agent`]: the DaemonSet (`pipeguard agent`): kube caches, pod cgroups, incremental sync.
+//! - [`pod`]: a pod on this node (shared by the agent and the event pipeline).
 //! - [`cli`]: one module per subcommand.
 
 pub mod agent;
@@ -15,4 +16,5 @@ pub mod engine;
 pub mod events;
 pub mod job;
 pub mod memory;
+pub mod pod;
 pub mod policy;

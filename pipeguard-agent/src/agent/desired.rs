@@ -5,26 +5,17 @@
 //! or whose allowlist does not compile, keeps its last good allowlist, or gets deny-all if
 //! it never had one. It never falls back to unrestricted egress.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use pipeguard_common::{MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PORTS_ALL, PortSet};
 
 use super::guard::GuardConfig;
+pub use crate::pod::LocalPod;
 use crate::{
     engine::PolicyEntries,
     job::Mode,
     policy::{self, Cluster, Egress, PodIdentity, PolicySet},
 };
-
-/// A pod scheduled on this node whose cgroup was found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalPod {
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub cgroup_id: u64,
-}
 
 #[derive(Clone, Debug)]
 pub struct Settings {

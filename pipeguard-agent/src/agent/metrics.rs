@@ -9,6 +9,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub use crate::events::pipeline::DestinationLabels;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub namespace: String,
@@ -25,13 +27,6 @@ pub struct TrafficLabels {
     pub namespace: String,
     pub pod: String,
     pub verdict: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DestinationLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub destination: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -160,7 +160,7 @@ fn pod_event(
 /// `kubectl describe pod` says why its egress is restricted.
 pub fn post_failed_closed(
     client: Client,
-    pod: &crate::agent::LocalPod,
+    pod: &crate::pod::LocalPod,
     reason: &str,
     kept_last_good: bool,
     node: &str,

@@ -69,11 +69,19 @@ pub struct Pipeline {
     /// Opt-in per-destination counter (see --metrics-per-destination).
     pub per_destination: Option<
         prometheus_client::metrics::family::Family<
-            crate::agent::metrics::DestinationLabels,
+            DestinationLabels,
             prometheus_client::metrics::counter::Counter,
         >,
     >,
     pub aggregator: Aggregator,
+}
+
+/// Labels of the opt-in per-destination denial counter (`--metrics-per-destination`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub destination: String,
 }
 
 /// How long identical attempts are folded into one record.
@@ -169,7 +177,7 @@ impl Pipeline {
         if let (Some(family), Some(pod), Some(ip), Some(port)) =
             (&self.per_destination, &record.pod, record.dst_ip, record.dst_port)
         {
-            let labels = crate::agent::metrics::DestinationLabels {
+            let labels = DestinationLabels {
                 namespace: pod.namespace.clone(),
                 pod: pod.name.clone(),
                 destination: format!("{ip}:{port}/{}", record.protocol.clone().unwrap_or_default()),
