@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::Deserialize;
 
-use super::error::PolicyError;
+use super::{error::PolicyError, model::protocol_number};
 
 /// The label every namespace carries with its own name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -39,16 +39,6 @@ impl Cluster {
     pub fn add_namespace(&mut self, name: &str, mut labels: BTreeMap<String, String>) {
         labels.insert(NAMESPACE_NAME_LABEL.into(), name.into());
         self.namespaces.insert(name.into(), labels);
-    }
-}
-
-/// Kubernetes protocol names (TCP, UDP, SCTP; case-sensitive, as the API is).
-pub fn protocol_number(name: &str) -> Option<u8> {
-    match name {
-        "TCP" => Some(pipeguard_common::PROTO_TCP),
-        "UDP" => Some(pipeguard_common::PROTO_UDP),
-        "SCTP" => Some(pipeguard_common::PROTO_SCTP),
-        _ => None,
     }
 }
 

@@ -5,6 +5,9 @@
 //! (typed policies, every spec rule checked) → `egress` (which policies select a pod, the
 //! union of their rules as [`AllowRule`]s) → `lpm` (trie entries whose longest-prefix answer
 //! equals [`evaluate`], the straightforward reference).
+//!
+//! Imports run one way, never in a loop: `cluster` (snapshots) → `load` (files and
+//! objects) → `validate` → `model` (the wire format) and `selector`.
 
 #![expect(
     clippy::result_large_err,
@@ -25,17 +28,15 @@ mod selector;
 mod validate;
 
 pub use self::{
+    cluster::{Cluster, ClusterPod, MAX_CLUSTER_BYTES, NAMESPACE_NAME_LABEL, cluster_from_str, load_cluster},
     domain::{DomainPattern, DomainRule},
-    cluster::{
-        Cluster, ClusterPod, MAX_CLUSTER_BYTES, NAMESPACE_NAME_LABEL, cluster_from_str, load_cluster,
-        protocol_number,
-    },
     egress::{Egress, PodIdentity, egress_for, policy_egress_rules, selecting_egress},
     error::PolicyError,
     eval::evaluate,
     ingress::{Source, policy_admits, selecting_ingress},
     load::{MAX_FILE_BYTES, PolicySet, load_policies, parse_policies, policy_from_json, policy_from_value},
     lpm::{CompileError, LpmEntries, lookup, lpm_entries},
+    model::protocol_number,
     reach::{Destination, PortQuery, Reach, ReachError, Side, reach},
     selector::Selector,
     validate::{Peer, Policy, PortRef, PortSpec, Rule},

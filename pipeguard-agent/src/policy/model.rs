@@ -108,3 +108,13 @@ pub struct Requirement {
     pub operator: String,
     pub values: Option<Vec<String>>,
 }
+
+/// Kubernetes protocol names (TCP, UDP, SCTP; case-sensitive, as the API is).
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(pipeguard_common::PROTO_TCP),
+        "UDP" => Some(pipeguard_common::PROTO_UDP),
+        "SCTP" => Some(pipeguard_common::PROTO_SCTP),
+        _ => None,
+    }
+}

@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 
 use super::{
-    model::{IntOrString, NetworkPolicyDoc, PeerDoc, PortDoc},
+    model::{IntOrString, NetworkPolicyDoc, PeerDoc, PortDoc, protocol_number},
     selector::Selector,
 };
 
@@ -232,7 +232,7 @@ fn cidr(field: &str, text: &str, warnings: &mut Vec<String>) -> Result<IpNet, Fi
 
 fn port(at: &str, doc: &PortDoc) -> Result<PortSpec, FieldError> {
     let text = doc.protocol.as_deref().unwrap_or("TCP");
-    let protocol = super::cluster::protocol_number(text).ok_or_else(|| {
+    let protocol = protocol_number(text).ok_or_else(|| {
         (
             format!("{at}.protocol"),
             format!("unknown protocol {text:?} (TCP, UDP, SCTP)"),
