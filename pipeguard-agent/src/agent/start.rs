@@ -1,0 +1,188 @@
+//! The start-up steps of `pipeguard agent`, in the order `run` takes them.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use super::{AgentConfig, AgentError, Health, cgroup_watch, http, kube, pod_cgroups};
+use crate::{
+    engine::{Engine, EngineConfig},
+    events::{
+        aggregate::Aggregator,
+        hub::Hub,
+        kube_events::KubeEvents,
+        pipeline::{self, Pipeline, PodIndex},
+        sinks::FileSink,
+        stream::{Access, StreamState},
+    },
+};
+
+/// Starts the HTTP server (not ready, saying why) before anything else, so probes and
+/// operators see what the agent is waiting for.
+pub(super) async fn http(config: &AgentConfig) -> Result<(Arc<Health>, Arc<Hub>), AgentError> {
+    let mut health = Health::default();
+    if config.events.per_destination_metrics {
+        health.metrics.enable_per_destination();
+    }
+    let health = Arc::new(health);
+    health.set_not_ready("starting");
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, node = %config.node_name, "pipeguard agent starting");
+    let hub = Arc::new(Hub::default());
+    let access = Access::new(config.events.token.clone(), config.listen);
+    if matches!(access, Access::Off) {
+        tracing::info!("GET /v1/events is off: no --events-token-file and the listener is not loopback");
+    }
+    let stream = StreamState {
+        hub: hub.clone(),
+        access,
+    };
+    tokio::spawn(http::serve(listener, health.clone(), Some(stream)));
+    Ok((health, hub))
+}
+
+/// The cgroup2 mount the kubepods cgroups live under: given, or found in mountinfo.
+pub(super) fn cgroup_root(config: &AgentConfig) -> Result<PathBuf, AgentError> {
+    match &config.cgroup_root {
+        Some(root) => Ok(root.clone()),
+        None => crate::cgroup::cgroup2_mount()
+            .map_err(|e| AgentError::CgroupRoot(e.to_string()))?
+            .ok_or_else(|| AgentError::CgroupRoot("no cgroup2 mount in /proc/self/mountinfo".into())),
+    }
+}
+
+/// Loads the eBPF programs, retrying while the agent stays not ready.
+pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine {
+    loop {
+        match Engine::load(&EngineConfig {
+            unknown_pods: config.unknown_pods,
+            flow_stats: false,
+            kernel_log_level: config.kernel_log_level,
+            pin_dir: config.pin_dir.clone(),
+        }) {
+            Ok(engine) => return engine,
+            // Not ready and saying why beats a crash loop; retry in case it was transient.
+            Err(error) => {
+                health.set_not_ready(format!("cannot load the eBPF programs: {error}"));
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+/// Attaches to every kubepods cgroup, waiting (not ready) until kubelet has created one.
+pub(super) async fn attach_kubepods(
+    engine: &mut Engine,
+    root: &std::path::Path,
+    health: &Health,
+) -> Vec<PathBuf> {
+    loop {
+        let roots = pod_cgroups::kubepods_roots(root);
+        if roots.is_empty() {
+            health.set_not_ready(format!("no kubepods cgroup under {} yet", root.display()));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let mut attached = Vec::new();
+        for r in roots {
+            match engine.attach(&r) {
+                Ok(()) => attached.push(r),
+                Err(error) => health.set_not_ready(format!("cannot attach programs: {error}")),
+            }
+        }
+        if !attached.is_empty() {
+            return attached;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Starts the kube caches and the cgroup watcher, then waits for the caches' first lists
+/// (not ready, saying why, once `sync_deadline` has passed).
+pub(super) async fn caches(
+    config: &AgentConfig,
+    root: &std::path::Path,
+    health: &Health,
+) -> Result<(::kube::Client, kube::Caches), AgentError> {
+    let client = kube::client(config.kubeconfig.as_deref()).await?;
+    let caches = kube::start(client.clone());
+    cgroup_watch::start(root.to_path_buf(), caches.changed.clone()).map_err(AgentError::Watch)?;
+    tokio::select! {
+        _ = caches.ready() => {}
+        _ = tokio::time::sleep(config.sync_deadline) => {
+            health.set_not_ready(format!("caches not synced with the API server after {:?}", config.sync_deadline));
+            caches.ready().await;
+        }
+    }
+    tracing::info!("caches synced");
+    Ok((client, caches))
+}
+
+/// What the sync loop shares with the event pipeline: the pod index it fills and the
+/// pipeline's statistics it reports.
+pub(super) struct EventParts {
+    pub(super) index: PodIndex,
+    pub(super) stats: Arc<pipeline::Stats>,
+}
+
+/// Starts the event pipeline on the kernel's ring buffer, with the configured sinks.
+pub(super) fn event_pipeline(
+    config: &AgentConfig,
+    engine: &mut Engine,
+    client: &::kube::Client,
+    health: &Health,
+    hub: &Arc<Hub>,
+) -> EventParts {
+    let parts = EventParts {
+        index: PodIndex::default(),
+        stats: Arc::new(pipeline::Stats::default()),
+    };
+    let ring = match engine.take_events() {
+        Ok(ring) => ring,
+        Err(error) => {
+            tracing::error!(%error, "no event stream");
+            return parts;
+        }
+    };
+    let file = match &config.events.file {
+        Some(path) => match FileSink::open(
+            path.clone(),
+            config.events.file_max_bytes,
+            config.events.file_keep,
+        ) {
+            Ok(f) => Some(f),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "cannot open the events file");
+                None
+            }
+        },
+        None => None,
+    };
+    let kube = config.events.kubernetes.then(|| {
+        KubeEvents::start(
+            client.clone(),
+            config.node_name.clone(),
+            health.metrics.event_sink_errors.clone(),
+        )
+    });
+    let pipeline = Pipeline {
+        node: config.node_name.clone(),
+        index: parts.index.clone(),
+        hub: hub.clone(),
+        stdout: config.events.stdout,
+        file,
+        kube,
+        drops: engine.take_event_drops().ok(),
+        stats: parts.stats.clone(),
+        per_destination: config
+            .events
+            .per_destination_metrics
+            .then(|| health.metrics.denied_destinations.clone()),
+        aggregator: Aggregator::new(pipeline::WINDOW, pipeline::MAX_KEYS),
+    };
+    tokio::spawn(pipeline.run(ring));
+    parts
+}

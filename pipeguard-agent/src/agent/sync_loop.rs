@@ -1,0 +1,362 @@
+//! The sync loop: on every cache or cgroup change (and every [`RESYNC`]), recompute the
+//! desired state, apply the difference to the kernel maps, and refresh the metrics.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use super::{
+    AgentConfig, AgentError, Health, LocalPod, Status, desired, kube, metrics, pod_cgroups, snapshot,
+    start::EventParts, sync,
+};
+use crate::{
+    engine::{Engine, PolicyEntries},
+    events::hub::Hub,
+};
+
+/// How often counters and cgroups are re-read even without a change notification.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// What the loop works with, built by the start-up steps.
+pub(super) struct Parts<'a> {
+    pub(super) config: &'a AgentConfig,
+    pub(super) caches: &'a kube::Caches,
+    pub(super) root: &'a std::path::Path,
+    pub(super) engine: &'a mut Engine,
+    pub(super) health: &'a Health,
+    pub(super) hub: &'a Hub,
+    pub(super) events: EventParts,
+    pub(super) client: ::kube::Client,
+}
+
+/// Adopts what a previous agent pinned, then syncs until SIGTERM.
+pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
+    let Parts {
+        config,
+        caches,
+        root,
+        engine,
+        health,
+        hub,
+        events,
+        client,
+    } = parts;
+    // Pinned state from a previous agent is adopted, not overwritten: its allowlists are
+    // replaced in the hole-free order and its stale ids deleted.
+    let applied = match sync::Applied::adopt(engine) {
+        Ok(applied) => applied,
+        Err(error) => {
+            health.set_not_ready(format!("cannot read the pinned maps: {error}"));
+            return Err(AgentError::Adopt(error));
+        }
+    };
+    let mut state = Loop {
+        applied,
+        parsed: Default::default(),
+        last_good: HashMap::new(),
+        reported: Default::default(),
+        failing_closed: Default::default(),
+        client: config.events.kubernetes.then_some(client),
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(AgentError::Watch)?;
+    loop {
+        let start = std::time::Instant::now();
+        match state.sync(config, caches, root, engine, &events.index, health) {
+            Ok(stats) => {
+                health.set_ready();
+                if stats != sync::SyncStats::default() {
+                    // The replaced allowlist and the sync's temporaries (all freed by now)
+                    // would otherwise stay in the allocator, several times the live size.
+                    crate::memory::release_freed();
+                }
+            }
+            Err(error) => {
+                health.metrics.sync_errors.inc();
+                health.set_not_ready(format!("writing the kernel maps failed: {error}"));
+            }
+        }
+        health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
+        health.metrics.observe_events(&events.stats, hub);
+        engine.drain_kernel_logs();
+        tokio::select! {
+            _ = caches.changed.notified() => {}
+            _ = tokio::time::sleep(RESYNC) => {}
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: detaching and exiting");
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct Loop {
+    applied: sync::Applied,
+    parsed: snapshot::PolicyCache,
+    /// Last applied allowlist per pod UID, for fail-closed.
+    last_good: HashMap<String, std::sync::Arc<PolicyEntries>>,
+    /// Policy errors already logged, so each is logged once.
+    reported: std::collections::HashSet<String>,
+    /// Pods currently failing closed (UIDs), reported when they start to.
+    failing_closed: std::collections::HashSet<String>,
+    /// For Kubernetes Events; `None` with --no-kube-events.
+    client: Option<::kube::Client>,
+}
+
+impl Loop {
+    fn sync(
+        &mut self,
+        config: &AgentConfig,
+        caches: &kube::Caches,
+        root: &std::path::Path,
+        engine: &mut Engine,
+        index: &crate::events::pipeline::PodIndex,
+        health: &Health,
+    ) -> Result<sync::SyncStats, crate::engine::EngineError> {
+        let policy_objects = caches.policies.state();
+        let policies = self.parsed.policies(&policy_objects);
+        self.report_policies(&policy_objects, &policies, health);
+        let pods = caches.pods.state();
+        let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
+        let scheduled = snapshot::local_pods(&pods, &config.node_name);
+        let cgroups = match pod_cgroups::scan(root) {
+            Ok(cgroups) => cgroups,
+            Err(error) => {
+                // An empty scan would delete every pod entry, and with `--unknown-pods allow`
+                // open guarded pods. Keep the maps as they are; the next event or the
+                // periodic resync scans again.
+                tracing::warn!(%error, "scanning pod cgroups failed; kernel state kept as is");
+                return Ok(sync::SyncStats::default());
+            }
+        };
+        let local = local_pods(&scheduled, cgroups);
+        let desired = desired::compute(&config.settings, &policies, &cluster, &local, &self.last_good);
+        let stats = self.applied.apply(engine, &desired)?;
+        if stats != sync::SyncStats::default() {
+            tracing::info!(?stats, pods = desired.len(), "synced");
+        }
+        let mut by_status: HashMap<&'static str, i64> = HashMap::new();
+        for d in &desired {
+            let status = match &d.status {
+                Status::NotGuarded => "not_guarded",
+                Status::Unrestricted => "unrestricted",
+                Status::Enforced(_) => "enforced",
+                Status::DefaultDeny => "default_deny",
+                Status::FailedClosed {
+                    reason,
+                    kept_last_good,
+                } => {
+                    // Logged and posted on the pod once per episode, not on every sync.
+                    if self.failing_closed.insert(d.pod.uid.clone()) {
+                        tracing::warn!(namespace = %d.pod.namespace, pod = %d.pod.name, %reason, kept_last_good, "failing closed");
+                        if let Some(client) = &self.client {
+                            crate::events::kube_events::post_failed_closed(
+                                client.clone(),
+                                &d.pod,
+                                reason,
+                                *kept_last_good,
+                                &config.node_name,
+                            );
+                        }
+                    }
+                    "failed_closed"
+                }
+            };
+            *by_status.entry(status).or_default() += 1;
+            if status != "failed_closed" {
+                self.failing_closed.remove(&d.pod.uid);
+            }
+            if matches!(
+                d.status,
+                Status::Enforced(_) | Status::DefaultDeny | Status::Unrestricted
+            ) && let Some(applied) = self.applied.allowlist_of(d.pod.cgroup_id)
+            {
+                // Shared with the applied state, not a copy.
+                self.last_good.insert(d.pod.uid.clone(), applied);
+            }
+            self.observe_traffic(engine, d, health);
+        }
+        let present: std::collections::HashSet<&str> = desired.iter().map(|d| d.pod.uid.as_str()).collect();
+        self.last_good.retain(|uid, _| present.contains(uid.as_str()));
+        self.publish_gauges(&by_status, health);
+        index.replace(
+            desired
+                .iter()
+                .map(|d| (d.pod.cgroup_id, pod_info(d, &pods, root)))
+                .collect(),
+        );
+        Ok(stats)
+    }
+
+    /// Pods by status, allowlists and map sizes, as of this sync.
+    fn publish_gauges(&self, by_status: &HashMap<&'static str, i64>, health: &Health) {
+        for status in [
+            "not_guarded",
+            "unrestricted",
+            "enforced",
+            "default_deny",
+            "failed_closed",
+        ] {
+            health
+                .metrics
+                .pods
+                .get_or_create(&metrics::StateLabels { state: status.into() })
+                .set(*by_status.get(status).unwrap_or(&0));
+        }
+        health.metrics.allowlists.set(self.applied.policy_count() as i64);
+        let (v4, v6, pod_entries) = self.applied.map_entries();
+        for (map, n) in [("allow_v4", v4), ("allow_v6", v6), ("pods", pod_entries)] {
+            health
+                .metrics
+                .map_entries
+                .get_or_create(&metrics::MapLabels { map: map.into() })
+                .set(n as i64);
+        }
+        health
+            .metrics
+            .allow_entries
+            .set(self.applied.entry_count() as i64);
+    }
+
+    fn report_policies(
+        &mut self,
+        objects: &[Arc<k8s_openapi::api::networking::v1::NetworkPolicy>],
+        set: &crate::policy::PolicySet,
+        health: &Health,
+    ) {
+        for error in &set.errors {
+            let text = error.to_string();
+            if self.reported.insert(text.clone()) {
+                tracing::error!(error = %text, "NetworkPolicy rejected; guarded pods in its namespace fail closed");
+            }
+        }
+        health.metrics.policy_compiled.clear();
+        for obj in objects {
+            let namespace = obj.metadata.namespace.clone().unwrap_or_default();
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            let ok = set
+                .policies
+                .iter()
+                .any(|p| p.namespace == namespace && p.name == name);
+            health
+                .metrics
+                .policy_compiled
+                .get_or_create(&metrics::PolicyLabels { namespace, name })
+                .set(ok as i64);
+        }
+        let failed = set.errors.len() as i64;
+        health
+            .metrics
+            .policies
+            .get_or_create(&metrics::StateLabels {
+                state: "compiled".into(),
+            })
+            .set(set.policies.len() as i64);
+        health
+            .metrics
+            .policies
+            .get_or_create(&metrics::StateLabels {
+                state: "failed".into(),
+            })
+            .set(failed);
+    }
+
+    fn observe_traffic(&self, engine: &Engine, d: &desired::DesiredPod, health: &Health) {
+        let Ok(counters) = engine.counters(d.pod.cgroup_id) else {
+            return;
+        };
+        let mut totals: HashMap<u8, (u64, u64)> = HashMap::new();
+        for (key, c) in counters {
+            let t = totals.entry(key.verdict).or_default();
+            t.0 += c.packets;
+            t.1 += c.bytes;
+        }
+        for (verdict, (packets, bytes)) in totals {
+            let verdict = match verdict {
+                pipeguard_common::VERDICT_ALLOW => "allow",
+                pipeguard_common::VERDICT_DENY => "deny",
+                pipeguard_common::VERDICT_AUDIT => "audit",
+                _ => "error",
+            };
+            let labels = metrics::TrafficLabels {
+                namespace: d.pod.namespace.clone(),
+                pod: d.pod.name.clone(),
+                verdict: verdict.into(),
+            };
+            health.metrics.observe_traffic(labels, packets, bytes);
+        }
+    }
+}
+
+/// The scheduled pods whose cgroup was found, with the cgroup's id.
+fn local_pods(
+    scheduled: &BTreeMap<String, (String, String, BTreeMap<String, String>)>,
+    cgroups: Vec<pod_cgroups::PodCgroup>,
+) -> Vec<LocalPod> {
+    let mut local = Vec::new();
+    for cg in cgroups {
+        let Some((namespace, name, labels)) = scheduled.get(&cg.uid) else {
+            continue;
+        };
+        let Ok(cgroup_id) = crate::cgroup::cgroup_id(&cg.path) else {
+            continue;
+        };
+        local.push(LocalPod {
+            uid: cg.uid.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            labels: labels.clone(),
+            cgroup_id,
+        });
+    }
+    local
+}
+
+/// What the event pipeline needs to know about a pod to enrich its records.
+fn pod_info(
+    d: &desired::DesiredPod,
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    root: &std::path::Path,
+) -> crate::events::pipeline::PodInfo {
+    let pod = pods
+        .iter()
+        .find(|p| p.metadata.uid.as_deref() == Some(d.pod.uid.as_str()));
+    let (policies, restriction) = match &d.status {
+        Status::Enforced(policies) => (policies.clone(), None),
+        Status::DefaultDeny => (
+            Vec::new(),
+            Some("no egress policy selects the pod and --default-deny-egress is set".into()),
+        ),
+        Status::FailedClosed {
+            reason,
+            kept_last_good,
+        } => (
+            Vec::new(),
+            Some(format!(
+                "failing closed ({reason}); {}",
+                if *kept_last_good {
+                    "the last good allowlist applies"
+                } else {
+                    "all egress is denied"
+                }
+            )),
+        ),
+        Status::Unrestricted | Status::NotGuarded => (Vec::new(), None),
+    };
+    crate::events::pipeline::PodInfo {
+        namespace: d.pod.namespace.clone(),
+        name: d.pod.name.clone(),
+        uid: d.pod.uid.clone(),
+        labels: d.pod.labels.clone(),
+        annotations: pod
+            .and_then(|p| p.metadata.annotations.clone())
+            .unwrap_or_default(),
+        policies,
+        restriction,
+        containers: pod
+            .map(|p| snapshot::container_cgroups(p, &d.pod.uid, root))
+            .unwrap_or_default(),
+    }
+}
