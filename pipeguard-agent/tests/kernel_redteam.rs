@@ -26,11 +26,11 @@ enum Verdict {
 }
 
 /// How an outcome reads: refused by pipeguard (EPERM) or by the kernel's own rules
-/// (ENOENT/EACCES for a cgroup move) is blocked; a failure for lack of support is n/a;
+/// (ENOENT/EACCES for a cgroup move, EROFS for the job's read-only cgroupfs) is blocked; a failure for lack of support is n/a;
 /// reaching the network stack (success, ECONNREFUSED, ETIMEDOUT) is an escape.
 fn verdict(o: &Outcome) -> Verdict {
     match o.errno {
-        libc::EPERM | libc::ENOENT | libc::EACCES => Verdict::Blocked,
+        libc::EPERM | libc::ENOENT | libc::EACCES | libc::EROFS => Verdict::Blocked,
         libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT | libc::ENOSYS => Verdict::NotApplicable,
         _ => Verdict::Escaped,
     }
@@ -173,9 +173,8 @@ fn every_known_route_is_blocked_or_documented() {
         why: "out of scope: the sender outside the job is the accomplice (SECURITY.md)",
     });
 
-    // The job writes its pid into the root cgroup. With the engine alone (no cgroup
-    // namespace) root can; `pipeguard exec` gives the job a cgroup namespace, and then the
-    // kernel refuses the move.
+    // The job writes its pid into the root cgroup. With the engine alone root can;
+    // `pipeguard exec` gives the job a read-only cgroupfs, and then the kernel refuses.
     let root_procs = common::require_kernel().join("cgroup.procs");
     let policy = std::env::temp_dir().join(format!("pg-redteam-{}.yaml", std::process::id()));
     std::fs::write(
@@ -209,23 +208,11 @@ fn every_known_route_is_blocked_or_documented() {
         expected: Verdict::Blocked,
         why: "cgroup.procs outside the job belongs to root",
     });
-    let nsdelegate = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.contains(" - cgroup2 ") && l.contains("nsdelegate"));
     routes.push(Route {
         name: "root job writes cgroup.procs to leave its cgroup (exec)",
         outcome: exec(&[]),
-        expected: if nsdelegate {
-            Verdict::Blocked
-        } else {
-            Verdict::Escaped
-        },
-        why: if nsdelegate {
-            "the job's cgroup namespace is a delegation boundary (nsdelegate)"
-        } else {
-            "no nsdelegate on this host: a root job with CAP_SYS_ADMIN is out of scope (SECURITY.md)"
-        },
+        expected: Verdict::Blocked,
+        why: "the job's mount namespace has the cgroupfs read-only; remounting needs CAP_SYS_ADMIN",
     });
     let _ = std::fs::remove_file(&policy);
 

@@ -48,6 +48,12 @@ pub struct ExecArgs {
     /// socket hooks).
     #[arg(long)]
     pub allow_raw_sockets: bool,
+    /// Let the job keep every capability (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF, ...) and a
+    /// writable cgroupfs, for docker-in-docker and the like. A root job can then step
+    /// around the guard (TUN injection, leaving the cgroup, detaching the programs);
+    /// pipeguard says so in a warning.
+    #[arg(long)]
+    pub privileged_job: bool,
     /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_kernel_log_level)]
     pub kernel_log_level: u8,
@@ -110,6 +116,7 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         allowlist,
         mode: args.mode,
         deny_raw_sockets: !args.allow_raw_sockets,
+        privileged: args.privileged_job,
         cgroup_parent: cgroup_root.join("pipeguard"),
         events,
         kernel_log_level: args.kernel_log_level,

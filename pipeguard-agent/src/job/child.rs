@@ -4,7 +4,7 @@ use std::{ffi::CString, os::unix::process::ExitStatusExt as _, process::ExitStat
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::JobError;
+use super::{JobError, confine::Confinement};
 use crate::cgroup::OwnedCgroup;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +41,12 @@ const FORWARDED: [i32; 6] = [
     libc::SIGUSR2,
 ];
 
-/// `drop_net_raw`: take CAP_NET_RAW out of the job's capability sets, so raw and packet
-/// sockets are refused by the kernel itself, even where the BPF LSM hook cannot load.
+/// `confinement`: what the job gives up (capabilities, a writable cgroupfs), applied after
+/// it joined the cgroup and before exec.
 pub async fn run(
     command: &[String],
     cgroup: &OwnedCgroup,
-    drop_net_raw: bool,
+    confinement: Confinement,
 ) -> Result<ExitReason, JobError> {
     let (program, args) = command.split_first().ok_or_else(|| JobError::Spawn {
         command: String::new(),
@@ -63,8 +63,8 @@ pub async fn run(
 
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: only async-signal-safe calls (open, write, close, unshare, prctl, capset) between
-    // fork and exec.
+    // SAFETY: only async-signal-safe calls (open, write, close, unshare, prctl, mount,
+    // capset) between fork and exec; `confinement` was prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // Join the job cgroup before exec: the command's first instruction is guarded.
@@ -77,9 +77,9 @@ pub async fn run(
             if written != 1 {
                 return Err(std::io::Error::last_os_error());
             }
-            // A cgroup namespace rooted at the job cgroup. Where cgroup2 is mounted with
-            // nsdelegate (systemd's default), the kernel then refuses to move the job to a
-            // cgroup outside it; elsewhere only non-root jobs are stopped (SECURITY.md).
+            // A cgroup namespace rooted at the job cgroup: the job sees only its own subtree
+            // (and with nsdelegate the kernel refuses moves out of it). What stops a root job
+            // everywhere is the read-only cgroupfs of `confinement`.
             if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -88,10 +88,7 @@ pub async fn run(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if drop_net_raw {
-                drop_capability(CAP_NET_RAW)?;
-            }
-            Ok(())
+            confinement.apply()
         });
     }
     let mut child = cmd.spawn().map_err(|source| JobError::Spawn {
@@ -110,52 +107,6 @@ pub async fn run(
         task.abort();
     }
     Ok(ExitReason::from_status(status?))
-}
-
-const CAP_NET_RAW: u32 = 13;
-
-/// Removes `cap` from the bounding set (so exec cannot regain it) and from the effective,
-/// permitted and inheritable sets. Async-signal-safe: raw syscalls only.
-fn drop_capability(cap: u32) -> std::io::Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    // SAFETY: prctl and capget/capset with valid pointers to correctly laid out structs.
-    unsafe {
-        if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut header = Header {
-            version: VERSION_3,
-            pid: 0,
-        };
-        let mut data = [Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
-        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
-        data[word].effective &= !bit;
-        data[word].permitted &= !bit;
-        data[word].inheritable &= !bit;
-        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 async fn forward(mut stream: tokio::signal::unix::Signal, sig: i32, pid: i32) {

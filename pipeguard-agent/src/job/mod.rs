@@ -4,6 +4,7 @@
 //! before the command is moved into the cgroup, so its first packet is already judged.
 
 mod child;
+pub mod confine;
 pub mod preflight;
 mod sink;
 mod summary;
@@ -36,6 +37,8 @@ pub struct JobSpec {
     pub allowlist: PolicyEntries,
     pub mode: Mode,
     pub deny_raw_sockets: bool,
+    /// Keep every capability and a writable cgroupfs (`--privileged-job`).
+    pub privileged: bool,
     pub cgroup_parent: PathBuf,
     pub events: EventSink,
     pub kernel_log_level: u8,
@@ -114,18 +117,33 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
 
     // With the BPF LSM hook, the programs refuse raw and packet sockets and report each
     // refusal as an event. Without it, AF_PACKET would be open: take CAP_NET_RAW away
-    // instead, which blocks both kinds but leaves no event behind.
-    let drop_net_raw = match (spec.deny_raw_sockets, engine.packet_guard_unavailable()) {
-        (true, Some(reason)) => {
+    // instead, which blocks both kinds but leaves no event behind. Never in audit mode,
+    // which must change nothing about what the job can do.
+    let unguarded_packets = engine.packet_guard_unavailable();
+    let drop_net_raw = match (spec.deny_raw_sockets, spec.mode, unguarded_packets) {
+        (true, Mode::Enforce, Some(reason)) => {
             tracing::warn!(
                 %reason,
                 "no BPF LSM hook: the job loses CAP_NET_RAW; raw and packet sockets are refused without events"
             );
             true
         }
+        (true, Mode::Audit, Some(reason)) => {
+            tracing::warn!(
+                %reason,
+                "no BPF LSM hook: in audit mode raw IP sockets are reported, packet sockets are not"
+            );
+            false
+        }
         _ => false,
     };
-    let exit = child::run(&spec.command, &cgroup, drop_net_raw).await?;
+    let confinement = if spec.privileged {
+        tracing::warn!("{}", confine::privileged_warning());
+        confine::Confinement::privileged()
+    } else {
+        confine::Confinement::default_for_job(drop_net_raw)?
+    };
+    let exit = child::run(&spec.command, &cgroup, confinement).await?;
 
     // Let the last packets' events land, then stop the reader; it drains before it exits.
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -4,6 +4,7 @@
 
 pub mod listeners;
 pub mod probe;
+pub mod root_job;
 
 use std::{
     path::{Path, PathBuf},

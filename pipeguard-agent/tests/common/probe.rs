@@ -101,6 +101,11 @@ fn run(action: &str) {
         "uring-udp" => uring_sendmsg(target, rest.as_bytes()),
         "sctp" => sctp_connect(target),
         "escape-cgroup" => escape_cgroup(target, rest),
+        // Root-job routes: see tests/kernel_root_job.rs.
+        "tun-inject" => super::root_job::tun_inject(target, rest.as_bytes()),
+        "bpf-ids" => super::root_job::bpf_ids(),
+        "bind-low" => super::root_job::bind_low_port(),
+        "probe-loop" => return super::root_job::probe_loop(target, rest),
         other => panic!("unknown probe action {other:?}"),
     };
     report(action, started, result);
