@@ -49,6 +49,9 @@ impl Bench {
                 if let Some(ev) = events {
                     cmd.arg("--events").arg(ev);
                 }
+                // `ip netns exec` needs CAP_SYS_ADMIN (setns, remounting /sys), which a job
+                // loses by default; the bench's own worker is trusted.
+                cmd.arg("--privileged-job");
                 cmd.args(["--", "ip", "netns", "exec", ns]).arg(&self.worker_bin);
             }
             None => cmd = Self::in_netns(ns, &self.worker_bin),
