@@ -17,9 +17,10 @@ pub mod map_names {
     pub const EVENTS: &str = "PG_EVENTS_V1";
     pub const EVENT_DROPS: &str = "PG_EVENT_DROPS_V1";
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
-    pub const CONFIG: &str = "PG_CONFIG_V1";
+    pub const CONFIG: &str = "PG_CONFIG_V2";
+    pub const REPLIES: &str = "PG_REPLIES_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -29,6 +30,7 @@ pub mod map_names {
         EVENT_DROPS,
         EVENT_LIMIT,
         CONFIG,
+        REPLIES,
     ];
 }
 
@@ -39,6 +41,7 @@ pub mod program_names {
     pub const SENDMSG4: &str = "pg_sendmsg4";
     pub const SENDMSG6: &str = "pg_sendmsg6";
     pub const EGRESS: &str = "pg_egress";
+    pub const INGRESS: &str = "pg_ingress";
     pub const SOCK_CREATE: &str = "pg_sock_create";
     pub const SOCKET_CREATE_LSM: &str = "pg_socket_create_lsm";
 }
@@ -49,6 +52,12 @@ pub const MAX_PODS: u32 = 65_536;
 pub const MAX_COUNTERS: u32 = 65_536;
 pub const MAX_FLOWS: u32 = 16_384;
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
+/// Capacity of the UDP reply table (LRU: under pressure the oldest reply state goes, and
+/// a reply without state is judged as new egress, never let through).
+pub const MAX_REPLIES: u32 = 65_536;
+/// How long a UDP socket may answer a peer after the last datagram it received from that
+/// peer, like conntrack's UDP timeout. `EngineConfig::reply_window` overrides it.
+pub const REPLY_WINDOW_NS: u64 = 30_000_000_000;
 /// How many ancestors of a socket's cgroup the programs walk to find the pod cgroup.
 pub const MAX_CGROUP_DEPTH: u32 = 12;
 /// Port ranges one trie entry can hold; the compiler rejects anything larger rather than
@@ -265,6 +274,22 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 
+/// Key of the UDP reply table: one peer that sent a datagram to one socket. Its value is the
+/// time (bpf_ktime_get_ns) of the last datagram from that peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ReplyKey {
+    /// bpf_get_socket_cookie of the receiving socket: other sockets gain nothing.
+    pub cookie: u64,
+    /// The sender: IPv6, or IPv4-mapped IPv6 for IPv4 (canonical, as in `FlowKey`).
+    pub addr: [u8; 16],
+    /// The sender's port, host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<ReplyKey>() == 32);
+
 /// Global configuration, array map index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -274,8 +299,10 @@ pub struct Config {
     pub unknown_pods: u32,
     /// `CONFIG_*` flags.
     pub flags: u32,
+    /// UDP reply window in ns (see `REPLY_WINDOW_NS`); 0 lets no reply through.
+    pub reply_window_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 pub const UNKNOWN_ALLOW: u32 = 0;
 pub const UNKNOWN_DENY: u32 = 1;
@@ -296,4 +323,5 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ReplyKey {}
 }

@@ -8,9 +8,15 @@ mod addr;
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
 mod pod;
+#[cfg(target_arch = "bpf")]
+mod reply;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
 #[cfg(target_arch = "bpf")]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use pipeguard_common::{
     AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, EVENT_RING_BYTES, FlowKey, MAX_ALLOW_ENTRIES,
-    MAX_COUNTERS, MAX_FLOWS, MAX_PODS, PodEntry, PortSet,
+    MAX_COUNTERS, MAX_FLOWS, MAX_PODS, MAX_REPLIES, PodEntry, PortSet, ReplyKey,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -43,6 +43,11 @@ pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "PG_EVENT_LIMIT_V1")]
 pub static EVENT_LIMIT: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
+/// {receiving socket cookie, sender, sender port} → time of the last UDP datagram from that
+/// sender (see `reply`). LRU: losing an entry only makes a reply be judged as egress.
+#[map(name = "PG_REPLIES_V1")]
+pub static REPLIES: LruHashMap<ReplyKey, u64> = LruHashMap::with_max_entries(MAX_REPLIES, 0);
+
 /// Index 0: global `Config`.
-#[map(name = "PG_CONFIG_V1")]
+#[map(name = "PG_CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -6,13 +6,15 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
-    helpers::generated::bpf_get_current_cgroup_id, macros::cgroup_sock_addr, programs::SockAddrContext,
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
-use pipeguard_common::Hook;
+use pipeguard_common::{Hook, PROTO_UDP};
 
 use crate::{
     addr::Dest,
-    pod,
+    pod, reply,
     verdict::{Attempt, check},
 };
 
@@ -65,7 +67,17 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
         bytes: 0,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     };
-    if check(&attempt, pod::of_current_task()) {
+    // A UDP socket may answer (sendto, or connect then send) a peer it received from.
+    let is_reply = |config: &_| {
+        attempt.protocol == PROTO_UDP
+            && reply::is_udp_reply(
+                unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+                &attempt.dest,
+                attempt.port,
+                config,
+            )
+    };
+    if check(&attempt, pod::of_current_task(), is_reply) {
         ALLOW
     } else {
         DENY

@@ -31,22 +31,29 @@ pub struct Attempt {
 }
 
 #[inline(always)]
-fn config() -> Config {
+pub fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// True when the attempt may proceed.
+/// True when the attempt may proceed. `is_reply` says whether the attempt answers a peer
+/// that talked to the socket first (see `reply`); it is only asked when nothing else allows
+/// the attempt, and a reply is counted as allowed.
 #[inline(always)]
-pub fn check(attempt: &Attempt, pod: Option<Pod>) -> bool {
+pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config) -> bool) -> bool {
     let config = config();
     let Some(pod) = pod else {
         if config.unknown_pods != UNKNOWN_DENY {
             return true;
         }
-        report(attempt, 0, 0, VERDICT_DENY, &config);
-        return false;
+        let verdict = if is_reply(&config) {
+            VERDICT_ALLOW
+        } else {
+            VERDICT_DENY
+        };
+        report(attempt, 0, 0, verdict, &config);
+        return verdict == VERDICT_ALLOW;
     };
-    let verdict = if allowed(pod.entry.policy_id, attempt) {
+    let verdict = if allowed(pod.entry.policy_id, attempt) || is_reply(&config) {
         VERDICT_ALLOW
     } else if pod.entry.mode == MODE_AUDIT {
         VERDICT_AUDIT

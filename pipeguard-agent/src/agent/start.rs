@@ -62,6 +62,7 @@ pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine
             flow_stats: false,
             kernel_log_level: config.kernel_log_level,
             pin_dir: config.pin_dir.clone(),
+            ..EngineConfig::default()
         }) {
             Ok(engine) => return engine,
             // Not ready and saying why beats a crash loop; retry in case it was transient.

@@ -14,9 +14,11 @@ use pipeguard_common::program_names as names;
 use super::{EngineError, pins};
 
 /// Every program, in attach order. The packet hook goes first so that, while the socket
-/// hooks are being attached, no packet leaves unjudged.
-pub const PROGRAMS: [&str; 6] = [
+/// hooks are being attached, no packet leaves unjudged. The ingress hook only learns (reply
+/// state); until it is attached, replies are judged as egress, which never opens anything.
+pub const PROGRAMS: [&str; 7] = [
     names::EGRESS,
+    names::INGRESS,
     names::SOCK_CREATE,
     names::CONNECT4,
     names::CONNECT6,
@@ -94,7 +96,11 @@ fn attach_one(
     // link-based attachments coexist with other programs anyway.
     let mode = CgroupAttachMode::Single;
     match program {
-        Program::CgroupSkb(p) => attach_link!(p, p.attach(cgroup, CgroupSkbAttachType::Egress, mode), pin),
+        Program::CgroupSkb(p) => {
+            // The section name (cgroup_skb/ingress or /egress) says which direction.
+            let direction = p.expected_attach_type().unwrap_or(CgroupSkbAttachType::Egress);
+            attach_link!(p, p.attach(cgroup, direction, mode), pin)
+        }
         Program::CgroupSock(p) => attach_link!(p, p.attach(cgroup, mode), pin),
         Program::CgroupSockAddr(p) => attach_link!(p, p.attach(cgroup, mode), pin),
         Program::LsmCgroup(p) => attach_link!(p, p.attach(cgroup), pin),

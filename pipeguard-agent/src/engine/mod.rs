@@ -14,7 +14,7 @@ use std::{os::fd::AsFd, path::Path};
 
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
-use pipeguard_common::{CONFIG_FLOW_STATS, Config, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names};
+use pipeguard_common::{CONFIG_FLOW_STATS, Config, REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names};
 
 pub use self::tables::PolicyEntries;
 
@@ -80,6 +80,8 @@ pub struct EngineConfig {
     /// Pin maps and links here so enforcement outlives the process (the agent); `None`
     /// ties everything to this process (exec).
     pub pin_dir: Option<std::path::PathBuf>,
+    /// How long a UDP socket may answer a peer after the last datagram from it.
+    pub reply_window: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +95,8 @@ impl Default for EngineConfig {
             kernel_log_level: 2,
             // Nothing outlives the process unless asked.
             pin_dir: None,
+            // conntrack's UDP timeout.
+            reply_window: std::time::Duration::from_nanos(REPLY_WINDOW_NS),
         }
     }
 }
@@ -184,6 +188,19 @@ impl Engine {
         self.packet_guard_unavailable.as_deref()
     }
 
+    /// Changes the UDP reply window at once, for replies already recorded too (the kernel
+    /// compares the time of the last datagram against the current window).
+    pub fn set_reply_window(&mut self, window: std::time::Duration) -> Result<(), EngineError> {
+        let mut array: aya::maps::Array<_, Config> = self.map_mut(map_names::CONFIG)?;
+        let map_error = |source| EngineError::Map {
+            map: map_names::CONFIG,
+            source,
+        };
+        let mut config = array.get(&0, 0).map_err(map_error)?;
+        config.reply_window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        array.set(0, config, 0).map_err(map_error)
+    }
+
     fn write_config(&mut self, config: &EngineConfig) -> Result<(), EngineError> {
         let value = Config {
             unknown_pods: match config.unknown_pods {
@@ -191,6 +208,7 @@ impl Engine {
                 UnknownPods::Deny => UNKNOWN_DENY,
             },
             flags: if config.flow_stats { CONFIG_FLOW_STATS } else { 0 },
+            reply_window_ns: u64::try_from(config.reply_window.as_nanos()).unwrap_or(u64::MAX),
         };
         let mut array: aya::maps::Array<_, Config> = self.map_mut(map_names::CONFIG)?;
         array.set(0, value, 0).map_err(|source| EngineError::Map {

@@ -84,6 +84,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         flow_stats: true,
         kernel_log_level: spec.kernel_log_level,
         pin_dir: None,
+        ..EngineConfig::default()
     })?;
     let name = format!("exec-{}", std::process::id());
     let cgroup = OwnedCgroup::create(&spec.cgroup_parent, &name).map_err(|source| JobError::Cgroup {

@@ -42,7 +42,7 @@ pub fn main() {
     }
 }
 
-fn report(action: &str, started: Instant, result: std::io::Result<()>) {
+pub fn report(action: &str, started: Instant, result: std::io::Result<()>) {
     let outcome = Outcome {
         action: action.to_string(),
         ok: result.is_ok(),
@@ -106,6 +106,9 @@ fn run(action: &str) {
         "bpf-ids" => super::root_job::bpf_ids(),
         "bind-low" => super::root_job::bind_low_port(),
         "probe-loop" => return super::root_job::probe_loop(target, rest),
+        // Serving from inside the job (replies): see tests/kernel_replies.rs.
+        "udp-serve" => return super::serve::udp(target, rest),
+        "tcp-serve" => return super::serve::tcp(target, rest),
         other => panic!("unknown probe action {other:?}"),
     };
     report(action, started, result);
@@ -132,7 +135,7 @@ fn spawn_nested(action: &str, daemonize: bool) {
     }
 }
 
-fn addr(target: &str) -> SocketAddr {
+pub fn addr(target: &str) -> SocketAddr {
     target
         .parse()
         .unwrap_or_else(|e| panic!("probe target {target:?}: {e}"))
@@ -161,7 +164,7 @@ fn udp_sendto(target: &str, payload: &[u8]) -> std::io::Result<()> {
 }
 
 /// A socket address as the C API wants it.
-fn sockaddr(target: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(target: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
     let len = match target {
@@ -196,7 +199,7 @@ fn sockaddr(target: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-fn check(ret: isize) -> std::io::Result<()> {
+pub fn check(ret: isize) -> std::io::Result<()> {
     if ret < 0 {
         Err(std::io::Error::last_os_error())
     } else {

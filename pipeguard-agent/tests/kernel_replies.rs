@@ -1,0 +1,233 @@
+//! Replies pass, nothing else does: a guarded job whose policy allows none of its clients
+//! still answers them (TCP connections it accepted, UDP datagrams it received), and cannot
+//! use that to reach anything else. The engine against the real kernel, with real sockets;
+//! needs root and cgroup2, fails (never skips) without them.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use common::{listeners, probe::Outcome, probe_command, test_cgroup};
+use pipeguard::{
+    cgroup::OwnedCgroup,
+    engine::{Engine, EngineConfig, events},
+};
+use pipeguard_common::{
+    Hook, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_ALLOW, VERDICT_DENY,
+};
+
+#[test]
+#[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
+fn probe_main() {
+    common::probe::main();
+}
+
+const POLICY: u32 = 11;
+/// Time for a leaked packet to arrive before we conclude none did.
+const LEAK_WAIT: Duration = Duration::from_millis(300);
+
+struct Guarded {
+    engine: Engine,
+    cgroup: OwnedCgroup,
+    cgroup_id: u64,
+    dir: PathBuf,
+}
+
+/// A job whose policy allows only 127.0.0.6 (nothing listens there): none of the clients
+/// below is allowed as a destination.
+fn guard(name: &str) -> Guarded {
+    let cgroup = test_cgroup(name);
+    let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
+    let cgroup_id = cgroup.id().unwrap();
+    engine
+        .put_policy(
+            POLICY,
+            &common::allow_only("127.0.0.6/32", 9, &[PROTO_TCP, PROTO_UDP]),
+        )
+        .unwrap();
+    engine
+        .put_pod(
+            cgroup_id,
+            PodEntry {
+                policy_id: POLICY,
+                mode: MODE_ENFORCE,
+                flags: POD_DENY_RAW_SOCKETS,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+    engine.attach(cgroup.path()).expect("attach to the test cgroup");
+    let dir = std::env::temp_dir().join(format!("pg-replies-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Guarded {
+        engine,
+        cgroup,
+        cgroup_id,
+        dir,
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Guarded {
+    fn serve(&self, action: String) -> Child {
+        probe_command(self.cgroup.path(), &[action])
+            .spawn()
+            .expect("spawn probe")
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn count(&self, hook: Hook, verdict: u8) -> u64 {
+        self.engine
+            .counters(self.cgroup_id)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.hook == hook as u8 && k.verdict == verdict)
+            .map(|(_, c)| c.packets)
+            .sum()
+    }
+}
+
+/// The port the probe published, once it is listening.
+fn published_port(path: &str, child: &mut Child) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.parse().expect("port file");
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the probe exited before listening: {status}");
+        }
+        assert!(Instant::now() < deadline, "the probe never published its port");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn finish(child: Child) -> Vec<Outcome> {
+    let output = child.wait_with_output().expect("wait for probe");
+    assert!(
+        output.status.success(),
+        "probe failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    common::parse_outcomes(&output)
+}
+
+fn outcome<'a>(outcomes: &'a [Outcome], step: &str) -> &'a Outcome {
+    outcomes
+        .iter()
+        .find(|o| o.action.ends_with(&format!(":{step}")))
+        .unwrap_or_else(|| panic!("no outcome for {step} in {outcomes:#?}"))
+}
+
+fn drain_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<events::Violation> {
+    let clock = events::Clock::now();
+    let mut seen = Vec::new();
+    while let Some(item) = ring.next() {
+        seen.extend(events::decode(&item, &clock));
+    }
+    seen
+}
+
+/// One UDP round: the client outside the job sends, the job answers (twice: sendto, then
+/// connected), then tries the abuses `udp-serve` lists; the window is closed before the
+/// last one.
+fn udp_round(name: &str, bind: &str, client_bind: &str, server_ip: &str, third_bind: &str) {
+    let mut g = guard(name);
+    let mut ring = g.engine.take_events().unwrap();
+    let third = listeners::udp(third_bind);
+    let (port_file, flag) = (g.file("port"), g.file("expired"));
+    let mut child = g.serve(format!("udp-serve {bind} {port_file} {} {flag}", third.addr));
+    let port = published_port(&port_file, &mut child);
+    let server: SocketAddr = format!("{server_ip}:{port}").parse().unwrap();
+
+    let client = UdpSocket::bind(client_bind).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.send_to(b"ping", server).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, from) = client.recv_from(&mut buf).expect("the job's answer");
+    assert_eq!(&buf[..n], b"reply:ping", "answer from {from}");
+    let (n, _) = client.recv_from(&mut buf).expect("the job's connected answer");
+    assert_eq!(&buf[..n], b"connected-reply");
+
+    // Close the window for replies already recorded, then let the job try again.
+    g.engine.set_reply_window(Duration::ZERO).unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let outcomes = finish(child);
+
+    assert!(outcome(&outcomes, "reply").ok, "{outcomes:#?}");
+    assert!(outcome(&outcomes, "connected-reply").ok, "{outcomes:#?}");
+    for refused in ["third", "other-socket", "expired"] {
+        assert!(
+            outcome(&outcomes, refused).denied_with_eperm(),
+            "{refused} must be refused with EPERM: {outcomes:#?}"
+        );
+    }
+    client.set_read_timeout(Some(LEAK_WAIT)).unwrap();
+    assert!(
+        client.recv_from(&mut buf).is_err(),
+        "nothing else reached the client, got {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(third.received.bytes().is_empty(), "the third address got nothing");
+
+    let seen = drain_events(&mut ring);
+    let client_port = Some(client.local_addr().unwrap().port());
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.dst_port == client_port && e.hook == "egress"),
+        "replies are no violations: {seen:#?}"
+    );
+    // The abuses are reported: the third address, and the client for the other socket
+    // and after the window closed.
+    assert!(
+        seen.iter()
+            .any(|e| e.dst_port == Some(third.addr.port()) && e.verdict == "deny"),
+        "{seen:#?}"
+    );
+    let client_denials = seen
+        .iter()
+        .filter(|e| e.dst_port == client_port && e.verdict == "deny")
+        .count();
+    assert_eq!(client_denials, 2, "other socket and expired: {seen:#?}");
+    // An AF_INET6 socket sending to an AF_INET address passes sendmsg4.
+    let denied = g.count(Hook::Sendmsg4, VERDICT_DENY) + g.count(Hook::Sendmsg6, VERDICT_DENY);
+    assert!(denied >= 3, "third, other socket, expired: {denied}");
+    let replies = g.count(Hook::Egress, VERDICT_ALLOW);
+    assert!(
+        replies >= 2,
+        "the two answers are counted as allowed packets: {replies}"
+    );
+}
+
+#[test]
+fn udp_replies_pass_over_ipv4() {
+    udp_round("udp4", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1", "127.0.0.2:0");
+}
+
+#[test]
+fn udp_replies_pass_over_ipv6() {
+    udp_round("udp6", "[::1]:0", "[::1]:0", "[::1]", "[::1]:0");
+}
+
+#[test]
+fn udp_replies_pass_over_v4_mapped_ipv6() {
+    // An AF_INET6 socket talking to ::ffff:127.0.0.1.
+    udp_round("udp-mapped", "[::]:0", "127.0.0.1:0", "127.0.0.1", "127.0.0.2:0");
+}
