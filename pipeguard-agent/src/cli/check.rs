@@ -67,7 +67,7 @@ fn check(args: &CheckArgs) -> Result<u8, String> {
     }
     // Accepted input that is enforced differently from how it reads (host bits, IPv4-mapped
     // blocks) is worth a line, but it is not an error.
-    for warning in set.policies.iter().flat_map(|p| &p.warnings) {
+    for warning in set.warnings() {
         eprintln!("pipeguard check: warning: {warning}");
     }
     let cluster =

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
+    domain_load::{DomainFailure, DomainTaint, domain_policy_from_value, is_domain_kind},
+    domain_policy::DomainPolicy,
     error::PolicyError,
     model::NetworkPolicyDoc,
     validate::{Policy, validate},
@@ -18,7 +20,31 @@ pub const MAX_FILE_BYTES: u64 = 4 << 20;
 #[derive(Debug, Default)]
 pub struct PolicySet {
     pub policies: Vec<Policy>,
+    /// DomainPolicies and ClusterDomainPolicies (their errors are in `errors` too).
+    pub domains: Vec<DomainPolicy>,
     pub errors: Vec<PolicyError>,
+    /// Who fails closed because of each invalid domain policy.
+    pub domain_taints: Vec<DomainTaint>,
+}
+
+impl PolicySet {
+    pub fn add_domain(&mut self, result: Result<DomainPolicy, DomainFailure>) {
+        match result {
+            Ok(policy) => self.domains.push(policy),
+            Err(failure) => {
+                self.errors.push(failure.error);
+                self.domain_taints.push(failure.taint);
+            }
+        }
+    }
+
+    /// Every warning of every policy, NetworkPolicies first.
+    pub fn warnings(&self) -> impl Iterator<Item = &String> {
+        self.policies
+            .iter()
+            .flat_map(|p| &p.warnings)
+            .chain(self.domains.iter().flat_map(|d| &d.warnings))
+    }
 }
 
 /// Every path is a YAML file (several `---` documents allowed) or a directory whose
@@ -38,7 +64,9 @@ pub fn load_policies(paths: &[PathBuf]) -> PolicySet {
                 Ok(text) => {
                     let parsed = parse_policies(&label, &text);
                     set.policies.extend(parsed.policies);
+                    set.domains.extend(parsed.domains);
                     set.errors.extend(parsed.errors);
+                    set.domain_taints.extend(parsed.domain_taints);
                 }
                 Err(message) => set.errors.push(PolicyError::file(&label, message)),
             }
@@ -97,6 +125,14 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
             continue;
         }
         for object in list_items(value) {
+            let kind = object.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+            if is_domain_kind(kind) {
+                set.add_domain(domain_policy_from_value(source, object).map_err(|mut failure| {
+                    failure.error.document = doc_no;
+                    failure
+                }));
+                continue;
+            }
             match policy_from_value(source, object) {
                 Ok(policy) => set.policies.push(policy),
                 Err(error) => set.errors.push(PolicyError {
@@ -197,9 +233,11 @@ fn check_kind(kind: &str, object: &Option<String>) -> Result<(), ObjectError> {
         return Ok(());
     }
     let message = if kind.is_empty() {
-        "missing kind (expected NetworkPolicy)".to_string()
+        "missing kind (expected NetworkPolicy, DomainPolicy or ClusterDomainPolicy)".to_string()
     } else {
-        format!("unsupported kind {kind:?}: only networking.k8s.io/v1 NetworkPolicy is read")
+        format!(
+            "unsupported kind {kind:?}: only networking.k8s.io/v1 NetworkPolicy and pipeguard.dev/v1alpha1 DomainPolicy and ClusterDomainPolicy are read"
+        )
     };
     Err((object.clone(), Some("kind".into()), message))
 }

@@ -6,8 +6,13 @@
 //! union of their rules as [`AllowRule`]s) → `lpm` (trie entries whose longest-prefix answer
 //! equals [`evaluate`], the straightforward reference).
 //!
+//! Domain policies (`DomainPolicy`, `ClusterDomainPolicy`) ride along: `load` dispatches
+//! them by kind to `domain_load` → `domain_policy` (wire format, validation) → `domain`
+//! (name syntax); `domain_select` picks a pod's rules; `reach_name` answers `check --to-name`.
+//!
 //! Imports run one way, never in a loop: `cluster` (snapshots) → `load` (files and
-//! objects) → `validate` → `model` (the wire format) and `selector`.
+//! objects) → `validate` → `model` (the wire format) and `selector`; the `domain_*`
+//! modules sit beside `validate` and under `load`.
 
 #![expect(
     clippy::result_large_err,
@@ -16,6 +21,9 @@
 
 mod cluster;
 mod domain;
+mod domain_load;
+mod domain_policy;
+mod domain_select;
 mod egress;
 mod error;
 mod eval;
@@ -23,13 +31,19 @@ mod ingress;
 mod load;
 mod lpm;
 mod model;
+mod punycode;
 mod reach;
 mod selector;
 mod validate;
 
 pub use self::{
     cluster::{Cluster, ClusterPod, MAX_CLUSTER_BYTES, NAMESPACE_NAME_LABEL, cluster_from_str, load_cluster},
-    domain::{DomainPattern, DomainRule},
+    domain::{DOH_RESOLVERS, DomainPattern, DomainRule, doh_resolvers_allowed},
+    domain_load::{DomainFailure, DomainTaint, TaintScope, domain_policy_from_value, is_domain_kind},
+    domain_policy::{
+        CLUSTER_DOMAIN_POLICY, DOMAIN_API_VERSION, DOMAIN_POLICY, DomainEgress, DomainPolicy, DomainScope,
+    },
+    domain_select::{Domains, domain_taint_for, domains_for, merge_rules, selecting_domain},
     egress::{Egress, PodIdentity, egress_for, policy_egress_rules, selecting_egress},
     error::PolicyError,
     eval::evaluate,

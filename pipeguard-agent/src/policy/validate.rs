@@ -230,7 +230,7 @@ fn cidr(field: &str, text: &str, warnings: &mut Vec<String>) -> Result<IpNet, Fi
     Ok(net.trunc())
 }
 
-fn port(at: &str, doc: &PortDoc) -> Result<PortSpec, FieldError> {
+pub(super) fn port(at: &str, doc: &PortDoc) -> Result<PortSpec, FieldError> {
     let text = doc.protocol.as_deref().unwrap_or("TCP");
     let protocol = protocol_number(text).ok_or_else(|| {
         (
