@@ -1,6 +1,7 @@
 //! `pipeguard check`: NetworkPolicy as code. Answers whether one pod can reach another (or
-//! an IP) from policy files and a cluster snapshot, with no cluster and no kernel, or
-//! prints the whole pod-to-pod truth table for review as a diff.
+//! an IP, or a name through its domain rules) from policy files and a cluster snapshot,
+//! with no cluster and no kernel, or prints the whole pod-to-pod truth table for review as
+//! a diff.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -8,14 +9,17 @@ use serde::Serialize;
 
 use crate::policy::{self, Cluster, ClusterPod, Destination, PortQuery, Reach};
 
-/// Evaluate NetworkPolicies offline: egress of the source, ingress of the destination.
+/// Evaluate NetworkPolicies and domain policies offline: egress of the source, ingress of
+/// the destination.
 ///
 /// Exit code: 0 allow, 1 deny, 2 error.
 ///
 /// Example: pipeguard check --policies policies/ --cluster cluster.yaml --from ci/runner --to 10.0.0.5 --port 443
+///
+/// Example: pipeguard check --policies policies/ --cluster cluster.yaml --from ci/runner --to-name registry.npmjs.org --port 443
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
-    /// NetworkPolicy YAML file or directory; repeatable.
+    /// NetworkPolicy, DomainPolicy or ClusterDomainPolicy YAML file or directory; repeatable.
     #[arg(long = "policies", required = true, value_name = "PATH")]
     pub policies: Vec<PathBuf>,
     /// Cluster snapshot: multi-document YAML of v1 Namespaces and v1 Pods.
@@ -25,8 +29,14 @@ pub struct CheckArgs {
     #[arg(long, required_unless_present = "matrix")]
     pub from: Option<String>,
     /// Destination: NAMESPACE/POD, or an IP address.
-    #[arg(long, required_unless_present = "matrix")]
+    #[arg(long, required_unless_present_any = ["matrix", "to_name"], conflicts_with = "to_name")]
     pub to: Option<String>,
+    /// Destination: a DNS name, allowed (or not) by the source's domain rules.
+    #[arg(long, value_name = "NAME")]
+    pub to_name: Option<String>,
+    /// Names under this domain are always resolvable (the agent's --cluster-domain).
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    pub cluster_domain: String,
     /// Destination port: a number, or a container port name of the destination pod.
     #[arg(long, required_unless_present = "matrix")]
     pub port: Option<String>,
@@ -37,7 +47,7 @@ pub struct CheckArgs {
     #[arg(long)]
     pub json: bool,
     /// Print the pod-to-pod reachability table for --port (default 80) instead.
-    #[arg(long, conflicts_with_all = ["from", "to"])]
+    #[arg(long, conflicts_with_all = ["from", "to", "to_name"])]
     pub matrix: bool,
 }
 
@@ -82,12 +92,32 @@ fn check(args: &CheckArgs) -> Result<u8, String> {
         print!("{}", matrix(&set, &cluster, port, args.protocol)?);
         return Ok(EXIT_ALLOW);
     }
-    let (from, to, port) = (
+    let (from, port) = (
         args.from.as_deref().expect("clap requires it"),
-        args.to.as_deref().expect("clap requires it"),
         args.port.as_deref().expect("clap requires it"),
     );
     let source = find_pod(&cluster, from)?;
+    if let Some(name) = &args.to_name {
+        let port = port
+            .parse()
+            .map_err(|_| format!("--to-name needs a numeric --port, got {port:?}"))?;
+        let answer = policy::reach_name(
+            &set,
+            &cluster,
+            source,
+            name,
+            port,
+            args.protocol,
+            &args.cluster_domain,
+        )?;
+        print_answer(&answer.reach, answer.rule.as_deref(), args.json)?;
+        return Ok(if answer.reach.allowed {
+            EXIT_ALLOW
+        } else {
+            EXIT_DENY
+        });
+    }
+    let to = args.to.as_deref().expect("clap requires it");
     let destination = match to.parse() {
         Ok(ip) => match cluster.pods.iter().find(|p| p.ips.contains(&ip)) {
             Some(pod) => Destination::Pod(pod),
@@ -101,21 +131,28 @@ fn check(args: &CheckArgs) -> Result<u8, String> {
     };
     let answer = policy::reach(&set, &cluster, source, &destination, &port, args.protocol)
         .map_err(|e| e.to_string())?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&Json::from(&answer)).map_err(|e| e.to_string())?
-        );
-    } else {
-        println!("egress:  {}", answer.egress.as_str());
-        println!("ingress: {}", answer.ingress.as_str());
-        println!("verdict: {}", if answer.allowed { "allow" } else { "deny" });
-        if !answer.policies.is_empty() {
-            println!("policies: {}", answer.policies.join(", "));
-        }
-        println!("reason: {}", answer.reason);
-    }
+    print_answer(&answer, None, args.json)?;
     Ok(if answer.allowed { EXIT_ALLOW } else { EXIT_DENY })
+}
+
+fn print_answer(answer: &Reach, rule: Option<&str>, json: bool) -> Result<(), String> {
+    if json {
+        let mut out = Json::from(answer);
+        out.rule = rule;
+        println!("{}", serde_json::to_string(&out).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!("egress:  {}", answer.egress.as_str());
+    println!("ingress: {}", answer.ingress.as_str());
+    println!("verdict: {}", if answer.allowed { "allow" } else { "deny" });
+    if !answer.policies.is_empty() {
+        println!("policies: {}", answer.policies.join(", "));
+    }
+    if let Some(rule) = rule {
+        println!("rule: {rule}");
+    }
+    println!("reason: {}", answer.reason);
+    Ok(())
 }
 
 fn find_pod<'a>(cluster: &'a Cluster, name: &str) -> Result<&'a ClusterPod, String> {
@@ -137,6 +174,9 @@ struct Json<'a> {
     ingress: &'static str,
     policies: &'a [String],
     reason: &'a str,
+    /// With --to-name: the domain rule that allows the name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
 }
 
 impl<'a> From<&'a Reach> for Json<'a> {
@@ -147,6 +187,7 @@ impl<'a> From<&'a Reach> for Json<'a> {
             ingress: r.ingress.as_str(),
             policies: &r.policies,
             reason: &r.reason,
+            rule: None,
         }
     }
 }

@@ -33,6 +33,7 @@ mod lpm;
 mod model;
 mod punycode;
 mod reach;
+mod reach_name;
 mod selector;
 mod validate;
 
@@ -52,6 +53,7 @@ pub use self::{
     lpm::{CompileError, LpmEntries, lookup, lpm_entries},
     model::protocol_number,
     reach::{Destination, PortQuery, Reach, ReachError, Side, reach},
+    reach_name::{NameReach, reach_name},
     selector::Selector,
     validate::{Peer, Policy, PortRef, PortSpec, Rule},
 };

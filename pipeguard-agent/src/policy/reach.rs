@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use super::{
     cluster::{Cluster, ClusterPod},
+    domain_select::selecting_domain,
     egress::{PodIdentity, policy_egress_rules, selecting_egress},
     eval::evaluate,
     ingress::{Source, policy_admits, selecting_ingress},
@@ -118,6 +119,11 @@ pub fn reach(
         labels: from.labels.clone(),
     };
     let isolating = selecting_egress(set, &identity);
+    // A domain policy isolates egress too; its rules allow names, never a pod or an IP.
+    let domains: Vec<String> = selecting_domain(set, &identity, Some(cluster))
+        .iter()
+        .map(|d| d.key())
+        .collect();
     let allowing: Vec<String> = isolating
         .iter()
         .filter(|p| {
@@ -130,7 +136,7 @@ pub fn reach(
         })
         .map(|p| p.key())
         .collect();
-    let egress = if isolating.is_empty() || !allowing.is_empty() {
+    let egress = if (isolating.is_empty() && domains.is_empty()) || !allowing.is_empty() {
         Side::Allow
     } else {
         Side::Deny
@@ -168,6 +174,7 @@ pub fn reach(
     let mut reasons = Vec::new();
     if egress == Side::Deny {
         policies.extend(isolating.iter().map(|p| p.key()));
+        policies.extend(domains.iter().cloned());
         reasons.push(format!(
             "egress of {}/{} is isolated and no rule allows {dst_ip} on {what}",
             from.namespace, from.name
@@ -184,10 +191,15 @@ pub fn reach(
     if allowed {
         policies.extend(allowing);
         policies.extend(ingress_allowing);
-        reasons.push(match (isolating.is_empty(), ingress_isolating.is_empty()) {
-            (true, true) => "no policy isolates either side".to_string(),
-            _ => format!("allowed on {what}"),
-        });
+        reasons.push(
+            match (
+                isolating.is_empty() && domains.is_empty(),
+                ingress_isolating.is_empty(),
+            ) {
+                (true, true) => "no policy isolates either side".to_string(),
+                _ => format!("allowed on {what}"),
+            },
+        );
     }
     policies.sort();
     policies.dedup();
