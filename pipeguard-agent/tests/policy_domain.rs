@@ -313,7 +313,7 @@ fn directories_mix_both_kinds() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n, namespace: ci}\nspec: {podSelector: {}}\n",
     )
     .unwrap();
-    let set = load_policies(&[dir.clone()]);
+    let set = load_policies(std::slice::from_ref(&dir));
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(set.errors.is_empty(), "{:?}", set.errors);
     assert_eq!((set.policies.len(), set.domains.len()), (1, 1));

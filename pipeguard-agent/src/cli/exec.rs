@@ -152,6 +152,17 @@ fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
         name: "pipeguard-exec".to_string(),
         labels: args.labels.iter().cloned().collect(),
     };
+    for warning in set.domains.iter().flat_map(|d| &d.warnings) {
+        tracing::warn!("{warning}");
+    }
+    // Until the kernel filters DNS, a domain policy cannot be enforced as written; running
+    // the job without it would leave its DNS queries unchecked.
+    if let Some(domains) = policy::domains_for(&set, &pod, cluster.as_ref()) {
+        return Err(format!(
+            "{} selects this job, but this build does not enforce domain policies yet; the command was not run",
+            domains.policies.join(", ")
+        ));
+    }
     let rules = match policy::egress_for(&set, &pod, cluster.as_ref()) {
         Egress::Unrestricted => {
             tracing::warn!(
