@@ -6,7 +6,8 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     process::Child,
     time::{Duration, Instant},
@@ -230,4 +231,173 @@ fn udp_replies_pass_over_ipv6() {
 fn udp_replies_pass_over_v4_mapped_ipv6() {
     // An AF_INET6 socket talking to ::ffff:127.0.0.1.
     udp_round("udp-mapped", "[::]:0", "127.0.0.1:0", "127.0.0.1", "127.0.0.2:0");
+}
+
+/// One TCP round: the client outside the job connects and sends a line, the job answers,
+/// and tries the abuses `tcp-serve` lists.
+fn tcp_round(name: &str, bind: &str, server_ip: &str, third_bind: &str) {
+    let mut g = guard(name);
+    let mut ring = g.engine.take_events().unwrap();
+    let third = listeners::tcp(third_bind);
+    let port_file = g.file("port");
+    let mut child = g.serve(format!("tcp-serve {bind} {port_file} {}", third.addr));
+    let port = published_port(&port_file, &mut child);
+    let server: SocketAddr = format!("{server_ip}:{port}").parse().unwrap();
+
+    let mut client = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+        .expect("the job's SYN-ACK reaches the client");
+    let client_port = Some(client.local_addr().unwrap().port());
+    client.write_all(b"ping\n").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 64];
+    // The job aborts the connection after answering (accepted-reconnect): read until then.
+    while !answer.ends_with(b"reply:ping\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert_eq!(answer, b"reply:ping\n", "the job's answer");
+    let outcomes = finish(child);
+
+    assert!(outcome(&outcomes, "reply").ok, "{outcomes:#?}");
+    assert!(!outcome(&outcomes, "listener-connect").ok, "{outcomes:#?}");
+    for refused in ["unrelated", "listener-reconnect", "accepted-reconnect"] {
+        assert!(
+            outcome(&outcomes, refused).denied_with_eperm(),
+            "{refused} must be refused with EPERM: {outcomes:#?}"
+        );
+    }
+    std::thread::sleep(LEAK_WAIT);
+    assert!(third.received.bytes().is_empty(), "the third address got nothing");
+
+    let seen = drain_events(&mut ring);
+    assert!(
+        !seen.iter().any(|e| e.dst_port == client_port),
+        "replies are no violations: {seen:#?}"
+    );
+    let third_denials = seen
+        .iter()
+        .filter(|e| e.dst_port == Some(third.addr.port()) && e.verdict == "deny")
+        .count();
+    assert_eq!(
+        third_denials, 3,
+        "unrelated, listener and accepted socket: {seen:#?}"
+    );
+    let replies = g.count(Hook::Egress, VERDICT_ALLOW);
+    assert!(
+        replies >= 2,
+        "SYN-ACK and answer are counted as allowed packets: {replies}"
+    );
+    assert_eq!(g.count(Hook::Egress, VERDICT_DENY), 0, "no reply was dropped");
+}
+
+#[test]
+fn tcp_accepted_connections_answer_over_ipv4() {
+    tcp_round("tcp4", "127.0.0.1:0", "127.0.0.1", "127.0.0.2:0");
+}
+
+#[test]
+fn tcp_accepted_connections_answer_over_ipv6() {
+    tcp_round("tcp6", "[::1]:0", "[::1]", "[::1]:0");
+}
+
+#[test]
+fn tcp_accepted_connections_answer_over_v4_mapped_ipv6() {
+    // An AF_INET6 listener accepting from ::ffff:127.0.0.1.
+    tcp_round("tcp-mapped", "[::]:0", "127.0.0.1", "127.0.0.2:0");
+}
+
+/// The issue's reproduction through the real `pipeguard exec`: egress allowed only to
+/// 127.0.0.6/32, the job listens on 127.0.0.1, a client outside connects and gets its
+/// answer, and the replies are no violations.
+#[test]
+fn pipeguard_exec_job_answers_a_client_its_policy_does_not_allow() {
+    common::require_kernel();
+    let third = listeners::tcp("127.0.0.2:0");
+    let dir = std::env::temp_dir().join(format!("pg-replies-exec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: only-127-0-0-6
+  namespace: ci
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - ipBlock:
+        cidr: 127.0.0.6/32
+"#,
+    )
+    .unwrap();
+    let events = dir.join("events.jsonl");
+    let port_file = dir.join("port").display().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["exec", "--policy"])
+        .arg(&policy)
+        .args(["--namespace", "ci", "--events"])
+        .arg(&events)
+        .arg("--")
+        .args(common::probe_argv())
+        .env(
+            common::probe::ACTIONS_ENV,
+            format!("tcp-serve 127.0.0.1:0 {port_file} {}", third.addr),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pipeguard exec");
+    let port = published_port(&port_file, &mut child);
+
+    let mut client = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("the job accepts: its SYN-ACK is a reply");
+    let client_port = client.local_addr().unwrap().port();
+    client.write_all(b"ping\n").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 64];
+    while !answer.ends_with(b"reply:ping\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let outcomes = finish(child);
+    assert_eq!(
+        answer, b"reply:ping\n",
+        "the client gets its answer: {outcomes:#?}"
+    );
+    assert!(outcome(&outcomes, "reply").ok, "{outcomes:#?}");
+    assert!(
+        outcome(&outcomes, "unrelated").denied_with_eperm(),
+        "{outcomes:#?}"
+    );
+
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event line {l:?}: {e}")))
+        .collect();
+    assert!(
+        !events.iter().any(|e| e["dst_port"] == client_port),
+        "no denial for the replies: {events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["dst_port"] == third.addr.port() && e["verdict"] == "deny"),
+        "the job's own connect elsewhere is still refused and reported: {events:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,8 +19,9 @@ pub mod map_names {
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
+    pub const ACCEPTED: &str = "PG_ACCEPTED_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -31,6 +32,7 @@ pub mod map_names {
         EVENT_LIMIT,
         CONFIG,
         REPLIES,
+        ACCEPTED,
     ];
 }
 
@@ -42,6 +44,7 @@ pub mod program_names {
     pub const SENDMSG6: &str = "pg_sendmsg6";
     pub const EGRESS: &str = "pg_egress";
     pub const INGRESS: &str = "pg_ingress";
+    pub const SOCK_OPS: &str = "pg_sock_ops";
     pub const SOCK_CREATE: &str = "pg_sock_create";
     pub const SOCKET_CREATE_LSM: &str = "pg_socket_create_lsm";
 }
@@ -290,6 +293,20 @@ pub struct ReplyKey {
 }
 const _: () = assert!(core::mem::size_of::<ReplyKey>() == 32);
 
+/// Socket-local storage of a TCP connection the pod accepted: the peer it was accepted
+/// from. Packets of that socket to that peer are replies; once the socket is reused for
+/// anything else (disconnected and connected elsewhere) the peer no longer matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AcceptedPeer {
+    /// IPv6, or IPv4-mapped IPv6 for IPv4 (canonical, as in `FlowKey`).
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 24);
+
 /// Global configuration, array map index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -324,4 +341,5 @@ mod user {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ReplyKey {}
+    unsafe impl aya::Pod for AcceptedPeer {}
 }

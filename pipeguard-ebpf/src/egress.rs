@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use pipeguard_common::{Config, Hook, PROTO_UDP, VERDICT_ERROR};
+use pipeguard_common::{Config, Hook, PROTO_TCP, PROTO_UDP, VERDICT_ERROR};
 
 use crate::{
     packet::{self, Packet},
@@ -21,27 +21,40 @@ const DROP: i32 = 0;
 
 #[cgroup_skb(egress)]
 pub fn pg_egress(ctx: SkBuffContext) -> i32 {
-    let skb = ctx.skb.skb;
-    let pod = pod::of_skb(skb);
-    let Ok(packet) = packet::parse(&ctx) else {
-        let Some(pod) = pod else {
-            // Not a guarded pod: only the unknown-pod policy applies, and it cannot judge
-            // what it cannot parse.
-            return PASS;
-        };
-        // Unparseable packet from a guarded pod: never let "something broke" mean allow.
-        count(pod.cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
-        return DROP;
-    };
-    let attempt = Attempt {
+    // The two branches call `check` separately on purpose: passing one `Option<Pod>` down
+    // lets LLVM spill the uninitialized payload of `None`, which the verifier rejects.
+    match pod::of_skb(ctx.skb.skb) {
+        Some(pod) => match packet::parse(&ctx) {
+            Ok(packet) => verdict(check(&attempt(&ctx, &packet), Some(pod), |config| {
+                is_reply(&ctx, &packet, config)
+            })),
+            Err(()) => {
+                // Unparseable packet from a guarded pod: never let "something broke" mean allow.
+                count(pod.cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
+                DROP
+            }
+        },
+        // Not a guarded pod: only the unknown-pod policy applies, and it cannot judge what
+        // it cannot parse.
+        None => match packet::parse(&ctx) {
+            Ok(packet) => verdict(check(&attempt(&ctx, &packet), None, |config| {
+                is_reply(&ctx, &packet, config)
+            })),
+            Err(()) => PASS,
+        },
+    }
+}
+
+#[inline(always)]
+fn attempt(ctx: &SkBuffContext, packet: &Packet) -> Attempt {
+    Attempt {
         dest: packet.dst,
         port: packet.dst_port,
         protocol: packet.protocol,
         hook: Hook::Egress,
         bytes: ctx.len() as u64,
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
-    };
-    verdict(check(&attempt, pod, |config| is_reply(&ctx, &packet, config)))
+        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+    }
 }
 
 #[inline(always)]
@@ -50,7 +63,7 @@ fn is_reply(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
         return reply::is_udp_reply(cookie, &packet.dst, packet.dst_port, config);
     }
-    false
+    packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet)
 }
 
 #[inline(always)]

@@ -22,6 +22,8 @@ mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_create;
 #[cfg(target_arch = "bpf")]
+mod sock_ops;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(target_arch = "bpf")]

@@ -1,12 +1,13 @@
 //! Every map the programs use. Layouts are in pipeguard-common; names are versioned there.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pipeguard_common::{
-    AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, EVENT_RING_BYTES, FlowKey, MAX_ALLOW_ENTRIES,
-    MAX_COUNTERS, MAX_FLOWS, MAX_PODS, MAX_REPLIES, PodEntry, PortSet, ReplyKey,
+    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, EVENT_RING_BYTES, FlowKey,
+    MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS, MAX_PODS, MAX_REPLIES, PodEntry, PortSet, ReplyKey,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -51,3 +52,9 @@ pub static REPLIES: LruHashMap<ReplyKey, u64> = LruHashMap::with_max_entries(MAX
 /// Index 0: global `Config`.
 #[map(name = "PG_CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Socket-local storage: the peer a TCP socket of a guarded pod was accepted from (written
+/// by `pg_sock_ops`, read by the egress hook; see `reply`). Freed with the socket. A BTF
+/// map, because the kernel wants BTF for the key and value of socket storage.
+#[btf_map(name = "PG_ACCEPTED_V1")]
+pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();

@@ -1,18 +1,123 @@
 //! Replies pass, like NetworkPolicy's stateful semantics: what a guarded socket sends back to
 //! a peer that talked to it first is not new egress.
 //!
+//! TCP: `pg_sock_ops` stores the peer of every connection the pod accepted in the child
+//! socket's local storage; packets of that socket to that peer are replies. A listener's
+//! SYN-ACKs are replies too: the kernel hands the egress hook the listener (the full socket
+//! of the request socket), in state LISTEN. Sockets the pod opened with connect() carry no
+//! mark, so their packets stay judged (revocation keeps working).
+//!
 //! UDP: the ingress hook records {receiving socket, sender address, sender port} with the
 //! time of the datagram; the egress and socket hooks let the same socket send to that peer
 //! within the reply window. Keyed by socket cookie, so no other socket gains anything, and
 //! by the exact sender, so no other address does.
 
-use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    programs::SkBuffContext,
-};
-use pipeguard_common::{Config, PROTO_UDP, ReplyKey, UNKNOWN_DENY};
+use core::ptr::{addr_of, null_mut, read_volatile};
 
-use crate::{addr::Dest, maps::REPLIES, packet::Packet, pod};
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_LISTEN},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_sk_storage_get},
+    programs::{SkBuffContext, SockOpsContext},
+};
+use pipeguard_common::{AcceptedPeer, Config, PROTO_UDP, ReplyKey, UNKNOWN_DENY};
+
+use crate::{
+    addr::Dest,
+    maps::{ACCEPTED, REPLIES},
+    packet::Packet,
+    pod,
+};
+
+const AF_INET: u32 = 2;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// The socket storage map as the helpers want it. aya-ebpf's `SkStorage` only offers its
+/// accessors for sock_addr programs (and keeps `as_ptr` crate-private), so the sock_ops and
+/// cgroup_skb programs call the helper with the map's address themselves.
+#[inline(always)]
+fn accepted_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&ACCEPTED).cast_mut().cast()
+}
+
+/// In `pg_sock_ops`, on BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: the child socket of an accepted
+/// connection remembers its peer.
+#[inline(always)]
+pub fn mark_accepted(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // Context fields must be read with exactly-sized loads at fixed offsets (the verifier
+    // rewrites them), so every field is read before choosing: a branch would let LLVM
+    // select between two context pointers, which the verifier rejects.
+    let (sk, family, ip4, ip6, port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)),
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            [
+                read_volatile(addr_of!((*ops).remote_ip6[0])),
+                read_volatile(addr_of!((*ops).remote_ip6[1])),
+                read_volatile(addr_of!((*ops).remote_ip6[2])),
+                read_volatile(addr_of!((*ops).remote_ip6[3])),
+            ],
+            // remote_port comes in network order in the upper 16 bits.
+            u32::from_be(read_volatile(addr_of!((*ops).remote_port))) as u16,
+        )
+    };
+    // An AF_INET6 socket accepted from an IPv4 peer sees ::ffff:a.b.c.d: canonical IPv4.
+    let peer = if family == AF_INET {
+        Dest::v4(ip4)
+    } else {
+        Dest::v6(ip6)
+    };
+    if sk.is_null() {
+        return;
+    }
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            accepted_map(),
+            sk.cast(),
+            null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    }
+    .cast::<AcceptedPeer>();
+    if stored.is_null() {
+        return;
+    }
+    unsafe {
+        (*stored).addr = peer.addr;
+        (*stored).port = port;
+    }
+}
+
+/// A TCP packet at the egress hook is a reply when its socket is a listener sending a
+/// SYN-ACK, or an accepted connection sending to the peer it was accepted from.
+#[inline(always)]
+pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() || packet.dst_port == 0 {
+        return false;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return false;
+    }
+    if unsafe { read_volatile(addr_of!((*full).state)) } == BPF_TCP_LISTEN {
+        // Only the handshake answer: a listener sends nothing else of its own.
+        let Ok(flags) = ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET) else {
+            return false;
+        };
+        return flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
+    }
+    let peer =
+        unsafe { bpf_sk_storage_get(accepted_map(), full.cast(), null_mut(), 0) }.cast::<AcceptedPeer>();
+    if peer.is_null() {
+        return false;
+    }
+    unsafe { (*peer).port == packet.dst_port && (*peer).addr == packet.dst.addr }
+}
 
 /// Called for every packet a socket under the attached cgroup receives. Only sockets that
 /// are judged at egress (guarded pods, or every socket under `--unknown-pods deny`) record

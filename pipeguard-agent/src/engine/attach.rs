@@ -15,10 +15,12 @@ use super::{EngineError, pins};
 
 /// Every program, in attach order. The packet hook goes first so that, while the socket
 /// hooks are being attached, no packet leaves unjudged. The ingress hook only learns (reply
-/// state); until it is attached, replies are judged as egress, which never opens anything.
-pub const PROGRAMS: [&str; 7] = [
+/// state), and so does sock_ops (accepted connections); until they are attached, replies
+/// are judged as egress, which never opens anything.
+pub const PROGRAMS: [&str; 8] = [
     names::EGRESS,
     names::INGRESS,
+    names::SOCK_OPS,
     names::SOCK_CREATE,
     names::CONNECT4,
     names::CONNECT6,
@@ -46,6 +48,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), EngineError> {
             Program::CgroupSkb(p) => p.load(),
             Program::CgroupSock(p) => p.load(),
             Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
             _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
         };
         result.map_err(|source| EngineError::Program {
@@ -104,6 +107,7 @@ fn attach_one(
         Program::CgroupSock(p) => attach_link!(p, p.attach(cgroup, mode), pin),
         Program::CgroupSockAddr(p) => attach_link!(p, p.attach(cgroup, mode), pin),
         Program::LsmCgroup(p) => attach_link!(p, p.attach(cgroup), pin),
+        Program::SockOps(p) => attach_link!(p, p.attach(cgroup, mode), pin),
         _ => Err(ProgramError::UnexpectedProgramType),
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     path::Path,
     time::{Duration, Instant},
@@ -78,6 +78,8 @@ pub fn udp(bind: &str, rest: &str) {
 ///   is open (refused);
 /// - `reply`: reads a line from the client and answers it (must pass);
 /// - `listener-connect`: connect() on the listening socket to THIRD (must fail);
+/// - `listener-reconnect`: stops the listener with connect(AF_UNSPEC) and connects it to
+///   THIRD (refused);
 /// - `accepted-reconnect`: disconnects the accepted socket and connects it to THIRD
 ///   (refused: an accepted socket gains nothing once it is no longer that connection).
 pub fn tcp(bind: &str, rest: &str) {
@@ -85,8 +87,15 @@ pub fn tcp(bind: &str, rest: &str) {
     let [port_file, third] = args[..] else {
         panic!("tcp-serve BIND PORTFILE THIRD, got {rest:?}");
     };
-    let third = addr(third);
-    let listener = TcpListener::bind(addr(bind)).expect("bind");
+    let bind = addr(bind);
+    // The job's AF_INET6 sockets name an IPv4 third address as ::ffff:a.b.c.d.
+    let third = match (bind, addr(third)) {
+        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        (_, third) => third,
+    };
+    let listener = TcpListener::bind(bind).expect("bind");
     publish_port(port_file, listener.local_addr().unwrap().port());
     let (mut stream, _) = listener.accept().expect("a connection from the test's client");
     stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -115,6 +124,11 @@ pub fn tcp(bind: &str, rest: &str) {
         started,
         connect_fd(Some(listener.as_raw_fd()), third),
     );
+
+    let started = Instant::now();
+    let result =
+        disconnect(listener.as_raw_fd()).and_then(|()| connect_fd(Some(listener.as_raw_fd()), third));
+    report("tcp-serve:listener-reconnect", started, result);
 
     let started = Instant::now();
     let result = disconnect(stream.as_raw_fd()).and_then(|()| connect_fd(Some(stream.as_raw_fd()), third));
