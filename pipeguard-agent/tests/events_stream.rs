@@ -237,3 +237,29 @@ fn a_slow_subscriber_is_dropped_with_a_reason_and_does_not_stall_the_others() {
     );
     assert!(text.contains("slow consumer"), "the reason is given");
 }
+
+#[test]
+fn subscribers_that_go_away_leave_at_once_without_any_record() {
+    use std::io::{Read, Write};
+    let s = server(Access::Loopback);
+    let addr = s.endpoint.trim_start_matches("http://").to_string();
+    // Connect, see the stream start, hang up: over and over, with nothing ever published.
+    for i in 0..2000 {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(c, "GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "cycle {i}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.hub.subscriber_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} subscribers left with nobody connected",
+            s.hub.subscriber_count()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.hub.published.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

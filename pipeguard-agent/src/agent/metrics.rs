@@ -67,6 +67,12 @@ pub struct Metrics {
     pub map_entries: Family<MapLabels, Gauge>,
     pub map_capacity: Family<MapLabels, Gauge>,
     pub bytes: Family<TrafficLabels, Counter>,
+    /// Open HTTP connections.
+    pub http_connections: Gauge,
+    /// HTTP connections closed at once because a connection cap was reached.
+    pub http_refused: Counter,
+    /// HTTP connections closed by the head deadline or the idle timeout.
+    pub http_timed_out: Counter,
     /// Last absolute kernel counter values, to turn them into counter increments.
     last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
 }
@@ -103,6 +109,9 @@ impl Default for Metrics {
             denied_destinations: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            http_connections: Gauge::default(),
+            http_refused: Counter::default(),
+            http_timed_out: Counter::default(),
             last_traffic: Mutex::default(),
             registry: Registry::default(),
         };
@@ -184,6 +193,21 @@ impl Default for Metrics {
             "Capacity of each kernel map",
             m.map_capacity.clone(),
         );
+        registry.register(
+            "http_connections",
+            "Open connections to the HTTP listener",
+            m.http_connections.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once because a connection cap was reached",
+            m.http_refused.clone(),
+        );
+        registry.register(
+            "http_connections_timed_out",
+            "HTTP connections closed by the request head deadline or the idle timeout",
+            m.http_timed_out.clone(),
+        );
         for (map, capacity) in [
             ("pods", pipeguard_common::MAX_PODS),
             ("allow_v4", pipeguard_common::MAX_ALLOW_ENTRIES),
@@ -234,6 +258,15 @@ impl Metrics {
         );
         self.event_sink_errors.inc_by(stats.sink_errors.swap(0, Relaxed));
         self.event_subscribers.set(hub.subscriber_count() as i64);
+    }
+
+    /// Brings the HTTP listener's figures up to date (at scrape time).
+    pub fn observe_http(&self, connections: &super::listener::Connections) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bump = |c: &Counter, value: u64| c.inc_by(value.saturating_sub(c.get()));
+        self.http_connections.set(connections.open() as i64);
+        bump(&self.http_refused, connections.refused.load(Relaxed));
+        bump(&self.http_timed_out, connections.timed_out.load(Relaxed));
     }
 
     pub fn encode(&self) -> String {

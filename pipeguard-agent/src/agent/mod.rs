@@ -10,6 +10,7 @@ pub mod desired;
 mod guard;
 pub mod http;
 mod kube;
+pub mod listener;
 pub mod metrics;
 mod pod_cgroups;
 pub mod snapshot;

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use super::{AgentConfig, AgentError, Health, cgroup_watch, http, kube, pod_cgroups};
+use super::{AgentConfig, AgentError, Health, cgroup_watch, http, kube, listener, pod_cgroups};
 use crate::{
     engine::{Engine, EngineConfig},
     events::{
@@ -40,7 +40,20 @@ pub(super) async fn http(config: &AgentConfig) -> Result<(Arc<Health>, Arc<Hub>)
         hub: hub.clone(),
         access,
     };
-    tokio::spawn(http::serve(listener, health.clone(), Some(stream)));
+    // Descriptors: the hard limit is ours to use; the listener's caps keep a reserve of it
+    // for scans, map updates and the API client whatever the HTTP load.
+    let nofile = listener::raise_fd_limit().unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot read or raise RLIMIT_NOFILE; assuming 1024");
+        1024
+    });
+    let limits = listener::Limits::for_fd_limit(nofile);
+    tracing::info!(
+        nofile,
+        max_connections = limits.max_connections,
+        per_source = limits.per_source,
+        "HTTP listener bounds"
+    );
+    tokio::spawn(http::serve_with(listener, health.clone(), Some(stream), limits));
     Ok((health, hub))
 }
 
@@ -68,6 +81,7 @@ pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine
             // Not ready and saying why beats a crash loop; retry in case it was transient.
             Err(error) => {
                 health.set_not_ready(format!("cannot load the eBPF programs: {error}"));
+                health.beat();
                 tokio::time::sleep(Duration::from_secs(30)).await;
             }
         }
@@ -81,6 +95,7 @@ pub(super) async fn attach_kubepods(
     health: &Health,
 ) -> Vec<PathBuf> {
     loop {
+        health.beat();
         let roots = pod_cgroups::kubepods_roots(root);
         if roots.is_empty() {
             health.set_not_ready(format!("no kubepods cgroup under {} yet", root.display()));
@@ -111,11 +126,24 @@ pub(super) async fn caches(
     let client = kube::client(config.kubeconfig.as_deref()).await?;
     let caches = kube::start(client.clone());
     cgroup_watch::start(root.to_path_buf(), caches.changed.clone()).map_err(AgentError::Watch)?;
-    tokio::select! {
-        _ = caches.ready() => {}
-        _ = tokio::time::sleep(config.sync_deadline) => {
-            health.set_not_ready(format!("caches not synced with the API server after {:?}", config.sync_deadline));
-            caches.ready().await;
+    let waiting = std::time::Instant::now();
+    let ready = caches.ready();
+    tokio::pin!(ready);
+    let mut said = false;
+    loop {
+        // Alive while waiting: the heartbeat says the agent is not stuck, /readyz says why
+        // it is not ready.
+        health.beat();
+        tokio::select! {
+            _ = &mut ready => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !said && waiting.elapsed() >= config.sync_deadline {
+            health.set_not_ready(format!(
+                "caches not synced with the API server after {:?}",
+                config.sync_deadline
+            ));
+            said = true;
         }
     }
     tracing::info!("caches synced");

@@ -63,6 +63,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
     loop {
+        health.beat();
         let start = std::time::Instant::now();
         match state.sync(config, caches, root, engine, &events.index, health) {
             Ok(stats) => {

@@ -17,6 +17,9 @@ use futures::stream;
 
 use super::hub::Hub;
 
+/// A quiet stream writes a keep-alive this often (well inside the listener's idle timeout).
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 #[derive(Clone)]
 pub enum Access {
     /// No token and a non-loopback listener: the stream is off.
@@ -94,20 +97,38 @@ pub async fn handler(
             Bytes::from(format!("{json}\n"))
         }
     };
-    let body = stream::unfold((sub, false), move |(mut sub, done)| async move {
-        if done {
-            return None;
-        }
-        match sub.records.recv().await {
-            Some(record) => {
-                let json = serde_json::to_string(&*record).unwrap_or_default();
-                Some((Ok::<_, Infallible>(frame(json)), (sub, false)))
+    let keepalive = if sse {
+        Bytes::from_static(b": keep-alive\n\n")
+    } else {
+        // An empty line: NDJSON readers skip it.
+        Bytes::from_static(b"\n")
+    };
+    let body = stream::unfold((sub, false), move |(mut sub, done)| {
+        let keepalive = keepalive.clone();
+        async move {
+            if done {
+                return None;
             }
-            // The hub let go of this subscriber: say why, then end the stream.
-            None => {
-                let reason = sub.dropped.lock().expect("subscriber lock").clone()?;
-                let json = serde_json::json!({"kind": "subscriber_dropped", "reason": reason}).to_string();
-                Some((Ok(frame(json)), (sub, true)))
+            let next = tokio::select! {
+                record = sub.records.recv() => record,
+                // Keeps a quiet stream from looking idle to the listener, and finds a
+                // client that went away (the write fails) even when no record comes.
+                () = tokio::time::sleep(KEEPALIVE) => {
+                    return Some((Ok::<_, Infallible>(keepalive), (sub, false)));
+                }
+            };
+            match next {
+                Some(record) => {
+                    let json = serde_json::to_string(&*record).unwrap_or_default();
+                    Some((Ok(frame(json)), (sub, false)))
+                }
+                // The hub let go of this subscriber: say why, then end the stream.
+                None => {
+                    let reason = sub.dropped.lock().expect("subscriber lock").clone()?;
+                    let json =
+                        serde_json::json!({"kind": "subscriber_dropped", "reason": reason}).to_string();
+                    Some((Ok(frame(json)), (sub, true)))
+                }
             }
         }
     });
