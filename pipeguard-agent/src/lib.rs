@@ -8,11 +8,13 @@
 //! - [`agent`]: the DaemonSet (`pipeguard agent`): kube caches, pod cgroups, incremental sync.
 //! - [`pod`]: a pod on this node (shared by the agent and the event pipeline).
 //! - [`cli`]: one module per subcommand.
+//! - [`escape`]: job-controlled text made safe for people to read.
 
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
 pub mod engine;
+pub mod escape;
 pub mod events;
 pub mod job;
 pub mod memory;

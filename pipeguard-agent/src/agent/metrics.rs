@@ -9,34 +9,35 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::escape::LabelValue;
 pub use crate::events::pipeline::DestinationLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: LabelValue,
+    pub name: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
-    pub state: String,
+    pub state: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub verdict: String,
+    pub namespace: LabelValue,
+    pub pod: LabelValue,
+    pub verdict: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
-    pub map: String,
+    pub map: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
-    pub version: String,
+    pub version: LabelValue,
 }
 
 pub struct Metrics {

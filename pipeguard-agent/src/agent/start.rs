@@ -127,23 +127,25 @@ pub(super) async fn caches(
     let caches = kube::start(client.clone());
     cgroup_watch::start(root.to_path_buf(), caches.changed.clone()).map_err(AgentError::Watch)?;
     let waiting = std::time::Instant::now();
-    let ready = caches.ready();
-    tokio::pin!(ready);
     let mut said = false;
-    loop {
-        // Alive while waiting: the heartbeat says the agent is not stuck, /readyz says why
-        // it is not ready.
-        health.beat();
-        tokio::select! {
-            _ = &mut ready => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if !said && waiting.elapsed() >= config.sync_deadline {
-            health.set_not_ready(format!(
-                "caches not synced with the API server after {:?}",
-                config.sync_deadline
-            ));
-            said = true;
+    {
+        let ready = caches.ready();
+        tokio::pin!(ready);
+        loop {
+            // Alive while waiting: the heartbeat says the agent is not stuck, /readyz says why
+            // it is not ready.
+            health.beat();
+            tokio::select! {
+                _ = &mut ready => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !said && waiting.elapsed() >= config.sync_deadline {
+                health.set_not_ready(format!(
+                    "caches not synced with the API server after {:?}",
+                    config.sync_deadline
+                ));
+                said = true;
+            }
         }
     }
     tracing::info!("caches synced");

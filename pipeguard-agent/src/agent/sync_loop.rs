@@ -244,7 +244,10 @@ impl Loop {
             health
                 .metrics
                 .policy_compiled
-                .get_or_create(&metrics::PolicyLabels { namespace, name })
+                .get_or_create(&metrics::PolicyLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                })
                 .set(ok as i64);
         }
         let failed = set.errors.len() as i64;
@@ -282,8 +285,8 @@ impl Loop {
                 _ => "error",
             };
             let labels = metrics::TrafficLabels {
-                namespace: d.pod.namespace.clone(),
-                pod: d.pod.name.clone(),
+                namespace: d.pod.namespace.clone().into(),
+                pod: d.pod.name.clone().into(),
                 verdict: verdict.into(),
             };
             health.metrics.observe_traffic(labels, packets, bytes);

@@ -2,9 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use crate::events::{
-    client::{Request, follow},
-    record::{Kind, Record},
+use crate::{
+    escape::printable,
+    events::{
+        client::{Request, follow},
+        record::{Kind, Record},
+    },
 };
 
 /// Follow the violation stream of an agent.
@@ -70,15 +73,17 @@ pub fn run(args: EventsArgs) -> ExitCode {
     }
 }
 
-/// One line a person can read at a glance.
+/// One line a person can read at a glance. Every field a job or a cluster user controls
+/// goes through [`printable`], so a record is always exactly one honest line.
 pub fn human(r: &Record) -> String {
+    let text = |s: &Option<String>| printable(s.as_deref().unwrap_or_default()).into_owned();
     if r.kind == Kind::Drops {
         return format!(
             "{} LOST   {} kernel events on {} ({})",
-            r.time,
+            printable(&r.time),
             r.count,
-            r.node,
-            r.reason.clone().unwrap_or_default()
+            printable(&r.node),
+            text(&r.reason)
         );
     }
     let verdict = if r.verdict.as_deref() == Some("audit") {
@@ -89,15 +94,11 @@ pub fn human(r: &Record) -> String {
     let pod = r
         .pod
         .as_ref()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .map(|p| format!("{}/{}", printable(&p.namespace), printable(&p.name)))
         .unwrap_or_else(|| format!("cgroup {}", r.cgroup_id));
-    let process = format!(
-        "{}[{}]",
-        r.comm.clone().unwrap_or_default(),
-        r.pid.unwrap_or_default()
-    );
+    let process = format!("{}[{}]", text(&r.comm), r.pid.unwrap_or_default());
     let dest = match (r.dst_ip, r.dst_port) {
-        (Some(ip), Some(port)) => format!("{ip}:{port}/{}", r.protocol.clone().unwrap_or_default()),
+        (Some(ip), Some(port)) => format!("{ip}:{port}/{}", text(&r.protocol)),
         _ => "a raw or packet socket".to_string(),
     };
     let count = if r.count > 1 {
@@ -110,10 +111,10 @@ pub fn human(r: &Record) -> String {
             .map(|c| {
                 format!(
                     " [{} {}]",
-                    c.system,
+                    printable(&c.system),
                     c.fields
                         .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
+                        .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
                         .collect::<Vec<_>>()
                         .join(" ")
                 )
@@ -121,8 +122,51 @@ pub fn human(r: &Record) -> String {
             .unwrap_or_default();
     format!(
         "{} {verdict} {pod} {process} → {dest} via {}{count}{ci}: {}",
-        r.time,
-        r.hook.clone().unwrap_or_default(),
-        r.reason.clone().unwrap_or_default()
+        printable(&r.time),
+        text(&r.hook),
+        text(&r.reason)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::record::PodRef;
+
+    #[test]
+    fn a_hostile_process_name_cannot_hide_or_forge_a_line() {
+        let record = Record {
+            kind: Kind::Violation,
+            time: "2026-01-01T00:00:00Z".into(),
+            first_seen: "t".into(),
+            last_seen: "t".into(),
+            count: 1,
+            verdict: Some("deny".into()),
+            hook: Some("connect4".into()),
+            protocol: Some("tcp".into()),
+            dst_ip: Some("127.0.0.1".parse().unwrap()),
+            dst_port: Some(9),
+            pid: Some(7),
+            comm: Some("\x1b[2K\r\x1b[8mx\nOK: all clear".into()),
+            exe: Some("/tmp/\x1b]0;t\x07".into()),
+            node: "n".into(),
+            pod: Some(PodRef {
+                namespace: "ci".into(),
+                name: "r\nforged".into(),
+                uid: "u".into(),
+                container: None,
+            }),
+            policies: vec![],
+            reason: Some("why".into()),
+            ci: None,
+            cgroup_id: 1,
+        };
+        let line = human(&record);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(
+            line.starts_with("2026-01-01T00:00:00Z DENIED ci/r\\nforged"),
+            "{line}"
+        );
+        assert!(line.contains("\\u{1b}[2K\\r"), "{line}");
+    }
 }

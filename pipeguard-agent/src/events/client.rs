@@ -26,6 +26,19 @@ pub struct Request<'a> {
     pub sse: bool,
 }
 
+/// `value` percent-encoded for a query string: everything but unreserved characters.
+pub fn query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Connects and calls `on_line` for every line of the stream until it ends (or `on_line`
 /// returns false).
 pub async fn follow(req: &Request<'_>, mut on_line: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
@@ -38,7 +51,7 @@ pub async fn follow(req: &Request<'_>, mut on_line: impl FnMut(&str) -> bool) ->
     let mut stream = TcpStream::connect(authority).await?;
     let mut path = String::from("/v1/events");
     if let Some(ns) = req.namespace {
-        path.push_str(&format!("?namespace={ns}"));
+        path.push_str(&format!("?namespace={}", query_value(ns)));
     }
     let mut head = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
     if let Some(token) = req.token {
@@ -110,4 +123,16 @@ pub async fn follow(req: &Request<'_>, mut on_line: impl FnMut(&str) -> bool) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(super::query_value("ci"), "ci");
+        assert_eq!(
+            super::query_value("a b&c=d/é\r\n"),
+            "a%20b%26c%3Dd%2F%C3%A9%0D%0A"
+        );
+    }
 }

@@ -1,11 +1,10 @@
 //! Kubernetes Events on the pod, so `kubectl describe pod` shows blocked attempts.
-//! Aggregated and rate-limited: at most one Event per pod and destination per interval,
-//! carrying the count since the last one; posting happens off the event path.
+//! Aggregated and rate-limited by [`Limiter`] (per pod and destination, per pod, per node,
+//! in a bounded table, O(1) per record); posting happens off the event path, and a slow
+//! API server costs Events, never the violation stream. Job-controlled text (the process
+//! name) is escaped before it reaches a message.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use k8s_openapi::{
     api::core::v1::{Event, EventSource, ObjectReference},
@@ -15,80 +14,82 @@ use k8s_openapi::{
 use kube::{Api, Client, api::PostParams};
 use tokio::sync::mpsc;
 
-use super::record::Record;
+pub use super::kube_limit::INTERVAL;
+use super::{
+    kube_limit::{Due, Limiter},
+    record::Record,
+};
+use crate::escape::printable;
 
-/// One Kubernetes Event per pod and destination per this long, at most.
-pub const INTERVAL: Duration = Duration::from_secs(30);
-
-type Key = (String, String); // pod uid, destination
-
-struct Pending {
-    record: Record,
-    count: u64,
-    last_sent: Option<Instant>,
-}
+/// Events waiting for the API server at most; past it they are counted and dropped.
+const POST_QUEUE: usize = 256;
 
 pub struct KubeEvents {
-    pending: HashMap<Key, Pending>,
+    limiter: Limiter,
     tx: mpsc::Sender<Event>,
+    /// Bumped for every Event refused by the API or dropped (queue full, table full).
+    errors: prometheus_client::metrics::counter::Counter,
+    reported_dropped: u64,
 }
 
 impl KubeEvents {
     /// Starts the poster; `errors` is bumped for every Event the API refused.
     pub fn start(client: Client, node: String, errors: prometheus_client::metrics::counter::Counter) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Event>(256);
+        let (tx, mut rx) = mpsc::channel::<Event>(POST_QUEUE);
+        let poster_errors = errors.clone();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
                 let ns = event.metadata.namespace.clone().unwrap_or_default();
                 let api: Api<Event> = Api::namespaced(client.clone(), &ns);
                 if let Err(error) = api.create(&PostParams::default(), &event).await {
-                    errors.inc();
+                    poster_errors.inc();
                     tracing::warn!(%error, node = %node, "posting a Kubernetes Event failed");
                 }
             }
         });
         Self {
-            pending: HashMap::new(),
+            limiter: Limiter::new(Instant::now()),
             tx,
+            errors,
+            reported_dropped: 0,
         }
     }
 
-    /// Counts the record; sends an Event when its key's interval has passed.
+    /// Counts the record: O(1), nothing is sent from here.
     pub fn observe(&mut self, record: &Record, now: Instant) {
-        let Some(pod) = &record.pod else { return };
-        let dest = match (record.dst_ip, record.dst_port) {
-            (Some(ip), Some(port)) => format!("{ip}:{port}/{}", record.protocol.clone().unwrap_or_default()),
-            _ => record.hook.clone().unwrap_or_default(),
-        };
-        let entry = self.pending.entry((pod.uid.clone(), dest)).or_insert(Pending {
-            record: record.clone(),
-            count: 0,
-            last_sent: None,
-        });
-        entry.count += record.count;
-        entry.record = record.clone();
-        self.flush_due(now);
+        self.limiter.observe(record, now);
     }
 
+    /// Sends what the limits allow now (called from the pipeline's timer).
     pub fn flush_due(&mut self, now: Instant) {
-        for ((_, dest), p) in self.pending.iter_mut() {
-            let due = p.last_sent.is_none_or(|t| now.duration_since(t) >= INTERVAL);
-            if p.count == 0 || !due {
-                continue;
+        for due in self.limiter.due(now) {
+            // try_send: a full queue means the API is slow; the Event is counted as lost.
+            if self.tx.try_send(to_event(&due)).is_err() {
+                self.errors.inc();
             }
-            // try_send: a full queue means the API is slow; the count carries over.
-            if self.tx.try_send(to_event(&p.record, dest, p.count)).is_ok() {
-                p.count = 0;
-                p.last_sent = Some(now);
-            }
+        }
+        let dropped = self.limiter.dropped;
+        if dropped > self.reported_dropped {
+            tracing::warn!(
+                attempts = dropped - self.reported_dropped,
+                "Kubernetes Events table full: attempts not counted in Events (the stream has them)"
+            );
+            self.errors.inc();
+            self.reported_dropped = dropped;
         }
     }
 }
 
-fn to_event(r: &Record, dest: &str, count: u64) -> Event {
+fn to_event(due: &Due) -> Event {
+    let r = &due.record;
     let pod = r.pod.clone().expect("only pod records are kept");
     let audit = r.verdict.as_deref() == Some("audit");
-    let who = r.comm.clone().map(|c| format!(" by {c}")).unwrap_or_default();
+    let who = r
+        .comm
+        .as_deref()
+        .map(|c| format!(" by {}", printable(c)))
+        .unwrap_or_default();
+    let count = due.count;
     pod_event(
         PodEvent {
             namespace: &pod.namespace,
@@ -98,16 +99,17 @@ fn to_event(r: &Record, dest: &str, count: u64) -> Event {
         if audit { "EgressAudit" } else { "EgressDenied" },
         "Connect",
         format!(
-            "pipeguard {} {count} egress attempt(s) to {dest}{who}: {}",
+            "pipeguard {} {count} egress attempt(s) to {}{who}: {}",
             if audit { "would block" } else { "blocked" },
-            r.reason.clone().unwrap_or_default()
+            printable(&due.destination),
+            printable(r.reason.as_deref().unwrap_or_default())
         ),
         count,
         &r.node,
     )
 }
 
-/// The pod an Event is about.
+/// The object an Event is about.
 pub struct PodEvent<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
@@ -123,6 +125,19 @@ fn pod_event(
     count: u64,
     node: &str,
 ) -> Event {
+    object_event(("Pod", "v1"), pod, reason, action, message, count, node)
+}
+
+/// A Warning Event on any namespaced object, (kind, apiVersion).
+fn object_event(
+    (kind, api_version): (&str, &str),
+    pod: PodEvent<'_>,
+    reason: &str,
+    action: &str,
+    message: String,
+    count: u64,
+    node: &str,
+) -> Event {
     let now = Timestamp::now();
     Event {
         metadata: ObjectMeta {
@@ -131,8 +146,8 @@ fn pod_event(
             ..ObjectMeta::default()
         },
         involved_object: ObjectReference {
-            kind: Some("Pod".into()),
-            api_version: Some("v1".into()),
+            kind: Some(kind.into()),
+            api_version: Some(api_version.into()),
             name: Some(pod.name.to_string()),
             namespace: Some(pod.namespace.to_string()),
             uid: Some(pod.uid.to_string()),
@@ -184,6 +199,28 @@ pub fn post_failed_closed(
         1,
         node,
     );
+    post(client, event);
+}
+
+/// One Event on a NetworkPolicy the agent rejected (it does not deserialize or validate),
+/// so its author sees why with `kubectl describe networkpolicy`.
+pub fn post_policy_rejected(client: Client, policy: PodEvent<'_>, error: &str, node: &str) {
+    let event = object_event(
+        ("NetworkPolicy", "networking.k8s.io/v1"),
+        policy,
+        "PolicyRejected",
+        "Compile",
+        format!(
+            "pipeguard rejected this NetworkPolicy; guarded pods in its namespace fail closed: {}",
+            printable(error)
+        ),
+        1,
+        node,
+    );
+    post(client, event);
+}
+
+fn post(client: Client, event: Event) {
     tokio::spawn(async move {
         let api: Api<Event> = Api::namespaced(client, &event.metadata.namespace.clone().unwrap_or_default());
         if let Err(error) = api.create(&PostParams::default(), &event).await {

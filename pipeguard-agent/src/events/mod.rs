@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod client;
 pub mod hub;
 pub mod kube_events;
+pub mod kube_limit;
 pub mod pipeline;
 pub mod record;
 pub mod sinks;

@@ -79,9 +79,9 @@ pub struct Pipeline {
 /// Labels of the opt-in per-destination denial counter (`--metrics-per-destination`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct DestinationLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub destination: String,
+    pub namespace: crate::escape::LabelValue,
+    pub pod: crate::escape::LabelValue,
+    pub destination: crate::escape::LabelValue,
 }
 
 /// How long identical attempts are folded into one record.
@@ -178,9 +178,9 @@ impl Pipeline {
             (&self.per_destination, &record.pod, record.dst_ip, record.dst_port)
         {
             let labels = DestinationLabels {
-                namespace: pod.namespace.clone(),
-                pod: pod.name.clone(),
-                destination: format!("{ip}:{port}/{}", record.protocol.clone().unwrap_or_default()),
+                namespace: pod.namespace.clone().into(),
+                pod: pod.name.clone().into(),
+                destination: format!("{ip}:{port}/{}", record.protocol.clone().unwrap_or_default()).into(),
             };
             family.get_or_create(&labels).inc_by(record.count);
         }
