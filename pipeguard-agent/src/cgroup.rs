@@ -97,6 +97,13 @@ impl OwnedCgroup {
     }
 }
 
+/// Kills everything inside the cgroup at `path` and removes it: the leftovers of a job
+/// whose `pipeguard exec` died. A missing cgroup is not an error.
+pub fn remove_leftover(path: &Path) -> io::Result<()> {
+    kill_all(path)?;
+    remove_tree(path)
+}
+
 impl Drop for OwnedCgroup {
     fn drop(&mut self) {
         if let Err(error) = self.remove() {

@@ -11,5 +11,6 @@ fn main() -> ExitCode {
         Command::Check(args) => pipeguard::cli::check::run(args),
         Command::Agent(args) => pipeguard::cli::agent::run(args),
         Command::Events(args) => pipeguard::cli::events::run(args),
+        Command::Gc(args) => pipeguard::cli::gc::run(args),
     }
 }

@@ -54,6 +54,10 @@ pub struct ExecArgs {
     /// pipeguard says so in a warning.
     #[arg(long)]
     pub privileged_job: bool,
+    /// bpffs directory where the job pins its programs, so that a SIGKILLed pipeguard leaves
+    /// the job's leftover processes guarded until `pipeguard gc` kills them.
+    #[arg(long, value_name = "DIR", default_value = job::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_kernel_log_level)]
     pub kernel_log_level: u8,
@@ -117,7 +121,8 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         mode: args.mode,
         deny_raw_sockets: !args.allow_raw_sockets,
         privileged: args.privileged_job,
-        cgroup_parent: cgroup_root.join("pipeguard"),
+        cgroup_parent: cgroup_root.join(job::JOB_CGROUP_PARENT),
+        state_dir: args.state_dir,
         events,
         kernel_log_level: args.kernel_log_level,
     })

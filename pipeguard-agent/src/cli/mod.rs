@@ -4,6 +4,7 @@ pub mod agent;
 pub mod check;
 pub mod events;
 pub mod exec;
+pub mod gc;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,7 @@ pub enum Command {
     Agent(agent::AgentArgs),
     Events(events::EventsArgs),
     Check(check::CheckArgs),
+    Gc(gc::GcArgs),
 }
 
 /// Logs go to stderr; stdout belongs to the guarded job.

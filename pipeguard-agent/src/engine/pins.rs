@@ -36,16 +36,19 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
 /// empty, unmounted /sys/fs/bpf (as Cilium does; some hosts do not mount it).
 pub fn prepare(pin_dir: &Path) -> io::Result<()> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(parent)?;
-    if !is_bpffs(parent)? {
-        if parent != Path::new("/sys/fs/bpf") {
-            return Err(io::Error::other(format!(
-                "{} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or choose a --pin-dir under it",
-                pin_dir.display()
-            )));
-        }
-        let target = CString::new("/sys/fs/bpf").expect("no NUL");
-        let fstype = CString::new("bpf").expect("no NUL");
+    ensure_bpffs(parent)?;
+    std::fs::create_dir_all(maps_dir(pin_dir))?;
+    std::fs::create_dir_all(pin_dir.join("links"))?;
+    Ok(())
+}
+
+/// Makes sure `dir` exists on a bpffs. Under /sys/fs/bpf, bpffs is mounted there first
+/// when missing; anywhere else it must already be one.
+pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
+    let sys_fs_bpf = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys_fs_bpf) && !is_bpffs(sys_fs_bpf)? {
+        let target = c"/sys/fs/bpf";
+        let fstype = c"bpf";
         // SAFETY: valid C strings; mounting bpffs has no data argument.
         if unsafe {
             libc::mount(
@@ -61,8 +64,13 @@ pub fn prepare(pin_dir: &Path) -> io::Result<()> {
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(maps_dir(pin_dir))?;
-    std::fs::create_dir_all(pin_dir.join("links"))?;
+    std::fs::create_dir_all(dir)?;
+    if !is_bpffs(dir)? {
+        return Err(io::Error::other(format!(
+            "{} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or choose a directory under it",
+            dir.display()
+        )));
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod child;
 pub mod confine;
 pub mod preflight;
 mod sink;
+pub mod state;
 mod summary;
 
 use std::{path::PathBuf, time::Duration};
@@ -20,6 +21,9 @@ use crate::{
     cgroup::OwnedCgroup,
     engine::{Engine, EngineConfig, PolicyEntries, UnknownPods, events},
 };
+
+/// Jobs' cgroups live in this directory under the cgroup2 mount.
+pub const JOB_CGROUP_PARENT: &str = "pipeguard";
 
 /// The policy id `exec` writes its one allowlist under.
 const JOB_POLICY_ID: u32 = 1;
@@ -40,6 +44,8 @@ pub struct JobSpec {
     /// Keep every capability and a writable cgroupfs (`--privileged-job`).
     pub privileged: bool,
     pub cgroup_parent: PathBuf,
+    /// bpffs directory under which the job pins its programs (see `state`).
+    pub state_dir: PathBuf,
     pub events: EventSink,
     pub kernel_log_level: u8,
 }
@@ -61,6 +67,12 @@ pub enum JobError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the job's pin directory under {dir}: {source}")]
+    State {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting {command}: {source}")]
     Spawn {
         command: String,
@@ -79,14 +91,28 @@ pub fn run(spec: JobSpec) -> Result<JobOutcome, JobError> {
 }
 
 async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
+    // Leftovers of jobs whose exec was killed: their processes go before anything else.
+    for job in state::gc(&spec.state_dir, &spec.cgroup_parent).map_err(|source| JobError::State {
+        dir: spec.state_dir.display().to_string(),
+        source,
+    })? {
+        tracing::info!(job = %job.name, "collected the leftovers of a job whose pipeguard exec died");
+    }
+    let name = format!("exec-{}", std::process::id());
+    // Pinned, so that if this process is killed, whatever the job left running stays
+    // guarded until `pipeguard gc` (or the next exec) kills it. Dropped last: after the
+    // cgroup and everything in it are gone.
+    let state = state::JobState::create(&spec.state_dir, &name).map_err(|source| JobError::State {
+        dir: spec.state_dir.display().to_string(),
+        source,
+    })?;
     let mut engine = Engine::load(&EngineConfig {
         unknown_pods: UnknownPods::Allow,
         flow_stats: true,
         kernel_log_level: spec.kernel_log_level,
-        pin_dir: None,
+        pin_dir: Some(state.pin_dir().to_path_buf()),
         ..EngineConfig::default()
     })?;
-    let name = format!("exec-{}", std::process::id());
     let cgroup = OwnedCgroup::create(&spec.cgroup_parent, &name).map_err(|source| JobError::Cgroup {
         parent: spec.cgroup_parent.display().to_string(),
         source,
@@ -165,6 +191,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         engine.event_drops()?,
     );
     drop(cgroup);
+    drop(engine);
+    drop(state);
     Ok(JobOutcome {
         exit,
         violations,
