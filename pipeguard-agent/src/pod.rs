@@ -11,4 +11,7 @@ pub struct LocalPod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub cgroup_id: u64,
+    /// Why the pod can step around a node-level guard (privileged, CAP_NET_ADMIN/SYS_ADMIN/
+    /// BPF added, hostPID), if it can.
+    pub escape: Option<String>,
 }

@@ -901,3 +901,74 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
     }
     drop(agent);
 }
+
+#[test]
+fn a_privileged_runner_pod_is_reported_and_denied_with_refuse_privileged() {
+    let n = node("agent-privileged");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
+    let registry = listeners::tcp("127.0.0.1:0");
+    let r = registry.addr;
+    server.apply(namespace("ci", json!({})));
+    // A docker-in-docker runner: privileged, so it could step around any node-level guard.
+    let mut dind = pod(
+        "ci",
+        "dind",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    );
+    dind["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+    server.apply(dind);
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+
+    // Default: reported (metric, /readyz, an Event on the pod); its policy still applies.
+    let agent = start_agent(&root, &kubeconfig, &[]);
+    wait_ready(&agent);
+    assert!(once(&a, format!("tcp {r} ok")).ok, "reported, not refused");
+    let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+    assert!(
+        metrics.contains("pipeguard_pods{state=\"escape_capable\"} 1"),
+        "{metrics}"
+    );
+    let (status, readyz) = http_get(&agent.listen, "/readyz").unwrap();
+    assert_eq!(status, 200, "{readyz}");
+    assert!(
+        readyz.contains("escape-capable pod ci/dind: container \"main\" is privileged"),
+        "{readyz}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .events()
+        .iter()
+        .any(|e| e["reason"] == "EgressGuardBypassable" && e["involvedObject"]["uid"] == RUNNER_A)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no EgressGuardBypassable event: {:?}",
+            server.events()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
+
+    // --refuse-privileged: fail closed, all its egress denied, the allowed registry too.
+    let agent = start_agent(&root, &kubeconfig, &["--refuse-privileged"]);
+    wait_ready(&agent);
+    until(&a, format!("wait-denied {r}"));
+    let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+    assert!(
+        metrics.contains("pipeguard_pods{state=\"refused_privileged\"} 1"),
+        "{metrics}"
+    );
+    let (_, readyz) = http_get(&agent.listen, "/readyz").unwrap();
+    assert!(readyz.contains("all its egress is denied"), "{readyz}");
+    drop(agent);
+}

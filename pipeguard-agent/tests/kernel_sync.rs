@@ -35,6 +35,7 @@ fn desired(cgroup_id: u64, entries: PolicyEntries) -> DesiredPod {
             name: "p".into(),
             labels: BTreeMap::new(),
             cgroup_id,
+            escape: None,
         },
         entries,
         mode: MODE_ENFORCE,

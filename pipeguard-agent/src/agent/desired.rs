@@ -23,6 +23,9 @@ pub struct Settings {
     /// Isolate guarded pods that no egress policy selects.
     pub default_deny_egress: bool,
     pub mode: Mode,
+    /// Deny all egress of guarded pods that can step around the guard (fail closed)
+    /// instead of only reporting them.
+    pub refuse_privileged: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,9 @@ pub enum Status {
     DefaultDeny,
     /// Its policies could not be compiled; `kept_last_good` says what it got instead.
     FailedClosed { reason: String, kept_last_good: bool },
+    /// It can step around the guard (`LocalPod::escape`) and `--refuse-privileged` is set:
+    /// all egress denied.
+    RefusedPrivileged { reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,7 +94,15 @@ pub fn compute(
                     status: Status::NotGuarded,
                 };
             }
-            let (entries, status) = guarded(settings, policies, cluster, pod, &tainted, last_good);
+            let (entries, status) = match &pod.escape {
+                Some(reason) if settings.refuse_privileged => (
+                    PolicyEntries::default(),
+                    Status::RefusedPrivileged {
+                        reason: reason.clone(),
+                    },
+                ),
+                _ => guarded(settings, policies, cluster, pod, &tainted, last_good),
+            };
             DesiredPod {
                 pod: pod.clone(),
                 entries,
@@ -157,6 +171,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             cgroup_id: 42,
+            escape: None,
         }
     }
 
@@ -169,6 +184,7 @@ mod tests {
             },
             default_deny_egress: default_deny,
             mode: Mode::Enforce,
+            refuse_privileged: false,
         }
     }
 
@@ -189,6 +205,43 @@ mod tests {
         assert_eq!(out[0].flags, POD_DENY_RAW_SOCKETS);
         assert_eq!(out[1].status, Status::NotGuarded);
         assert_eq!(out[1].entries, allow_all());
+    }
+
+    #[test]
+    fn escape_capable_pods_are_denied_only_with_refuse_privileged() {
+        let set = parse_policies("p.yaml", REGISTRY_ONLY);
+        let privileged = LocalPod {
+            escape: Some("container \"dind\" is privileged".into()),
+            ..pod("ci", &[])
+        };
+        let reported = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            std::slice::from_ref(&privileged),
+            &HashMap::new(),
+        );
+        assert_eq!(reported[0].status, Status::Enforced(vec!["ci/reg".into()]));
+        let refusing = Settings {
+            refuse_privileged: true,
+            ..settings(false)
+        };
+        let refused = compute(
+            &refusing,
+            &set,
+            &Cluster::default(),
+            std::slice::from_ref(&privileged),
+            &HashMap::new(),
+        );
+        assert!(matches!(refused[0].status, Status::RefusedPrivileged { .. }));
+        assert_eq!(refused[0].entries, PolicyEntries::default(), "deny-all");
+        // Pods the agent does not guard are not its to refuse.
+        let outside = LocalPod {
+            namespace: "web".into(),
+            ..privileged
+        };
+        let out = compute(&refusing, &set, &Cluster::default(), &[outside], &HashMap::new());
+        assert_eq!(out[0].status, Status::NotGuarded);
     }
 
     #[test]

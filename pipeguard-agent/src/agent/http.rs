@@ -35,6 +35,8 @@ pub struct Health {
     /// Milliseconds since `born` of the last heartbeat.
     beat_ms: AtomicU64,
     pub connections: Arc<Connections>,
+    /// Lines /readyz adds below its verdict: pods that can step around the guard.
+    notes: Mutex<Vec<String>>,
     pub metrics: Metrics,
 }
 
@@ -44,6 +46,7 @@ impl Default for Health {
             ready: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
             problems: Mutex::default(),
+            notes: Mutex::default(),
             born: Instant::now(),
             beat_ms: AtomicU64::new(0),
             connections: Arc::default(),
@@ -86,6 +89,11 @@ impl Health {
         }
         drop(problems);
         self.publish_ready();
+    }
+
+    /// Replaces the detail lines /readyz shows.
+    pub fn set_notes(&self, notes: Vec<String>) {
+        *self.notes.lock().expect("health lock") = notes;
     }
 
     pub fn is_ready(&self) -> bool {
@@ -152,14 +160,19 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let reasons = health.reasons();
-    if reasons.is_empty() {
+    let (status, mut body) = if reasons.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", reasons.join("; ")),
         )
+    };
+    for note in health.notes.lock().expect("health lock").iter() {
+        body.push_str(note);
+        body.push('\n');
     }
+    (status, body)
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {

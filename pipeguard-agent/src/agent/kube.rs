@@ -125,8 +125,10 @@ fn strip_meta<K: Resource>(obj: &mut K) {
 }
 
 /// Keeps labels, annotations, node, container ports and pod IPs: what selection, named
-/// ports and enrichment need.
+/// ports and enrichment need; and whether the pod can step around the guard.
 fn strip_pod(pod: &mut Pod) {
+    // Before anything is slimmed away: init containers count too.
+    super::bypass::mark(pod);
     strip_meta(pod);
     if let Some(spec) = &mut pod.spec {
         spec.volumes = None;

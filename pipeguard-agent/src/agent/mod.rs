@@ -5,6 +5,7 @@
 //! ready), programs loaded and attached to the kubepods cgroups, caches synced, the event
 //! pipeline; then [`sync_loop`] keeps the maps in step. Ready after the first good sync.
 
+pub mod bypass;
 mod cgroup_watch;
 pub mod desired;
 mod guard;
@@ -105,5 +106,6 @@ pub fn default_settings() -> Settings {
         },
         default_deny_egress: false,
         mode: Mode::Enforce,
+        refuse_privileged: false,
     }
 }

@@ -119,21 +119,28 @@ fn cluster_pod(pod: &Pod) -> Option<ClusterPod> {
     })
 }
 
-/// Pods scheduled on `node`: uid → (namespace, name, labels).
-pub fn local_pods(
-    pods: &[std::sync::Arc<Pod>],
-    node: &str,
-) -> BTreeMap<String, (String, String, BTreeMap<String, String>)> {
+/// What the agent keeps of a pod scheduled on its node.
+pub struct ScheduledPod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// See `agent::bypass`.
+    pub escape: Option<String>,
+}
+
+/// Pods scheduled on `node`, by uid.
+pub fn local_pods(pods: &[std::sync::Arc<Pod>], node: &str) -> BTreeMap<String, ScheduledPod> {
     pods.iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .filter_map(|p| {
             Some((
                 p.metadata.uid.clone()?,
-                (
-                    p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-                    p.metadata.name.clone()?,
-                    p.metadata.labels.clone().unwrap_or_default(),
-                ),
+                ScheduledPod {
+                    namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                    name: p.metadata.name.clone()?,
+                    labels: p.metadata.labels.clone().unwrap_or_default(),
+                    escape: super::bypass::marked(p),
+                },
             ))
         })
         .collect()

@@ -58,6 +58,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         last_good: HashMap::new(),
         reported: Default::default(),
         failing_closed: Default::default(),
+        escape_capable: Default::default(),
         client: config.events.kubernetes.then_some(client),
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -102,6 +103,8 @@ struct Loop {
     reported: std::collections::HashSet<String>,
     /// Pods currently failing closed (UIDs), reported when they start to.
     failing_closed: std::collections::HashSet<String>,
+    /// Guarded pods that can step around the guard (UIDs), reported when first seen.
+    escape_capable: std::collections::HashSet<String>,
     /// For Kubernetes Events; `None` with --no-kube-events.
     client: Option<::kube::Client>,
 }
@@ -164,6 +167,7 @@ impl Loop {
                     }
                     "failed_closed"
                 }
+                Status::RefusedPrivileged { .. } => "refused_privileged",
             };
             *by_status.entry(status).or_default() += 1;
             if status != "failed_closed" {
@@ -179,6 +183,14 @@ impl Loop {
             }
             self.observe_traffic(engine, d, health);
         }
+        let notes = super::bypass::report(
+            &desired,
+            &mut self.escape_capable,
+            self.client.as_ref(),
+            &config.node_name,
+        );
+        by_status.insert("escape_capable", notes.len() as i64);
+        health.set_notes(notes);
         let present: std::collections::HashSet<&str> = desired.iter().map(|d| d.pod.uid.as_str()).collect();
         self.last_good.retain(|uid, _| present.contains(uid.as_str()));
         self.publish_gauges(&by_status, health);
@@ -199,6 +211,8 @@ impl Loop {
             "enforced",
             "default_deny",
             "failed_closed",
+            "refused_privileged",
+            "escape_capable",
         ] {
             health
                 .metrics
@@ -296,12 +310,12 @@ impl Loop {
 
 /// The scheduled pods whose cgroup was found, with the cgroup's id.
 fn local_pods(
-    scheduled: &BTreeMap<String, (String, String, BTreeMap<String, String>)>,
+    scheduled: &BTreeMap<String, snapshot::ScheduledPod>,
     cgroups: Vec<pod_cgroups::PodCgroup>,
 ) -> Vec<LocalPod> {
     let mut local = Vec::new();
     for cg in cgroups {
-        let Some((namespace, name, labels)) = scheduled.get(&cg.uid) else {
+        let Some(pod) = scheduled.get(&cg.uid) else {
             continue;
         };
         let Ok(cgroup_id) = crate::cgroup::cgroup_id(&cg.path) else {
@@ -309,10 +323,11 @@ fn local_pods(
         };
         local.push(LocalPod {
             uid: cg.uid.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
-            labels: labels.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            labels: pod.labels.clone(),
             cgroup_id,
+            escape: pod.escape.clone(),
         });
     }
     local
@@ -345,6 +360,12 @@ fn pod_info(
                 } else {
                     "all egress is denied"
                 }
+            )),
+        ),
+        Status::RefusedPrivileged { reason } => (
+            Vec::new(),
+            Some(format!(
+                "all egress is denied: the pod can step around the guard ({reason}) and --refuse-privileged is set"
             )),
         ),
         Status::Unrestricted | Status::NotGuarded => (Vec::new(), None),

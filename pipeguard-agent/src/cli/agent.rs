@@ -42,6 +42,10 @@ pub struct AgentArgs {
     /// Isolate guarded pods that no egress NetworkPolicy selects.
     #[arg(long, env = "PIPEGUARD_DEFAULT_DENY_EGRESS")]
     pub default_deny_egress: bool,
+    /// Deny all egress of guarded pods that can step around a node-level guard (privileged,
+    /// CAP_NET_ADMIN/SYS_ADMIN/BPF added, hostPID) instead of only reporting them.
+    #[arg(long, env = "PIPEGUARD_REFUSE_PRIVILEGED")]
+    pub refuse_privileged: bool,
     /// enforce, or audit (allow everything, report what would be denied).
     #[arg(long, env = "PIPEGUARD_MODE", value_enum, default_value = "enforce")]
     pub mode: Mode,
@@ -138,6 +142,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
             },
             default_deny_egress: args.default_deny_egress,
             mode: args.mode,
+            refuse_privileged: args.refuse_privileged,
         },
         unknown_pods: args.unknown_pods,
         sync_deadline: Duration::from_secs(args.sync_deadline),

@@ -202,6 +202,41 @@ pub fn post_failed_closed(
     post(client, event);
 }
 
+/// One Event on a guarded pod that can step around a node-level guard (privileged,
+/// CAP_NET_ADMIN/SYS_ADMIN/BPF added, hostPID): reported, or all its egress denied with
+/// `--refuse-privileged`.
+pub fn post_escape_capable(
+    client: Client,
+    pod: &crate::pod::LocalPod,
+    reason: &str,
+    refused: bool,
+    node: &str,
+) {
+    let reason = printable(reason);
+    let message = if refused {
+        format!(
+            "pipeguard denies all egress of this pod (--refuse-privileged): it can step around the guard ({reason})"
+        )
+    } else {
+        format!(
+            "this pod can step around pipeguard's egress guard ({reason}); its egress is enforced only as long as it does not"
+        )
+    };
+    let event = pod_event(
+        PodEvent {
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: &pod.uid,
+        },
+        "EgressGuardBypassable",
+        "Inspect",
+        message,
+        1,
+        node,
+    );
+    post(client, event);
+}
+
 /// One Event on a NetworkPolicy the agent rejected (it does not deserialize or validate),
 /// so its author sees why with `kubectl describe networkpolicy`.
 pub fn post_policy_rejected(client: Client, policy: PodEvent<'_>, error: &str, node: &str) {
