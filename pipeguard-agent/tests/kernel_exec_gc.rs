@@ -72,11 +72,29 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
 
 #[test]
 fn a_daemon_of_a_sigkilled_exec_stays_denied_until_gc_kills_it() {
+    sigkilled_exec_then_collect(Collector::Gc);
+}
+
+#[test]
+fn the_next_exec_collects_the_leftovers_of_a_sigkilled_one() {
+    sigkilled_exec_then_collect(Collector::NextExec);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Collector {
+    Gc,
+    NextExec,
+}
+
+fn sigkilled_exec_then_collect(collector: Collector) {
     let cgroup_root = require_kernel();
     let denied = listeners::tcp("127.0.0.1:0");
     let tmp = std::env::temp_dir();
     let pid = std::process::id();
-    let bpffs = Bpffs::mount("exec-gc");
+    let bpffs = Bpffs::mount(match collector {
+        Collector::Gc => "exec-gc",
+        Collector::NextExec => "exec-next",
+    });
     let mut cleanup = Cleanup {
         state_dir: bpffs.pin_dir(),
         files: ["policy.yaml", "daemon.log", "exec.out", "exec.err"]
@@ -155,18 +173,38 @@ fn a_daemon_of_a_sigkilled_exec_stays_denied_until_gc_kills_it() {
     );
     assert!(cleanup.state_dir.join(&job_name).exists(), "the job's pins stay");
 
-    let gc = pipeguard()
-        .args(["gc", "--state-dir"])
-        .arg(&cleanup.state_dir)
-        .output()
-        .unwrap();
-    let gc_out = String::from_utf8_lossy(&gc.stdout);
-    assert!(
-        gc.status.success(),
-        "{gc_out}{}",
-        String::from_utf8_lossy(&gc.stderr)
-    );
-    assert!(gc_out.contains(&format!("collected {job_name}")), "{gc_out}");
+    match collector {
+        Collector::Gc => {
+            let gc = pipeguard()
+                .args(["gc", "--state-dir"])
+                .arg(&cleanup.state_dir)
+                .output()
+                .unwrap();
+            let gc_out = String::from_utf8_lossy(&gc.stdout);
+            assert!(
+                gc.status.success(),
+                "{gc_out}{}",
+                String::from_utf8_lossy(&gc.stderr)
+            );
+            assert!(gc_out.contains(&format!("collected {job_name}")), "{gc_out}");
+        }
+        Collector::NextExec => {
+            let next = pipeguard()
+                .args(["exec", "--state-dir"])
+                .arg(&cleanup.state_dir)
+                .arg("--policy")
+                .arg(&policy)
+                .args(["--", "true"])
+                .output()
+                .unwrap();
+            let next_err = String::from_utf8_lossy(&next.stderr);
+            assert_eq!(next.status.code(), Some(0), "{next_err}");
+            assert!(
+                next_err.contains("collected the leftovers") && next_err.contains(&job_name),
+                "{next_err}"
+            );
+        }
+    }
     wait_until("the daemon to be gone", || {
         !Path::new(&format!("/proc/{daemon}")).exists() || !is_probe(daemon)
     });
@@ -176,7 +214,7 @@ fn a_daemon_of_a_sigkilled_exec_stays_denied_until_gc_kills_it() {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name())
         .collect();
-    assert!(left.is_empty(), "gc removed every pin: {left:?}");
+    assert!(left.is_empty(), "every pin is gone: {left:?}");
 
     let again = pipeguard()
         .args(["gc", "--state-dir"])
