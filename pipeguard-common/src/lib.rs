@@ -20,8 +20,9 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V1";
+    pub const SOCK_OWNERS: &str = "PG_SOCK_OWNERS_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -33,6 +34,7 @@ pub mod map_names {
         CONFIG,
         REPLIES,
         ACCEPTED,
+        SOCK_OWNERS,
     ];
 }
 
@@ -307,6 +309,19 @@ pub struct AcceptedPeer {
 }
 const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 24);
 
+/// Socket-local storage written when a guarded pod creates a socket: the socket hooks judge
+/// the socket by the pod that created it (as the packet hook does), not by whichever task
+/// happens to call connect() or sendmsg() on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketOwner {
+    /// The pod-level cgroup (key of the pod table).
+    pub pod_cgroup_id: u64,
+    /// The socket's own cgroup (reported in events).
+    pub cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 16);
+
 /// Global configuration, array map index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -342,4 +357,5 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ReplyKey {}
     unsafe impl aya::Pod for AcceptedPeer {}
+    unsafe impl aya::Pod for SocketOwner {}
 }

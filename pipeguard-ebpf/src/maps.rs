@@ -8,6 +8,7 @@ use aya_ebpf::{
 use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, EVENT_RING_BYTES, FlowKey,
     MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS, MAX_PODS, MAX_REPLIES, PodEntry, PortSet, ReplyKey,
+    SocketOwner,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -58,3 +59,8 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// map, because the kernel wants BTF for the key and value of socket storage.
 #[btf_map(name = "PG_ACCEPTED_V1")]
 pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
+
+/// Socket-local storage: the pod that created the socket (written by `pg_sock_create`,
+/// read by the socket hooks; see `owner`). Freed with the socket.
+#[btf_map(name = "PG_SOCK_OWNERS_V1")]
+pub static SOCK_OWNERS: SkStorage<SocketOwner> = SkStorage::new();

@@ -26,6 +26,16 @@ pub fn of_skb(skb: *mut __sk_buff) -> Option<Pod> {
     find(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
 }
 
+/// The pod whose pod-level cgroup is `cgroup_id`, if it is (still) in the pod table.
+#[inline(always)]
+pub fn by_id(cgroup_id: u64) -> Option<Pod> {
+    let entry = unsafe { PODS.get(&cgroup_id) }?;
+    Some(Pod {
+        cgroup_id,
+        entry: *entry,
+    })
+}
+
 #[inline(always)]
 fn find(ancestor: impl Fn(i32) -> u64) -> Option<Pod> {
     let mut level = 1;

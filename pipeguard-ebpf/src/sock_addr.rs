@@ -6,15 +6,13 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use pipeguard_common::{Hook, PROTO_UDP};
 
 use crate::{
     addr::Dest,
-    pod, reply,
+    owner, reply,
     verdict::{Attempt, check},
 };
 
@@ -57,15 +55,17 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
         };
         let port = read_volatile(addr_of!((*sa).user_port));
         let protocol = read_volatile(addr_of!((*sa).protocol));
-        (dest, port, protocol)
+        let bound_ip4 = read_volatile(addr_of!((*(*sa).__bindgen_anon_1.sk).src_ip4));
+        (kernel_destination(dest, bound_ip4), port, protocol)
     };
+    let (pod, cgroup_id) = owner::of_sock_addr(&ctx);
     let attempt = Attempt {
         dest,
         port: u16::from_be(port as u16),
         protocol: protocol as u8,
         hook,
         bytes: 0,
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id,
     };
     // A UDP socket may answer (sendto, or connect then send) a peer it received from.
     let is_reply = |config: &_| {
@@ -77,9 +77,33 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
                 config,
             )
     };
-    if check(&attempt, pod::of_current_task(), is_reply) {
+    if check(&attempt, pod, is_reply) {
         ALLOW
     } else {
         DENY
     }
+}
+
+/// The destination the kernel will use: connecting or sending to the unspecified address
+/// (0.0.0.0, ::) goes to the socket's own bound IPv4 address, or else to loopback
+/// (127.0.0.1, ::1). Judging and reporting that address, not the one the caller wrote,
+/// keeps the verdict and the event true (and an `except` of 127.0.0.0/8 honest).
+#[inline(always)]
+fn kernel_destination(dest: Dest, bound_ip4: u32) -> Dest {
+    if dest.is_v4 {
+        if dest.v4_bytes() != [0; 4] {
+            return dest;
+        }
+        return Dest::v4(if bound_ip4 != 0 {
+            bound_ip4
+        } else {
+            u32::from_ne_bytes([127, 0, 0, 1])
+        });
+    }
+    if dest.addr != [0; 16] {
+        return dest;
+    }
+    let mut loopback = [0u8; 16];
+    loopback[15] = 1;
+    Dest::from_v6_bytes(loopback)
 }

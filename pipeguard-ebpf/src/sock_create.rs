@@ -1,5 +1,11 @@
 //! Refuse raw IP and packet sockets in guarded pods: their packets never pass the socket
-//! hooks, and AF_PACKET frames never pass the IP packet hook either.
+//! hooks, and AF_PACKET frames never pass the IP packet hook either. IPv6 ping sockets
+//! (SOCK_DGRAM, IPPROTO_ICMPV6) are refused with them: they pass no socket hook on sendto,
+//! and the kernel ignores the result of their sends (ping_v6_sendmsg drops the error of
+//! icmpv6_push_pending_frames), so a packet-hook drop would look like success to the job.
+//! IPv4 ping sockets stay: their sends report the packet hook's EPERM.
+//!
+//! `pg_sock_create` also records which pod created each socket (`owner`).
 //!
 //! Two hooks, because cgroup/sock_create only runs for AF_INET/AF_INET6 sockets:
 //! - `pg_sock_create` (cgroup/sock_create): SOCK_RAW inet sockets, on every kernel;
@@ -16,14 +22,18 @@ use aya_ebpf::{
 use pipeguard_common::{Event, Hook, MODE_AUDIT, POD_DENY_RAW_SOCKETS, VERDICT_AUDIT, VERDICT_DENY};
 
 use crate::{
-    pod,
+    owner,
+    pod::{self, Pod},
     verdict::{count, emit_event, task_fields},
 };
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
+const AF_INET6: u32 = 10;
 const AF_PACKET: u32 = 17;
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMPV6: u32 = 58;
 
 #[cgroup_sock(sock_create)]
 pub fn pg_sock_create(ctx: SockContext) -> i32 {
@@ -35,10 +45,15 @@ pub fn pg_sock_create(ctx: SockContext) -> i32 {
             read_volatile(addr_of!((*sk).protocol)),
         )
     };
-    if sock_type != SOCK_RAW {
+    let Some(pod) = pod::of_current_task() else {
+        return ALLOW;
+    };
+    owner::remember(sk, &pod);
+    let ping6 = family == AF_INET6 && sock_type == SOCK_DGRAM && protocol == IPPROTO_ICMPV6;
+    if sock_type != SOCK_RAW && !ping6 {
         return ALLOW;
     }
-    decide(family, sock_type, protocol)
+    judge(&pod, family, sock_type, protocol)
 }
 
 /// `int socket_create(int family, int type, int protocol, int kern)`
@@ -53,14 +68,14 @@ pub fn pg_socket_create_lsm(ctx: LsmContext) -> i32 {
         return ALLOW;
     }
     // The type argument carries SOCK_CLOEXEC/SOCK_NONBLOCK in its high bits.
-    decide(family as u32, (sock_type & 0xf) as u32, protocol as u32)
-}
-
-#[inline(always)]
-fn decide(family: u32, sock_type: u32, protocol: u32) -> i32 {
     let Some(pod) = pod::of_current_task() else {
         return ALLOW;
     };
+    judge(&pod, family as u32, (sock_type & 0xf) as u32, protocol as u32)
+}
+
+#[inline(always)]
+fn judge(pod: &Pod, family: u32, sock_type: u32, protocol: u32) -> i32 {
     if pod.entry.flags & POD_DENY_RAW_SOCKETS == 0 {
         return ALLOW;
     }

@@ -28,7 +28,7 @@ pub struct Violation {
     pub cgroup_id: u64,
     pub pod_cgroup_id: u64,
     pub policy_id: u32,
-    /// For sock_create: the refused socket (`raw` or `packet`).
+    /// For sock_create: the refused socket (`raw`, `packet` or `ping`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<&'static str>,
 }
@@ -84,6 +84,17 @@ pub fn dest_ip(addr: [u8; 16], family: u8) -> IpAddr {
     }
 }
 
+/// What kind of socket a sock_create refusal was about.
+fn refused_socket(event: &Event) -> &'static str {
+    match (event.family, event.sock_type) {
+        // AF_PACKET
+        (17, _) => "packet",
+        // SOCK_DGRAM: an IPv6 ping socket (see pipeguard-ebpf's sock_create)
+        (_, 2) => "ping",
+        _ => "raw",
+    }
+}
+
 /// Decodes one ring buffer record; `None` for a record of the wrong size (a version skew
 /// between programs and agent), which the caller counts.
 pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Violation> {
@@ -110,7 +121,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Violation> {
         cgroup_id: event.cgroup_id,
         pod_cgroup_id: event.pod_cgroup_id,
         policy_id: event.policy_id,
-        socket: is_socket_refusal.then_some(if event.family == 17 { "packet" } else { "raw" }),
+        socket: is_socket_refusal.then_some(refused_socket(&event)),
     })
 }
 

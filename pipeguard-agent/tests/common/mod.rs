@@ -5,6 +5,7 @@
 pub mod listeners;
 pub mod probe;
 pub mod root_job;
+pub mod routes;
 pub mod serve;
 
 use std::{

@@ -1,0 +1,54 @@
+//! Which pod a socket belongs to, for the socket hooks.
+//!
+//! The kernel runs the socket hooks of the socket's cgroup, but the only cgroup helpers it
+//! offers cgroup/connect and cgroup/sendmsg programs are about the calling task
+//! (bpf_sk_ancestor_cgroup_id is refused for this program type on Linux 6.18). So
+//! `pg_sock_create`, which runs in the creating task, records the creator's pod in the
+//! socket's local storage, and the socket hooks judge by that: a task in another cgroup
+//! acting on a guarded pod's socket (a thread moved elsewhere, a process the fd was handed
+//! to) is judged as the pod, like the packet hook does. Sockets created before the programs
+//! were attached have no record and are judged by the calling task, as before.
+
+use core::ptr::null_mut;
+
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
+    programs::SockAddrContext,
+};
+use pipeguard_common::SocketOwner;
+
+use crate::{
+    maps::SOCK_OWNERS,
+    pod::{self, Pod},
+};
+
+/// In `pg_sock_create`: `sk` (the program's context) was created by a task of `pod`.
+#[inline(always)]
+pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
+    // aya-ebpf's `SkStorage` only offers its accessors to sock_addr programs; the helper is
+    // called with the map's address directly.
+    let map = core::ptr::from_ref(&SOCK_OWNERS).cast_mut().cast();
+    let stored =
+        unsafe { bpf_sk_storage_get(map, sk.cast(), null_mut(), BPF_SK_STORAGE_GET_F_CREATE as u64) }
+            .cast::<SocketOwner>();
+    if stored.is_null() {
+        // No memory: the socket hooks fall back to the calling task's pod.
+        return;
+    }
+    unsafe {
+        (*stored).pod_cgroup_id = pod.cgroup_id;
+        (*stored).cgroup_id = bpf_get_current_cgroup_id();
+    }
+}
+
+/// The pod whose policy judges this socket-hook call, and the cgroup to report.
+#[inline(always)]
+pub fn of_sock_addr(ctx: &SockAddrContext) -> (Option<Pod>, u64) {
+    let owner = unsafe { SOCK_OWNERS.get_ptr_mut(ctx) };
+    if owner.is_null() {
+        return (pod::of_current_task(), unsafe { bpf_get_current_cgroup_id() });
+    }
+    let (pod_cgroup_id, cgroup_id) = unsafe { ((*owner).pod_cgroup_id, (*owner).cgroup_id) };
+    (pod::by_id(pod_cgroup_id), cgroup_id)
+}
