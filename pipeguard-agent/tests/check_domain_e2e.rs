@@ -207,6 +207,21 @@ fn ip_rules_that_allow_everything_allow_names_too() {
 }
 
 #[test]
+fn a_name_needs_a_resolver_the_network_policies_allow() {
+    let without_dns = POLICIES.replace("name: dns, namespace: ci", "name: dns, namespace: elsewhere");
+    let w = World::new("nodns", &without_dns);
+    assert_answer(
+        w.name("ci/runner", "github.com", 443),
+        1,
+        &[
+            "verdict: deny",
+            "rule: DomainPolicy ci/build spec.egress[0].domains[0] (github.com)",
+            "but no NetworkPolicy allows ci/runner DNS (port 53), so it cannot resolve it",
+        ],
+    );
+}
+
+#[test]
 fn json_carries_the_rule() {
     let w = World::new("json", POLICIES);
     let (code, stdout, _) = w.check(&[

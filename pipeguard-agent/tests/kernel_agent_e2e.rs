@@ -972,3 +972,216 @@ fn a_privileged_runner_pod_is_reported_and_denied_with_refuse_privileged() {
     assert!(readyz.contains("all its egress is denied"), "{readyz}");
     drop(agent);
 }
+
+fn domain_policy(ns: &str, name: &str, domains: Value) -> Value {
+    json!({
+        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}},
+                 "egress": [{"domains": domains, "ports": [{"port": 443}]}]}
+    })
+}
+
+fn cluster_domain_policy(name: &str, domains: Value) -> Value {
+    json!({
+        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "ClusterDomainPolicy",
+        "metadata": {"name": name},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}},
+                 "podSelector": {"matchLabels": {"app": "runner"}},
+                 "egress": [{"domains": domains}]}
+    })
+}
+
+/// Waits until /metrics has every line of `lines`.
+fn wait_metrics(agent: &Agent, lines: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = http_get(&agent.listen, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        if lines.iter().all(|l| metrics.lines().any(|m| m == *l)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing some of {lines:?} in:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_event(server: &KubeApiServer, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(e) = server.events().into_iter().find(&matches) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} event: {:?}",
+            server.events()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed() {
+    let n = node("agent-domains");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
+    server.install_crds();
+    let registry = listeners::tcp("127.0.0.1:0");
+    let other = listeners::tcp("127.0.0.1:0");
+    let (r, o) = (registry.addr, other.addr);
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let agent = start_agent(&root, &kubeconfig, &[]);
+    wait_ready(&agent);
+    assert!(
+        once(&a, format!("tcp {o} ok")).ok,
+        "no policy selects the pod yet"
+    );
+    wait_metrics(
+        &agent,
+        &[
+            "pipeguard_domain_crd_missing{kind=\"DomainPolicy\"} 0",
+            "pipeguard_domain_crd_missing{kind=\"ClusterDomainPolicy\"} 0",
+        ],
+    );
+
+    // Through the watch: a DomainPolicy selects the pod and isolates its egress.
+    server.apply(domain_policy(
+        "ci",
+        "names",
+        json!(["github.com", "*.githubusercontent.com"]),
+    ));
+    until(&a, format!("wait-denied {o}"));
+    wait_metrics(
+        &agent,
+        &[
+            "pipeguard_domain_policies{state=\"compiled\"} 1",
+            "pipeguard_pods{state=\"enforced\"} 1",
+        ],
+    );
+    // A union with the NetworkPolicies that select it.
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(r.port()),
+    ));
+    until(&a, format!("wait-allowed {r}"));
+    assert!(once(&a, format!("tcp {o} leak")).denied_with_eperm());
+
+    // An invalid DomainPolicy: its namespace fails closed (last good kept), it is counted,
+    // and a Warning Event lands on the object itself.
+    server.apply(domain_policy("ci", "broken", json!(["ok.example", "bad..name"])));
+    wait_metrics(
+        &agent,
+        &[
+            "pipeguard_domain_policies{state=\"failed\"} 1",
+            "pipeguard_pods{state=\"failed_closed\"} 1",
+        ],
+    );
+    assert!(
+        once(&a, format!("tcp {r} ok")).ok,
+        "keeps its last good allowlist"
+    );
+    assert!(
+        once(&a, format!("tcp {o} leak")).denied_with_eperm(),
+        "never opens"
+    );
+    let event = wait_event(server, "PolicyRejected", |e| {
+        e["reason"] == "PolicyRejected" && e["involvedObject"]["name"] == "broken"
+    });
+    assert_eq!(event["involvedObject"]["kind"], "DomainPolicy");
+    assert_eq!(event["involvedObject"]["apiVersion"], "pipeguard.dev/v1alpha1");
+    assert_eq!(event["involvedObject"]["uid"], "uid-domainpolicy-ci-broken");
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message
+            .contains("domainpolicy ci/broken: spec.egress[0].domains[1]: \"bad..name\" has an empty label"),
+        "{message}"
+    );
+    server.delete("DomainPolicy", Some("ci"), "broken");
+    wait_metrics(&agent, &["pipeguard_pods{state=\"enforced\"} 1"]);
+
+    // An invalid ClusterDomainPolicy: the pods its selectors select fail closed; its Event
+    // goes to the default namespace.
+    server.apply(cluster_domain_policy("platform", json!(["*"])));
+    wait_metrics(&agent, &["pipeguard_pods{state=\"failed_closed\"} 1"]);
+    let event = wait_event(server, "PolicyRejected", |e| {
+        e["involvedObject"]["kind"] == "ClusterDomainPolicy"
+    });
+    assert_eq!(event["metadata"]["namespace"], "default");
+    assert!(once(&a, format!("tcp {o} leak")).denied_with_eperm());
+    // Fixed: enforced again, both domain policies deciding.
+    server.apply(cluster_domain_policy("platform", json!(["ghcr.io"])));
+    wait_metrics(
+        &agent,
+        &[
+            "pipeguard_pods{state=\"enforced\"} 1",
+            "pipeguard_domain_policies{state=\"compiled\"} 2",
+            "pipeguard_domain_policies{state=\"failed\"} 0",
+        ],
+    );
+
+    // Every policy gone: unrestricted again.
+    server.delete("ClusterDomainPolicy", None, "platform");
+    server.delete("DomainPolicy", Some("ci"), "names");
+    server.delete("NetworkPolicy", Some("ci"), "registry");
+    until(&a, format!("wait-allowed {o}"));
+    drop(agent);
+}
+
+#[test]
+fn a_missing_domain_crd_does_not_hold_the_agent_up() {
+    let n = node("agent-nocrd");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
+    let other = listeners::tcp("127.0.0.1:0");
+    let o = other.addr;
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let agent = start_agent(&root, &kubeconfig, &[]);
+    wait_ready(&agent);
+    wait_metrics(
+        &agent,
+        &[
+            "pipeguard_domain_crd_missing{kind=\"DomainPolicy\"} 1",
+            "pipeguard_domain_crd_missing{kind=\"ClusterDomainPolicy\"} 1",
+        ],
+    );
+    assert!(once(&a, format!("tcp {o} ok")).ok);
+    assert!(
+        server
+            .request_log()
+            .iter()
+            .any(|r| r.starts_with("GET /apis/pipeguard.dev/v1alpha1/domainpolicies")),
+        "the agent asked for the CRD's objects"
+    );
+
+    // Installed later: the watcher's retry finds it, and its objects take effect.
+    server.install_crds();
+    server.apply(domain_policy("ci", "names", json!(["github.com"])));
+    wait_metrics(&agent, &["pipeguard_domain_crd_missing{kind=\"DomainPolicy\"} 0"]);
+    until(&a, format!("wait-denied {o}"));
+    drop(agent);
+}

@@ -1,11 +1,16 @@
 //! The desired kernel state for this node's pods: a pure function of the policies, the
 //! cluster snapshot and the pod cgroups found, so it is tested without a kernel.
 //!
-//! Fail closed: a guarded pod whose namespace has a policy that does not parse or validate,
-//! or whose allowlist does not compile, keeps its last good allowlist, or gets deny-all if
-//! it never had one. It never falls back to unrestricted egress.
+//! Fail closed: a guarded pod whose namespace has a policy that does not parse or validate
+//! (NetworkPolicy or DomainPolicy), that an invalid ClusterDomainPolicy could select, or
+//! whose allowlist does not compile, keeps its last good allowlist, or gets deny-all if it
+//! never had one. It never falls back to unrestricted egress.
+//!
+//! Domain policies: a guarded pod selected by one is egress-isolated and DNS-filtered; its
+//! allowlist is its NetworkPolicy egress rules (if any select it) plus the union of its
+//! domain rules. Its resolver must be allowed by a NetworkPolicy, as any destination is.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use pipeguard_common::{MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PORTS_ALL, PortSet};
 
@@ -73,11 +78,15 @@ pub fn compute(
     local: &[LocalPod],
     last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
 ) -> Vec<DesiredPod> {
-    let tainted: BTreeSet<&str> = policies
-        .errors
-        .iter()
-        .filter_map(|e| e.namespace.as_deref())
-        .collect();
+    // Namespace → the first invalid object there.
+    let mut tainted: BTreeMap<&str, &str> = BTreeMap::new();
+    for error in &policies.errors {
+        if let Some(ns) = error.namespace.as_deref() {
+            tainted
+                .entry(ns)
+                .or_insert(error.object.as_deref().unwrap_or("a policy"));
+        }
+    }
     let mode = match settings.mode {
         Mode::Enforce => MODE_ENFORCE,
         Mode::Audit => MODE_AUDIT,
@@ -119,7 +128,7 @@ fn guarded(
     policies: &PolicySet,
     cluster: &Cluster,
     pod: &LocalPod,
-    tainted: &BTreeSet<&str>,
+    tainted: &BTreeMap<&str, &str>,
     last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
 ) -> (PolicyEntries, Status) {
     let fail_closed = |reason: String| {
@@ -133,26 +142,35 @@ fn guarded(
             },
         )
     };
-    if tainted.contains(pod.namespace.as_str()) {
-        return fail_closed(format!(
-            "a NetworkPolicy in namespace {} is invalid",
-            pod.namespace
-        ));
+    if let Some(object) = tainted.get(pod.namespace.as_str()) {
+        return fail_closed(format!("{object} in namespace {} is invalid", pod.namespace));
     }
     let identity = PodIdentity {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         labels: pod.labels.clone(),
     };
-    match policy::egress_for(policies, &identity, Some(cluster)) {
-        Egress::Unrestricted if settings.default_deny_egress => {
-            (PolicyEntries::default(), Status::DefaultDeny)
+    if let Some(taint) = policy::domain_taint_for(policies, &identity, Some(cluster)) {
+        return fail_closed(format!("{} is invalid and could select this pod", taint.object));
+    }
+    let domains = policy::domains_for(policies, &identity, Some(cluster));
+    let (rules, mut deciding) = match (policy::egress_for(policies, &identity, Some(cluster)), &domains) {
+        (Egress::Unrestricted, None) if settings.default_deny_egress => {
+            return (PolicyEntries::default(), Status::DefaultDeny);
         }
-        Egress::Unrestricted => (allow_all(), Status::Unrestricted),
-        Egress::Isolated { rules, policies, .. } => match policy::lpm_entries(&rules) {
-            Ok(e) => (PolicyEntries { v4: e.v4, v6: e.v6 }, Status::Enforced(policies)),
-            Err(error) => fail_closed(error.to_string()),
-        },
+        (Egress::Unrestricted, None) => return (allow_all(), Status::Unrestricted),
+        // Selected by a domain policy alone: isolated to its names.
+        (Egress::Unrestricted, Some(_)) => (Vec::new(), Vec::new()),
+        (Egress::Isolated { rules, policies, .. }, _) => (rules, policies),
+    };
+    // The names themselves reach the kernel once it filters DNS (issue 13's kernel side);
+    // until then a domain policy isolates the pod and allows nothing by itself.
+    if let Some(domains) = domains {
+        deciding.extend(domains.policies);
+    }
+    match policy::lpm_entries(&rules) {
+        Ok(e) => (PolicyEntries { v4: e.v4, v6: e.v6 }, Status::Enforced(deciding)),
+        Err(error) => fail_closed(error.to_string()),
     }
 }
 
@@ -315,5 +333,120 @@ mod tests {
             }
         ));
         assert_eq!(out[0].entries, good[0].entries);
+    }
+
+    fn failed_reason(d: &DesiredPod) -> &str {
+        match &d.status {
+            Status::FailedClosed { reason, .. } => reason,
+            other => panic!("expected failing closed, got {other:?}"),
+        }
+    }
+
+    const DOMAINS: &str = "apiVersion: pipeguard.dev/v1alpha1\nkind: DomainPolicy\nmetadata: {name: names, namespace: ci}\nspec:\n  podSelector: {matchLabels: {app: runner}}\n  egress:\n  - domains: [github.com]\n";
+
+    const CLUSTER_DOMAINS: &str = "apiVersion: pipeguard.dev/v1alpha1\nkind: ClusterDomainPolicy\nmetadata: {name: platform}\nspec:\n  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ci}}\n  podSelector: {matchLabels: {app: runner}}\n  egress:\n  - domains: [ghcr.io]\n";
+
+    #[test]
+    fn an_invalid_domain_policy_fails_its_namespace_closed() {
+        let text = format!(
+            "{REGISTRY_ONLY}---\n{}",
+            DOMAINS.replace("github.com", "'bad..name'")
+        );
+        let set = parse_policies("p.yaml", &text);
+        assert_eq!(set.errors.len(), 1);
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            // Even a pod the broken policy does not seem to select: its selector cannot be
+            // trusted more than the rest of it.
+            &[pod("ci", &[("app", "web")])],
+            &HashMap::new(),
+        );
+        assert_eq!(
+            failed_reason(&out[0]),
+            "domainpolicy ci/names in namespace ci is invalid"
+        );
+        assert_eq!(out[0].entries, PolicyEntries::default());
+    }
+
+    #[test]
+    fn an_invalid_cluster_domain_policy_fails_closed_whom_it_could_select() {
+        let broken = CLUSTER_DOMAINS.replace("ghcr.io", "'*'");
+        let set = parse_policies("p.yaml", &broken);
+        assert_eq!(set.errors.len(), 1);
+        let pods = [
+            pod("ci", &[("app", "runner")]),
+            pod("ci", &[("app", "web")]),
+            pod("web", &[("app", "runner")]),
+        ];
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &pods,
+            &HashMap::new(),
+        );
+        assert_eq!(
+            failed_reason(&out[0]),
+            "clusterdomainpolicy platform is invalid and could select this pod"
+        );
+        assert_eq!(
+            out[1].status,
+            Status::Unrestricted,
+            "not selected by its selectors"
+        );
+        assert_eq!(out[2].status, Status::NotGuarded);
+        // Unreadable selectors: every guarded pod.
+        let unreadable = broken.replace(
+            "{matchLabels: {app: runner}}",
+            "{matchExpressions: [{key: a, operator: Is}]}",
+        );
+        let set = parse_policies("p.yaml", &unreadable);
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &pods,
+            &HashMap::new(),
+        );
+        assert!(matches!(out[0].status, Status::FailedClosed { .. }));
+        assert!(matches!(out[1].status, Status::FailedClosed { .. }));
+        assert_eq!(out[2].status, Status::NotGuarded, "only guarded pods");
+    }
+
+    #[test]
+    fn a_domain_policy_isolates_the_pods_it_selects() {
+        for (text, key) in [
+            (DOMAINS, "DomainPolicy ci/names"),
+            (CLUSTER_DOMAINS, "ClusterDomainPolicy platform"),
+        ] {
+            let set = parse_policies("p.yaml", text);
+            assert!(set.errors.is_empty(), "{:?}", set.errors);
+            let out = compute(
+                &settings(false),
+                &set,
+                &Cluster::default(),
+                &[pod("ci", &[("app", "runner")]), pod("ci", &[])],
+                &HashMap::new(),
+            );
+            assert_eq!(out[0].status, Status::Enforced(vec![key.into()]), "{text}");
+            assert!(out[0].entries.v4.is_empty() && out[0].entries.v6.is_empty());
+            assert_eq!(out[1].status, Status::Unrestricted);
+        }
+        // With a NetworkPolicy too: its rules, and both policies decide.
+        let set = parse_policies("p.yaml", &format!("{REGISTRY_ONLY}---\n{DOMAINS}"));
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[pod("ci", &[("app", "runner")])],
+            &HashMap::new(),
+        );
+        assert_eq!(
+            out[0].status,
+            Status::Enforced(vec!["ci/reg".into(), "DomainPolicy ci/names".into()])
+        );
+        assert_eq!(out[0].entries.v4.len(), 1);
     }
 }

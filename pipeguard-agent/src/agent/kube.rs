@@ -51,12 +51,15 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     Ok(Client::try_from(config)?)
 }
 
-/// The three caches. `changed` fires after any change to any of them.
+/// The caches. `changed` fires after any change to any of them.
 #[derive(Clone)]
 pub struct Caches {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     pub policies: Store<NetworkPolicy>,
+    /// DomainPolicies and ClusterDomainPolicies.
+    pub domains: super::kube_domains::DomainCache,
+    pub cluster_domains: super::kube_domains::DomainCache,
     pub changed: Arc<Notify>,
 }
 
@@ -66,7 +69,9 @@ impl Caches {
         let _ = tokio::join!(
             self.pods.wait_until_ready(),
             self.namespaces.wait_until_ready(),
-            self.policies.wait_until_ready()
+            self.policies.wait_until_ready(),
+            self.domains.ready(),
+            self.cluster_domains.ready(),
         );
     }
 }
@@ -76,11 +81,18 @@ pub fn start(client: Client) -> Caches {
     let changed = Arc::new(Notify::new());
     let pods = reflect(Api::<Pod>::all(client.clone()), strip_pod, changed.clone());
     let namespaces = reflect(Api::<Namespace>::all(client.clone()), strip_meta, changed.clone());
-    let policies = reflect(Api::<NetworkPolicy>::all(client), strip_meta, changed.clone());
+    let policies = reflect(
+        Api::<NetworkPolicy>::all(client.clone()),
+        strip_meta,
+        changed.clone(),
+    );
+    let (domains, cluster_domains) = super::kube_domains::start(client, changed.clone());
     Caches {
         pods,
         namespaces,
         policies,
+        domains,
+        cluster_domains,
         changed,
     }
 }

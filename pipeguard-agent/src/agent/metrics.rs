@@ -24,6 +24,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
     pub namespace: LabelValue,
     pub pod: LabelValue,
@@ -47,6 +52,10 @@ pub struct Metrics {
     pub policy_compiled: Family<PolicyLabels, Gauge>,
     /// Count of NetworkPolicies by state (compiled, failed).
     pub policies: Family<StateLabels, Gauge>,
+    /// DomainPolicies and ClusterDomainPolicies by state (compiled, failed).
+    pub domain_policies: Family<StateLabels, Gauge>,
+    /// 1 while a domain policy CRD is not installed (its kind is read as empty).
+    pub domain_crd_missing: Family<KindLabels, Gauge>,
     /// Local pods by status (enforced, unrestricted, default_deny, failed_closed, not_guarded).
     pub pods: Family<StateLabels, Gauge>,
     pub allow_entries: Gauge,
@@ -93,6 +102,8 @@ impl Default for Metrics {
             policy_compiled: Family::default(),
             policies: Family::default(),
             pods: Family::default(),
+            domain_policies: Family::default(),
+            domain_crd_missing: Family::default(),
             allow_entries: Gauge::default(),
             allowlists: Gauge::default(),
             sync_seconds: Histogram::new([
@@ -127,6 +138,16 @@ impl Default for Metrics {
             m.policy_compiled.clone(),
         );
         registry.register("policies", "NetworkPolicies by state", m.policies.clone());
+        registry.register(
+            "domain_policies",
+            "DomainPolicies and ClusterDomainPolicies by state",
+            m.domain_policies.clone(),
+        );
+        registry.register(
+            "domain_crd_missing",
+            "1 while the CRD of a domain policy kind is not installed (read as no objects)",
+            m.domain_crd_missing.clone(),
+        );
         registry.register("pods", "Pods on this node by enforcement status", m.pods.clone());
         registry.register(
             "allow_entries",

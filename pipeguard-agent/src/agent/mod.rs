@@ -8,9 +8,11 @@
 pub mod bypass;
 mod cgroup_watch;
 pub mod desired;
+mod domain_objects;
 mod guard;
 pub mod http;
 mod kube;
+mod kube_domains;
 pub mod listener;
 pub mod metrics;
 mod pod_cgroups;

@@ -55,10 +55,12 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
     let mut state = Loop {
         applied,
         parsed: Default::default(),
+        parsed_domains: Default::default(),
         last_good: HashMap::new(),
         reported: Default::default(),
         failing_closed: Default::default(),
         escape_capable: Default::default(),
+        evented: Default::default(),
         client: config.events.kubernetes.then_some(client),
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -97,6 +99,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
 struct Loop {
     applied: sync::Applied,
     parsed: snapshot::PolicyCache,
+    parsed_domains: super::domain_objects::DomainObjectCache,
     /// Last applied allowlist per pod UID, for fail-closed.
     last_good: HashMap<String, std::sync::Arc<PolicyEntries>>,
     /// Policy errors already logged, so each is logged once.
@@ -105,6 +108,8 @@ struct Loop {
     failing_closed: std::collections::HashSet<String>,
     /// Guarded pods that can step around the guard (UIDs), reported when first seen.
     escape_capable: std::collections::HashSet<String>,
+    /// Errors of invalid domain objects an Event was posted for (while they stay invalid).
+    evented: std::collections::HashSet<String>,
     /// For Kubernetes Events; `None` with --no-kube-events.
     client: Option<::kube::Client>,
 }
@@ -120,8 +125,16 @@ impl Loop {
         health: &Health,
     ) -> Result<sync::SyncStats, crate::engine::EngineError> {
         let policy_objects = caches.policies.state();
-        let policies = self.parsed.policies(&policy_objects);
+        let mut policies = self.parsed.policies(&policy_objects);
+        let invalid_domains = self.parsed_domains.add_to(
+            &mut policies,
+            &[
+                (&caches.domains.resource, caches.domains.objects()),
+                (&caches.cluster_domains.resource, caches.cluster_domains.objects()),
+            ],
+        );
         self.report_policies(&policy_objects, &policies, health);
+        self.report_domains(caches, &policies, invalid_domains, &config.node_name, health);
         let pods = caches.pods.state();
         let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
         let scheduled = snapshot::local_pods(&pods, &config.node_name);
@@ -244,7 +257,7 @@ impl Loop {
         for error in &set.errors {
             let text = error.to_string();
             if self.reported.insert(text.clone()) {
-                tracing::error!(error = %text, "NetworkPolicy rejected; guarded pods in its namespace fail closed");
+                tracing::error!(error = %text, "policy rejected; the guarded pods it could select fail closed");
             }
         }
         health.metrics.policy_compiled.clear();
@@ -279,6 +292,51 @@ impl Loop {
                 state: "failed".into(),
             })
             .set(failed);
+    }
+
+    /// Invalid domain objects: a Warning Event on each (once per error), the counts, and
+    /// whether each CRD is installed.
+    fn report_domains(
+        &mut self,
+        caches: &kube::Caches,
+        set: &crate::policy::PolicySet,
+        invalid: Vec<(
+            k8s_openapi::api::core::v1::ObjectReference,
+            crate::policy::PolicyError,
+        )>,
+        node: &str,
+        health: &Health,
+    ) {
+        for (object, error) in &invalid {
+            if self.evented.insert(error.to_string())
+                && let Some(client) = &self.client
+            {
+                crate::events::policy_events::post_invalid_policy(
+                    client.clone(),
+                    object.clone(),
+                    &error.to_string(),
+                    node,
+                );
+            }
+        }
+        self.evented
+            .retain(|text| invalid.iter().any(|(_, e)| &e.to_string() == text));
+        for (state, n) in [("compiled", set.domains.len()), ("failed", invalid.len())] {
+            health
+                .metrics
+                .domain_policies
+                .get_or_create(&metrics::StateLabels { state: state.into() })
+                .set(n as i64);
+        }
+        for cache in [&caches.domains, &caches.cluster_domains] {
+            health
+                .metrics
+                .domain_crd_missing
+                .get_or_create(&metrics::KindLabels {
+                    kind: cache.resource.kind.clone(),
+                })
+                .set(cache.crd_missing() as i64);
+        }
     }
 
     fn observe_traffic(&self, engine: &Engine, d: &desired::DesiredPod, health: &Health) {

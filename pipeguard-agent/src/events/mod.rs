@@ -8,6 +8,7 @@ pub mod hub;
 pub mod kube_events;
 pub mod kube_limit;
 pub mod pipeline;
+pub mod policy_events;
 pub mod record;
 pub mod sinks;
 pub mod stream;

@@ -20,6 +20,19 @@ pub struct NameReach {
     pub dns_filtered: bool,
 }
 
+/// Whether some isolating NetworkPolicy lets the pod send DNS (port 53, UDP or TCP)
+/// anywhere: the domain rules need a resolver, and only NetworkPolicies allow one.
+fn dns_allowed(isolating: &[&super::Policy], cluster: &Cluster) -> bool {
+    isolating.iter().any(|policy| {
+        policy_egress_rules(policy, Some(cluster), &mut Vec::new())
+            .iter()
+            .any(|r| {
+                r.ports.allows(pipeguard_common::PROTO_UDP, 53)
+                    || r.ports.allows(pipeguard_common::PROTO_TCP, 53)
+            })
+    })
+}
+
 fn protocol_name(protocol: u8) -> &'static str {
     match protocol {
         pipeguard_common::PROTO_UDP => "UDP",
@@ -82,6 +95,16 @@ pub fn reach_name(
                 }
                 if rule.ports.allows(protocol, port) {
                     let rule = format!("{} spec.egress[{i}].domains[{j}] ({pattern})", policy.key());
+                    if !dns_allowed(&isolating, cluster) {
+                        return Ok(answer(
+                            false,
+                            vec![policy.key()],
+                            Some(rule),
+                            format!(
+                                "{name} is allowed on {what}, but no NetworkPolicy allows {pod} DNS (port 53), so it cannot resolve it"
+                            ),
+                        ));
+                    }
                     return Ok(answer(
                         true,
                         vec![policy.key()],

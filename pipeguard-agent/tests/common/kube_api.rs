@@ -2,9 +2,11 @@
 //! client: paginated lists with resourceVersion, chunked watch streams of JSON events,
 //! bookmarks, 410 Gone for an expired resourceVersion, and dropped watches. Loopback only.
 //!
-//! Served: `/api/v1/pods`, `/api/v1/namespaces`, `/apis/networking.k8s.io/v1/networkpolicies`
-//! (cluster-wide list and watch), and POST/PATCH of core events. Label and field selectors
-//! are not evaluated (the agent asks for neither).
+//! Served: `/api/v1/pods`, `/api/v1/namespaces`, `/apis/networking.k8s.io/v1/networkpolicies`,
+//! and once [`KubeApiServer::install_crds`] is called `/apis/pipeguard.dev/v1alpha1/`
+//! `domainpolicies` and `clusterdomainpolicies` (404 before, as on a cluster without the
+//! CRDs) (cluster-wide list and watch), and POST/PATCH of core events. Label and field
+//! selectors are not evaluated (the agent asks for neither).
 
 use std::{
     collections::BTreeMap,
@@ -33,7 +35,11 @@ struct State {
     watchers: Vec<(String, mpsc::UnboundedSender<String>)>,
     requests: Vec<String>,
     events: Vec<Value>,
+    /// The domain policy CRDs are installed (their paths answer instead of 404).
+    crds: bool,
 }
+
+const CRD_KINDS: [&str; 2] = ["DomainPolicy", "ClusterDomainPolicy"];
 
 pub struct KubeApiServer {
     addr: std::net::SocketAddr,
@@ -46,6 +52,8 @@ fn kind_of_path(path: &str) -> Option<&'static str> {
         "/api/v1/pods" => Some("Pod"),
         "/api/v1/namespaces" => Some("Namespace"),
         "/apis/networking.k8s.io/v1/networkpolicies" => Some("NetworkPolicy"),
+        "/apis/pipeguard.dev/v1alpha1/domainpolicies" => Some("DomainPolicy"),
+        "/apis/pipeguard.dev/v1alpha1/clusterdomainpolicies" => Some("ClusterDomainPolicy"),
         _ => None,
     }
 }
@@ -54,6 +62,8 @@ fn list_kind(kind: &str) -> (&'static str, &'static str) {
     match kind {
         "Pod" => ("PodList", "v1"),
         "Namespace" => ("NamespaceList", "v1"),
+        "DomainPolicy" => ("DomainPolicyList", "pipeguard.dev/v1alpha1"),
+        "ClusterDomainPolicy" => ("ClusterDomainPolicyList", "pipeguard.dev/v1alpha1"),
         _ => ("NetworkPolicyList", "networking.k8s.io/v1"),
     }
 }
@@ -143,6 +153,11 @@ impl KubeApiServer {
         st.rv += 1;
     }
 
+    /// From now on the domain policy kinds are served.
+    pub fn install_crds(&self) {
+        self.state.lock().unwrap().crds = true;
+    }
+
     pub fn request_log(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -217,7 +232,8 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::
             }
             continue;
         }
-        let Some(kind) = kind_of_path(&path) else {
+        let served = kind_of_path(&path).filter(|k| !CRD_KINDS.contains(k) || state.lock().unwrap().crds);
+        let Some(kind) = served else {
             let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
             if respond(&mut write, 404, &status.to_string()).await.is_err() {
                 return;

@@ -1,0 +1,114 @@
+//! Reflectors on the two custom resources, `DomainPolicy` and `ClusterDomainPolicy`
+//! (pipeguard.dev/v1alpha1), read as dynamic objects and parsed by the same strict parser
+//! as files.
+//!
+//! A CRD that is not installed (the initial list answers 404) does not hold the agent up:
+//! that cache counts as synced and empty, which is safe because domain rules only allow
+//! and no object of a kind without its CRD can exist. It is logged, shown in
+//! `pipeguard_domain_crd_missing`, and the watcher keeps retrying with backoff, so a CRD
+//! installed later is picked up. Any other list error (403: RBAC missing) keeps the cache
+//! unsynced, as for the built-in kinds.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use futures::StreamExt;
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use tokio::sync::{Notify, watch};
+
+use crate::policy::{CLUSTER_DOMAIN_POLICY, DOMAIN_POLICY};
+
+/// One custom resource's cache.
+#[derive(Clone)]
+pub struct DomainCache {
+    pub resource: ApiResource,
+    pub store: Store<DynamicObject>,
+    /// True while the last list attempt answered 404 (the CRD is not installed).
+    missing: Arc<AtomicBool>,
+    missing_seen: watch::Receiver<bool>,
+}
+
+impl DomainCache {
+    /// The objects, with apiVersion and kind set (list items may come without them).
+    pub fn objects(&self) -> Vec<Arc<DynamicObject>> {
+        self.store.state()
+    }
+
+    pub fn crd_missing(&self) -> bool {
+        self.missing.load(Ordering::Relaxed)
+    }
+
+    /// Resolves after the first list, or once the CRD is known to be missing.
+    pub async fn ready(&self) {
+        let mut missing = self.missing_seen.clone();
+        tokio::select! {
+            _ = self.store.wait_until_ready() => {}
+            _ = missing.wait_for(|m| *m) => {}
+        }
+    }
+}
+
+pub fn resource(kind: &str) -> ApiResource {
+    let plural = match kind {
+        DOMAIN_POLICY => "domainpolicies",
+        _ => "clusterdomainpolicies",
+    };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("pipeguard.dev", "v1alpha1", kind), plural)
+}
+
+/// Both caches: (DomainPolicy, ClusterDomainPolicy).
+pub fn start(client: Client, changed: Arc<Notify>) -> (DomainCache, DomainCache) {
+    (
+        reflect(client.clone(), resource(DOMAIN_POLICY), changed.clone()),
+        reflect(client, resource(CLUSTER_DOMAIN_POLICY), changed),
+    )
+}
+
+fn reflect(client: Client, resource: ApiResource, changed: Arc<Notify>) -> DomainCache {
+    let api = Api::<DynamicObject>::all_with(client, &resource);
+    let writer = reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let missing = Arc::new(AtomicBool::new(false));
+    let (missing_tx, missing_seen) = watch::channel(false);
+    let kind = resource.kind.clone();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|obj: &mut DynamicObject| obj.meta_mut().managed_fields = None)
+        .reflect(writer);
+    let flag = missing.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    if flag.swap(false, Ordering::Relaxed) {
+                        tracing::info!(%kind, "custom resource definition found; watching it");
+                    }
+                    changed.notify_one();
+                }
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                    if !flag.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(%kind, "the CRD is not installed (404); treating it as having no objects and retrying (domain rules only allow, so this opens nothing)");
+                        changed.notify_one();
+                    }
+                    let _ = missing_tx.send(true);
+                }
+                Err(error) => {
+                    tracing::warn!(%kind, %error, "watch error; retrying with backoff (caches keep their last state)")
+                }
+            }
+        }
+    });
+    DomainCache {
+        resource,
+        store,
+        missing,
+        missing_seen,
+    }
+}
