@@ -277,7 +277,8 @@ impl Loop {
                 })
                 .set(ok as i64);
         }
-        let failed = set.errors.len() as i64;
+        // NetworkPolicies only: each invalid domain policy has one error and one taint.
+        let failed = set.errors.len().saturating_sub(set.domain_taints.len()) as i64;
         health
             .metrics
             .policies

@@ -16,7 +16,10 @@ const MAX_MESSAGE: usize = 1024;
 pub fn post_invalid_policy(client: Client, object: ObjectReference, message: &str, node: &str) {
     let now = Timestamp::now();
     let namespace = object.namespace.clone().unwrap_or_else(|| "default".into());
-    let mut message = format!("pipeguard rejected this policy: {message}");
+    let mut message = format!(
+        "pipeguard rejected this policy; the guarded pods it could select fail closed: {}",
+        crate::escape::printable(message)
+    );
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE - 3;
         while !message.is_char_boundary(cut) {
