@@ -5,6 +5,7 @@
 //! - [`engine`]: loads and attaches the eBPF programs, writes the maps, reads counters and events.
 //! - [`cgroup`]: cgroup2 discovery and cgroups pipeguard owns.
 //! - [`job`]: one command under enforcement (`pipeguard exec`).
+//! - [`learn`]: what a job reached → the policy allowing it; runs merged into a baseline.
 //! - [`agent`]: the DaemonSet (`pipeguard agent`): kube caches, pod cgroups, incremental sync.
 //! - [`pod`]: a pod on this node (shared by the agent and the event pipeline).
 //! - [`cli`]: one module per subcommand.
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod escape;
 pub mod events;
 pub mod job;
+pub mod learn;
 pub mod memory;
 pub mod pod;
 pub mod policy;

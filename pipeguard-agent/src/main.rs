@@ -12,5 +12,6 @@ fn main() -> ExitCode {
         Command::Agent(args) => pipeguard::cli::agent::run(args),
         Command::Events(args) => pipeguard::cli::events::run(args),
         Command::Gc(args) => pipeguard::cli::gc::run(args),
+        Command::Suggest(args) => pipeguard::cli::suggest::run(args),
     }
 }

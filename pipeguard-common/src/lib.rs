@@ -340,6 +340,9 @@ pub const UNKNOWN_ALLOW: u32 = 0;
 pub const UNKNOWN_DENY: u32 = 1;
 /// Keep per-destination flow statistics (costs one LRU update per packet).
 pub const CONFIG_FLOW_STATS: u32 = 1 << 0;
+/// Also report allowed attempts (verdict `VERDICT_ALLOW`), one event per flow per
+/// `EVENT_INTERVAL_NS`: `exec --learn` needs the process behind every destination.
+pub const CONFIG_REPORT_ALLOWED: u32 = 1 << 1;
 
 #[cfg(feature = "user")]
 mod user {

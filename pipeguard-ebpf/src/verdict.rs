@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use pipeguard_common::{
-    AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, Config, Counter, CounterKey, EVENT_INTERVAL_NS, Event,
-    FlowKey, Hook, MODE_AUDIT, POLICY_ID_BITS, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Counter, CounterKey,
+    EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POLICY_ID_BITS, UNKNOWN_DENY, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::{
@@ -110,6 +111,10 @@ pub fn report(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8
         bump_flow(&flow, attempt.bytes);
     }
     if verdict == VERDICT_ALLOW {
+        // Learning only (never set by the agent): rate-limited like packet events.
+        if config.flags & CONFIG_REPORT_ALLOWED != 0 && packet_event_due(&flow) {
+            emit(attempt, pod_cgroup_id, policy_id, verdict);
+        }
         return;
     }
     if is_packet && !packet_event_due(&flow) {

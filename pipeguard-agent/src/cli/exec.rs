@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use crate::{
     engine::PolicyEntries,
     job::{self, EventSink, JobSpec, Mode},
+    learn,
     policy::{self, Egress, PodIdentity},
 };
 
@@ -19,10 +20,13 @@ pub const EXIT_SETUP: u8 = 125;
 /// NetworkPolicies in that namespace that select it decide where it may send.
 ///
 /// Example: sudo pipeguard exec --policy ci-egress.yaml --label app=runner -- make release
+///
+/// Example: sudo pipeguard exec --mode audit --learn ci-egress.yaml --label app=runner -- make release
 #[derive(clap::Args, Debug)]
 pub struct ExecArgs {
     /// NetworkPolicy YAML file (several documents allowed) or directory; repeatable.
-    #[arg(long = "policy", required = true, value_name = "PATH")]
+    /// Optional with --learn in audit mode: nothing is allowed, everything is reported.
+    #[arg(long = "policy", value_name = "PATH", required_unless_present_any = ["learn", "learn_json"])]
     pub policies: Vec<PathBuf>,
     /// Namespace the job counts as being in.
     #[arg(long, default_value = "default")]
@@ -58,6 +62,18 @@ pub struct ExecArgs {
     /// the job's leftover processes guarded until `pipeguard gc` kills them.
     #[arg(long, value_name = "DIR", default_value = job::state::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Write the NetworkPolicy (and DomainPolicy for resolved names) that allows exactly
+    /// what the job reached, each peer commented with what was seen. Learn in audit mode
+    /// so nothing is blocked: `--mode audit --learn ci-egress.yaml`.
+    #[arg(long, value_name = "OUT.yaml")]
+    pub learn: Option<PathBuf>,
+    /// Write what the job did as JSON (destinations, verdicts, packets, bytes, processes),
+    /// the input of `pipeguard suggest --from`.
+    #[arg(long, value_name = "RUN.json")]
+    pub learn_json: Option<PathBuf>,
+    /// Write the job summary as a Markdown table (e.g. to $GITHUB_STEP_SUMMARY), appended.
+    #[arg(long, value_name = "FILE")]
+    pub summary_markdown: Option<PathBuf>,
     /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_kernel_log_level)]
     pub kernel_log_level: u8,
@@ -116,7 +132,7 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         )
     })?;
     let outcome = job::run(JobSpec {
-        command: args.command,
+        command: args.command.clone(),
         allowlist,
         mode: args.mode,
         deny_raw_sockets: !args.allow_raw_sockets,
@@ -125,9 +141,11 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         state_dir: args.state_dir,
         events,
         kernel_log_level: args.kernel_log_level,
+        learn: args.learn.is_some() || args.learn_json.is_some() || args.summary_markdown.is_some(),
     })
     .map_err(|e| e.to_string())?;
     eprintln!("{}", outcome.summary);
+    write_reports(&args, &outcome)?;
     if args.fail_on_violation && outcome.violations > 0 {
         eprintln!(
             "pipeguard: {} egress violations; exiting with {EXIT_VIOLATION} (--fail-on-violation)",
@@ -138,8 +156,62 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::from(outcome.exit.shell_code().clamp(0, 255) as u8))
 }
 
+/// The run as data, then each report asked for. The job has run: a report that cannot be
+/// written is an error, so CI does not go on without it.
+fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), String> {
+    if args.learn.is_none() && args.learn_json.is_none() && args.summary_markdown.is_none() {
+        return Ok(());
+    }
+    let run = learn::Run {
+        format: learn::RUN_FORMAT,
+        command: args.command.clone(),
+        mode: match args.mode {
+            Mode::Enforce => "enforce".into(),
+            Mode::Audit => "audit".into(),
+        },
+        namespace: args.namespace.clone(),
+        labels: args.labels.iter().cloned().collect(),
+        finished: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        destinations: learn::Run::observe(&outcome.summary, &outcome.processes),
+        anomalies: Vec::new(),
+    };
+    let write = |path: &PathBuf, text: String, append: bool| {
+        let result = if append {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        } else {
+            std::fs::write(path, text)
+        };
+        result.map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    if let Some(path) = &args.learn {
+        write(path, learn::learned_policy(&run), false)?;
+        eprintln!("pipeguard: learned policy written to {}", path.display());
+    }
+    if let Some(path) = &args.learn_json {
+        let json = serde_json::to_string_pretty(&run).map_err(|e| e.to_string())?;
+        write(path, json + "\n", false)?;
+    }
+    if let Some(path) = &args.summary_markdown {
+        write(path, learn::markdown::summary(&run) + "\n", true)?;
+    }
+    Ok(())
+}
+
 /// Policies → the job's allowlist, with the warnings NetworkPolicy semantics call for.
 fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
+    if args.policies.is_empty() {
+        // Learning from nothing: every destination is reported with its process.
+        if args.mode == Mode::Enforce {
+            return Err(
+                "--learn without --policy needs --mode audit: enforcing an empty policy refuses all egress, so there is nothing to learn; the command was not run".into(),
+            );
+        }
+        return Ok(PolicyEntries::default());
+    }
     let set = policy::load_policies(&args.policies);
     if !set.errors.is_empty() {
         let lines: Vec<String> = set.errors.iter().map(|e| format!("  {e}")).collect();

@@ -5,6 +5,7 @@ pub mod check;
 pub mod events;
 pub mod exec;
 pub mod gc;
+pub mod suggest;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,7 @@ pub enum Command {
     Events(events::EventsArgs),
     Check(check::CheckArgs),
     Gc(gc::GcArgs),
+    Suggest(suggest::SuggestArgs),
 }
 
 /// Logs go to stderr; stdout belongs to the guarded job.

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use pipeguard_common::{Event, Hook, VERDICT_AUDIT, VERDICT_DENY};
+use pipeguard_common::{Event, Hook, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY};
 use serde::Serialize;
 
 /// One denied (or, in audit mode, would-be-denied) attempt. Field names are a stable
@@ -14,7 +14,8 @@ use serde::Serialize;
 pub struct Violation {
     /// RFC 3339, UTC.
     pub time: String,
-    /// `deny` or `audit`.
+    /// `deny` or `audit`; `allow` only when the engine reports allowed attempts
+    /// (`EngineConfig::report_allowed`, exec's learning), never in the violation stream.
     pub verdict: &'static str,
     pub hook: &'static str,
     pub protocol: String,
@@ -106,6 +107,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Violation> {
     let verdict = match event.verdict {
         VERDICT_DENY => "deny",
         VERDICT_AUDIT => "audit",
+        VERDICT_ALLOW => "allow",
         _ => return None,
     };
     let is_socket_refusal = hook == Hook::SockCreate;
@@ -194,8 +196,14 @@ mod tests {
         assert!(decode(&[0u8; 10], &Clock::now()).is_none());
         let addr = [0u8; 16];
         assert!(
-            decode(&record(Hook::Egress, 0, 4, addr), &Clock::now()).is_none(),
-            "allow is not a violation"
+            decode(&record(Hook::Egress, 7, 4, addr), &Clock::now()).is_none(),
+            "unknown verdict"
+        );
+        let allowed = decode(&record(Hook::Connect4, VERDICT_ALLOW, 4, addr), &Clock::now());
+        assert_eq!(
+            allowed.map(|v| v.verdict),
+            Some("allow"),
+            "learning reports allowed attempts"
         );
     }
 

@@ -14,7 +14,9 @@ use std::{os::fd::AsFd, path::Path};
 
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
-use pipeguard_common::{CONFIG_FLOW_STATS, Config, REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names};
+use pipeguard_common::{
+    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
+};
 
 pub use self::tables::PolicyEntries;
 
@@ -75,6 +77,9 @@ pub struct EngineConfig {
     pub unknown_pods: UnknownPods,
     /// Per-destination packet and byte statistics (one LRU update per packet).
     pub flow_stats: bool,
+    /// Report allowed attempts too (one event per destination per second): `exec --learn`
+    /// needs the process behind each destination. Never for the agent's stream.
+    pub report_allowed: bool,
     /// Most verbose aya-log level the kernel side emits (1 error … 5 trace; 0 off).
     pub kernel_log_level: u8,
     /// Pin maps and links here so enforcement outlives the process (the agent); `None`
@@ -91,6 +96,8 @@ impl Default for EngineConfig {
             unknown_pods: UnknownPods::Allow,
             // Off for the agent's hot path; `exec` turns it on for its summary.
             flow_stats: false,
+            // Violations only.
+            report_allowed: false,
             // Warnings and errors only: the kernel side never logs per packet.
             kernel_log_level: 2,
             // Nothing outlives the process unless asked.
@@ -207,7 +214,12 @@ impl Engine {
                 UnknownPods::Allow => UNKNOWN_ALLOW,
                 UnknownPods::Deny => UNKNOWN_DENY,
             },
-            flags: if config.flow_stats { CONFIG_FLOW_STATS } else { 0 },
+            flags: if config.flow_stats { CONFIG_FLOW_STATS } else { 0 }
+                | if config.report_allowed {
+                    CONFIG_REPORT_ALLOWED
+                } else {
+                    0
+                },
             reply_window_ns: u64::try_from(config.reply_window.as_nanos()).unwrap_or(u64::MAX),
         };
         let mut array: aya::maps::Array<_, Config> = self.map_mut(map_names::CONFIG)?;

@@ -109,7 +109,8 @@ impl Pipeline {
                     let now = Instant::now();
                     let mut batch = Vec::new();
                     while let Some(item) = guard.get_inner_mut().next() {
-                        if let Some(v) = decode::decode(&item, &clock) {
+                        // Allowed attempts are reported only to exec's learning, never here.
+                        if let Some(v) = decode::decode(&item, &clock).filter(|v| v.verdict != "allow") {
                             self.stats.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             batch.extend(self.aggregator.add(v, now));
                         }

@@ -16,7 +16,11 @@ use pipeguard_common::{
     MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PodEntry, VERDICT_AUDIT, VERDICT_DENY,
 };
 
-pub use self::{child::ExitReason, sink::EventSink, summary::Summary};
+pub use self::{
+    child::ExitReason,
+    sink::EventSink,
+    summary::{Destination, Summary},
+};
 use crate::{
     cgroup::OwnedCgroup,
     engine::{Engine, EngineConfig, PolicyEntries, UnknownPods, events},
@@ -48,6 +52,8 @@ pub struct JobSpec {
     pub state_dir: PathBuf,
     pub events: EventSink,
     pub kernel_log_level: u8,
+    /// Report allowed attempts too, so every destination has its processes (`--learn`).
+    pub learn: bool,
 }
 
 pub struct JobOutcome {
@@ -55,6 +61,8 @@ pub struct JobOutcome {
     /// Denied attempts (audited ones in audit mode), from the kernel counters.
     pub violations: u64,
     pub summary: Summary,
+    /// The processes events named, per destination.
+    pub processes: crate::learn::ProcessLog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +117,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     let mut engine = Engine::load(&EngineConfig {
         unknown_pods: UnknownPods::Allow,
         flow_stats: true,
+        report_allowed: spec.learn,
         kernel_log_level: spec.kernel_log_level,
         pin_dir: Some(state.pin_dir().to_path_buf()),
         ..EngineConfig::default()
@@ -175,7 +184,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     // Let the last packets' events land, then stop the reader; it drains before it exits.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = stop_tx.send(true);
-    let delivered = reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    let (delivered, processes) = reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
     engine.drain_kernel_logs();
 
     let counters = engine.counters(cgroup_id)?;
@@ -197,5 +206,6 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         exit,
         violations,
         summary,
+        processes,
     })
 }

@@ -9,7 +9,10 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::engine::events::{self, Clock};
+use crate::{
+    engine::events::{self, Clock},
+    learn::ProcessLog,
+};
 
 pub enum EventSink {
     Stderr,
@@ -37,13 +40,14 @@ impl EventSink {
 }
 
 /// Reads the ring buffer until `stop` turns true, then drains what is left. Returns how
-/// many events were delivered.
+/// many violation events were delivered, and the processes every event named.
 pub async fn pump(
     ring: RingBuf<MapData>,
     clock: Clock,
     mut sink: EventSink,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> io::Result<u64> {
+) -> io::Result<(u64, ProcessLog)> {
+    let mut processes = ProcessLog::default();
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
     let mut delivered = 0;
@@ -51,22 +55,30 @@ pub async fn pump(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                delivered += drain(guard.get_inner_mut(), &clock, &mut sink)?;
+                delivered += drain(guard.get_inner_mut(), &clock, &mut sink, &mut processes)?;
                 guard.clear_ready();
             }
             _ = stop.changed() => {
-                delivered += drain(ring.get_mut(), &clock, &mut sink)?;
-                return Ok(delivered);
+                delivered += drain(ring.get_mut(), &clock, &mut sink, &mut processes)?;
+                return Ok((delivered, processes));
             }
         }
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, clock: &Clock, sink: &mut EventSink) -> io::Result<u64> {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    clock: &Clock,
+    sink: &mut EventSink,
+    processes: &mut ProcessLog,
+) -> io::Result<u64> {
     let mut n = 0;
     while let Some(item) = ring.next() {
         match events::decode(&item, clock) {
+            // Reported only while learning: who reached an allowed destination.
+            Some(allowed) if allowed.verdict == "allow" => processes.record(&allowed),
             Some(violation) => {
+                processes.record(&violation);
                 let line = serde_json::to_string(&violation).map_err(io::Error::other)?;
                 sink.write_line(&line)?;
                 n += 1;
