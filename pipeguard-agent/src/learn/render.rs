@@ -155,7 +155,7 @@ fn cidr(o: &Observed) -> String {
 fn comment(seen: &Seen) -> String {
     let mut text = format!("{} packets, {}", seen.packets, human_bytes(seen.bytes));
     match seen.processes.split_first() {
-        Some((first, rest)) if rest.is_empty() => text.push_str(&format!(", first process {first}")),
+        Some((first, [])) => text.push_str(&format!(", first process {first}")),
         Some((first, rest)) => text.push_str(&format!(", first process {first} (also {})", rest.join(", "))),
         None => text.push_str(", process unknown"),
     }
