@@ -138,7 +138,7 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         deny_raw_sockets: !args.allow_raw_sockets,
         privileged: args.privileged_job,
         cgroup_parent: cgroup_root.join(job::JOB_CGROUP_PARENT),
-        state_dir: args.state_dir,
+        state_dir: args.state_dir.clone(),
         events,
         kernel_log_level: args.kernel_log_level,
         learn: args.learn.is_some() || args.learn_json.is_some() || args.summary_markdown.is_some(),
