@@ -198,3 +198,25 @@ fn audit_mode_keeps_raw_sockets_working_and_reports_them() {
         .any(|e| e["hook"] == "sock_create" && e["verdict"] == "audit");
     assert!(reported, "the raw socket is reported as audit: {lines}\n{stderr}");
 }
+
+/// systemd hosts automount binfmt_misc below /proc/sys. The job still starts, and the mount
+/// (root may register interpreters there, which host processes would then run) is out of
+/// its reach. The mount lives in a private mount namespace of this test only.
+#[test]
+fn a_job_starts_on_a_host_with_a_mount_below_proc_sys_and_cannot_reach_it() {
+    require_kernel();
+    let policy = Policy::new("binfmt");
+    let script = format!(
+        "mount -t tmpfs pg-binfmt /proc/sys/fs/binfmt_misc && exec {} exec --policy {} -- sh -c 'touch /proc/sys/fs/binfmt_misc/x && echo WROTE || echo REFUSED'",
+        env!("CARGO_BIN_EXE_pipeguard"),
+        policy.0.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout.trim(), "REFUSED", "the job ran and could not write there");
+}

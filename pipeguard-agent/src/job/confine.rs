@@ -157,6 +157,16 @@ impl Confinement {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
+            // Mounts first: binding /proc/sys afterwards hides the mounts below it (an
+            // automounted binfmt_misc), which a later remount could then not find.
+            for (path, keep) in &self.read_only {
+                match remount_read_only(path, *keep) {
+                    // Covered by a later mount on the same or a parent path: nothing can
+                    // reach it by that path, in here or anywhere, so there is nothing to do.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
+                    other => other?,
+                }
+            }
             for path in &self.bind_read_only {
                 check(libc::mount(
                     path.as_ptr(),
@@ -166,9 +176,6 @@ impl Confinement {
                     std::ptr::null(),
                 ))?;
                 remount_read_only(path, libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)?;
-            }
-            for (path, keep) in &self.read_only {
-                remount_read_only(path, *keep)?;
             }
         }
         Ok(())
