@@ -167,6 +167,16 @@ fn remove_tree(dir: &Path) -> io::Result<()> {
             remove_tree(&entry.path())?;
         }
     }
+    // Killed tasks leave cgroup.procs before the cgroup stops counting as populated: rmdir
+    // says EBUSY for that moment, so retry briefly.
+    for _ in 0..400 {
+        match fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            other => return other,
+        }
+    }
     fs::remove_dir(dir)
 }
 
