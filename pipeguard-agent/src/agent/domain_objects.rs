@@ -117,3 +117,84 @@ fn parse(resource: &ApiResource, obj: &DynamicObject) -> Parsed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{CLUSTER_DOMAIN_POLICY, DOMAIN_POLICY};
+
+    /// As a list item arrives: no apiVersion or kind of its own.
+    fn object(ns: Option<&str>, name: &str, version: &str, domains: &[&str]) -> Arc<DynamicObject> {
+        let mut obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": version, "uid": "u-1"},
+            "spec": {"podSelector": {}, "namespaceSelector": ns.is_none().then(|| serde_json::json!({})),
+                     "egress": [{"domains": domains}]}
+        }))
+        .unwrap();
+        if ns.is_some() {
+            obj.data["spec"]
+                .as_object_mut()
+                .unwrap()
+                .remove("namespaceSelector");
+        }
+        Arc::new(obj)
+    }
+
+    #[test]
+    fn list_items_parse_with_the_resource_kind_and_invalid_ones_are_returned() {
+        let (namespaced, cluster) = (
+            super::super::kube_domains::resource(DOMAIN_POLICY),
+            super::super::kube_domains::resource(CLUSTER_DOMAIN_POLICY),
+        );
+        let mut cache = DomainObjectCache::default();
+        let mut set = PolicySet::default();
+        let invalid = cache.add_to(
+            &mut set,
+            &[
+                (
+                    &namespaced,
+                    vec![
+                        object(Some("ci"), "good", "1", &["github.com"]),
+                        object(Some("ci"), "bad", "2", &["a..b"]),
+                    ],
+                ),
+                (&cluster, vec![object(None, "platform", "3", &["ghcr.io"])]),
+            ],
+        );
+        let keys: Vec<String> = set.domains.iter().map(|d| d.key()).collect();
+        assert_eq!(keys, ["DomainPolicy ci/good", "ClusterDomainPolicy platform"]);
+        assert_eq!(invalid.len(), 1);
+        let (reference, error) = &invalid[0];
+        assert_eq!(reference.kind.as_deref(), Some("DomainPolicy"));
+        assert_eq!(reference.api_version.as_deref(), Some("pipeguard.dev/v1alpha1"));
+        assert_eq!(
+            (reference.namespace.as_deref(), reference.name.as_deref()),
+            (Some("ci"), Some("bad"))
+        );
+        assert_eq!(
+            error.to_string(),
+            "kube: domainpolicy ci/bad: spec.egress[0].domains[0]: \"a..b\" has an empty label"
+        );
+        assert_eq!(set.domain_taints.len(), 1);
+
+        // Same resourceVersion: the cached result; a new one is parsed again.
+        let mut again = PolicySet::default();
+        cache.add_to(
+            &mut again,
+            &[(
+                &namespaced,
+                vec![object(Some("ci"), "bad", "2", &["fixed.example"])],
+            )],
+        );
+        assert_eq!(again.errors.len(), 1, "version 2 is cached as invalid");
+        let mut fixed = PolicySet::default();
+        cache.add_to(
+            &mut fixed,
+            &[(
+                &namespaced,
+                vec![object(Some("ci"), "bad", "4", &["fixed.example"])],
+            )],
+        );
+        assert!(fixed.errors.is_empty() && fixed.domains.len() == 1);
+    }
+}
