@@ -26,3 +26,4 @@ if printf 'token=%s' "$token" >/dev/udp/127.0.0.1/9999; then
 else
     echo "job: UDP exfiltration blocked"
 fi
+echo "job: done"
