@@ -431,6 +431,76 @@ fn agent_enforces_cluster_policies_on_pod_cgroups() {
     drop(agent);
 }
 
+/// The value of one series in a scrape (0 when the series is not there yet).
+fn metric(scrape: &str, series: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{series}: {v:?}: {e}"))
+        })
+        .unwrap_or(0)
+}
+
+/// /metrics is read at scrape time: denials made right before a scrape are in it, without
+/// waiting for the sync loop (which, with nothing changing, wakes only every 10 s).
+#[test]
+fn metrics_show_denials_at_scrape_time() {
+    const DENY: &str = r#"pipeguard_packets_total{namespace="ci",pod="runner-a",verdict="deny"}"#;
+    const ATTEMPTS: &str = "pipeguard_event_attempts_total";
+    let n = node("agent-scrape");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
+    let registry = listeners::tcp("127.0.0.1:0");
+    let attacker = listeners::tcp("127.0.0.1:0");
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(egress_policy(
+        "ci",
+        "registry",
+        ip_block("127.0.0.1/32"),
+        tcp_port(registry.addr.port()),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let agent = start_agent(&root, &kubeconfig, &["--no-events-stdout"]);
+    wait_ready(&agent);
+    let (_, before) = http_get(&agent.listen, "/metrics").expect("metrics");
+
+    let outcomes = run_probe(&a, &vec![format!("tcp {} leak", attacker.addr); 4]);
+    assert!(outcomes.iter().all(Outcome::denied_with_eperm), "{outcomes:?}");
+    // Right away: the kernel counters are read by the scrape itself.
+    let (status, after) = http_get(&agent.listen, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metric(&after, DENY) >= metric(&before, DENY) + 4,
+        "4 denials not in the scrape right after them:\nbefore:\n{before}\nafter:\n{after}"
+    );
+    // The event pipeline reads the ring buffer on its own task: give it a moment, far
+    // less than the sync loop's 10 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, now) = http_get(&agent.listen, "/metrics").expect("metrics");
+        if metric(&now, ATTEMPTS) >= metric(&before, ATTEMPTS) + 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ATTEMPTS} did not count the 4 denials within 2 s:\nbefore:\n{before}\nnow:\n{now}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(agent);
+}
+
 #[test]
 fn an_invalid_policy_fails_closed_and_is_reported() {
     let n = node("agent-invalid");

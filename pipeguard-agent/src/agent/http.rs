@@ -177,6 +177,7 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     health.metrics.observe_http(&health.connections);
+    health.metrics.refresh();
     (
         [(
             "content-type",

@@ -1,7 +1,10 @@
 //! Prometheus metrics, one registry, `pipeguard_` prefix. Label cardinality stays bounded:
 //! per pod and per policy, never per destination.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -85,6 +88,23 @@ pub struct Metrics {
     pub http_timed_out: Counter,
     /// Last absolute kernel counter values, to turn them into counter increments.
     last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
+    /// What [`Metrics::refresh`] reads at scrape time.
+    live: Mutex<Live>,
+}
+
+/// The sources of the counters that change between syncs: the kernel's per-pod counters
+/// and the event pipeline's. Read at every scrape, so /metrics is current.
+pub struct LiveSources {
+    pub counters: Option<crate::engine::stats::CounterReader>,
+    pub events: Arc<crate::events::pipeline::Stats>,
+    pub hub: Arc<crate::events::hub::Hub>,
+}
+
+#[derive(Default)]
+struct Live {
+    sources: Option<LiveSources>,
+    /// This node's pods as of the last sync: pod cgroup id → (namespace, name).
+    pods: HashMap<u64, (String, String)>,
 }
 
 impl Default for Metrics {
@@ -125,6 +145,7 @@ impl Default for Metrics {
             http_refused: Counter::default(),
             http_timed_out: Counter::default(),
             last_traffic: Mutex::default(),
+            live: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +279,48 @@ impl Metrics {
         }
     }
 
+    /// Where [`Metrics::refresh`] reads from, once the engine and the pipeline run.
+    pub fn set_live_sources(&self, sources: LiveSources) {
+        self.live.lock().expect("metrics lock").sources = Some(sources);
+    }
+
+    /// The pods whose kernel counters are reported, replaced by every sync.
+    pub fn set_pods(&self, pods: HashMap<u64, (String, String)>) {
+        self.live.lock().expect("metrics lock").pods = pods;
+    }
+
+    /// Brings the traffic and event counters up to the kernel's and the pipeline's values.
+    /// Called on every scrape and after every sync. Its cost is bounded: one walk of the
+    /// counters map (at most `MAX_COUNTERS` entries), one refresh at a time.
+    pub fn refresh(&self) {
+        let live = self.live.lock().expect("metrics lock");
+        let Some(sources) = &live.sources else {
+            return;
+        };
+        self.observe_events(&sources.events, &sources.hub);
+        let Some(reader) = &sources.counters else {
+            return;
+        };
+        let totals = match reader.totals() {
+            Ok(totals) => totals,
+            Err(error) => {
+                tracing::warn!(%error, "reading the kernel counters for /metrics");
+                return;
+            }
+        };
+        for ((cgroup_id, verdict), counter) in totals {
+            let Some((namespace, pod)) = live.pods.get(&cgroup_id) else {
+                continue;
+            };
+            let labels = TrafficLabels {
+                namespace: namespace.clone().into(),
+                pod: pod.clone().into(),
+                verdict: verdict_name(verdict).into(),
+            };
+            self.observe_traffic(labels, counter.packets, counter.bytes);
+        }
+    }
+
     /// Opt-in: registered only with --metrics-per-destination.
     pub fn enable_per_destination(&mut self) {
         self.registry.register(
@@ -295,5 +358,14 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+fn verdict_name(verdict: u8) -> &'static str {
+    match verdict {
+        pipeguard_common::VERDICT_ALLOW => "allow",
+        pipeguard_common::VERDICT_DENY => "deny",
+        pipeguard_common::VERDICT_AUDIT => "audit",
+        _ => "error",
     }
 }

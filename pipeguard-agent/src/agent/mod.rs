@@ -86,13 +86,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     tracing::info!(cgroups = ?attached, "programs attached");
     let (client, caches) = start::caches(&config, &root, &health).await?;
     let events = start::event_pipeline(&config, &mut engine, &client, &health, &hub);
+    start::live_metrics(&engine, &health, &hub, &events);
     sync_loop::run(sync_loop::Parts {
         config: &config,
         caches: &caches,
         root: &root,
         engine: &mut engine,
         health: &health,
-        hub: &hub,
         events,
         client,
     })

@@ -2,7 +2,9 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use super::{AgentConfig, AgentError, Health, cgroup_watch, http, kube, listener, pod_cgroups};
+use super::{
+    AgentConfig, AgentError, Health, cgroup_watch, http, kube, listener, metrics::LiveSources, pod_cgroups,
+};
 use crate::{
     engine::{Engine, EngineConfig},
     events::{
@@ -216,4 +218,17 @@ pub(super) fn event_pipeline(
     };
     tokio::spawn(pipeline.run(ring));
     parts
+}
+
+/// Lets /metrics read the kernel counters and the pipeline's statistics at scrape time.
+pub(super) fn live_metrics(engine: &Engine, health: &Health, hub: &Arc<Hub>, events: &EventParts) {
+    let counters = engine
+        .counter_reader()
+        .inspect_err(|error| tracing::error!(%error, "no traffic counters in /metrics"))
+        .ok();
+    health.metrics.set_live_sources(LiveSources {
+        counters,
+        events: events.stats.clone(),
+        hub: hub.clone(),
+    });
 }

@@ -11,10 +11,7 @@ use super::{
     AgentConfig, AgentError, Health, LocalPod, Status, desired, kube, metrics, pod_cgroups, snapshot,
     start::EventParts, sync,
 };
-use crate::{
-    engine::{Engine, PolicyEntries},
-    events::hub::Hub,
-};
+use crate::engine::{Engine, PolicyEntries};
 
 /// How often counters and cgroups are re-read even without a change notification.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -26,7 +23,6 @@ pub(super) struct Parts<'a> {
     pub(super) root: &'a std::path::Path,
     pub(super) engine: &'a mut Engine,
     pub(super) health: &'a Health,
-    pub(super) hub: &'a Hub,
     pub(super) events: EventParts,
     pub(super) client: ::kube::Client,
 }
@@ -39,7 +35,6 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         root,
         engine,
         health,
-        hub,
         events,
         client,
     } = parts;
@@ -83,7 +78,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
             }
         }
         health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
-        health.metrics.observe_events(&events.stats, hub);
+        health.metrics.refresh();
         engine.drain_kernel_logs();
         tokio::select! {
             _ = caches.changed.notified() => {}
@@ -194,7 +189,6 @@ impl Loop {
                 // Shared with the applied state, not a copy.
                 self.last_good.insert(d.pod.uid.clone(), applied);
             }
-            self.observe_traffic(engine, d, health);
         }
         let notes = super::bypass::report(
             &desired,
@@ -207,6 +201,12 @@ impl Loop {
         let present: std::collections::HashSet<&str> = desired.iter().map(|d| d.pod.uid.as_str()).collect();
         self.last_good.retain(|uid, _| present.contains(uid.as_str()));
         self.publish_gauges(&by_status, health);
+        health.metrics.set_pods(
+            desired
+                .iter()
+                .map(|d| (d.pod.cgroup_id, (d.pod.namespace.clone(), d.pod.name.clone())))
+                .collect(),
+        );
         index.replace(
             desired
                 .iter()
@@ -337,32 +337,6 @@ impl Loop {
                     kind: cache.resource.kind.clone(),
                 })
                 .set(cache.crd_missing() as i64);
-        }
-    }
-
-    fn observe_traffic(&self, engine: &Engine, d: &desired::DesiredPod, health: &Health) {
-        let Ok(counters) = engine.counters(d.pod.cgroup_id) else {
-            return;
-        };
-        let mut totals: HashMap<u8, (u64, u64)> = HashMap::new();
-        for (key, c) in counters {
-            let t = totals.entry(key.verdict).or_default();
-            t.0 += c.packets;
-            t.1 += c.bytes;
-        }
-        for (verdict, (packets, bytes)) in totals {
-            let verdict = match verdict {
-                pipeguard_common::VERDICT_ALLOW => "allow",
-                pipeguard_common::VERDICT_DENY => "deny",
-                pipeguard_common::VERDICT_AUDIT => "audit",
-                _ => "error",
-            };
-            let labels = metrics::TrafficLabels {
-                namespace: d.pod.namespace.clone().into(),
-                pod: d.pod.name.clone().into(),
-                verdict: verdict.into(),
-            };
-            health.metrics.observe_traffic(labels, packets, bytes);
         }
     }
 }

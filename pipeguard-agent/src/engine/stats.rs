@@ -1,6 +1,8 @@
 //! Reading the per-CPU counters back, summed over CPUs.
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use std::collections::HashMap;
+
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
 use pipeguard_common::{Counter, CounterKey, FlowKey, map_names};
 
 use super::{Engine, EngineError};
@@ -53,5 +55,49 @@ impl Engine {
             source,
         })?;
         Ok(values.iter().sum())
+    }
+}
+
+/// A second handle on the counters map, so /metrics can read it at scrape time while the
+/// sync loop owns the engine.
+pub struct CounterReader {
+    map: PerCpuHashMap<MapData, CounterKey, Counter>,
+}
+
+impl CounterReader {
+    /// Totals per (pod cgroup, verdict), summed over hooks and CPUs: one walk of the map,
+    /// so its cost is bounded by the map's capacity whatever the number of pods.
+    pub fn totals(&self) -> Result<HashMap<(u64, u8), Counter>, EngineError> {
+        let mut out: HashMap<(u64, u8), Counter> = HashMap::new();
+        for item in self.map.iter() {
+            let (key, values) = item.map_err(|source| EngineError::Map {
+                map: map_names::COUNTERS,
+                source,
+            })?;
+            let c = sum(&values);
+            let t = out.entry((key.cgroup_id, key.verdict)).or_default();
+            t.packets += c.packets;
+            t.bytes += c.bytes;
+        }
+        Ok(out)
+    }
+}
+
+impl Engine {
+    pub fn counter_reader(&self) -> Result<CounterReader, EngineError> {
+        let err = |source| EngineError::Map {
+            map: map_names::COUNTERS,
+            source,
+        };
+        let Some(Map::PerCpuHashMap(data)) = self.ebpf.map(map_names::COUNTERS) else {
+            return Err(EngineError::MissingMap {
+                map: map_names::COUNTERS,
+            });
+        };
+        // A new fd for the same map (by id), owned by the reader.
+        let id = data.info().map_err(err)?.id();
+        let data = MapData::from_id(id).map_err(err)?;
+        let map = PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(err)?;
+        Ok(CounterReader { map })
     }
 }
