@@ -109,9 +109,41 @@ pub async fn run(
     Ok(ExitReason::from_status(status?))
 }
 
+/// Signals a terminal sends to its whole foreground process group (^C and ^\).
+const FROM_TERMINAL: [i32; 2] = [libc::SIGINT, libc::SIGQUIT];
+
 async fn forward(mut stream: tokio::signal::unix::Signal, sig: i32, pid: i32) {
     while stream.recv().await.is_some() {
+        if FROM_TERMINAL.contains(&sig) && in_terminal_foreground(pid) {
+            // The terminal sent it to the job's process group, the job included; passing
+            // it on would deliver it twice.
+            continue;
+        }
         // SAFETY: plain syscall to the child we started (reaped only after this task ends).
         unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Whether `pid`'s process group is the foreground group of our controlling terminal.
+///
+/// The job stays in pipeguard's process group, as under any wrapper (`nice`, `time`): the
+/// shell's job control (^Z, `fg`, `bg`) and the job's terminal reads work unchanged. A
+/// SIGINT or SIGQUIT that reaches pipeguard while that group is in the foreground came
+/// from the terminal (only the foreground group gets them), so the job has it already.
+/// Without a terminal (CI), every signal is forwarded.
+fn in_terminal_foreground(pid: i32) -> bool {
+    // SAFETY: plain syscalls on a file descriptor this function opens and closes.
+    unsafe {
+        let tty = libc::open(
+            c"/dev/tty".as_ptr(),
+            libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if tty < 0 {
+            return false;
+        }
+        let foreground = libc::tcgetpgrp(tty);
+        libc::close(tty);
+        let group = libc::getpgid(pid);
+        foreground > 0 && group == foreground
     }
 }
