@@ -1322,3 +1322,126 @@ fn checks_catch_broken_manifests() {
     );
     assert!(in_documentation_ranges("203.0.113.10/32"));
 }
+
+// ---------------------------------------------------------------------------------------
+// deploy/ as a user applies it: rendered by a real kubectl
+
+/// kubectl from `cargo xtask setup` (unpacked from the PyPI kubectl layer package).
+fn kubectl() -> std::process::Command {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/kubectl");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask setup` (it installs kubectl for this test)",
+        path.display()
+    );
+    std::process::Command::new(path)
+}
+
+/// `kubectl kustomize DIR`, as JSON values.
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let out = kubectl()
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("running kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8 output");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).expect("YAML")).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// A rendered object: the kinds deploy/ holds, plus the kinds it may grow (CRDs), each
+/// parsed into its Kubernetes type with no field lost.
+fn rendered_problem(doc: &Value) -> Option<String> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    match doc["kind"].as_str() {
+        Some("CustomResourceDefinition") => typed::<CustomResourceDefinition>(doc).err(),
+        _ => document_problem(doc),
+    }
+}
+
+fn object_id(doc: &Value) -> (String, String, String) {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (
+        s(&doc["kind"]),
+        s(&doc["metadata"]["namespace"]),
+        s(&doc["metadata"]["name"]),
+    )
+}
+
+fn rendered_one<T: DeserializeOwned + Serialize + Resource>(docs: &[Value]) -> T {
+    let mut found: Vec<T> = docs
+        .iter()
+        .filter(|d| d["kind"] == T::KIND)
+        .map(|d| typed(d).unwrap_or_else(|e| panic!("rendered {}: {e}", T::KIND)))
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one {} rendered", T::KIND);
+    found.remove(0)
+}
+
+#[test]
+fn kubectl_kustomize_renders_deploy_into_the_objects_the_files_hold() {
+    let rendered = kustomize(&deploy());
+    let problems: Vec<String> = rendered
+        .iter()
+        .filter_map(|d| rendered_problem(d).map(|p| format!("{:?}: {p}", object_id(d))))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    // What kubectl installs is exactly what the files listed in the kustomization hold.
+    let ids: BTreeSet<_> = rendered.iter().map(object_id).collect();
+    assert_eq!(ids.len(), rendered.len(), "an object rendered twice: {ids:#?}");
+    let in_files: BTreeSet<_> = manifests()
+        .iter()
+        .filter(|(f, _)| !f.starts_with(deploy().join("examples")))
+        .map(|(_, d)| object_id(d))
+        .collect();
+    assert_eq!(
+        ids, in_files,
+        "kubectl kustomize deploy/ against the files in deploy/"
+    );
+
+    // The checks above, on what kubectl rendered rather than on the files.
+    let ds: DaemonSet = rendered_one(&rendered);
+    let config: ConfigMap = rendered_one(&rendered);
+    let problems = daemonset_problems(&ds, &config);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let role: ClusterRole = rendered_one(&rendered);
+    let binding: ClusterRoleBinding = rendered_one(&rendered);
+    let problems = rbac_problems(&role, &binding);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The README's way to run your own image: an overlay with kustomize's `images:`
+/// transformer over deploy/ points the DaemonSet at it.
+#[test]
+fn a_kustomize_overlay_points_the_daemonset_at_your_image() {
+    // kustomize takes bases by relative path only: the overlay lives in target/.
+    let overlay = deploy().join(format!("../target/pg-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay).unwrap();
+    let base = "../../deploy";
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {base}\n\
+             images:\n  - name: ghcr.io/pipeguard/pipeguard\n    newName: registry.example.com/ci/pipeguard\n    newTag: \"1.2.3\"\n"
+        ),
+    )
+    .unwrap();
+    let rendered = kustomize(&overlay);
+    let _ = std::fs::remove_dir_all(&overlay);
+    let ds: DaemonSet = rendered_one(&rendered);
+    let images: Vec<Option<String>> = pod_spec(&ds).containers.iter().map(|c| c.image.clone()).collect();
+    assert_eq!(
+        images,
+        vec![Some("registry.example.com/ci/pipeguard:1.2.3".to_string())],
+        "the overlay's image"
+    );
+}
