@@ -2,6 +2,8 @@
 
 mod bench;
 mod demo;
+mod image;
+mod test_tools;
 mod toolchain;
 
 use std::process::{Command, ExitCode};
@@ -18,12 +20,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the eBPF toolchain (rust-src for nightly, bpf-linker against its LLVM).
+    /// Install the eBPF toolchain (rust-src for nightly, bpf-linker against its LLVM) and
+    /// the tools the tests run (skopeo, umoci, kubectl).
     Setup,
     /// Build the pipeguard binary (release) with its embedded eBPF object.
     Build,
     /// Run a guarded job on loopback: an allowed upload and a blocked exfiltration.
     Demo,
+    /// Write an OCI image archive of the release binary (no container daemon needed):
+    /// target/image/pipeguard-VERSION.oci.tar.
+    Image,
     /// Run every test, including the ones that load programs into the kernel (needs root).
     Test,
     /// Fuzz the policy parser and compiler for a bounded time (installs cargo-fuzz).
@@ -68,6 +74,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Setup => {
             let tc = toolchain::setup()?;
             println!("bpf-linker: {}", tc.bpf_linker.display());
+            test_tools::setup(&workspace_root())?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Build => {
@@ -75,6 +82,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::Demo => demo(),
+        Task::Image => image::run(&workspace_root()),
         Task::Test => test(),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { no_run: true, .. } => bench::build_all().map(|_| ExitCode::SUCCESS),
