@@ -10,6 +10,7 @@
 use std::{
     collections::BTreeMap,
     io::Write as _,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -157,7 +158,8 @@ fn layer_tar(files: &BTreeMap<String, PathBuf>, epoch: u64) -> Result<Vec<u8>> {
     }
     for (inside, source) in files {
         let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
-        let mode = if inside == BINARY_IN_IMAGE { 0o755 } else { 0o644 };
+        // The host's permissions: the dynamic loader must stay executable.
+        let mode = std::fs::metadata(source)?.permissions().mode() & 0o755;
         tar.append(
             &header(inside, bytes.len() as u64, mode, tar::EntryType::Regular, epoch),
             bytes.as_slice(),
