@@ -182,10 +182,25 @@ fn kustomization_problems(kustomization: &Value, present: &BTreeSet<String>) -> 
         .as_object()
         .map(|o| o.keys().map(String::as_str).collect())
         .unwrap_or_default();
-    for key in keys.difference(&BTreeSet::from(["apiVersion", "kind", "resources", "images"])) {
+    for key in keys.difference(&BTreeSet::from([
+        "apiVersion",
+        "kind",
+        "resources",
+        "images",
+        "patches",
+    ])) {
         problems.push(format!(
-            "unexpected kustomization key {key} (only resources and images: no bases, patches or generators)"
+            "unexpected kustomization key {key} (only resources, images and the monitoring-namespace patch: no bases or generators)"
         ));
+    }
+    // The one patch: the monitoring namespace of the agent's NetworkPolicy, in one place.
+    if let Some(patches) = kustomization.get("patches") {
+        match monitoring_namespace(kustomization) {
+            Some(ns) if !ns.is_empty() && patches.as_array().is_some_and(|p| p.len() == 1) => {}
+            _ => problems.push(format!(
+                "patches must be exactly the monitoring-namespace patch of NetworkPolicy {AGENT_POLICY}: {patches}"
+            )),
+        }
     }
     let listed: Vec<String> = kustomization["resources"]
         .as_array()
@@ -208,6 +223,28 @@ fn kustomization_problems(kustomization: &Value, present: &BTreeSet<String>) -> 
         problems.push(format!("does not list {r}"));
     }
     problems
+}
+
+/// The agent's NetworkPolicy (who may reach port 9440).
+const AGENT_POLICY: &str = "pipeguard-agent-http";
+/// Where the monitoring namespace's name goes in that policy (JSON pointer).
+const MONITORING_PATH: &str =
+    "/spec/ingress/0/from/0/namespaceSelector/matchLabels/kubernetes.io~1metadata.name";
+
+/// The monitoring namespace the kustomization's patch names, if it has exactly that patch.
+fn monitoring_namespace(kustomization: &Value) -> Option<String> {
+    let patches = kustomization["patches"].as_array()?;
+    let [patch] = patches.as_slice() else { return None };
+    if patch["target"]["kind"] != "NetworkPolicy" || patch["target"]["name"] != AGENT_POLICY {
+        return None;
+    }
+    let ops: Value = serde_yaml::from_str(patch["patch"].as_str()?).ok()?;
+    let [op] = ops.as_array()?.as_slice() else {
+        return None;
+    };
+    (op["op"] == "replace" && op["path"] == MONITORING_PATH)
+        .then(|| op["value"].as_str().map(str::to_string))
+        .flatten()
 }
 
 /// The ClusterRole's rules flattened to (apiGroup, resource, verb); wildcards and
@@ -242,7 +279,8 @@ fn minimal_rbac() -> BTreeSet<(String, String, String)> {
         ("", "namespaces"),
         ("networking.k8s.io", "networkpolicies"),
     ] {
-        for verb in ["get", "list", "watch"] {
+        // Lists and watches only: the agent never gets a single object.
+        for verb in ["list", "watch"] {
             expected.insert((group.into(), resource.into(), verb.into()));
         }
     }
@@ -252,11 +290,8 @@ fn minimal_rbac() -> BTreeSet<(String, String, String)> {
             expected.insert(("pipeguard.dev".into(), resource.into(), verb.into()));
         }
     }
-    for group in ["", "events.k8s.io"] {
-        for verb in ["create", "patch"] {
-            expected.insert((group.into(), "events".into(), verb.into()));
-        }
-    }
+    // Core Events, created and never patched.
+    expected.insert(("".into(), "events".into(), "create".into()));
     expected
 }
 
@@ -493,9 +528,11 @@ fn daemonset_problems(ds: &DaemonSet, config: &ConfigMap) -> Vec<String> {
         .flatten()
         .map(|m| (m.mount_path.clone(), m.clone()))
         .collect();
+    // The cgroup tree read-only (the agent only reads it and opens directories to attach);
+    // of bpffs only the pin directory, writable.
     let expected_mounts = [
-        (CGROUP_ROOT, Some("HostToContainer"), false),
-        (BPFFS, Some("HostToContainer"), false),
+        (CGROUP_ROOT, Some("HostToContainer"), true),
+        (DEFAULT_PIN_DIR, Some("HostToContainer"), false),
         (BTF, None, true),
     ];
     for (path, propagation, read_only) in expected_mounts {
@@ -640,8 +677,8 @@ fn daemonset_problems(ds: &DaemonSet, config: &ConfigMap) -> Vec<String> {
         "requests are not cpu 50m, memory 64Mi",
     );
     check(
-        quantities(resources.limits) == pair("500m", "256Mi"),
-        "limits are not cpu 500m, memory 256Mi",
+        quantities(resources.limits) == pair("500m", "512Mi"),
+        "limits are not cpu 500m, memory 512Mi",
     );
     problems.into_inner()
 }
@@ -736,6 +773,63 @@ fn kustomization_lists_exactly_the_resource_files() {
     assert!(present.len() >= 4, "{present:?}");
     let problems = kustomization_problems(k, &present);
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn only_the_monitoring_namespace_reaches_the_agents_port() {
+    let k = &documents(&deploy().join("kustomization.yaml"))[0];
+    let monitoring = monitoring_namespace(k).expect("the kustomization names the monitoring namespace");
+    assert_eq!(monitoring, "monitoring");
+    let policy: NetworkPolicy = the();
+    assert_eq!(policy.metadata.name.as_deref(), Some(AGENT_POLICY));
+    let spec = policy.spec.clone().unwrap_or_default();
+    let ds: DaemonSet = the();
+    let pod_labels = ds.spec.template.metadata.unwrap().labels.unwrap();
+    let selector = spec
+        .pod_selector
+        .clone()
+        .unwrap_or_default()
+        .match_labels
+        .unwrap_or_default();
+    assert!(
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "the policy does not select the agent pods: {selector:?}"
+    );
+    assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
+    let ingress = spec.ingress.clone().unwrap_or_default();
+    assert_eq!(ingress.len(), 1, "one rule");
+    let from = ingress[0].from.clone().unwrap_or_default();
+    assert_eq!(from.len(), 1, "one peer");
+    assert!(from[0].pod_selector.is_none() && from[0].ip_block.is_none());
+    let ns_labels = from[0]
+        .namespace_selector
+        .clone()
+        .and_then(|s| s.match_labels)
+        .unwrap_or_default();
+    assert_eq!(ns_labels.len(), 1);
+    assert!(
+        ns_labels.contains_key("kubernetes.io/metadata.name"),
+        "{ns_labels:?}"
+    );
+    let ports = ingress[0].ports.clone().unwrap_or_default();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].protocol.as_deref(), Some("TCP"));
+    assert_eq!(
+        ports[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+            METRICS_PORT
+        ))
+    );
+    // Rendered by kubectl, the patch lands: the policy names the monitoring namespace.
+    let docs = kustomize(&deploy());
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == AGENT_POLICY)
+        .expect("the policy is rendered");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        monitoring.as_str()
+    );
 }
 
 #[test]
@@ -966,11 +1060,17 @@ fn checks_catch_broken_manifests() {
         !kustomization_problems(&remote, &present).is_empty(),
         "a remote base"
     );
-    let mut patches = k.clone();
-    patches["patches"] = serde_json::json!([]);
+    let mut generator = k.clone();
+    generator["configMapGenerator"] = serde_json::json!([]);
     assert!(
-        !kustomization_problems(&patches, &present).is_empty(),
+        !kustomization_problems(&generator, &present).is_empty(),
         "an extra key"
+    );
+    let mut other_patch = k.clone();
+    other_patch["patches"][0]["target"]["name"] = "pipeguard-agent".into();
+    assert!(
+        !kustomization_problems(&other_patch, &present).is_empty(),
+        "a patch of something else"
     );
 
     // RBAC.
@@ -1114,9 +1214,9 @@ fn checks_catch_broken_manifests() {
                 .volume_mounts
                 .as_mut()
                 .unwrap()
-                .retain(|m| m.mount_path != BPFFS)
+                .retain(|m| m.mount_path != DEFAULT_PIN_DIR)
         },
-        "/sys/fs/bpf is not mounted",
+        "/sys/fs/bpf/pipeguard is not mounted",
     );
     broken(
         &|d, _| container(d).volume_mounts.as_mut().unwrap()[0].mount_path = "/host/sys/fs/cgroup".into(),

@@ -4,9 +4,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use pipeguard::{
-    agent::snapshot::PolicyCache,
+    agent::{raw_policy::RawPolicy, snapshot::PolicyCache},
     engine::{Engine, EngineConfig, PolicyEntries},
     policy::{self, Egress, PodIdentity},
 };
@@ -100,7 +99,10 @@ pub fn run(quick: bool, report: &mut Report) {
         plus_one.push("192.0.2.1/32".into());
         let entries_b = compile(&policy::parse_policies("b", &policy_yaml(&b)));
         let entries_plus = compile(&policy::parse_policies("a+1", &policy_yaml(&plus_one)));
-        let object: NetworkPolicy = serde_yaml::from_str(&yaml_a).expect("a typed NetworkPolicy");
+        // As the API server sends it: JSON text.
+        let json = serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(&yaml_a).expect("YAML"))
+            .expect("JSON");
+        let object: RawPolicy = serde_json::from_str(&json).expect("a NetworkPolicy object");
         let object = vec![Arc::new(object)];
         let mut t: [Vec<Duration>; 7] = Default::default();
         for _ in 0..reps {

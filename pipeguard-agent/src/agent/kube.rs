@@ -6,16 +6,15 @@
 use std::{path::Path, sync::Arc};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 use tokio::sync::Notify;
+
+use super::raw_policy::RawPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -48,15 +47,59 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
         }
         None => Config::infer().await?,
     };
-    Ok(Client::try_from(config)?)
+    // Every response passes the size limits (see `api_limits`).
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&super::api_limits::LimitLayer)
+        .build())
+}
+
+/// Which watches are failing, and since when (a watch that fails and recovers within the
+/// bound is normal: API server restarts, 410 Gone).
+#[derive(Default)]
+pub struct Watches {
+    failing: std::sync::Mutex<std::collections::BTreeMap<&'static str, (std::time::Instant, String)>>,
+}
+
+impl Watches {
+    fn failed(&self, kind: &'static str, error: String) {
+        let mut failing = self.failing.lock().expect("watches lock");
+        let since = failing
+            .get(kind)
+            .map_or_else(std::time::Instant::now, |(t, _)| *t);
+        failing.insert(kind, (since, error));
+    }
+
+    fn succeeded(&self, kind: &'static str) {
+        self.failing.lock().expect("watches lock").remove(kind);
+    }
+
+    /// Why the agent is not ready, if some watch has failed for longer than `bound`.
+    pub fn failing(&self, bound: std::time::Duration) -> Option<String> {
+        let failing = self.failing.lock().expect("watches lock");
+        let late: Vec<String> = failing
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() > bound)
+            .map(|(kind, (since, error))| {
+                format!(
+                    "{} failing for {}s ({error})",
+                    kind.rsplit("::").next().unwrap_or(kind),
+                    since.elapsed().as_secs()
+                )
+            })
+            .collect();
+        (!late.is_empty()).then(|| format!("{}; enforcement keeps the last known state", late.join(", ")))
+    }
 }
 
 /// The caches. `changed` fires after any change to any of them.
 #[derive(Clone)]
 pub struct Caches {
+    pub watches: Arc<Watches>,
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
-    pub policies: Store<NetworkPolicy>,
+    /// Spec kept raw: an object that does not deserialize is rejected by the parser, not
+    /// by the watch (see `raw_policy`).
+    pub policies: Store<RawPolicy>,
     /// DomainPolicies and ClusterDomainPolicies.
     pub domains: super::kube_domains::DomainCache,
     pub cluster_domains: super::kube_domains::DomainCache,
@@ -79,15 +122,28 @@ impl Caches {
 /// Starts the reflectors as tasks on the current runtime.
 pub fn start(client: Client) -> Caches {
     let changed = Arc::new(Notify::new());
-    let pods = reflect(Api::<Pod>::all(client.clone()), strip_pod, changed.clone());
-    let namespaces = reflect(Api::<Namespace>::all(client.clone()), strip_meta, changed.clone());
-    let policies = reflect(
-        Api::<NetworkPolicy>::all(client.clone()),
+    let watches = Arc::new(Watches::default());
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        strip_pod,
+        changed.clone(),
+        watches.clone(),
+    );
+    let namespaces = reflect(
+        Api::<Namespace>::all(client.clone()),
         strip_meta,
         changed.clone(),
+        watches.clone(),
+    );
+    let policies = reflect(
+        Api::<RawPolicy>::all(client.clone()),
+        strip_meta,
+        changed.clone(),
+        watches.clone(),
     );
     let (domains, cluster_domains) = super::kube_domains::start(client, changed.clone());
     Caches {
+        watches,
         pods,
         namespaces,
         policies,
@@ -97,7 +153,7 @@ pub fn start(client: Client) -> Caches {
     }
 }
 
-fn reflect<K>(api: Api<K>, strip: fn(&mut K), changed: Arc<Notify>) -> Store<K>
+fn reflect<K>(api: Api<K>, strip: fn(&mut K), changed: Arc<Notify>, watches: Arc<Watches>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -112,11 +168,11 @@ where
         .default_backoff()
         .modify(strip)
         .reflect(writer);
-    tokio::spawn(drive(stream, changed, std::any::type_name::<K>()));
+    tokio::spawn(drive(stream, changed, watches, std::any::type_name::<K>()));
     store
 }
 
-async fn drive<S, K>(stream: S, changed: Arc<Notify>, kind: &'static str)
+async fn drive<S, K>(stream: S, changed: Arc<Notify>, watches: Arc<Watches>, kind: &'static str)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
@@ -124,9 +180,13 @@ where
     while let Some(event) = stream.next().await {
         match event {
             // The store has been updated before the event is yielded.
-            Ok(_) => changed.notify_one(),
+            Ok(_) => {
+                watches.succeeded(kind);
+                changed.notify_one();
+            }
             Err(error) => {
-                tracing::warn!(kind, %error, "watch error; retrying with backoff (caches keep their last state)")
+                tracing::warn!(kind, %error, "watch error; retrying with backoff (caches keep their last state)");
+                watches.failed(kind, error.to_string());
             }
         }
     }
@@ -142,6 +202,13 @@ fn strip_pod(pod: &mut Pod) {
     // Before anything is slimmed away: init containers count too.
     super::bypass::mark(pod);
     strip_meta(pod);
+    // Annotations are the one field a cluster user can make huge (256 KiB each): only the
+    // ones enrichment reads, and the agent's own mark, are kept.
+    if let Some(annotations) = &mut pod.metadata.annotations {
+        annotations.retain(|k, _| crate::events::record::is_ci_key(k) || k == super::bypass::ANNOTATION);
+    }
+    pod.metadata.owner_references = None;
+    pod.metadata.finalizers = None;
     if let Some(spec) = &mut pod.spec {
         spec.volumes = None;
         spec.init_containers = None;

@@ -43,8 +43,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            // Far above what probes, scrapers and `pipeguard events` users need.
-            max_connections: 512,
+            // 2,000 event subscribers, probes and scrapers, with room to spare; about 18 KiB
+            // each, so the cap also bounds the listener's memory (~45 MB).
+            max_connections: 2560,
             // One pod (one IP) cannot take more than this share.
             per_source: 32,
             // A real client sends its head in one packet.
@@ -270,7 +271,7 @@ mod tests {
 
     #[test]
     fn caps_follow_the_descriptor_limit_and_leave_the_reserve() {
-        assert_eq!(Limits::for_fd_limit(1 << 20).max_connections, 512);
+        assert_eq!(Limits::for_fd_limit(1 << 20).max_connections, 2560);
         let low = Limits::for_fd_limit(256);
         assert_eq!(low.max_connections, 256 - FD_RESERVE as usize);
         assert!(low.per_source <= low.max_connections);

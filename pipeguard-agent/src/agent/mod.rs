@@ -5,6 +5,7 @@
 //! ready), programs loaded and attached to the kubepods cgroups, caches synced, the event
 //! pipeline; then [`sync_loop`] keeps the maps in step. Ready after the first good sync.
 
+mod api_limits;
 pub mod bypass;
 mod cgroup_watch;
 pub mod desired;
@@ -16,6 +17,9 @@ mod kube_domains;
 pub mod listener;
 pub mod metrics;
 mod pod_cgroups;
+mod pod_info;
+pub mod raw_policy;
+mod readiness;
 pub mod snapshot;
 mod start;
 pub mod sync;
@@ -39,6 +43,8 @@ pub struct AgentConfig {
     pub unknown_pods: UnknownPods,
     /// Not ready (and saying why) if the caches have not synced by then.
     pub sync_deadline: Duration,
+    /// Not ready (and saying why) while a watch has been failing for longer than this.
+    pub watch_failure_bound: Duration,
     pub kernel_log_level: u8,
     /// Where links and maps are pinned, so enforcement survives the agent.
     pub pin_dir: Option<PathBuf>,

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use super::raw_policy::RawPolicy;
 use crate::policy::{Cluster, ClusterPod, Policy, PolicyError, PolicySet, policy_from_json};
 
 /// Every NetworkPolicy through the same strict parser as files, so one error type and one
@@ -18,7 +18,7 @@ pub struct PolicyCache {
 }
 
 impl PolicyCache {
-    pub fn policies(&mut self, objects: &[Arc<NetworkPolicy>]) -> PolicySet {
+    pub fn policies(&mut self, objects: &[Arc<RawPolicy>]) -> PolicySet {
         let mut seen = HashMap::with_capacity(objects.len());
         let mut set = PolicySet::default();
         for obj in objects {
@@ -49,10 +49,9 @@ impl PolicyCache {
     clippy::result_large_err,
     reason = "kept as is in the cache, once per object version"
 )]
-fn parse(obj: &NetworkPolicy) -> Result<Policy, PolicyError> {
-    // k8s-openapi writes apiVersion and kind; JSON bytes, not a value tree (see
-    // `policy_from_json`).
-    match serde_json::to_vec(obj) {
+fn parse(obj: &RawPolicy) -> Result<Policy, PolicyError> {
+    // JSON bytes, not a value tree (see `policy_from_json`).
+    match obj.to_json() {
         Ok(json) => policy_from_json("kube", &json),
         Err(e) => Err(PolicyError {
             namespace: obj.metadata.namespace.clone(),
@@ -146,47 +145,6 @@ pub fn local_pods(pods: &[std::sync::Arc<Pod>], node: &str) -> BTreeMap<String, 
         .collect()
 }
 
-/// Container cgroup id → container name, from the pod cgroup's children (named after the
-/// container id by every runtime) and the pod's container statuses.
-pub fn container_cgroups(
-    pod: &Pod,
-    uid: &str,
-    root: &std::path::Path,
-) -> std::collections::HashMap<u64, String> {
-    let names: Vec<(String, String)> = pod
-        .status
-        .iter()
-        .flat_map(|s| s.container_statuses.iter().flatten())
-        .filter_map(|c| {
-            let id = c.container_id.as_deref()?.split("://").nth(1)?.to_string();
-            Some((id, c.name.clone()))
-        })
-        .collect();
-    let mut out = std::collections::HashMap::new();
-    let Some(dir) = super::pod_cgroups::scan(root)
-        .ok()
-        .and_then(|all| all.into_iter().find(|p| p.uid == uid))
-    else {
-        return out;
-    };
-    for entry in std::fs::read_dir(&dir.path).into_iter().flatten().flatten() {
-        let dirname = entry.file_name().to_string_lossy().into_owned();
-        let Ok(id) = crate::cgroup::cgroup_id(&entry.path()) else {
-            continue;
-        };
-        if !entry.path().is_dir() {
-            continue;
-        }
-        let name = names
-            .iter()
-            .find(|(cid, _)| dirname.contains(cid.as_str()))
-            .map(|(_, n)| n.clone())
-            .unwrap_or(dirname);
-        out.insert(id, name);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -194,10 +152,11 @@ mod tests {
     use super::*;
 
     fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
-        Arc::new(serde_json::from_value(v).unwrap())
+        // From text, as the API sends it (a raw spec only deserializes from text).
+        Arc::new(serde_json::from_str(&v.to_string()).unwrap())
     }
 
-    fn netpol(rv: &str, cidr: &str) -> Arc<NetworkPolicy> {
+    fn netpol(rv: &str, cidr: &str) -> Arc<RawPolicy> {
         from(serde_json::json!({
             "metadata": {"name": "p", "namespace": "ci", "resourceVersion": rv},
             "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": cidr}}]}]}
@@ -271,7 +230,7 @@ mod tests {
         let local = local_pods(&pods, "n1");
         assert_eq!(local.len(), 1);
         // A NetworkPolicy without a spec cannot be compiled: it is an error for its namespace.
-        let set = PolicyCache::default().policies(&[from::<NetworkPolicy>(
+        let set = PolicyCache::default().policies(&[from::<RawPolicy>(
             serde_json::json!({"metadata": {"name": "x", "namespace": "ci"}}),
         )]);
         assert_eq!(set.policies.len(), 0);

@@ -1,5 +1,11 @@
 //! The sync loop: on every cache or cgroup change (and every [`RESYNC`]), recompute the
 //! desired state, apply the difference to the kernel maps, and refresh the metrics.
+//!
+//! A sync is O(pods): one cgroup scan, one pass over the pods, a diff that writes only what
+//! changed; pod cgroup ids and enrichment are cached per pod; the traffic counters are read
+//! in one walk (`Metrics::refresh`), never per pod. What the loop cannot do (scan, match a
+//! new pod cgroup, hear from the API) makes the agent not ready, saying why; the maps keep
+//! their last state.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -8,8 +14,8 @@ use std::{
 };
 
 use super::{
-    AgentConfig, AgentError, Health, LocalPod, Status, desired, kube, metrics, pod_cgroups, snapshot,
-    start::EventParts, sync,
+    AgentConfig, AgentError, Health, LocalPod, Status, desired, kube, metrics, pod_cgroups, pod_info,
+    readiness, snapshot, start::EventParts, sync,
 };
 use crate::engine::{Engine, PolicyEntries};
 
@@ -57,6 +63,10 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         escape_capable: Default::default(),
         evented: Default::default(),
         client: config.events.kubernetes.then_some(client),
+        cgroup_ids: HashMap::new(),
+        infos: Default::default(),
+        unmatched: Default::default(),
+        rejected: Default::default(),
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
@@ -79,10 +89,12 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         }
         health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
         health.metrics.refresh();
+        health.set_problem("watch", caches.watches.failing(config.watch_failure_bound));
         engine.drain_kernel_logs();
         tokio::select! {
             _ = caches.changed.notified() => {}
-            _ = tokio::time::sleep(RESYNC) => {}
+            // While a pod cgroup waits to be matched, look again soon: the window is short.
+            _ = tokio::time::sleep(if state.unmatched.is_empty() { RESYNC } else { readiness::RECHECK }) => {}
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM: detaching and exiting");
                 return Ok(());
@@ -107,6 +119,12 @@ struct Loop {
     evented: std::collections::HashSet<String>,
     /// For Kubernetes Events; `None` with --no-kube-events.
     client: Option<::kube::Client>,
+    /// Pod cgroup directory → its id (one syscall per pod, once).
+    cgroup_ids: HashMap<std::path::PathBuf, u64>,
+    infos: pod_info::InfoCache,
+    unmatched: readiness::Unmatched,
+    /// Rejected NetworkPolicies (namespace, name, resourceVersion) already posted as Events.
+    rejected: std::collections::HashSet<(String, String, String)>,
 }
 
 impl Loop {
@@ -128,22 +146,36 @@ impl Loop {
                 (&caches.cluster_domains.resource, caches.cluster_domains.objects()),
             ],
         );
-        self.report_policies(&policy_objects, &policies, health);
+        self.report_policies(&policy_objects, &policies, health, &config.node_name);
         self.report_domains(caches, &policies, invalid_domains, &config.node_name, health);
         let pods = caches.pods.state();
         let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
         let scheduled = snapshot::local_pods(&pods, &config.node_name);
         let cgroups = match pod_cgroups::scan(root) {
-            Ok(cgroups) => cgroups,
+            Ok(cgroups) => {
+                health.set_problem("cgroup scan", None);
+                cgroups
+            }
             Err(error) => {
                 // An empty scan would delete every pod entry, and with `--unknown-pods allow`
                 // open guarded pods. Keep the maps as they are; the next event or the
-                // periodic resync scans again.
-                tracing::warn!(%error, "scanning pod cgroups failed; kernel state kept as is");
+                // periodic resync scans again. New pods cannot be registered meanwhile, so
+                // the agent is not ready and says so.
+                health.set_problem(
+                    "cgroup scan",
+                    Some(format!(
+                        "scanning pod cgroups under {} failed: {error}; kernel state kept as is, new pod cgroups are not registered",
+                        root.display()
+                    )),
+                );
                 return Ok(sync::SyncStats::default());
             }
         };
-        let local = local_pods(&scheduled, cgroups);
+        let (local, paths, unmatched) = self.local_pods(&scheduled, cgroups);
+        health.set_problem(
+            "pod cgroups",
+            self.unmatched.check(&unmatched, std::time::Instant::now()),
+        );
         let desired = desired::compute(&config.settings, &policies, &cluster, &local, &self.last_good);
         let stats = self.applied.apply(engine, &desired)?;
         if stats != sync::SyncStats::default() {
@@ -207,12 +239,12 @@ impl Loop {
                 .map(|d| (d.pod.cgroup_id, (d.pod.namespace.clone(), d.pod.name.clone())))
                 .collect(),
         );
-        index.replace(
-            desired
-                .iter()
-                .map(|d| (d.pod.cgroup_id, pod_info(d, &pods, root)))
-                .collect(),
-        );
+        let by_uid: HashMap<&str, &Arc<k8s_openapi::api::core::v1::Pod>> = pods
+            .iter()
+            .filter(|p| scheduled.contains_key(p.metadata.uid.as_deref().unwrap_or_default()))
+            .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
+            .collect();
+        index.replace(self.infos.refresh(&desired, &by_uid, &paths));
         Ok(stats)
     }
 
@@ -250,9 +282,10 @@ impl Loop {
 
     fn report_policies(
         &mut self,
-        objects: &[Arc<k8s_openapi::api::networking::v1::NetworkPolicy>],
+        objects: &[Arc<super::raw_policy::RawPolicy>],
         set: &crate::policy::PolicySet,
         health: &Health,
+        node: &str,
     ) {
         for error in &set.errors {
             let text = error.to_string();
@@ -260,14 +293,51 @@ impl Loop {
                 tracing::error!(error = %text, "policy rejected; the guarded pods it could select fail closed");
             }
         }
+        let compiled: std::collections::HashSet<(&str, &str)> = set
+            .policies
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        let mut rejected = std::collections::HashSet::new();
         health.metrics.policy_compiled.clear();
         for obj in objects {
             let namespace = obj.metadata.namespace.clone().unwrap_or_default();
             let name = obj.metadata.name.clone().unwrap_or_default();
-            let ok = set
-                .policies
-                .iter()
-                .any(|p| p.namespace == namespace && p.name == name);
+            let ok = compiled.contains(&(namespace.as_str(), name.as_str()));
+            if !ok {
+                let key = (
+                    namespace.clone(),
+                    name.clone(),
+                    obj.metadata.resource_version.clone().unwrap_or_default(),
+                );
+                // One Event on the policy per rejected version.
+                if !self.rejected.contains(&key)
+                    && let Some(client) = &self.client
+                {
+                    let error = set
+                        .errors
+                        .iter()
+                        .find(|e| {
+                            e.namespace.as_deref() == Some(namespace.as_str())
+                                && e.object
+                                    .as_deref()
+                                    .is_some_and(|o| o.ends_with(&format!("/{name}")))
+                        })
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "it does not parse".into());
+                    crate::events::kube_events::post_policy_rejected(
+                        client.clone(),
+                        crate::events::kube_events::PodEvent {
+                            namespace: &namespace,
+                            name: &name,
+                            uid: obj.metadata.uid.as_deref().unwrap_or_default(),
+                        },
+                        &error,
+                        node,
+                    );
+                }
+                rejected.insert(key);
+            }
             health
                 .metrics
                 .policy_compiled
@@ -277,6 +347,7 @@ impl Loop {
                 })
                 .set(ok as i64);
         }
+        self.rejected = rejected;
         // NetworkPolicies only: each invalid domain policy has one error and one taint.
         let failed = set.errors.len().saturating_sub(set.domain_taints.len()) as i64;
         health
@@ -339,82 +410,48 @@ impl Loop {
                 .set(cache.crd_missing() as i64);
         }
     }
-}
 
-/// The scheduled pods whose cgroup was found, with the cgroup's id.
-fn local_pods(
-    scheduled: &BTreeMap<String, snapshot::ScheduledPod>,
-    cgroups: Vec<pod_cgroups::PodCgroup>,
-) -> Vec<LocalPod> {
-    let mut local = Vec::new();
-    for cg in cgroups {
-        let Some(pod) = scheduled.get(&cg.uid) else {
-            continue;
-        };
-        let Ok(cgroup_id) = crate::cgroup::cgroup_id(&cg.path) else {
-            continue;
-        };
-        local.push(LocalPod {
-            uid: cg.uid.clone(),
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            labels: pod.labels.clone(),
-            cgroup_id,
-            escape: pod.escape.clone(),
-        });
-    }
-    local
-}
-
-/// What the event pipeline needs to know about a pod to enrich its records.
-fn pod_info(
-    d: &desired::DesiredPod,
-    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
-    root: &std::path::Path,
-) -> crate::events::pipeline::PodInfo {
-    let pod = pods
-        .iter()
-        .find(|p| p.metadata.uid.as_deref() == Some(d.pod.uid.as_str()));
-    let (policies, restriction) = match &d.status {
-        Status::Enforced(policies) => (policies.clone(), None),
-        Status::DefaultDeny => (
-            Vec::new(),
-            Some("no egress policy selects the pod and --default-deny-egress is set".into()),
-        ),
-        Status::FailedClosed {
-            reason,
-            kept_last_good,
-        } => (
-            Vec::new(),
-            Some(format!(
-                "failing closed ({reason}); {}",
-                if *kept_last_good {
-                    "the last good allowlist applies"
-                } else {
-                    "all egress is denied"
-                }
-            )),
-        ),
-        Status::RefusedPrivileged { reason } => (
-            Vec::new(),
-            Some(format!(
-                "all egress is denied: the pod can step around the guard ({reason}) and --refuse-privileged is set"
-            )),
-        ),
-        Status::Unrestricted | Status::NotGuarded => (Vec::new(), None),
-    };
-    crate::events::pipeline::PodInfo {
-        namespace: d.pod.namespace.clone(),
-        name: d.pod.name.clone(),
-        uid: d.pod.uid.clone(),
-        labels: d.pod.labels.clone(),
-        annotations: pod
-            .and_then(|p| p.metadata.annotations.clone())
-            .unwrap_or_default(),
-        policies,
-        restriction,
-        containers: pod
-            .map(|p| snapshot::container_cgroups(p, &d.pod.uid, root))
-            .unwrap_or_default(),
+    /// The scheduled pods whose cgroup was found (with the cgroup's id and directory), and
+    /// the pod cgroups that match no pod scheduled here.
+    fn local_pods(
+        &mut self,
+        scheduled: &BTreeMap<String, snapshot::ScheduledPod>,
+        cgroups: Vec<pod_cgroups::PodCgroup>,
+    ) -> (
+        Vec<LocalPod>,
+        HashMap<u64, std::path::PathBuf>,
+        Vec<pod_cgroups::PodCgroup>,
+    ) {
+        let mut local = Vec::new();
+        let mut paths = HashMap::new();
+        let mut unmatched = Vec::new();
+        let mut ids = HashMap::with_capacity(cgroups.len());
+        for cg in cgroups {
+            let Some(pod) = scheduled.get(&cg.uid) else {
+                unmatched.push(cg);
+                continue;
+            };
+            let cgroup_id = match self.cgroup_ids.get(&cg.path) {
+                Some(id) => *id,
+                None => match crate::cgroup::cgroup_id(&cg.path) {
+                    Ok(id) => id,
+                    // Removed meanwhile.
+                    Err(_) => continue,
+                },
+            };
+            ids.insert(cg.path.clone(), cgroup_id);
+            local.push(LocalPod {
+                uid: cg.uid.clone(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                labels: pod.labels.clone(),
+                cgroup_id,
+                escape: pod.escape.clone(),
+            });
+            paths.insert(cgroup_id, cg.path);
+        }
+        // A directory recreated under the same name gets a new id: only present ones stay.
+        self.cgroup_ids = ids;
+        (local, paths, unmatched)
     }
 }

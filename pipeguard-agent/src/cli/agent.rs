@@ -52,6 +52,10 @@ pub struct AgentArgs {
     /// Seconds to wait for the first API sync before reporting not ready.
     #[arg(long, env = "PIPEGUARD_SYNC_DEADLINE", default_value = "60")]
     pub sync_deadline: u64,
+    /// Seconds a watch may keep failing before the agent reports not ready (enforcement
+    /// keeps the last known state meanwhile).
+    #[arg(long, env = "PIPEGUARD_WATCH_FAILURE_SECONDS", default_value = "60")]
+    pub watch_failure_seconds: u64,
     /// Where links and maps are pinned (on a bpf filesystem), so enforcement survives an
     /// agent restart or upgrade; the next agent adopts them.
     #[arg(long, env = "PIPEGUARD_PIN_DIR", default_value = "/sys/fs/bpf/pipeguard")]
@@ -146,6 +150,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
         },
         unknown_pods: args.unknown_pods,
         sync_deadline: Duration::from_secs(args.sync_deadline),
+        watch_failure_bound: Duration::from_secs(args.watch_failure_seconds),
         kernel_log_level: args.kernel_log_level,
         pin_dir: Some(args.pin_dir),
         events: agent::EventsConfig {

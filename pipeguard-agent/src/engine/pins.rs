@@ -35,8 +35,13 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
 /// Makes sure `pin_dir` is on a bpffs, mounting one at its parent when that parent is an
 /// empty, unmounted /sys/fs/bpf (as Cilium does; some hosts do not mount it).
 pub fn prepare(pin_dir: &Path) -> io::Result<()> {
-    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-    ensure_bpffs(parent)?;
+    // The pin directory itself on bpffs: the DaemonSet mounts only it (the rest of the
+    // node's bpffs stays out of reach), so its parent need not be one.
+    let own_mount = pin_dir.is_dir() && is_bpffs(pin_dir)?;
+    if !own_mount {
+        let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+        ensure_bpffs(parent)?;
+    }
     std::fs::create_dir_all(maps_dir(pin_dir))?;
     std::fs::create_dir_all(pin_dir.join("links"))?;
     Ok(())

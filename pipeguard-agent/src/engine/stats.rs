@@ -31,6 +31,21 @@ impl Engine {
         Ok(out)
     }
 
+    /// Every counter of every pod, from one walk of the map (the agent's path: a walk per
+    /// pod would make reading them quadratic in pods).
+    pub fn all_counters(&self) -> Result<Vec<(CounterKey, Counter)>, EngineError> {
+        let map: PerCpuHashMap<&MapData, CounterKey, Counter> = self.map(map_names::COUNTERS)?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (key, values) = item.map_err(|source| EngineError::Map {
+                map: map_names::COUNTERS,
+                source,
+            })?;
+            out.push((key, sum(&values)));
+        }
+        Ok(out)
+    }
+
     /// Per-destination statistics of one pod cgroup (only kept with `flow_stats`).
     pub fn flows(&self, pod_cgroup_id: u64) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
         let map: aya::maps::PerCpuHashMap<&MapData, FlowKey, Counter> = self.map(map_names::FLOWS)?;

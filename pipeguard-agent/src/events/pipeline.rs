@@ -36,14 +36,14 @@ pub struct PodInfo {
 }
 
 #[derive(Clone, Default)]
-pub struct PodIndex(Arc<RwLock<HashMap<u64, PodInfo>>>);
+pub struct PodIndex(Arc<RwLock<HashMap<u64, Arc<PodInfo>>>>);
 
 impl PodIndex {
-    pub fn replace(&self, map: HashMap<u64, PodInfo>) {
+    pub fn replace(&self, map: HashMap<u64, Arc<PodInfo>>) {
         *self.0.write().expect("pod index lock") = map;
     }
 
-    fn get(&self, cgroup_id: u64) -> Option<PodInfo> {
+    fn get(&self, cgroup_id: u64) -> Option<Arc<PodInfo>> {
         self.0.read().expect("pod index lock").get(&cgroup_id).cloned()
     }
 }
@@ -256,9 +256,9 @@ pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
         policies: pod.as_ref().map(|p| p.policies.clone()).unwrap_or_default(),
         pod: pod.map(|p| PodRef {
             container: p.containers.get(&v.cgroup_id).cloned(),
-            namespace: p.namespace,
-            name: p.name,
-            uid: p.uid,
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            uid: p.uid.clone(),
         }),
         reason: Some(reason),
         cgroup_id: v.cgroup_id,

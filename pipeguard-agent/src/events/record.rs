@@ -105,6 +105,12 @@ const CI_KEYS: [(&str, &str, &str); 12] = [
     ("tekton", "pipeline", "tekton.dev/pipeline"),
 ];
 
+/// Whether a label or annotation key is one `CiContext` reads (the pod cache keeps only
+/// these annotations).
+pub fn is_ci_key(key: &str) -> bool {
+    CI_KEYS.iter().any(|(_, _, k)| *k == key)
+}
+
 impl CiContext {
     pub fn of(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> Option<Self> {
         let mut ctx: Option<Self> = None;

@@ -2,6 +2,7 @@
 //! probe that runs inside it.
 #![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
+pub mod agent;
 pub mod listeners;
 pub mod probe;
 pub mod root_job;

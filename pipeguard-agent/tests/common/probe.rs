@@ -92,6 +92,8 @@ fn run(action: &str) {
         "wait-allowed" => wait_for(target, false),
         "hammer" => hammer(target, rest),
         "flood" => flood(target, rest),
+        "scan" => scan(target, rest),
+        "comm-tcp" => comm_tcp(target, rest),
         // Red-team routes: see tests/kernel_redteam.rs.
         "netns-tcp" => in_new_netns(target),
         "setns-tcp" => in_other_netns(target, rest),
@@ -370,6 +372,47 @@ fn flood(target: &str, count: &str) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Connects to `count` distinct ports from `target`'s port upwards (a port scan); all must
+/// be refused with EPERM.
+fn scan(target: &str, count: &str) -> std::io::Result<()> {
+    let first = addr(target);
+    let count: u16 = count.parse().expect("scan count");
+    for i in 0..count {
+        let mut to = first;
+        to.set_port(first.port().wrapping_add(i));
+        let (name, len) = sockaddr(&to);
+        let socket = new_socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+        // SAFETY: valid socket and address.
+        let rc = unsafe { libc::connect(socket.as_raw_fd(), (&raw const name).cast(), len) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if rc == 0 || errno != Some(libc::EPERM) {
+            return Err(std::io::Error::other(format!(
+                "port {} was not refused with EPERM: rc {rc}, errno {errno:?}",
+                to.port()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Renames this thread (`PR_SET_NAME`, what the kernel reports as `comm`) to the bytes
+/// `hex` encodes, then connects to `target` (which must be refused).
+fn comm_tcp(target: &str, hex: &str) -> std::io::Result<()> {
+    let mut name: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex name"))
+        .collect();
+    name.truncate(15);
+    name.push(0);
+    // SAFETY: a NUL-terminated buffer of at most 16 bytes, as PR_SET_NAME reads.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match TcpStream::connect_timeout(&addr(target), Duration::from_secs(2)) {
+        Ok(_) => Err(std::io::Error::other("connected")),
+        Err(e) => Err(e),
+    }
 }
 
 /// Connects to `target` in a loop until `until` says stop: a number of milliseconds, or a
