@@ -17,6 +17,7 @@ use pipeguard::{
 fn record(ns: &str, n: u64) -> Record {
     Record {
         kind: Kind::Violation,
+        signal: None,
         time: format!("t{n}"),
         first_seen: format!("t{n}"),
         last_seen: format!("t{n}"),

@@ -919,6 +919,34 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
     assert_eq!(sample.node, NODE);
     assert!(sample.exe.is_some() || sample.comm.is_some());
 
+    // The flood is a burst of denials: one deny_burst anomaly per 10 s window, on the stream
+    // with the pod and its CI context, and in the metrics.
+    let bursts: Vec<Record> = records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.kind == Kind::Anomaly)
+        .cloned()
+        .collect();
+    let windows = outcome.elapsed_ms / 10_000 + 1;
+    assert!(
+        !bursts.is_empty() && bursts.len() as u64 <= windows,
+        "{} anomalies for a flood of {} ms: {bursts:?}",
+        bursts.len(),
+        outcome.elapsed_ms
+    );
+    assert_eq!(bursts[0].signal.as_deref(), Some("deny_burst"));
+    assert_eq!(bursts[0].pod.as_ref().map(|p| p.name.as_str()), Some("runner-a"));
+    assert_eq!(bursts[0].ci.as_ref().map(|c| c.system.as_str()), Some("tekton"));
+    let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "pipeguard_anomalies_total{{signal=\"deny_burst\"}} {}",
+            bursts.len()
+        )),
+        "{metrics}"
+    );
+
     // The opt-in per-destination metric counts what the records count.
     let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
     let per_dest = format!(

@@ -15,6 +15,12 @@ use prometheus_client::{
 use crate::escape::LabelValue;
 pub use crate::events::pipeline::DestinationLabels;
 
+/// One series per anomaly signal (four, fixed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabels {
+    pub signal: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub namespace: LabelValue,
@@ -75,6 +81,8 @@ pub struct Metrics {
     pub event_sink_errors: Counter,
     pub event_subscribers: Gauge,
     pub event_subscribers_dropped: Counter,
+    /// Anomaly records raised, per signal.
+    pub anomalies: Family<SignalLabels, Counter>,
     /// Denied attempts per destination: only with --metrics-per-destination (unbounded labels).
     pub denied_destinations: Family<DestinationLabels, Counter>,
     pub map_entries: Family<MapLabels, Gauge>,
@@ -138,6 +146,7 @@ impl Default for Metrics {
             event_sink_errors: Counter::default(),
             event_subscribers: Gauge::default(),
             event_subscribers_dropped: Counter::default(),
+            anomalies: Family::default(),
             denied_destinations: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
@@ -200,6 +209,11 @@ impl Default for Metrics {
             "event_attempts",
             "Denied or audited attempts seen by the event pipeline",
             m.event_attempts.clone(),
+        );
+        registry.register(
+            "anomalies",
+            "Anomaly records raised, per signal (deny_burst, upload_volume, new_destination, dns_tunnel)",
+            m.anomalies.clone(),
         );
         registry.register(
             "event_records",
@@ -336,6 +350,12 @@ impl Metrics {
         let bump = |c: &Counter, value: u64| c.inc_by(value.saturating_sub(c.get()));
         bump(&self.event_attempts, stats.attempts.load(Relaxed));
         bump(&self.event_records, stats.records.load(Relaxed));
+        for signal in crate::events::anomaly::Signal::ALL {
+            let counter = self.anomalies.get_or_create(&SignalLabels {
+                signal: signal.name(),
+            });
+            bump(&counter, stats.anomalies[signal.index()].load(Relaxed));
+        }
         bump(&self.event_ring_drops, stats.kernel_drops.load(Relaxed));
         bump(
             &self.event_subscribers_dropped,

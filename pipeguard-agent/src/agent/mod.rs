@@ -64,6 +64,8 @@ pub struct EventsConfig {
     pub kubernetes: bool,
     /// Count denied attempts per destination in metrics (one series per destination).
     pub per_destination_metrics: bool,
+    /// Anomaly signals and their thresholds (`--anomaly`).
+    pub anomalies: crate::events::anomaly::AnomalyConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

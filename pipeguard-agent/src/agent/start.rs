@@ -215,6 +215,11 @@ pub(super) fn event_pipeline(
             .per_destination_metrics
             .then(|| health.metrics.denied_destinations.clone()),
         aggregator: Aggregator::new(pipeline::WINDOW, pipeline::MAX_KEYS),
+        // No baseline on the agent yet: new_destination stays off.
+        anomalies: Some(crate::events::anomaly::Detectors::new(
+            &config.events.anomalies,
+            None,
+        )),
     };
     tokio::spawn(pipeline.run(ring));
     parts

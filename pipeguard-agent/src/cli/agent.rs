@@ -80,6 +80,11 @@ pub struct AgentArgs {
     /// only where the number of destinations is bounded).
     #[arg(long, env = "PIPEGUARD_METRICS_PER_DESTINATION")]
     pub metrics_per_destination: bool,
+    /// Anomaly signal setting, repeatable: SIGNAL=off, SIGNAL=on, deny_burst=COUNT/DURATION
+    /// (default 20/10s). The agent raises deny_burst; the other signals need data it does
+    /// not have yet (per-destination bytes, a baseline, DNS query names).
+    #[arg(long, value_name = "SIGNAL=SETTING", value_parser = crate::events::anomaly::parse_setting)]
+    pub anomaly: Vec<crate::events::anomaly::Setting>,
     /// Do not post Kubernetes Events on pods for blocked attempts.
     #[arg(long, env = "PIPEGUARD_NO_KUBE_EVENTS")]
     pub no_kube_events: bool,
@@ -161,6 +166,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
             token,
             kubernetes: !args.no_kube_events,
             per_destination_metrics: args.metrics_per_destination,
+            anomalies: crate::events::anomaly::AnomalyConfig::from_settings(&args.anomaly),
         },
     };
     crate::memory::tune_for_long_running();

@@ -86,6 +86,19 @@ pub fn human(r: &Record) -> String {
             text(&r.reason)
         );
     }
+    if r.kind == Kind::Anomaly {
+        let pod = r
+            .pod
+            .as_ref()
+            .map(|p| format!("{}/{}", printable(&p.namespace), printable(&p.name)))
+            .unwrap_or_else(|| format!("cgroup {}", r.cgroup_id));
+        return format!(
+            "{} ANOMALY {} {pod}: {}",
+            printable(&r.time),
+            text(&r.signal),
+            text(&r.reason)
+        );
+    }
     let verdict = if r.verdict.as_deref() == Some("audit") {
         "AUDIT "
     } else {
@@ -137,6 +150,7 @@ mod tests {
     fn a_hostile_process_name_cannot_hide_or_forge_a_line() {
         let record = Record {
             kind: Kind::Violation,
+            signal: None,
             time: "2026-01-01T00:00:00Z".into(),
             first_seen: "t".into(),
             last_seen: "t".into(),

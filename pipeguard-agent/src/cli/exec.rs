@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     engine::PolicyEntries,
+    events::anomaly::{self, AnomalyConfig, Baseline, Detectors},
     job::{self, EventSink, JobSpec, Mode},
     learn,
     policy::{self, Egress, PodIdentity},
@@ -25,8 +26,9 @@ pub const EXIT_SETUP: u8 = 125;
 #[derive(clap::Args, Debug)]
 pub struct ExecArgs {
     /// NetworkPolicy YAML file (several documents allowed) or directory; repeatable.
-    /// Optional with --learn in audit mode: nothing is allowed, everything is reported.
-    #[arg(long = "policy", value_name = "PATH", required_unless_present_any = ["learn", "learn_json"])]
+    /// Optional in audit mode with --learn, --learn-json or --baseline: nothing is allowed,
+    /// everything is reported.
+    #[arg(long = "policy", value_name = "PATH", required_unless_present_any = ["learn", "learn_json", "baseline"])]
     pub policies: Vec<PathBuf>,
     /// Namespace the job counts as being in.
     #[arg(long, default_value = "default")]
@@ -74,6 +76,15 @@ pub struct ExecArgs {
     /// Write the job summary as a Markdown table (e.g. to $GITHUB_STEP_SUMMARY), appended.
     #[arg(long, value_name = "FILE")]
     pub summary_markdown: Option<PathBuf>,
+    /// Anomaly signal setting, repeatable: SIGNAL=off, SIGNAL=on, deny_burst=COUNT/DURATION
+    /// (default 20/10s), upload_volume=SIZE (default 100MiB). Signals: deny_burst,
+    /// upload_volume, new_destination (needs --baseline), dns_tunnel.
+    #[arg(long, value_name = "SIGNAL=SETTING", value_parser = anomaly::parse_setting)]
+    pub anomaly: Vec<anomaly::Setting>,
+    /// What the job normally reaches, for the new_destination signal: a run written by
+    /// --learn-json (RUN.json) or a policy file (what it allows this job).
+    #[arg(long, value_name = "RUN.json|POLICY")]
+    pub baseline: Option<PathBuf>,
     /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_kernel_log_level)]
     pub kernel_log_level: u8,
@@ -120,7 +131,12 @@ pub fn run(args: ExecArgs) -> ExitCode {
 
 fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     // Policies first: an invalid policy is reported even where the kernel checks would fail.
-    let allowlist = compile(&args)?;
+    let allowlist = compile(&args, &args.policies)?;
+    let baseline = match &args.baseline {
+        Some(path) => Some(load_baseline(&args, path)?),
+        None => None,
+    };
+    let detectors = Detectors::new(&AnomalyConfig::from_settings(&args.anomaly), baseline);
     let cgroup_root = job::preflight::check().map_err(|e| e.to_string())?;
     let events = EventSink::open(args.events.as_ref()).map_err(|e| {
         format!(
@@ -142,9 +158,13 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         events,
         kernel_log_level: args.kernel_log_level,
         learn: args.learn.is_some() || args.learn_json.is_some() || args.summary_markdown.is_some(),
+        detectors,
     })
     .map_err(|e| e.to_string())?;
     eprintln!("{}", outcome.summary);
+    for anomaly in &outcome.anomalies {
+        eprintln!("  ANOMALY  {}", anomaly.line());
+    }
     write_reports(&args, &outcome)?;
     if args.fail_on_violation && outcome.violations > 0 {
         eprintln!(
@@ -154,6 +174,27 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::from(EXIT_VIOLATION));
     }
     Ok(ExitCode::from(outcome.exit.shell_code().clamp(0, 255) as u8))
+}
+
+/// `--baseline`: a run (`.json`, from --learn-json: the destinations it reached) or policy
+/// files (what they allow this job).
+fn load_baseline(args: &ExecArgs, path: &PathBuf) -> Result<Baseline, String> {
+    if path.extension().is_some_and(|e| e == "json") {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading --baseline {}: {e}", path.display()))?;
+        let run: learn::Run = serde_json::from_str(&text)
+            .map_err(|e| format!("--baseline {}: not a run: {e}", path.display()))?;
+        return Ok(Baseline::Seen(
+            run.destinations
+                .iter()
+                .filter(|o| o.reached())
+                .map(|o| (policy::canonical(o.ip), o.port, o.protocol.clone()))
+                .collect(),
+        ));
+    }
+    compile(args, std::slice::from_ref(path))
+        .map(Baseline::Allowlist)
+        .map_err(|e| format!("--baseline {}: {e}", path.display()))
 }
 
 /// The run as data, then each report asked for. The job has run: a report that cannot be
@@ -173,7 +214,7 @@ fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), Strin
         labels: args.labels.iter().cloned().collect(),
         finished: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         destinations: learn::Run::observe(&outcome.summary, &outcome.processes),
-        anomalies: Vec::new(),
+        anomalies: outcome.anomalies.iter().map(|a| a.line()).collect(),
     };
     let write = |path: &PathBuf, text: String, append: bool| {
         let result = if append {
@@ -202,17 +243,17 @@ fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), Strin
 }
 
 /// Policies → the job's allowlist, with the warnings NetworkPolicy semantics call for.
-fn compile(args: &ExecArgs) -> Result<PolicyEntries, String> {
-    if args.policies.is_empty() {
+fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<PolicyEntries, String> {
+    if policies.is_empty() {
         // Learning from nothing: every destination is reported with its process.
         if args.mode == Mode::Enforce {
             return Err(
-                "--learn without --policy needs --mode audit: enforcing an empty policy refuses all egress, so there is nothing to learn; the command was not run".into(),
+                "without --policy, --learn and --baseline need --mode audit: enforcing an empty policy refuses all egress; the command was not run".into(),
             );
         }
         return Ok(PolicyEntries::default());
     }
-    let set = policy::load_policies(&args.policies);
+    let set = policy::load_policies(policies);
     if !set.errors.is_empty() {
         let lines: Vec<String> = set.errors.iter().map(|e| format!("  {e}")).collect();
         return Err(format!(

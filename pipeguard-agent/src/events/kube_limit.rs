@@ -225,6 +225,7 @@ mod tests {
     fn record(uid: &str, port: u16) -> Record {
         Record {
             kind: Kind::Violation,
+            signal: None,
             time: "t".into(),
             first_seen: "t".into(),
             last_seen: "t".into(),

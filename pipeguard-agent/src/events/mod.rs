@@ -3,6 +3,7 @@
 //! Kubernetes Events on the pod, and `GET /v1/events` subscribers.
 
 pub mod aggregate;
+pub mod anomaly;
 pub mod client;
 pub mod hub;
 pub mod kube_events;

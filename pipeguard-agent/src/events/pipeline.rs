@@ -12,6 +12,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{
     aggregate::{Aggregator, Emit},
+    anomaly::{Anomaly, Detectors, Signal},
     hub::Hub,
     kube_events::KubeEvents,
     record::{CiContext, Kind, PodRef, Record},
@@ -55,6 +56,8 @@ pub struct Stats {
     pub records: std::sync::atomic::AtomicU64,
     pub kernel_drops: std::sync::atomic::AtomicU64,
     pub sink_errors: std::sync::atomic::AtomicU64,
+    /// Anomaly records raised, per signal (`Signal::index`).
+    pub anomalies: [std::sync::atomic::AtomicU64; 4],
 }
 
 pub struct Pipeline {
@@ -74,6 +77,8 @@ pub struct Pipeline {
         >,
     >,
     pub aggregator: Aggregator,
+    /// The anomaly stage (None: every signal off). Fed each attempt before aggregation.
+    pub anomalies: Option<Detectors>,
 }
 
 /// Labels of the opt-in per-destination denial counter (`--metrics-per-destination`).
@@ -108,16 +113,23 @@ impl Pipeline {
                     let Ok(mut guard) = guard else { return };
                     let now = Instant::now();
                     let mut batch = Vec::new();
+                    let mut anomalies = Vec::new();
                     while let Some(item) = guard.get_inner_mut().next() {
                         // Allowed attempts are reported only to exec's learning, never here.
                         if let Some(v) = decode::decode(&item, &clock).filter(|v| v.verdict != "allow") {
                             self.stats.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if let Some(detectors) = &mut self.anomalies {
+                                anomalies.extend(detectors.on_attempt(&v, 1, now));
+                            }
                             batch.extend(self.aggregator.add(v, now));
                         }
                     }
                     guard.clear_ready();
                     for e in batch {
                         self.emit(e);
+                    }
+                    for a in anomalies {
+                        self.raise(a);
                     }
                 }
                 _ = tick.tick() => {
@@ -148,6 +160,7 @@ impl Pipeline {
             let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
             self.publish(Record {
                 kind: Kind::Drops,
+                signal: None,
                 time: now.clone(),
                 first_seen: now.clone(),
                 last_seen: now,
@@ -191,6 +204,14 @@ impl Pipeline {
         self.publish(record);
     }
 
+    fn raise(&mut self, anomaly: Anomaly) {
+        if let Some(signal) = Signal::ALL.iter().find(|s| s.name() == anomaly.signal) {
+            self.stats.anomalies[signal.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let record = anomaly_record(anomaly, &self.index, &self.node);
+        self.publish(record);
+    }
+
     fn publish(&mut self, record: Record) {
         self.stats
             .records
@@ -209,6 +230,40 @@ impl Pipeline {
             tracing::warn!(%error, "writing the events file");
         }
         self.hub.publish(record);
+    }
+}
+
+/// An anomaly as a stream record, with the pod and CI job it concerns.
+pub fn anomaly_record(a: Anomaly, index: &PodIndex, node: &str) -> Record {
+    let pod = index.get(a.pod_cgroup_id);
+    Record {
+        kind: Kind::Anomaly,
+        signal: Some(a.signal),
+        time: a.time.clone(),
+        first_seen: a.time.clone(),
+        last_seen: a.time,
+        count: a.count,
+        verdict: None,
+        hook: None,
+        protocol: a.protocol,
+        dst_ip: a.dst_ip,
+        dst_port: a.dst_port,
+        pid: None,
+        comm: a.comm,
+        exe: None,
+        node: node.to_string(),
+        ci: pod
+            .as_ref()
+            .and_then(|p| CiContext::of(&p.labels, &p.annotations)),
+        policies: pod.as_ref().map(|p| p.policies.clone()).unwrap_or_default(),
+        pod: pod.map(|p| PodRef {
+            container: None,
+            namespace: p.namespace,
+            name: p.name,
+            uid: p.uid,
+        }),
+        reason: Some(a.detail),
+        cgroup_id: a.pod_cgroup_id,
     }
 }
 
@@ -234,6 +289,7 @@ pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
     };
     Record {
         kind: Kind::Violation,
+        signal: None,
         time: v.time.clone(),
         first_seen: e.first_seen.clone(),
         last_seen: v.time.clone(),

@@ -13,11 +13,16 @@ pub enum Kind {
     Violation,
     /// Kernel events lost because the ring buffer was full: `count` of them.
     Drops,
+    /// Something unusual (`signal`, explained in `reason`; see `events::anomaly`).
+    Anomaly,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub kind: Kind,
+    /// For anomalies: deny_burst, upload_volume, new_destination or dns_tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
     /// RFC 3339, the last attempt this record stands for.
     pub time: String,
     pub first_seen: String,

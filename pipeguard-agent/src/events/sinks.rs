@@ -80,6 +80,7 @@ mod tests {
     fn record(n: u64) -> Record {
         Record {
             kind: Kind::Drops,
+            signal: None,
             time: "t".into(),
             first_seen: "t".into(),
             last_seen: "t".into(),

@@ -54,6 +54,8 @@ pub struct JobSpec {
     pub kernel_log_level: u8,
     /// Report allowed attempts too, so every destination has its processes (`--learn`).
     pub learn: bool,
+    /// Anomaly detectors fed by the job's events and, at its end, its byte counts.
+    pub detectors: crate::events::anomaly::Detectors,
 }
 
 pub struct JobOutcome {
@@ -63,6 +65,7 @@ pub struct JobOutcome {
     pub summary: Summary,
     /// The processes events named, per destination.
     pub processes: crate::learn::ProcessLog,
+    pub anomalies: Vec<crate::events::anomaly::Anomaly>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +120,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     let mut engine = Engine::load(&EngineConfig {
         unknown_pods: UnknownPods::Allow,
         flow_stats: true,
-        report_allowed: spec.learn,
+        report_allowed: spec.learn || spec.detectors.wants_allowed(),
         kernel_log_level: spec.kernel_log_level,
         pin_dir: Some(state.pin_dir().to_path_buf()),
         ..EngineConfig::default()
@@ -149,7 +152,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     let ring = engine.take_events()?;
     let clock = events::Clock::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reader = tokio::spawn(sink::pump(ring, clock, spec.events, stop_rx));
+    let watch = sink::Watch::new(spec.detectors);
+    let reader = tokio::spawn(sink::pump(ring, clock, spec.events, watch, stop_rx));
 
     // With the BPF LSM hook, the programs refuse raw and packet sockets and report each
     // refusal as an event. Without it, AF_PACKET would be open: take CAP_NET_RAW away
@@ -184,7 +188,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     // Let the last packets' events land, then stop the reader; it drains before it exits.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = stop_tx.send(true);
-    let (delivered, processes) = reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    let (delivered, mut watch, mut sink) =
+        reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
     engine.drain_kernel_logs();
 
     let counters = engine.counters(cgroup_id)?;
@@ -199,6 +204,14 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         delivered,
         engine.event_drops()?,
     );
+    // Bytes per destination are known from the flow table: upload_volume is judged on the
+    // job's totals once it has finished.
+    for (dest, counter) in summary.allowed.iter().chain(&summary.audited) {
+        let key = (dest.ip, dest.port, dest.protocol.clone());
+        if let Some(anomaly) = watch.detectors.on_bytes(cgroup_id, &key, counter.bytes) {
+            watch.raise(anomaly, &mut sink)?;
+        }
+    }
     drop(cgroup);
     drop(engine);
     drop(state);
@@ -206,6 +219,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         exit,
         violations,
         summary,
-        processes,
+        processes: watch.processes,
+        anomalies: watch.anomalies,
     })
 }

@@ -4,6 +4,7 @@ use std::{
     fs::File,
     io::{self, Write},
     path::PathBuf,
+    time::Instant,
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -11,6 +12,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     engine::events::{self, Clock},
+    events::anomaly::{Anomaly, Detectors},
     learn::ProcessLog,
 };
 
@@ -30,7 +32,7 @@ impl EventSink {
         })
     }
 
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
+    pub fn write_line(&mut self, line: &str) -> io::Result<()> {
         match self {
             Self::Stderr => writeln!(io::stderr().lock(), "{line}"),
             Self::Stdout => writeln!(io::stdout().lock(), "{line}"),
@@ -39,15 +41,41 @@ impl EventSink {
     }
 }
 
+/// What exec derives from the events besides the events themselves.
+pub struct Watch {
+    pub processes: ProcessLog,
+    pub detectors: Detectors,
+    /// Anomalies raised, in order (each also written to the sink).
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl Watch {
+    pub fn new(detectors: Detectors) -> Self {
+        Self {
+            processes: ProcessLog::default(),
+            detectors,
+            anomalies: Vec::new(),
+        }
+    }
+
+    /// Writes an anomaly to the sink and keeps it for the summary.
+    pub fn raise(&mut self, anomaly: Anomaly, sink: &mut EventSink) -> io::Result<()> {
+        let line = serde_json::to_string(&anomaly).map_err(io::Error::other)?;
+        sink.write_line(&line)?;
+        self.anomalies.push(anomaly);
+        Ok(())
+    }
+}
+
 /// Reads the ring buffer until `stop` turns true, then drains what is left. Returns how
-/// many violation events were delivered, and the processes every event named.
+/// many violation events were delivered, what the watch saw, and the sink.
 pub async fn pump(
     ring: RingBuf<MapData>,
     clock: Clock,
     mut sink: EventSink,
+    mut watch: Watch,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> io::Result<(u64, ProcessLog)> {
-    let mut processes = ProcessLog::default();
+) -> io::Result<(u64, Watch, EventSink)> {
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
     let mut delivered = 0;
@@ -55,12 +83,12 @@ pub async fn pump(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                delivered += drain(guard.get_inner_mut(), &clock, &mut sink, &mut processes)?;
+                delivered += drain(guard.get_inner_mut(), &clock, &mut sink, &mut watch)?;
                 guard.clear_ready();
             }
             _ = stop.changed() => {
-                delivered += drain(ring.get_mut(), &clock, &mut sink, &mut processes)?;
-                return Ok((delivered, processes));
+                delivered += drain(ring.get_mut(), &clock, &mut sink, &mut watch)?;
+                return Ok((delivered, watch, sink));
             }
         }
     }
@@ -70,20 +98,23 @@ fn drain(
     ring: &mut RingBuf<MapData>,
     clock: &Clock,
     sink: &mut EventSink,
-    processes: &mut ProcessLog,
+    watch: &mut Watch,
 ) -> io::Result<u64> {
     let mut n = 0;
     while let Some(item) = ring.next() {
-        match events::decode(&item, clock) {
-            // Reported only while learning: who reached an allowed destination.
-            Some(allowed) if allowed.verdict == "allow" => processes.record(&allowed),
-            Some(violation) => {
-                processes.record(&violation);
-                let line = serde_json::to_string(&violation).map_err(io::Error::other)?;
-                sink.write_line(&line)?;
-                n += 1;
-            }
-            None => tracing::warn!(len = item.len(), "undecodable kernel event record"),
+        let Some(event) = events::decode(&item, clock) else {
+            tracing::warn!(len = item.len(), "undecodable kernel event record");
+            continue;
+        };
+        watch.processes.record(&event);
+        for anomaly in watch.detectors.on_attempt(&event, 1, Instant::now()) {
+            watch.raise(anomaly, sink)?;
+        }
+        // Allowed attempts are reported only for learning and the detectors.
+        if event.verdict != "allow" {
+            let line = serde_json::to_string(&event).map_err(io::Error::other)?;
+            sink.write_line(&line)?;
+            n += 1;
         }
     }
     Ok(n)
