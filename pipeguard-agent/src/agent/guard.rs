@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::policy::Selector;
 
 /// Label keys that mark CI runner pods, with the system that sets them.
-pub const RUNNER_LABELS: [(&str, &str); 5] = [
+pub const RUNNER_LABELS: [(&str, &str); 6] = [
     (
         "actions.github.com/scale-set-name",
         "Actions Runner Controller (runner scale sets)",
@@ -14,6 +14,13 @@ pub const RUNNER_LABELS: [(&str, &str); 5] = [
     (
         "runner-deployment-name",
         "Actions Runner Controller (legacy RunnerDeployment)",
+    ),
+    // Container mode `kubernetes`: the job's containers run in a separate workflow pod
+    // that names its runner pod in this label. (GitLab service containers and Tekton
+    // sidecars are containers of the guarded pod itself: its cgroup covers them.)
+    (
+        "runner-pod",
+        "Actions Runner Controller (container mode kubernetes workflow pods)",
     ),
     // The job id is an annotation; the project id is a label on every job pod.
     (
@@ -94,6 +101,10 @@ mod tests {
         );
         assert!(g.is_guarded("x", &labels(&[("tekton.dev/taskRun", "build-1")])));
         assert!(g.is_guarded("x", &labels(&[("actions.github.com/scale-set-name", "linux")])));
+        assert!(
+            g.is_guarded("x", &labels(&[("runner-pod", "linux-abc-runner-xyz")])),
+            "an ARC workflow pod is a runner too"
+        );
         assert!(!g.is_guarded("x", &labels(&[("app", "web")])));
         let off = GuardConfig {
             runner_labels: false,

@@ -79,7 +79,7 @@ pub struct CiContext {
 }
 
 /// (system, output field, label or annotation key). Keys absent from a pod are skipped.
-const CI_KEYS: [(&str, &str, &str); 12] = [
+const CI_KEYS: [(&str, &str, &str); 13] = [
     (
         "actions-runner-controller",
         "scale_set",
@@ -101,6 +101,8 @@ const CI_KEYS: [(&str, &str, &str); 12] = [
         "actions.github.com/workflow",
     ),
     ("actions-runner-controller", "job", "actions.github.com/job"),
+    // An ARC workflow pod (container mode kubernetes) names the runner pod it runs for.
+    ("actions-runner-controller", "runner_pod", "runner-pod"),
     ("gitlab-runner", "project", "project.runner.gitlab.com/name"),
     ("gitlab-runner", "project_id", "project.runner.gitlab.com/id"),
     ("gitlab-runner", "job_id", "job.runner.gitlab.com/id"),
@@ -182,5 +184,10 @@ mod tests {
         assert_eq!(tekton.fields["task_run"], "build-x");
         assert_eq!(tekton.fields["pipeline_run"], "run-1");
         assert_eq!(CiContext::of(&map(&[("app", "web")]), &map(&[])), None);
+        let workflow = CiContext::of(&map(&[("runner-pod", "linux-x7k2p-runner-9qz")]), &map(&[])).unwrap();
+        assert_eq!(
+            (workflow.system.as_str(), workflow.fields["runner_pod"].as_str()),
+            ("actions-runner-controller", "linux-x7k2p-runner-9qz")
+        );
     }
 }
