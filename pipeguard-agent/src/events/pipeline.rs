@@ -258,9 +258,9 @@ pub fn anomaly_record(a: Anomaly, index: &PodIndex, node: &str) -> Record {
         policies: pod.as_ref().map(|p| p.policies.clone()).unwrap_or_default(),
         pod: pod.map(|p| PodRef {
             container: None,
-            namespace: p.namespace,
-            name: p.name,
-            uid: p.uid,
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            uid: p.uid.clone(),
         }),
         reason: Some(a.detail),
         cgroup_id: a.pod_cgroup_id,
