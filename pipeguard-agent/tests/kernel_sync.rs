@@ -65,7 +65,7 @@ fn one_and_two(port: u16) -> (PolicyEntries, PolicyEntries) {
         .chain(fillers.map(|f| (f, PortSet::default())))
         .map(|(net, ports)| (net.parse().unwrap(), ports))
         .collect(),
-        v6: vec![],
+        ..PolicyEntries::default()
     };
     (only("127.0.0.2/32", port), two)
 }

@@ -21,8 +21,17 @@ pub mod map_names {
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V1";
     pub const SOCK_OWNERS: &str = "PG_SOCK_OWNERS_V1";
+    pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
+    pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V1";
+    pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V1";
+    pub const DNS_CONNS: &str = "PG_DNS_CONNS_V1";
+    pub const DNS_NAME_TEXT: &str = "PG_DNS_NAME_TEXT_V1";
+    pub const DNS_CONFIG: &str = "PG_DNS_CONFIG_V1";
+    pub const DNS_SCRATCH: &str = "PG_DNS_SCRATCH_V1";
+    pub const DNS_EGRESS: &str = "PG_DNS_EGRESS_V1";
+    pub const DNS_INGRESS: &str = "PG_DNS_INGRESS_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 21] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -35,6 +44,15 @@ pub mod map_names {
         REPLIES,
         ACCEPTED,
         SOCK_OWNERS,
+        DNS_NAMES,
+        DNS_QUERIES,
+        DNS_LEARNED,
+        DNS_CONNS,
+        DNS_NAME_TEXT,
+        DNS_CONFIG,
+        DNS_SCRATCH,
+        DNS_EGRESS,
+        DNS_INGRESS,
     ];
 }
 
@@ -46,6 +64,9 @@ pub mod program_names {
     pub const SENDMSG6: &str = "pg_sendmsg6";
     pub const EGRESS: &str = "pg_egress";
     pub const INGRESS: &str = "pg_ingress";
+    /// Not attached: tail-called by pg_egress / pg_ingress for DNS of DNS-filtered pods.
+    pub const DNS_QUERY: &str = "pg_dns_query";
+    pub const DNS_ANSWER: &str = "pg_dns_answer";
     pub const SOCK_OPS: &str = "pg_sock_ops";
     pub const SOCK_CREATE: &str = "pg_sock_create";
     pub const SOCKET_CREATE_LSM: &str = "pg_socket_create_lsm";
@@ -76,6 +97,9 @@ pub const MODE_AUDIT: u32 = 1;
 
 /// `PodEntry::flags`
 pub const POD_DENY_RAW_SOCKETS: u32 = 1 << 0;
+/// At least one domain policy selects the pod: its DNS queries are checked against the
+/// names of its allowlist, and the answers teach the allowlist their addresses.
+pub const POD_DNS_FILTERED: u32 = 1 << 1;
 
 /// Value of the pod table, keyed by the pod-level cgroup id (u64).
 #[repr(C)]
@@ -180,8 +204,10 @@ pub enum Hook {
     Sendmsg6 = 3,
     Egress = 4,
     SockCreate = 5,
+    /// A DNS query checked in the packet hook (counters: queries, not packets of other kinds).
+    Dns = 6,
 }
-pub const HOOK_COUNT: usize = 6;
+pub const HOOK_COUNT: usize = 7;
 
 impl Hook {
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -192,6 +218,7 @@ impl Hook {
             3 => Self::Sendmsg6,
             4 => Self::Egress,
             5 => Self::SockCreate,
+            6 => Self::Dns,
             _ => return None,
         })
     }
@@ -203,6 +230,7 @@ impl Hook {
             Self::Sendmsg6 => "sendmsg6",
             Self::Egress => "egress",
             Self::SockCreate => "sock_create",
+            Self::Dns => "dns",
         }
     }
 }
@@ -275,7 +303,8 @@ pub struct Event {
     /// For sock_create: socket type (SOCK_RAW = 3) and family (AF_PACKET = 17).
     pub sock_type: u8,
     pub _pad: u8,
-    pub _pad2: [u8; 8],
+    /// `name_hash` of the name the destination was learned from; 0 when none.
+    pub name_hash: u64,
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 
@@ -344,6 +373,9 @@ pub const CONFIG_FLOW_STATS: u32 = 1 << 0;
 /// `EVENT_INTERVAL_NS`: `exec --learn` needs the process behind every destination.
 pub const CONFIG_REPORT_ALLOWED: u32 = 1 << 1;
 
+pub mod dns;
+pub use dns::*;
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -361,4 +393,15 @@ mod user {
     unsafe impl aya::Pod for ReplyKey {}
     unsafe impl aya::Pod for AcceptedPeer {}
     unsafe impl aya::Pod for SocketOwner {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for NameRule {}
+    unsafe impl aya::Pod for QueryKey {}
+    unsafe impl aya::Pod for QueryState {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for LearnedAddr {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnPass {}
+    unsafe impl aya::Pod for NameText {}
+    unsafe impl aya::Pod for DnsConfig {}
+    unsafe impl aya::Pod for DnsEvent {}
 }

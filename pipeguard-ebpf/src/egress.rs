@@ -11,6 +11,8 @@ use aya_ebpf::{
 use pipeguard_common::{Config, Hook, PROTO_TCP, PROTO_UDP, VERDICT_ERROR};
 
 use crate::{
+    dns,
+    maps::DNS_EGRESS,
     packet::{self, Packet},
     pod, reply,
     verdict::{Attempt, check, count},
@@ -25,9 +27,19 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     // lets LLVM spill the uninitialized payload of `None`, which the verifier rejects.
     match pod::of_skb(ctx.skb.skb) {
         Some(pod) => match packet::parse(&ctx) {
-            Ok(packet) => verdict(check(&attempt(&ctx, &packet), Some(pod), |config| {
-                is_reply(&ctx, &packet, config)
-            })),
+            Ok(packet) => {
+                let dns = dns::is_dns(pod.entry.flags, &packet);
+                let pass = check(&attempt(&ctx, &packet), Some(pod), |config| {
+                    is_reply(&ctx, &packet, config)
+                });
+                if pass && dns {
+                    // DNS of a DNS-filtered pod: judged by `pg_dns_query` (its own program,
+                    // for its own stack). Should the tail call fail, nothing leaves.
+                    unsafe { DNS_EGRESS.tail_call(&ctx, 0) };
+                    return DROP;
+                }
+                verdict(pass)
+            }
             Err(()) => {
                 // Unparseable packet from a guarded pod: never let "something broke" mean allow.
                 count(pod.cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
@@ -54,6 +66,7 @@ fn attempt(ctx: &SkBuffContext, packet: &Packet) -> Attempt {
         hook: Hook::Egress,
         bytes: ctx.len() as u64,
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+        ctx: ctx.skb.skb.cast(),
     }
 }
 

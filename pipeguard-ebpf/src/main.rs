@@ -6,6 +6,8 @@
 #[cfg(target_arch = "bpf")]
 mod addr;
 #[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
 mod ingress;

@@ -1,14 +1,19 @@
 //! Every map the programs use. Layouts are in pipeguard-common; names are versioned there.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        RingBuf,
+    },
 };
 use pipeguard_common::{
-    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, EVENT_RING_BYTES, FlowKey,
-    MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS, MAX_PODS, MAX_REPLIES, PodEntry, PortSet, ReplyKey,
-    SocketOwner,
+    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, ConnKey, ConnPass, Counter, CounterKey, DnsConfig,
+    DnsScratch, EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_CONNS,
+    MAX_COUNTERS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES,
+    NameKey, NameRule, NameText, PodEntry, PortSet, QueryKey, QueryState, ReplyKey, SocketOwner,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -64,3 +69,42 @@ pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
 /// read by the socket hooks; see `owner`). Freed with the socket.
 #[btf_map(name = "PG_SOCK_OWNERS_V1")]
 pub static SOCK_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
+
+/// {policy id, exact or wildcard, name hash} → ports and the name's text (DNS-filtered pods
+/// only). Written by user space; allocated on insert (values hold a 256-byte name).
+#[map(name = "PG_DNS_NAMES_V1")]
+pub static DNS_NAMES: HashMap<NameKey, NameRule> =
+    HashMap::with_max_entries(MAX_NAME_RULES, BPF_F_NO_PREALLOC);
+
+/// Allowed queries waiting for their answer: {socket, resolver, port, query id} → question.
+#[map(name = "PG_DNS_QUERIES_V1")]
+pub static DNS_QUERIES: LruHashMap<QueryKey, QueryState> = LruHashMap::with_max_entries(MAX_QUERIES, 0);
+
+/// {policy id, address} → until when, through which rule, from which name.
+#[map(name = "PG_DNS_LEARNED_V1")]
+pub static DNS_LEARNED: LruHashMap<LearnedKey, LearnedAddr> = LruHashMap::with_max_entries(MAX_LEARNED, 0);
+
+/// {socket, destination} opened to a learned address while it lived: it keeps working after
+/// the entry expires.
+#[map(name = "PG_DNS_CONNS_V1")]
+pub static DNS_CONNS: LruHashMap<ConnKey, ConnPass> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// Question name hash → its text, for events and summaries.
+#[map(name = "PG_DNS_NAME_TEXT_V1")]
+pub static DNS_NAME_TEXT: LruHashMap<u64, NameText> = LruHashMap::with_max_entries(MAX_NAME_TEXTS, 0);
+
+/// Index 0: `DnsConfig`.
+#[map(name = "PG_DNS_CONFIG_V1")]
+pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
+
+/// Index 0: scratch space to parse one name.
+#[map(name = "PG_DNS_SCRATCH_V1")]
+pub static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Index 0: `pg_dns_query`, tail-called by `pg_egress` for DNS of DNS-filtered pods.
+#[map(name = "PG_DNS_EGRESS_V1")]
+pub static DNS_EGRESS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Index 0: `pg_dns_answer`, tail-called by `pg_ingress` for answers to DNS-filtered pods.
+#[map(name = "PG_DNS_INGRESS_V1")]
+pub static DNS_INGRESS: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -66,6 +66,7 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
         hook,
         bytes: 0,
         cgroup_id,
+        ctx: sa.cast(),
     };
     // A UDP socket may answer (sendto, or connect then send) a peer it received from.
     let is_reply = |config: &_| {

@@ -3,17 +3,21 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    },
     maps::lpm_trie::Key,
 };
 use pipeguard_common::{
     AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Counter, CounterKey,
-    EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POLICY_ID_BITS, UNKNOWN_DENY, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POD_DNS_FILTERED, POLICY_ID_BITS, UNKNOWN_DENY,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::{
     addr::Dest,
+    dns::learned,
     maps::{ALLOW_V4, ALLOW_V6, CONFIG, COUNTERS, EVENT_DROPS, EVENT_LIMIT, EVENTS, FLOWS},
     pod::Pod,
 };
@@ -29,6 +33,8 @@ pub struct Attempt {
     pub bytes: u64,
     /// The socket's own cgroup (reported in events).
     pub cgroup_id: u64,
+    /// The program's context, for the socket cookie (asked only for DNS-filtered pods).
+    pub ctx: *mut core::ffi::c_void,
 }
 
 #[inline(always)]
@@ -51,22 +57,40 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         } else {
             VERDICT_DENY
         };
-        report(attempt, 0, 0, verdict, &config);
+        report(attempt, 0, 0, verdict, &config, 0);
         return verdict == VERDICT_ALLOW;
     };
+    let mut name_hash = 0;
     let verdict = if allowed(pod.entry.policy_id, attempt) || is_reply(&config) {
+        VERDICT_ALLOW
+    } else if pod.entry.flags & POD_DNS_FILTERED != 0 && {
+        // The addresses the pod's allowed DNS answers taught its allowlist.
+        let cookie = unsafe { bpf_get_socket_cookie(attempt.ctx) };
+        // Socket hooks start connections and datagrams; the packet hook continues them.
+        let learned = learned::check(pod.entry.policy_id, attempt, cookie, attempt.hook != Hook::Egress);
+        name_hash = learned.name_hash;
+        learned.allowed
+    } {
         VERDICT_ALLOW
     } else if pod.entry.mode == MODE_AUDIT {
         VERDICT_AUDIT
     } else {
         VERDICT_DENY
     };
-    report(attempt, pod.cgroup_id, pod.entry.policy_id, verdict, &config);
+    report(
+        attempt,
+        pod.cgroup_id,
+        pod.entry.policy_id,
+        verdict,
+        &config,
+        name_hash,
+    );
     verdict != VERDICT_DENY
 }
 
+/// The static allowlist (the tries) allows the attempt.
 #[inline(always)]
-fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
+pub fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
     let policy_id = policy_id.to_be_bytes();
     let ports = if attempt.dest.is_v4 {
         let key = Key::new(
@@ -93,7 +117,14 @@ fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
 
 /// A denied (or audited) verdict may also be for a pod with no entry (`pod_cgroup_id` 0).
 #[inline(always)]
-pub fn report(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, config: &Config) {
+pub fn report(
+    attempt: &Attempt,
+    pod_cgroup_id: u64,
+    policy_id: u32,
+    verdict: u8,
+    config: &Config,
+    name_hash: u64,
+) {
     count(pod_cgroup_id, verdict, attempt.hook, attempt.bytes);
 
     let is_packet = attempt.hook == Hook::Egress;
@@ -113,14 +144,14 @@ pub fn report(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8
     if verdict == VERDICT_ALLOW {
         // Learning only (never set by the agent): rate-limited like packet events.
         if config.flags & CONFIG_REPORT_ALLOWED != 0 && packet_event_due(&flow) {
-            emit(attempt, pod_cgroup_id, policy_id, verdict);
+            emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash);
         }
         return;
     }
     if is_packet && !packet_event_due(&flow) {
         return;
     }
-    emit(attempt, pod_cgroup_id, policy_id, verdict);
+    emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash);
 }
 
 #[inline(always)]
@@ -170,7 +201,7 @@ fn packet_event_due(flow: &FlowKey) -> bool {
 }
 
 #[inline(always)]
-pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8) {
+pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, name_hash: u64) {
     emit_event(Event {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: attempt.cgroup_id,
@@ -182,6 +213,7 @@ pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8) 
         hook: attempt.hook as u8,
         verdict,
         policy_id,
+        name_hash,
         ..task_fields()
     });
 }
@@ -205,11 +237,14 @@ pub fn emit_event(event: Event) {
             slot.write(event);
             slot.submit(0);
         }
-        None => {
-            // Never lose an event silently: user space reports this count.
-            if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
-                unsafe { *drops += 1 };
-            }
-        }
+        None => count_event_drop(),
+    }
+}
+
+/// Never lose an event silently: user space reports this count.
+#[inline(always)]
+pub fn count_event_drop() {
+    if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
+        unsafe { *drops += 1 };
     }
 }

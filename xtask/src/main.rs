@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod image;
+mod packages;
 mod test_tools;
 mod toolchain;
 
@@ -73,6 +74,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.task {
         Task::Setup => {
             let tc = toolchain::setup()?;
+            packages::ensure_test_packages()?;
             println!("bpf-linker: {}", tc.bpf_linker.display());
             test_tools::setup(&workspace_root())?;
             Ok(ExitCode::SUCCESS)
@@ -136,6 +138,7 @@ fn demo() -> Result<ExitCode> {
 
 fn test() -> Result<ExitCode> {
     let tc = toolchain::setup()?;
+    packages::ensure_test_packages()?;
     // Kernel tests share cgroups and the loopback; run them one at a time.
     // Default members only: the eBPF crate builds for bpfel-unknown-none, never for the host.
     status(cargo(&tc, &["test", "--", "--test-threads=1"]))?;

@@ -66,6 +66,7 @@ fn compile(set: &policy::PolicySet) -> PolicyEntries {
     PolicyEntries {
         v4: entries.v4,
         v6: entries.v6,
+        names: Vec::new(),
     }
 }
 

@@ -67,6 +67,7 @@ pub fn allow_all() -> PolicyEntries {
     PolicyEntries {
         v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
         v6: vec![("::/0".parse().expect("valid"), all)],
+        names: Vec::new(),
     }
 }
 
@@ -169,7 +170,14 @@ fn guarded(
         deciding.extend(domains.policies);
     }
     match policy::lpm_entries(&rules) {
-        Ok(e) => (PolicyEntries { v4: e.v4, v6: e.v6 }, Status::Enforced(deciding)),
+        Ok(e) => (
+            PolicyEntries {
+                v4: e.v4,
+                v6: e.v6,
+                names: Vec::new(),
+            },
+            Status::Enforced(deciding),
+        ),
         Err(error) => fail_closed(error.to_string()),
     }
 }

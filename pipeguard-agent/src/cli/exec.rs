@@ -305,6 +305,7 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<PolicyEntries, Strin
     Ok(PolicyEntries {
         v4: entries.v4,
         v6: entries.v6,
+        names: Vec::new(),
     })
 }
 
@@ -317,5 +318,6 @@ fn allow_all() -> PolicyEntries {
     PolicyEntries {
         v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
         v6: vec![("::/0".parse().expect("valid"), all)],
+        names: Vec::new(),
     }
 }

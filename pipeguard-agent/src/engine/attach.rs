@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
-use pipeguard_common::program_names as names;
+use pipeguard_common::{map_names, program_names as names};
 
 use super::{EngineError, pins};
 
@@ -38,8 +38,17 @@ pub fn load_packet_guard(ebpf: &mut Ebpf) -> Result<(), String> {
     program.load("socket_create", &btf).map_err(|e| format!("{e}"))
 }
 
+/// Programs reached only by tail calls (each with its own stack), and the one-slot program
+/// array their caller jumps through. A missing entry fails closed: the caller drops the
+/// query, or learns nothing from the answer.
+const TAIL_CALLS: [(&str, &str); 2] = [
+    (names::DNS_QUERY, map_names::DNS_EGRESS),
+    (names::DNS_ANSWER, map_names::DNS_INGRESS),
+];
+
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), EngineError> {
-    for name in PROGRAMS {
+    let tail_programs = TAIL_CALLS.map(|(program, _)| program);
+    for name in PROGRAMS.into_iter().chain(tail_programs) {
         let program = ebpf.program_mut(name).ok_or(EngineError::Program {
             program: name,
             source: aya::programs::ProgramError::UnexpectedProgramType,
@@ -55,6 +64,30 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), EngineError> {
             program: name,
             source,
         })?;
+    }
+    Ok(())
+}
+
+/// Points each tail-call slot at its program (in a pinned array, the new agent's program
+/// replaces the old one's in one write).
+pub fn install_tail_calls(ebpf: &mut Ebpf) -> Result<(), EngineError> {
+    for (program, map) in TAIL_CALLS {
+        let error = |source| EngineError::Program { program, source };
+        let fd = ebpf
+            .program(program)
+            .ok_or(error(ProgramError::UnexpectedProgramType))?
+            .fd()
+            .map_err(error)?
+            .try_clone()
+            .map_err(|e| error(ProgramError::IOError(e)))?;
+        let mut array: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
+            .map_mut(map)
+            .ok_or(EngineError::MissingMap { map })?
+            .try_into()
+            .map_err(|source| EngineError::Map { map, source })?;
+        array
+            .set(0, &fd, 0)
+            .map_err(|source| EngineError::Map { map, source })?;
     }
     Ok(())
 }

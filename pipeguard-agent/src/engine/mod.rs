@@ -4,7 +4,9 @@
 //! write allowlists under a policy id, then point pod cgroups at a policy id.
 
 mod attach;
+pub mod dns;
 pub mod events;
+mod names;
 mod object;
 pub mod pins;
 pub mod stats;
@@ -15,10 +17,14 @@ use std::{os::fd::AsFd, path::Path};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use pipeguard_common::{
-    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
+    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DnsConfig, REPLY_WINDOW_NS, UNKNOWN_ALLOW,
+    UNKNOWN_DENY, map_names,
 };
 
-pub use self::tables::PolicyEntries;
+pub use self::{
+    names::{NameEntries, NamesError},
+    tables::PolicyEntries,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -57,6 +63,8 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Names(NamesError),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -87,6 +95,10 @@ pub struct EngineConfig {
     pub pin_dir: Option<std::path::PathBuf>,
     /// How long a UDP socket may answer a peer after the last datagram from it.
     pub reply_window: std::time::Duration,
+    /// Names under this domain may always be queried by DNS-filtered pods (`--cluster-domain`).
+    pub cluster_domain: String,
+    /// Addresses learned from DNS answers live at least this long (`--dns-min-ttl`).
+    pub dns_min_ttl: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -104,12 +116,22 @@ impl Default for EngineConfig {
             pin_dir: None,
             // conntrack's UDP timeout.
             reply_window: std::time::Duration::from_nanos(REPLY_WINDOW_NS),
+            // Kubernetes' default.
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
+            // Resolvers and CDNs hand out TTLs of seconds; a floor keeps a build's connections
+            // from outliving the entry they were resolved under.
+            dns_min_ttl: DEFAULT_DNS_MIN_TTL,
         }
     }
 }
 
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_DNS_MIN_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Engine {
     ebpf: Ebpf,
+    /// Lowercase, no trailing dot; empty for none.
+    cluster_domain: String,
     /// Kept alive so kernel log records keep flowing; drained by `drain_kernel_logs`.
     // aya-log speaks the `log` facade; tracing-subscriber bridges it into tracing.
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
@@ -153,12 +175,14 @@ impl Engine {
             }
         };
         attach::load_programs(&mut ebpf)?;
+        attach::install_tail_calls(&mut ebpf)?;
         let packet_guard_unavailable = attach::load_packet_guard(&mut ebpf).err();
         if let Some(reason) = &packet_guard_unavailable {
             tracing::warn!(%reason, "AF_PACKET sockets cannot be refused on this kernel; raw IP sockets still are");
         }
         let mut engine = Self {
             ebpf,
+            cluster_domain: config.cluster_domain.trim_end_matches('.').to_ascii_lowercase(),
             logger,
             packet_guard_unavailable,
             pin_dir: config.pin_dir.clone(),
@@ -225,6 +249,15 @@ impl Engine {
         let mut array: aya::maps::Array<_, Config> = self.map_mut(map_names::CONFIG)?;
         array.set(0, value, 0).map_err(|source| EngineError::Map {
             map: map_names::CONFIG,
+            source,
+        })?;
+        let dns = DnsConfig {
+            min_ttl_s: config.dns_min_ttl.as_secs().min(u64::from(u32::MAX)) as u32,
+            _pad: 0,
+        };
+        let mut array: aya::maps::Array<_, DnsConfig> = self.map_mut(map_names::DNS_CONFIG)?;
+        array.set(0, dns, 0).map_err(|source| EngineError::Map {
+            map: map_names::DNS_CONFIG,
             source,
         })
     }

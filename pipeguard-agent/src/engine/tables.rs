@@ -11,12 +11,15 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use pipeguard_common::{AllowKeyV4, AllowKeyV6, POLICY_ID_BITS, PodEntry, PortSet, map_names};
 
 use super::{Engine, EngineError};
+use crate::policy::{DomainPattern, DomainRule, Ports};
 
-/// The trie contents of one allowlist, as the policy compiler produces them.
+/// The trie contents of one allowlist, as the policy compiler produces them, and the
+/// domain rules of a DNS-filtered pod (written to the name map under the same id).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyEntries {
     pub v4: Vec<(Ipv4Net, PortSet)>,
     pub v6: Vec<(Ipv6Net, PortSet)>,
+    pub names: Vec<DomainRule>,
 }
 
 /// Equal allowlists hash equally, which is all a map needs: equality is checked in full on
@@ -35,6 +38,10 @@ impl std::hash::Hash for PolicyEntries {
         }
         sample(&self.v4, state);
         sample(&self.v6, state);
+        self.names.len().hash(state);
+        for rule in self.names.iter().take(SAMPLES) {
+            rule.pattern.hash(state);
+        }
     }
 }
 
@@ -65,6 +72,11 @@ fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> EngineError {
 impl Engine {
     /// Writes (or overwrites) every entry of `entries` under `policy_id`.
     pub fn put_policy(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
+        self.put_names(policy_id, &entries.names)?;
+        self.put_addresses(policy_id, entries)
+    }
+
+    fn put_addresses(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
         let mut v4: LpmTrie<&mut MapData, AllowKeyV4, PortSet> = self.map_mut(map_names::ALLOW_V4)?;
         for (net, ports) in &entries.v4 {
             v4.insert(&key_v4(policy_id, net), *ports, 0)
@@ -88,16 +100,23 @@ impl Engine {
         new: &PolicyEntries,
     ) -> Result<(usize, usize), EngineError> {
         let diff = PolicyDiff::between(old, new);
-        self.put_policy(policy_id, &diff.put)?;
-        self.delete_policy(policy_id, &diff.delete)?;
+        self.put_addresses(policy_id, &diff.put)?;
+        self.delete_addresses(policy_id, &diff.delete)?;
+        self.replace_names(policy_id, &old.names, &new.names)?;
         Ok((
             diff.put.v4.len() + diff.put.v6.len(),
             diff.delete.v4.len() + diff.delete.v6.len(),
         ))
     }
 
-    /// Deletes the keys of `entries` under `policy_id`; keys already gone are fine.
+    /// Deletes the keys of `entries` under `policy_id`, and every name entry of
+    /// `policy_id`; keys already gone are fine.
     pub fn delete_policy(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
+        self.delete_addresses(policy_id, entries)?;
+        self.delete_names(policy_id)
+    }
+
+    fn delete_addresses(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
         let mut v4: LpmTrie<&mut MapData, AllowKeyV4, PortSet> = self.map_mut(map_names::ALLOW_V4)?;
         for (net, _) in &entries.v4 {
             ignore_missing(v4.remove(&key_v4(policy_id, net))).map_err(map_error(map_names::ALLOW_V4))?;
@@ -156,6 +175,13 @@ impl Engine {
                 .v6
                 .push((net, ports));
         }
+        for (id, names) in self.name_entries()? {
+            out.entry(id).or_default().names = names
+                .into_iter()
+                .filter(|((_, name), ports)| *name != self.cluster_domain || *ports != PortSet::default())
+                .map(|((kind, name), ports)| rule_of(kind, name, &ports))
+                .collect();
+        }
         for entries in out.values_mut() {
             entries.v4.sort_by_key(|(n, _)| (*n, n.prefix_len()));
             entries.v6.sort_by_key(|(n, _)| (*n, n.prefix_len()));
@@ -164,7 +190,29 @@ impl Engine {
     }
 }
 
-fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+/// A name entry read back as a rule (its ports are the merged ones, so an adopted allowlist
+/// with names is rewritten under a fresh id on the first sync, in the hole-free order).
+fn rule_of(kind: u32, name: String, ports: &PortSet) -> DomainRule {
+    DomainRule {
+        pattern: if kind == pipeguard_common::NAME_EXACT {
+            DomainPattern::Exact(name)
+        } else {
+            DomainPattern::Wildcard(name)
+        },
+        ports: if ports.flags & pipeguard_common::PORTS_ALL != 0 {
+            Ports::All
+        } else {
+            Ports::List(
+                ports.ranges[..(ports.count as usize).min(ports.ranges.len())]
+                    .iter()
+                    .map(|r| (r.protocol, r.start, r.end))
+                    .collect(),
+            )
+        },
+    }
+}
+
+pub(super) fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
@@ -185,10 +233,15 @@ impl PolicyDiff {
         let (put4, delete4) = diff_family(&old.v4, &new.v4, |n| n.prefix_len());
         let (put6, delete6) = diff_family(&old.v6, &new.v6, |n| n.prefix_len());
         Self {
-            put: PolicyEntries { v4: put4, v6: put6 },
+            put: PolicyEntries {
+                v4: put4,
+                v6: put6,
+                names: Vec::new(),
+            },
             delete: PolicyEntries {
                 v4: delete4,
                 v6: delete6,
+                names: Vec::new(),
             },
         }
     }
@@ -262,6 +315,7 @@ mod tests {
                 .map(|(n, p)| (n.parse().unwrap(), ports(*p)))
                 .collect(),
             v6: vec![],
+            names: vec![],
         }
     }
 
@@ -331,7 +385,10 @@ mod tests {
                         v4.push((net, ports(next(3) as u16)));
                     }
                 }
-                PolicyEntries { v4, v6: vec![] }
+                PolicyEntries {
+                    v4,
+                    ..PolicyEntries::default()
+                }
             };
             let (old, new) = (random_allowlist(), random_allowlist());
             let diff = PolicyDiff::between(&old, &new);

@@ -3,6 +3,8 @@
 #![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
 pub mod agent;
+pub mod dns_probe;
+pub mod dnsmasq;
 pub mod listeners;
 pub mod probe;
 pub mod root_job;
@@ -172,11 +174,11 @@ pub fn allow_only(cidr: &str, port: u16, protocols: &[u8]) -> pipeguard::engine:
     match net {
         ipnet::IpNet::V4(v4) => pipeguard::engine::PolicyEntries {
             v4: vec![(v4, ports)],
-            v6: vec![],
+            ..Default::default()
         },
         ipnet::IpNet::V6(v6) => pipeguard::engine::PolicyEntries {
-            v4: vec![],
             v6: vec![(v6, ports)],
+            ..Default::default()
         },
     }
 }

@@ -88,6 +88,7 @@ fn run(action: &str) {
             target,
         ),
         "hold" => hold(target, rest),
+        dns if dns.starts_with("dns-") => super::dns_probe::run(dns, target, rest),
         "wait-denied" => wait_for(target, true),
         "wait-allowed" => wait_for(target, false),
         "hammer" => hammer(target, rest),

@@ -1,0 +1,293 @@
+//! DNS probe actions (`dns-*`), run inside the guarded cgroup: queries by every send route,
+//! resolve-then-connect, a job's own forged resolver, and glibc's getaddrinfo.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+/// Generous: dnsmasq logs every query synchronously, and on a busy machine a log write can
+/// stall it for a second or more.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A standard query with one question, recursion desired.
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    q
+}
+
+fn skip_name(msg: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *msg.get(at)? as usize;
+        if len == 0 {
+            return Some(at + 1);
+        }
+        if len & 0xc0 == 0xc0 {
+            return Some(at + 2);
+        }
+        at += len + 1;
+    }
+}
+
+/// The A/AAAA addresses of an answer to query `id`; an error for anything else.
+pub fn answer_addrs(msg: &[u8], id: u16) -> std::io::Result<Vec<IpAddr>> {
+    let bad = |why: &str| std::io::Error::other(format!("bad answer: {why}"));
+    if msg.len() < 12 || u16::from_be_bytes([msg[0], msg[1]]) != id {
+        return Err(bad("id"));
+    }
+    if msg[3] & 0x0f != 0 {
+        return Err(bad("rcode"));
+    }
+    let answers = u16::from_be_bytes([msg[6], msg[7]]);
+    let mut at = skip_name(msg, 12).ok_or_else(|| bad("question"))? + 4;
+    let mut out = Vec::new();
+    for _ in 0..answers {
+        at = skip_name(msg, at).ok_or_else(|| bad("name"))?;
+        let rr = msg.get(at..at + 10).ok_or_else(|| bad("record"))?;
+        let (rtype, rdlen) = (
+            u16::from_be_bytes([rr[0], rr[1]]),
+            u16::from_be_bytes([rr[8], rr[9]]) as usize,
+        );
+        at += 10;
+        let data = msg.get(at..at + rdlen).ok_or_else(|| bad("rdata"))?;
+        match (rtype, rdlen) {
+            (1, 4) => out.push(IpAddr::from(<[u8; 4]>::try_from(data).unwrap())),
+            (28, 16) => out.push(IpAddr::from(<[u8; 16]>::try_from(data).unwrap())),
+            _ => {}
+        }
+        at += rdlen;
+    }
+    if out.is_empty() {
+        return Err(bad("no address"));
+    }
+    Ok(out)
+}
+
+fn socket_for(resolver: &SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(if resolver.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    Ok(socket)
+}
+
+/// Sends a query by `route` and waits for its answer.
+pub fn resolve(route: &str, resolver: SocketAddr, name: &str) -> std::io::Result<Vec<IpAddr>> {
+    let id: u16 = rand_id();
+    let q = query(id, name, 1);
+    let mut buf = [0u8; 1500];
+    match route {
+        "tcp" => {
+            let mut stream = TcpStream::connect_timeout(&resolver, TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&q);
+            stream.write_all(&framed)?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len)?;
+            let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+            stream.read_exact(&mut msg)?;
+            answer_addrs(&msg, id)
+        }
+        "udp" => {
+            let socket = socket_for(&resolver)?;
+            socket.connect(resolver)?;
+            socket.send(&q)?;
+            let n = socket.recv(&mut buf)?;
+            answer_addrs(&buf[..n], id)
+        }
+        "sendto" => {
+            let socket = socket_for(&resolver)?;
+            socket.send_to(&q, resolver)?;
+            let (n, _) = socket.recv_from(&mut buf)?;
+            answer_addrs(&buf[..n], id)
+        }
+        "sendmsg" | "sendmmsg" => {
+            let socket = socket_for(&resolver)?;
+            let (mut name, name_len) = super::probe::sockaddr(&resolver);
+            let mut iov = libc::iovec {
+                iov_base: q.as_ptr() as *mut _,
+                iov_len: q.len(),
+            };
+            // SAFETY: all-zero is a valid msghdr; the pointers outlive the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&raw mut name).cast();
+            msg.msg_namelen = name_len;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            let rc = if route == "sendmsg" {
+                // SAFETY: valid socket and msghdr.
+                unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) as i64 }
+            } else {
+                let mut m = [libc::mmsghdr {
+                    msg_hdr: msg,
+                    msg_len: 0,
+                }];
+                // SAFETY: valid socket, one initialized mmsghdr.
+                unsafe { libc::sendmmsg(socket.as_raw_fd(), m.as_mut_ptr(), 1, 0) as i64 }
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let (n, _) = socket.recv_from(&mut buf)?;
+            answer_addrs(&buf[..n], id)
+        }
+        other => panic!("unknown DNS route {other}"),
+    }
+}
+
+fn rand_id() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (nanos ^ (nanos >> 16) ^ std::process::id()) as u16
+}
+
+fn connect_send(ip: IpAddr, port: u16, payload: &[u8]) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::new(ip, port), TIMEOUT)?;
+    stream.write_all(payload)?;
+    Ok(stream)
+}
+
+/// `dns-ROUTE RESOLVER NAME`, `dns-connect RESOLVER NAME PORT PAYLOAD`,
+/// `dns-race RESOLVER PATTERN(with {}) PORT N`, `dns-expiry RESOLVER NAME PORT WAIT_MS`,
+/// `dns-forge OWN_RESOLVER NAME FORGED_IP PORT`, `dns-getaddrinfo RESOLV_CONF NAME`.
+pub fn run(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
+    let result = run_action(kind, target, rest);
+    if let Err(e) = &result {
+        // The outcome carries only errno; the test shows this line when it fails.
+        println!("PG_DNS_ERROR {kind} {target} {rest}: {e}");
+    }
+    result
+}
+
+fn run_action(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
+    let resolver = || -> SocketAddr { target.parse().expect("resolver address") };
+    let args: Vec<&str> = rest.split(' ').collect();
+    match kind {
+        "dns-connect" => {
+            let addrs = resolve("udp", resolver(), args[0])?;
+            connect_send(addrs[0], args[1].parse().unwrap(), args[2].as_bytes()).map(drop)
+        }
+        "dns-race" => {
+            let (pattern, port, n): (&str, u16, usize) =
+                (args[0], args[1].parse().unwrap(), args[2].parse().unwrap());
+            let mut refused = 0;
+            for i in 0..n {
+                let name = pattern.replace("{}", &i.to_string());
+                let addrs = resolve("udp", resolver(), &name)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("cycle {i}, {name}: {e}")))?;
+                if connect_send(addrs[0], port, b"r").is_err() {
+                    refused += 1;
+                }
+            }
+            if refused > 0 {
+                return Err(std::io::Error::other(format!(
+                    "{refused} of {n} connects refused"
+                )));
+            }
+            Ok(())
+        }
+        "dns-expiry" => {
+            let (name, port, wait): (&str, u16, u64) =
+                (args[0], args[1].parse().unwrap(), args[2].parse().unwrap());
+            let addrs = resolve("udp", resolver(), name)?;
+            let mut early = connect_send(addrs[0], port, b"early-")?;
+            std::thread::sleep(Duration::from_millis(wait));
+            early.write_all(b"still-open")?;
+            match connect_send(addrs[0], port, b"late-connect") {
+                Ok(_) => Err(std::io::Error::other("a new connection after expiry was allowed")),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        "dns-forge" => forge(
+            resolver(),
+            args[0],
+            args[1].parse().unwrap(),
+            args[2].parse().unwrap(),
+        ),
+        "dns-getaddrinfo" => getaddrinfo(target, args[0]),
+        route => resolve(route.trim_start_matches("dns-"), resolver(), args[0]).map(drop),
+    }
+}
+
+/// The job's own "resolver" on `own` answers every query with `forged`; then the job
+/// resolves `name` through it and connects to the forged address. Ok only if the connect
+/// succeeds (the test expects an error).
+fn forge(own: SocketAddr, name: &str, forged: Ipv4Addr, port: u16) -> std::io::Result<()> {
+    let server = UdpSocket::bind(own)?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let mut reply = buf[..n].to_vec();
+            reply[2] |= 0x80;
+            reply[7] = 1;
+            reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            reply.extend_from_slice(&forged.octets());
+            let _ = server.send_to(&reply, from);
+        }
+    });
+    let answered = resolve("udp", own, name);
+    let connected = connect_send(IpAddr::V4(forged), port, b"forged");
+    match (answered, connected) {
+        (_, Ok(_)) => Ok(()),
+        (Ok(_), Err(e)) => Err(std::io::Error::other(format!("answered, connect refused: {e}"))),
+        (Err(a), Err(e)) => Err(std::io::Error::new(
+            e.kind(),
+            format!("no answer ({a}); connect: {e}"),
+        )),
+    }
+}
+
+/// glibc's resolver through `resolv_conf`, bind-mounted over /etc/resolv.conf in a private
+/// mount namespace of this probe. Prints how long it took.
+fn getaddrinfo(resolv_conf: &str, name: &str) -> std::io::Result<()> {
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    // SAFETY: plain syscalls with valid C strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0
+            || libc::mount(
+                c("none").as_ptr(),
+                c("/").as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            || libc::mount(
+                c(resolv_conf).as_ptr(),
+                c("/etc/resolv.conf").as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let started = Instant::now();
+    let host = c(name);
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: valid name, no hints, out-pointer.
+    let rc = unsafe { libc::getaddrinfo(host.as_ptr(), std::ptr::null(), std::ptr::null(), &mut res) };
+    println!(
+        "PG_GETADDRINFO {name} rc={rc} ms={}",
+        started.elapsed().as_millis()
+    );
+    if rc != 0 {
+        return Err(std::io::Error::other(format!("getaddrinfo {name}: {rc}")));
+    }
+    // SAFETY: res came from a successful getaddrinfo.
+    unsafe { libc::freeaddrinfo(res) };
+    Ok(())
+}

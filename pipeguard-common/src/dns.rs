@@ -1,0 +1,287 @@
+//! DNS-aware egress: the name hash both sides compute, and the layouts of the DNS maps and
+//! event record.
+//!
+//! How the kernel uses them: a query from a DNS-filtered pod is parsed, every suffix of its
+//! question name is hashed (one pass over the name, from the right) and looked up in
+//! `PG_DNS_NAMES_V1`; a hit is confirmed by comparing the stored name text, so a hash
+//! collision can never allow a name. An allowed query is remembered in `PG_DNS_QUERIES_V1`;
+//! the answer that matches it (same socket, resolver, query id and question) teaches its
+//! A/AAAA addresses to `PG_DNS_LEARNED_V1`, which the socket and packet hooks consult after
+//! the static tries.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::{Event, PortSet};
+
+/// A DNS name in wire format is at most 255 bytes; the dotted form with a leading dot too.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Labels in a name (each at least one byte plus its length byte).
+pub const MAX_LABELS: usize = 128;
+/// Answer records walked per answer; further records teach nothing.
+pub const MAX_ANSWER_RECORDS: u32 = 32;
+/// How long an allowed query waits for its answer.
+pub const QUERY_TIMEOUT_NS: u64 = 30_000_000_000;
+/// Longest TTL an entry is learned for, whatever the answer says (one day).
+pub const MAX_TTL_S: u32 = 86_400;
+
+/// Entries of the name map: (allowlist, pattern) pairs over all allowlists of a node.
+pub const MAX_NAME_RULES: u32 = 65_536;
+/// Outstanding queries (LRU: a flood of queries evicts the oldest, never fails a query).
+pub const MAX_QUERIES: u32 = 16_384;
+/// Learned (allowlist, address) entries. LRU, and user space sweeps expired entries, so
+/// eviction only happens under real pressure: 10,000 names × 13 addresses, or 1,000
+/// addresses for each of 131 names, at once.
+pub const MAX_LEARNED: u32 = 131_072;
+/// Connections (socket, destination) opened to a learned address while it lived.
+pub const MAX_CONNS: u32 = 65_536;
+/// Question hash → name text, for events and summaries.
+pub const MAX_NAME_TEXTS: u32 = 16_384;
+
+/// `NameKey::kind`: the pattern is the full name (`github.com`).
+pub const NAME_EXACT: u32 = 1;
+/// `NameKey::kind`: the pattern is a suffix; one or more labels must precede it
+/// (`*.npmjs.org` is stored as `npmjs.org`).
+pub const NAME_WILDCARD: u32 = 2;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// Where the name hash starts.
+pub const NAME_HASH_SEED: u64 = FNV_OFFSET;
+
+#[inline(always)]
+pub const fn ascii_lower(b: u8) -> u8 {
+    if b.is_ascii_uppercase() { b + 32 } else { b }
+}
+
+/// One step of the name hash (FNV-1a, 64 bit, lowercase-folding). The name is fed from its
+/// last byte to its first, dots included, so the hash after the bytes of a suffix is that
+/// suffix's hash: one pass over a name yields the hash of every suffix.
+#[inline(always)]
+pub const fn name_hash_step(hash: u64, byte: u8) -> u64 {
+    (hash ^ ascii_lower(byte) as u64).wrapping_mul(FNV_PRIME)
+}
+
+/// The hash of a dotted name (`registry.npmjs.org`, no trailing dot), as the kernel
+/// computes it for the same name or suffix in a query.
+pub fn name_hash(name: &[u8]) -> u64 {
+    let mut hash = NAME_HASH_SEED;
+    let mut i = name.len();
+    while i > 0 {
+        i -= 1;
+        hash = name_hash_step(hash, name[i]);
+    }
+    hash
+}
+
+/// Key of `PG_DNS_NAMES_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NameKey {
+    pub policy_id: u32,
+    /// `NAME_EXACT` or `NAME_WILDCARD`.
+    pub kind: u32,
+    /// `name_hash` of the pattern's name.
+    pub hash: u64,
+}
+const _: () = assert!(core::mem::size_of::<NameKey>() == 16);
+
+/// Value of `PG_DNS_NAMES_V1`: the ports the addresses of a matching name may be reached
+/// on (already the union of every pattern that matches the names this one matches, so the
+/// most specific match decides), and the pattern's name text, compared on every hit.
+/// Empty ports: the name may be queried, its answers teach nothing (the cluster domain).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NameRule {
+    pub ports: PortSet,
+    /// Bytes of `name` in use.
+    pub len: u32,
+    pub _pad: u32,
+    /// Lowercase dotted name, no trailing dot.
+    pub name: [u8; MAX_NAME_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<NameRule>() == 136 + 8 + MAX_NAME_BYTES);
+
+impl Default for NameRule {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+/// Key of `PG_DNS_QUERIES_V1`: one query as it left, seen again in its answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct QueryKey {
+    /// The socket that sent the query (and must receive the answer).
+    pub cookie: u64,
+    /// The resolver, IPv6 or IPv4-mapped IPv6.
+    pub addr: [u8; 16],
+    /// The resolver's port, host order.
+    pub port: u16,
+    /// The query id, as on the wire (network order bytes read as u16).
+    pub id: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<QueryKey>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct QueryState {
+    /// `name_hash` of the full question name.
+    pub question_hash: u64,
+    /// bpf_ktime_get_ns after which the answer is no longer accepted.
+    pub expires_ns: u64,
+    /// The rule that allowed the question (key of `PG_DNS_NAMES_V1`).
+    pub rule: NameKey,
+}
+const _: () = assert!(core::mem::size_of::<QueryState>() == 32);
+
+/// Key of `PG_DNS_LEARNED_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct LearnedKey {
+    pub policy_id: u32,
+    /// IPv6, or IPv4-mapped IPv6 for IPv4.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<LearnedKey>() == 20);
+
+/// A learned address: allowed for the ports of `rule` (looked up at every use, so a policy
+/// change takes effect at once) until `expires_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LearnedAddr {
+    pub expires_ns: u64,
+    /// `name_hash` of the question that taught it (the name events show).
+    pub name_hash: u64,
+    pub rule: NameKey,
+}
+const _: () = assert!(core::mem::size_of::<LearnedAddr>() == 32);
+
+/// Key of `PG_DNS_CONNS_V1`: a socket that reached a learned address while it lived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ConnKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 32);
+
+/// The allowlist the connection was opened under: a pod moved to another allowlist loses
+/// its connections to learned addresses like any other revoked destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ConnPass {
+    pub policy_id: u32,
+    pub _pad: u32,
+    pub name_hash: u64,
+}
+const _: () = assert!(core::mem::size_of::<ConnPass>() == 16);
+
+/// Value of `PG_DNS_NAME_TEXT_V1` (key: `name_hash` of the name).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NameText {
+    pub len: u32,
+    pub _pad: u32,
+    /// Dotted name as the query spelled it (case kept), no trailing dot.
+    pub name: [u8; MAX_NAME_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<NameText>() == 8 + MAX_NAME_BYTES);
+
+impl Default for NameText {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+/// `PG_DNS_CONFIG_V1`, index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DnsConfig {
+    /// Learned entries live at least this long, whatever the answer's TTL.
+    pub min_ttl_s: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
+
+/// `Event::flags` of a DNS event: the query could not be parsed (refused, fail closed).
+pub const DNS_EVENT_MALFORMED: u32 = 1 << 0;
+
+/// Ring buffer record of a refused (or audited) DNS query: the common event (hook `Dns`,
+/// the resolver as destination) followed by the question. Longer than `Event`, which is
+/// how the reader tells them apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct DnsEvent {
+    pub event: Event,
+    pub qtype: u16,
+    /// Bytes of `name` in use, the leading dot included; the name is whatever the job sent:
+    /// user space escapes it.
+    pub name_len: u16,
+    pub _pad: u32,
+    /// The question name in dotted form with a leading dot (`.github.com`); the kernel
+    /// parses the query right here (the scratch buffer is this record), so a refusal is
+    /// reported without copying the name. Twice the name size, so masked indices never
+    /// leave it.
+    pub name: [u8; 2 * MAX_NAME_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == 88 + 8 + 2 * MAX_NAME_BYTES);
+
+impl Default for DnsEvent {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+/// Scratch space for parsing one name (per CPU): the bytes from the question on, made
+/// into dotted form in place, in the event record a refusal sends as it is.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct DnsScratch {
+    pub event: DnsEvent,
+    /// Offset in `name` of each label's length byte.
+    pub starts: [u8; MAX_LABELS],
+    /// 1 at each label's length byte while a name is parsed (cleared as it is read).
+    pub marks: [u8; MAX_NAME_BYTES],
+    /// At each label's length byte: the hash of the suffix after it.
+    pub hashes: [u64; MAX_NAME_BYTES],
+    /// Labels of the name just parsed.
+    pub labels: u16,
+    /// Loop bounds kept opaque to the compiler (see the parser).
+    pub opaque: u16,
+    pub _pad: u32,
+    /// The name as the name table stores it, assembled here (too big for the BPF stack).
+    pub text: NameText,
+}
+const _: () = assert!(
+    core::mem::size_of::<DnsScratch>()
+        == core::mem::size_of::<DnsEvent>() + MAX_LABELS + 9 * MAX_NAME_BYTES + 8 + 8 + MAX_NAME_BYTES
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_hashes_fall_out_of_one_pass_from_the_right() {
+        let name = b"Registry.NPMJS.org";
+        let mut hash = NAME_HASH_SEED;
+        let mut seen = [0u64; 3];
+        let mut n = 0;
+        for i in (0..name.len()).rev() {
+            if name[i] == b'.' {
+                seen[n] = hash;
+                n += 1;
+            }
+            hash = name_hash_step(hash, name[i]);
+        }
+        assert_eq!(seen[0], name_hash(b"org"));
+        assert_eq!(seen[1], name_hash(b"npmjs.org"));
+        assert_eq!(hash, name_hash(b"registry.npmjs.org"), "case folds");
+        assert_ne!(name_hash(b"npmjs.org"), name_hash(b"npmjs.com"));
+    }
+}

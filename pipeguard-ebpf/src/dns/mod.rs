@@ -1,0 +1,116 @@
+//! DNS-aware egress for DNS-filtered pods: queries are checked against the allowlist's
+//! names before they leave (`query`), answers to allowed queries teach the allowlist their
+//! addresses before the socket sees them (`answer`), and the hooks consult what was learned
+//! after the static tries (`learned`).
+
+pub mod answer;
+pub mod learned;
+mod name;
+pub mod query;
+
+use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
+use pipeguard_common::{
+    Hook, MODE_AUDIT, POD_DNS_FILTERED, PROTO_TCP, PROTO_UDP, VERDICT_AUDIT, VERDICT_DENY,
+};
+
+use crate::{
+    packet::{self, Packet},
+    pod,
+    verdict::count,
+};
+
+pub const DNS_PORT: u16 = 53;
+/// Header: id, flags, and the four section counts.
+const HEADER_BYTES: usize = 12;
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+#[inline(always)]
+pub fn is_tcp_or_udp(packet: &Packet) -> bool {
+    packet.protocol == PROTO_UDP || packet.protocol == PROTO_TCP
+}
+
+/// A packet the DNS program judges: DNS to or from port 53 of a DNS-filtered pod.
+#[inline(always)]
+pub fn is_dns(pod_flags: u32, packet: &Packet) -> bool {
+    pod_flags & POD_DNS_FILTERED != 0
+        && is_tcp_or_udp(packet)
+        && (packet.dst_port == DNS_PORT || packet.src_port == DNS_PORT)
+}
+
+/// Tail-called by `pg_egress` for a DNS packet of a DNS-filtered pod the IP policy let
+/// through. Queries are judged by name; answers never leave such a pod, so only a resolver
+/// outside it can teach it addresses (a job cannot forge one from a socket or raw socket of
+/// its own, on loopback or anywhere else).
+#[cgroup_skb(egress)]
+pub fn pg_dns_query(ctx: SkBuffContext) -> i32 {
+    let Some(pod) = pod::of_skb(ctx.skb.skb) else {
+        return DROP;
+    };
+    let Ok(packet) = packet::parse(&ctx) else {
+        return DROP;
+    };
+    let audit = pod.entry.mode == MODE_AUDIT;
+    if packet.src_port == DNS_PORT {
+        let verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };
+        count(pod.cgroup_id, verdict, Hook::Dns, ctx.len() as u64);
+        return if audit { PASS } else { DROP };
+    }
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if query::check(&ctx, &pod, &packet, cgroup_id) {
+        PASS
+    } else {
+        DROP
+    }
+}
+
+/// Tail-called by `pg_ingress` for a packet from port 53 to a DNS-filtered pod.
+#[cgroup_skb(ingress)]
+pub fn pg_dns_answer(ctx: SkBuffContext) -> i32 {
+    if let Ok(packet) = packet::parse(&ctx) {
+        let _ = answer::learn(&ctx, &packet);
+    }
+    PASS
+}
+
+/// Where the DNS message starts: after the UDP header, or after the TCP header and the
+/// 2-byte length. `Ok(None)`: a TCP segment without data (handshake, ACK, FIN). A TCP
+/// segment must carry exactly one whole message; anything else is refused by the caller,
+/// so a query can never be split or smuggled behind another.
+#[inline(always)]
+fn message(ctx: &SkBuffContext, t: &Packet) -> Result<Option<usize>, ()> {
+    if t.protocol == PROTO_UDP {
+        return Ok(Some(t.l4 + 8));
+    }
+    let offset_byte: u8 = ctx.load(t.l4 + 12).map_err(|_| ())?;
+    let doff = ((offset_byte >> 4) as usize) * 4;
+    if doff < 20 {
+        return Err(());
+    }
+    let data = t.l4 + doff;
+    let len = ctx.len() as usize;
+    if len <= data {
+        return Ok(None);
+    }
+    let msg_len = u16::from_be(ctx.load::<u16>(data).map_err(|_| ())?) as usize;
+    if data + 2 + msg_len != len {
+        return Err(());
+    }
+    Ok(Some(data + 2))
+}
+
+/// (id as on the wire, flags, question count, answer count)
+#[inline(always)]
+fn header(ctx: &SkBuffContext, msg: usize) -> Result<(u16, u16, u16, u16), ()> {
+    let h: [u8; HEADER_BYTES] = ctx.load(msg).map_err(|_| ())?;
+    Ok((
+        u16::from_ne_bytes([h[0], h[1]]),
+        u16::from_be_bytes([h[2], h[3]]),
+        u16::from_be_bytes([h[4], h[5]]),
+        u16::from_be_bytes([h[6], h[7]]),
+    ))
+}
+
+const FLAG_RESPONSE: u16 = 0x8000;
+const OPCODE_MASK: u16 = 0x7800;
+const RCODE_MASK: u16 = 0x000f;
