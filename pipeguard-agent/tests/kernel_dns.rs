@@ -217,12 +217,12 @@ fn ipv4_mapped_and_ipv6_resolvers_are_filtered_too() {
     let out = g.probe(&[
         format!("dns-sendto {mapped} ok.pg.test"),
         format!("dns-sendto {mapped} m.leak.exfil.test"),
-        format!("dns-udp [::1]:53 ok6.pg.test"),
-        format!("dns-sendmsg [::1]:53 s.leak6.exfil.test"),
+        "dns-udp [::1]:53 ok6.pg.test".to_string(),
+        "dns-sendmsg [::1]:53 s.leak6.exfil.test".to_string(),
         format!("dns-connect [::1]:53 ok6.pg.test {port} via-v6"),
         // Last: dnsmasq in the foreground serves TCP in its one process, and waits for the
         // query that never came.
-        format!("dns-tcp [::1]:53 t.leak6.exfil.test"),
+        "dns-tcp [::1]:53 t.leak6.exfil.test".to_string(),
     ]);
     assert_ok(&out[0]);
     assert_failed(&out[1]);

@@ -47,8 +47,11 @@ const TAIL_CALLS: [(&str, &str); 2] = [
 ];
 
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), EngineError> {
-    let tail_programs = TAIL_CALLS.map(|(program, _)| program);
-    for name in PROGRAMS.into_iter().chain(tail_programs) {
+    load_named(ebpf, &PROGRAMS)
+}
+
+fn load_named(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<(), EngineError> {
+    for &name in programs {
         let program = ebpf.program_mut(name).ok_or(EngineError::Program {
             program: name,
             source: aya::programs::ProgramError::UnexpectedProgramType,
@@ -68,9 +71,11 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Points each tail-call slot at its program (in a pinned array, the new agent's program
-/// replaces the old one's in one write).
-pub fn install_tail_calls(ebpf: &mut Ebpf) -> Result<(), EngineError> {
+/// Loads the DNS programs and points each tail-call slot at its program (in a pinned array,
+/// the new agent's program replaces the old one's in one write). Their verification takes
+/// seconds, so the engine does this only once a pod is DNS-filtered.
+pub fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), EngineError> {
+    load_named(ebpf, &TAIL_CALLS.map(|(program, _)| program))?;
     for (program, map) in TAIL_CALLS {
         let error = |source| EngineError::Program { program, source };
         let fd = ebpf

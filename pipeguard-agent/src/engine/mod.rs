@@ -138,6 +138,8 @@ pub struct Engine {
     /// Why AF_PACKET sockets cannot be refused here, if they cannot (see `packet_guard`).
     packet_guard_unavailable: Option<String>,
     pin_dir: Option<std::path::PathBuf>,
+    /// The DNS programs are loaded and installed (see `ensure_dns`).
+    dns_loaded: bool,
 }
 
 impl Engine {
@@ -175,7 +177,6 @@ impl Engine {
             }
         };
         attach::load_programs(&mut ebpf)?;
-        attach::install_tail_calls(&mut ebpf)?;
         let packet_guard_unavailable = attach::load_packet_guard(&mut ebpf).err();
         if let Some(reason) = &packet_guard_unavailable {
             tracing::warn!(%reason, "AF_PACKET sockets cannot be refused on this kernel; raw IP sockets still are");
@@ -186,10 +187,22 @@ impl Engine {
             logger,
             packet_guard_unavailable,
             pin_dir: config.pin_dir.clone(),
+            dns_loaded: false,
         };
         engine.write_config(config)?;
         crate::memory::release_freed();
         Ok(engine)
+    }
+
+    /// Loads the DNS programs on first need: before any name is written or any pod is marked
+    /// DNS-filtered, so a DNS-filtered pod never meets an empty tail-call slot (which would
+    /// drop its queries, closed rather than open).
+    pub(crate) fn ensure_dns(&mut self) -> Result<(), EngineError> {
+        if !self.dns_loaded {
+            attach::load_tail_calls(&mut self.ebpf)?;
+            self.dns_loaded = true;
+        }
+        Ok(())
     }
 
     /// Attaches every program to the cgroup at `path` (and so to all its descendants).

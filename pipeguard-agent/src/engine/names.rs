@@ -157,6 +157,9 @@ impl Engine {
 
     /// Writes the name entries of an allowlist; entries already there are overwritten.
     pub(super) fn put_names(&mut self, policy_id: u32, rules: &[DomainRule]) -> Result<(), EngineError> {
+        if !rules.is_empty() {
+            self.ensure_dns()?;
+        }
         let entries = self.compile_names(rules)?;
         let mut map: HashMap<&mut MapData, NameKey, NameRule> = self.map_mut(map_names::DNS_NAMES)?;
         for ((kind, name), ports) in &entries {
@@ -176,6 +179,9 @@ impl Engine {
     ) -> Result<(), EngineError> {
         if old == new {
             return Ok(());
+        }
+        if !new.is_empty() {
+            self.ensure_dns()?;
         }
         let (old, new) = (self.compile_names(old)?, self.compile_names(new)?);
         let mut map: HashMap<&mut MapData, NameKey, NameRule> = self.map_mut(map_names::DNS_NAMES)?;

@@ -130,6 +130,9 @@ impl Engine {
 
     /// Points a pod-level cgroup at an allowlist.
     pub fn put_pod(&mut self, cgroup_id: u64, entry: PodEntry) -> Result<(), EngineError> {
+        if entry.flags & pipeguard_common::POD_DNS_FILTERED != 0 {
+            self.ensure_dns()?;
+        }
         let mut pods: HashMap<&mut MapData, u64, PodEntry> = self.map_mut(map_names::PODS)?;
         pods.insert(cgroup_id, entry, 0)
             .map_err(map_error(map_names::PODS))
