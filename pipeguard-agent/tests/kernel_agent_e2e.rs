@@ -1124,13 +1124,23 @@ fn wait_event(server: &KubeApiServer, what: &str, matches: impl Fn(&Value) -> bo
 }
 
 #[test]
-fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed() {
+fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
     let n = node("agent-domains");
     let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
     server.install_crds();
-    let registry = listeners::tcp("127.0.0.1:0");
+    let web = listeners::tcp("127.0.0.1:0");
     let other = listeners::tcp("127.0.0.1:0");
-    let (r, o) = (registry.addr, other.addr);
+    let (w, o) = (web.addr, other.addr);
+    // The cluster's resolver: a real dnsmasq on a loopback address of this test's own.
+    let pid = std::process::id();
+    let resolver_ip = format!("127.54.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns = common::dnsmasq::Dnsmasq::start(
+        "agent-domains",
+        &resolver_ip,
+        "127.0.0.1 build.pg.test\n127.0.0.1 token.exfil.test\n127.0.0.1 before.exfil.test\n127.0.0.1 after.exfil.test\n",
+        60,
+    );
+    let r = dns.addr;
     server.apply(namespace("ci", json!({})));
     server.apply(pod(
         "ci",
@@ -1141,13 +1151,17 @@ fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed()
         "10.0.0.10",
         json!([]),
     ));
+    // As in the examples: DNS to the resolver is a NetworkPolicy's business.
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "dns", "namespace": "ci"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": ip_block(&format!("{resolver_ip}/32")),
+                             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}
+    }));
     let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
     let agent = start_agent(&root, &kubeconfig, &[]);
     wait_ready(&agent);
-    assert!(
-        once(&a, format!("tcp {o} ok")).ok,
-        "no policy selects the pod yet"
-    );
     wait_metrics(
         &agent,
         &[
@@ -1155,14 +1169,18 @@ fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed()
             "pipeguard_domain_crd_missing{kind=\"ClusterDomainPolicy\"} 0",
         ],
     );
+    // Not DNS-filtered yet: any name resolves; its address is not allowed.
+    assert!(once(&a, format!("dns-udp {r} before.exfil.test")).ok);
+    assert!(once(&a, format!("dns-connect {r} build.pg.test {} early", w.port())).denied_with_eperm());
 
-    // Through the watch: a DomainPolicy selects the pod and isolates its egress.
-    server.apply(domain_policy(
-        "ci",
-        "names",
-        json!(["github.com", "*.githubusercontent.com"]),
-    ));
-    until(&a, format!("wait-denied {o}"));
+    // Through the watch: a DomainPolicy allows build.pg.test on the web port. The answer
+    // teaches the kernel its address; other names never reach the resolver.
+    server.apply(json!({
+        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
+        "metadata": {"name": "names", "namespace": "ci"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}},
+                 "egress": [{"domains": ["build.pg.test"], "ports": [{"port": w.port()}]}]}
+    }));
     wait_metrics(
         &agent,
         &[
@@ -1170,18 +1188,28 @@ fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed()
             "pipeguard_pods{state=\"enforced\"} 1",
         ],
     );
-    // A union with the NetworkPolicies that select it.
-    server.apply(egress_policy(
-        "ci",
-        "registry",
-        ip_block("127.0.0.1/32"),
-        tcp_port(r.port()),
-    ));
-    until(&a, format!("wait-allowed {r}"));
-    assert!(once(&a, format!("tcp {o} leak")).denied_with_eperm());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !once(&a, format!("dns-connect {r} build.pg.test {} by-name", w.port())).ok {
+        assert!(Instant::now() < deadline, "the allowed name never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(web.received.wait_for(b"by-name", Duration::from_secs(3)));
+    assert!(once(&a, format!("dns-udp {r} token.exfil.test")).denied_with_eperm());
+    assert!(once(&a, format!("tcp {o} leak")).denied_with_eperm(), "isolated");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        dns.saw("build.pg.test") && dns.saw("before.exfil.test"),
+        "{}",
+        dns.log()
+    );
+    assert!(
+        !dns.saw("token.exfil.test"),
+        "a refused query reached the resolver:\n{}",
+        dns.log()
+    );
 
-    // An invalid DomainPolicy: its namespace fails closed (last good kept), it is counted,
-    // and a Warning Event lands on the object itself.
+    // An invalid DomainPolicy: its namespace fails closed (last good kept, DNS still
+    // filtered), it is counted, and a Warning Event lands on the object itself.
     server.apply(domain_policy("ci", "broken", json!(["ok.example", "bad..name"])));
     wait_metrics(
         &agent,
@@ -1191,8 +1219,12 @@ fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed()
         ],
     );
     assert!(
-        once(&a, format!("tcp {r} ok")).ok,
+        once(&a, format!("dns-connect {r} build.pg.test {} kept", w.port())).ok,
         "keeps its last good allowlist"
+    );
+    assert!(
+        once(&a, format!("dns-udp {r} token.exfil.test")).denied_with_eperm(),
+        "DNS stays filtered"
     );
     assert!(
         once(&a, format!("tcp {o} leak")).denied_with_eperm(),
@@ -1222,8 +1254,8 @@ fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed()
     });
     assert_eq!(event["metadata"]["namespace"], "default");
     assert!(once(&a, format!("tcp {o} leak")).denied_with_eperm());
-    // Fixed: enforced again, both domain policies deciding.
-    server.apply(cluster_domain_policy("platform", json!(["ghcr.io"])));
+    // Fixed: enforced again, and its name is allowed too.
+    server.apply(cluster_domain_policy("platform", json!(["token.exfil.test"])));
     wait_metrics(
         &agent,
         &[
@@ -1232,12 +1264,17 @@ fn domain_policies_are_watched_isolate_their_pods_and_invalid_ones_fail_closed()
             "pipeguard_domain_policies{state=\"failed\"} 0",
         ],
     );
+    assert!(
+        once(&a, format!("dns-udp {r} token.exfil.test")).ok,
+        "a ClusterDomainPolicy's name"
+    );
 
-    // Every policy gone: unrestricted again.
+    // Every policy gone: unrestricted and unfiltered again.
     server.delete("ClusterDomainPolicy", None, "platform");
     server.delete("DomainPolicy", Some("ci"), "names");
-    server.delete("NetworkPolicy", Some("ci"), "registry");
+    server.delete("NetworkPolicy", Some("ci"), "dns");
     until(&a, format!("wait-allowed {o}"));
+    assert!(once(&a, format!("dns-udp {r} after.exfil.test")).ok);
     drop(agent);
 }
 

@@ -12,7 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use pipeguard_common::{MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PORTS_ALL, PortSet};
+use pipeguard_common::{
+    MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, POD_DNS_FILTERED, PORTS_ALL, PortSet,
+};
 
 use super::guard::GuardConfig;
 pub use crate::pod::LocalPod;
@@ -104,12 +106,13 @@ pub fn compute(
                     status: Status::NotGuarded,
                 };
             }
-            let (entries, status) = match &pod.escape {
+            let (entries, status, dns_filtered) = match &pod.escape {
                 Some(reason) if settings.refuse_privileged => (
                     PolicyEntries::default(),
                     Status::RefusedPrivileged {
                         reason: reason.clone(),
                     },
+                    false,
                 ),
                 _ => guarded(settings, policies, cluster, pod, &tainted, last_good),
             };
@@ -117,13 +120,14 @@ pub fn compute(
                 pod: pod.clone(),
                 entries,
                 mode,
-                flags: POD_DENY_RAW_SOCKETS,
+                flags: POD_DENY_RAW_SOCKETS | if dns_filtered { POD_DNS_FILTERED } else { 0 },
                 status,
             }
         })
         .collect()
 }
 
+/// The pod's allowlist, its status, and whether it is DNS-filtered.
 fn guarded(
     settings: &Settings,
     policies: &PolicySet,
@@ -131,52 +135,63 @@ fn guarded(
     pod: &LocalPod,
     tainted: &BTreeMap<&str, &str>,
     last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
-) -> (PolicyEntries, Status) {
-    let fail_closed = |reason: String| {
-        let kept = last_good.get(&pod.uid).map(|e| PolicyEntries::clone(e));
-        let kept_last_good = kept.is_some();
-        (
-            kept.unwrap_or_default(),
-            Status::FailedClosed {
-                reason,
-                kept_last_good,
-            },
-        )
-    };
-    if let Some(object) = tainted.get(pod.namespace.as_str()) {
-        return fail_closed(format!("{object} in namespace {} is invalid", pod.namespace));
-    }
+) -> (PolicyEntries, Status, bool) {
     let identity = PodIdentity {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         labels: pod.labels.clone(),
     };
-    if let Some(taint) = policy::domain_taint_for(policies, &identity, Some(cluster)) {
+    let domain_taint = policy::domain_taint_for(policies, &identity, Some(cluster));
+    let domains = policy::domains_for(policies, &identity, Some(cluster));
+    // Failing closed keeps DNS filtered whenever a domain policy (valid or not) may select
+    // the pod or the kept allowlist has names: a broken policy never unfilters DNS.
+    let filtered_anyway = domain_taint.is_some() || domains.is_some();
+    let fail_closed = |reason: String| {
+        let kept = last_good.get(&pod.uid).map(|e| PolicyEntries::clone(e));
+        let kept_last_good = kept.is_some();
+        let entries = kept.unwrap_or_default();
+        let dns_filtered = filtered_anyway || !entries.names.is_empty();
+        (
+            entries,
+            Status::FailedClosed {
+                reason,
+                kept_last_good,
+            },
+            dns_filtered,
+        )
+    };
+    if let Some(object) = tainted.get(pod.namespace.as_str()) {
+        return fail_closed(format!("{object} in namespace {} is invalid", pod.namespace));
+    }
+    if let Some(taint) = domain_taint {
         return fail_closed(format!("{} is invalid and could select this pod", taint.object));
     }
-    let domains = policy::domains_for(policies, &identity, Some(cluster));
     let (rules, mut deciding) = match (policy::egress_for(policies, &identity, Some(cluster)), &domains) {
         (Egress::Unrestricted, None) if settings.default_deny_egress => {
-            return (PolicyEntries::default(), Status::DefaultDeny);
+            return (PolicyEntries::default(), Status::DefaultDeny, false);
         }
-        (Egress::Unrestricted, None) => return (allow_all(), Status::Unrestricted),
+        (Egress::Unrestricted, None) => return (allow_all(), Status::Unrestricted, false),
         // Selected by a domain policy alone: isolated to its names.
         (Egress::Unrestricted, Some(_)) => (Vec::new(), Vec::new()),
         (Egress::Isolated { rules, policies, .. }, _) => (rules, policies),
     };
-    // The names themselves reach the kernel once it filters DNS (issue 13's kernel side);
-    // until then a domain policy isolates the pod and allows nothing by itself.
-    if let Some(domains) = domains {
-        deciding.extend(domains.policies);
-    }
+    let names = match domains {
+        Some(domains) => {
+            deciding.extend(domains.policies);
+            domains.names
+        }
+        None => Vec::new(),
+    };
+    let dns_filtered = filtered_anyway;
     match policy::lpm_entries(&rules) {
         Ok(e) => (
             PolicyEntries {
                 v4: e.v4,
                 v6: e.v6,
-                names: Vec::new(),
+                names,
             },
             Status::Enforced(deciding),
+            dns_filtered,
         ),
         Err(error) => fail_closed(error.to_string()),
     }
@@ -440,7 +455,10 @@ mod tests {
             );
             assert_eq!(out[0].status, Status::Enforced(vec![key.into()]), "{text}");
             assert!(out[0].entries.v4.is_empty() && out[0].entries.v6.is_empty());
+            assert_eq!(out[0].entries.names.len(), 1, "its names, nothing else");
+            assert_eq!(out[0].flags, POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED);
             assert_eq!(out[1].status, Status::Unrestricted);
+            assert_eq!(out[1].flags, POD_DENY_RAW_SOCKETS, "not DNS-filtered");
         }
         // With a NetworkPolicy too: its rules, and both policies decide.
         let set = parse_policies("p.yaml", &format!("{REGISTRY_ONLY}---\n{DOMAINS}"));
@@ -456,5 +474,20 @@ mod tests {
             Status::Enforced(vec!["ci/reg".into(), "DomainPolicy ci/names".into()])
         );
         assert_eq!(out[0].entries.v4.len(), 1);
+        assert_eq!(out[0].entries.names[0].pattern.to_string(), "github.com");
+        // Failing closed keeps DNS filtered, even for a pod that never had names.
+        let broken = format!(
+            "{}---\n{DOMAINS}",
+            REGISTRY_ONLY.replace("10.0.0.1/32", "10.0.0.1/33")
+        );
+        let out = compute(
+            &settings(false),
+            &parse_policies("p.yaml", &broken),
+            &Cluster::default(),
+            &[pod("ci", &[("app", "runner")])],
+            &HashMap::new(),
+        );
+        assert!(matches!(out[0].status, Status::FailedClosed { .. }));
+        assert_eq!(out[0].flags, POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED);
     }
 }

@@ -131,7 +131,7 @@ pub fn run(args: ExecArgs) -> ExitCode {
 
 fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     // Policies first: an invalid policy is reported even where the kernel checks would fail.
-    let allowlist = compile(&args, &args.policies)?;
+    let (allowlist, dns_filtered) = compile(&args, &args.policies)?;
     let baseline = match &args.baseline {
         Some(path) => Some(load_baseline(&args, path)?),
         None => None,
@@ -152,6 +152,7 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         allowlist,
         mode: args.mode,
         deny_raw_sockets: !args.allow_raw_sockets,
+        dns_filtered,
         privileged: args.privileged_job,
         cgroup_parent: cgroup_root.join(job::JOB_CGROUP_PARENT),
         state_dir: args.state_dir.clone(),
@@ -193,7 +194,7 @@ fn load_baseline(args: &ExecArgs, path: &PathBuf) -> Result<Baseline, String> {
         ));
     }
     compile(args, std::slice::from_ref(path))
-        .map(Baseline::Allowlist)
+        .map(|(allowlist, _)| Baseline::Allowlist(allowlist))
         .map_err(|e| format!("--baseline {}: {e}", path.display()))
 }
 
@@ -242,8 +243,9 @@ fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), Strin
     Ok(())
 }
 
-/// Policies → the job's allowlist, with the warnings NetworkPolicy semantics call for.
-fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<PolicyEntries, String> {
+/// Policies → the job's allowlist (and whether its DNS is filtered: a domain policy
+/// selects it), with the warnings NetworkPolicy semantics call for.
+fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool), String> {
     if policies.is_empty() {
         // Learning from nothing: every destination is reported with its process.
         if args.mode == Mode::Enforce {
@@ -251,7 +253,7 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<PolicyEntries, Strin
                 "without --policy, --learn and --baseline need --mode audit: enforcing an empty policy refuses all egress; the command was not run".into(),
             );
         }
-        return Ok(PolicyEntries::default());
+        return Ok((PolicyEntries::default(), false));
     }
     let set = policy::load_policies(policies);
     if !set.errors.is_empty() {
@@ -273,21 +275,20 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<PolicyEntries, Strin
     for warning in set.domains.iter().flat_map(|d| &d.warnings) {
         tracing::warn!("{warning}");
     }
-    // Until the kernel filters DNS, a domain policy cannot be enforced as written; running
-    // the job without it would leave its DNS queries unchecked.
-    if let Some(domains) = policy::domains_for(&set, &pod, cluster.as_ref()) {
-        return Err(format!(
-            "{} selects this job, but this build does not enforce domain policies yet; the command was not run",
-            domains.policies.join(", ")
-        ));
+    // A domain policy isolates the job like an egress NetworkPolicy, allows its names, and
+    // makes the job DNS-filtered.
+    let domains = policy::domains_for(&set, &pod, cluster.as_ref());
+    if let Some(domains) = &domains {
+        tracing::info!(policies = %domains.policies.join(", "), "names allowed and DNS filtered by");
     }
     let rules = match policy::egress_for(&set, &pod, cluster.as_ref()) {
+        Egress::Unrestricted if domains.is_some() => Vec::new(),
         Egress::Unrestricted => {
             tracing::warn!(
                 namespace = %args.namespace,
                 "no NetworkPolicy with Egress in its policyTypes selects this job: egress is unrestricted"
             );
-            return Ok(allow_all());
+            return Ok((allow_all(), false));
         }
         Egress::Isolated {
             rules,
@@ -302,11 +303,15 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<PolicyEntries, Strin
         }
     };
     let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
-    Ok(PolicyEntries {
-        v4: entries.v4,
-        v6: entries.v6,
-        names: Vec::new(),
-    })
+    let dns_filtered = domains.is_some();
+    Ok((
+        PolicyEntries {
+            v4: entries.v4,
+            v6: entries.v6,
+            names: domains.map(|d| d.names).unwrap_or_default(),
+        },
+        dns_filtered,
+    ))
 }
 
 /// Unrestricted egress is still an allowlist, so the job's traffic is counted the same way.

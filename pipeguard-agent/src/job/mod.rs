@@ -45,6 +45,8 @@ pub struct JobSpec {
     pub allowlist: PolicyEntries,
     pub mode: Mode,
     pub deny_raw_sockets: bool,
+    /// A domain policy selects the job: its DNS queries are checked against `allowlist.names`.
+    pub dns_filtered: bool,
     /// Keep every capability and a writable cgroupfs (`--privileged-job`).
     pub privileged: bool,
     pub cgroup_parent: PathBuf,
@@ -141,6 +143,10 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
             },
             flags: if spec.deny_raw_sockets {
                 POD_DENY_RAW_SOCKETS
+            } else {
+                0
+            } | if spec.dns_filtered {
+                pipeguard_common::POD_DNS_FILTERED
             } else {
                 0
             },
