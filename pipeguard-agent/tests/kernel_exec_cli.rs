@@ -413,3 +413,49 @@ fn without_root_exec_refuses_at_once_and_says_why() {
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
     assert!(stderr(&out).contains("must run as root"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_domain_policy_lets_the_job_reach_its_names_and_nothing_else() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let other = listeners::tcp("127.0.0.1:0");
+    let pid = std::process::id();
+    let resolver_ip = format!("127.55.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns = common::dnsmasq::Dnsmasq::start(
+        "exec-domains",
+        &resolver_ip,
+        "127.0.0.1 build.pg.test\n127.0.0.1 token.exfil.test\n",
+        60,
+    );
+    let dir = TempDir::new("exec-domains");
+    // DNS to the resolver by NetworkPolicy; the name by DomainPolicy, in one file.
+    let policy = dir.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: dns, namespace: ci}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{ipBlock: {{cidr: {resolver_ip}/32}}}}]\n    ports: [{{protocol: UDP, port: 53}}]\n---\napiVersion: pipeguard.dev/v1alpha1\nkind: DomainPolicy\nmetadata: {{name: build, namespace: ci}}\nspec:\n  podSelector: {{matchLabels: {{app: runner}}}}\n  egress:\n  - domains: [build.pg.test]\n    ports: [{{port: {}}}]\n",
+            web.addr.port()
+        ),
+    );
+    let r = dns.addr;
+    let out = exec_probe(
+        &policy,
+        &[],
+        &[
+            format!("dns-connect {r} build.pg.test {} by-name", web.addr.port()),
+            format!("dns-udp {r} token.exfil.test"),
+            format!("tcp {} leak", other.addr),
+        ],
+    );
+    let outcomes = common::parse_outcomes(&out);
+    assert!(outcomes[0].ok, "{outcomes:?}\n{}", stderr(&out));
+    assert!(outcomes[1].denied_with_eperm(), "{outcomes:?}");
+    assert!(outcomes[2].denied_with_eperm(), "{outcomes:?}");
+    assert!(web.received.wait_for(b"by-name", Duration::from_secs(3)));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(dns.saw("build.pg.test"), "{}", dns.log());
+    assert!(
+        !dns.saw("token.exfil.test"),
+        "a refused query reached the resolver:\n{}",
+        dns.log()
+    );
+    assert!(other.received.bytes().is_empty());
+}
