@@ -97,9 +97,13 @@ pub static DNS_NAME_TEXT: LruHashMap<u64, NameText> = LruHashMap::with_max_entri
 #[map(name = "PG_DNS_CONFIG_V1")]
 pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
 
-/// Index 0: scratch space to parse one name.
+/// Scratch space to parse one name: `SCRATCH_QUERY` for the egress side, `SCRATCH_ANSWER`
+/// for the ingress side, because an answer processed in softirq can interrupt a query check
+/// on the same CPU and must not overwrite the name it is checking.
 #[map(name = "PG_DNS_SCRATCH_V1")]
-pub static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(1, 0);
+pub static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(2, 0);
+pub const SCRATCH_QUERY: u32 = 0;
+pub const SCRATCH_ANSWER: u32 = 1;
 
 /// Index 0: `pg_dns_query`, tail-called by `pg_egress` for DNS of DNS-filtered pods.
 #[map(name = "PG_DNS_EGRESS_V1")]

@@ -12,7 +12,7 @@ use pipeguard_common::{LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYT
 use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name};
 use crate::{
     addr::Dest,
-    maps::{DNS_CONFIG, DNS_LEARNED, DNS_NAME_TEXT, DNS_QUERIES},
+    maps::{DNS_CONFIG, DNS_LEARNED, DNS_NAME_TEXT, DNS_QUERIES, SCRATCH_ANSWER},
     packet::Packet,
 };
 
@@ -41,7 +41,7 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
     let Some(query) = (unsafe { DNS_QUERIES.get(&key) }).copied() else {
         return Ok(());
     };
-    let name = name::read(ctx, msg + HEADER_BYTES)?;
+    let name = name::read(ctx, msg + HEADER_BYTES, SCRATCH_ANSWER)?;
     if name.hash != query.question_hash {
         return Ok(());
     }

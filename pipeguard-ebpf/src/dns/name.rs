@@ -8,7 +8,7 @@ use pipeguard_common::{
     ascii_lower, name_hash_step,
 };
 
-use crate::maps::{DNS_NAMES, DNS_SCRATCH};
+use crate::maps::{DNS_NAMES, DNS_SCRATCH, SCRATCH_QUERY};
 
 /// Index mask of `DnsScratch::name`, so the verifier sees every access in bounds.
 const MASK: usize = 2 * MAX_NAME_BYTES - 1;
@@ -40,8 +40,8 @@ pub struct Allowed {
 /// Reads and checks the name at `offset`: dotted form in the scratch record, and in
 /// `scratch.hashes[p]` the hash of the suffix after each label boundary `p`.
 #[inline(always)]
-pub fn read(ctx: &SkBuffContext, offset: usize) -> Result<Name, ()> {
-    let scratch = DNS_SCRATCH.get_ptr_mut(0).ok_or(())?;
+pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
+    let scratch = DNS_SCRATCH.get_ptr_mut(slot).ok_or(())?;
     let s = unsafe { &mut *scratch };
     let avail = (ctx.len() as usize).checked_sub(offset).ok_or(())?;
     let mut n = avail;
@@ -139,7 +139,7 @@ pub fn read(ctx: &SkBuffContext, offset: usize) -> Result<Name, ()> {
 /// it. A hash hit only counts when the rule's text equals the name.
 #[inline(always)]
 pub fn check(ctx: &SkBuffContext, offset: usize, policy_id: u32) -> Result<(Name, Option<Allowed>), ()> {
-    let name = read(ctx, offset)?;
+    let name = read(ctx, offset, SCRATCH_QUERY)?;
     let s = unsafe { &mut *name.scratch };
     let mut key = NameKey {
         policy_id,

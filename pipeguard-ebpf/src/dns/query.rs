@@ -16,7 +16,7 @@ use pipeguard_common::{
 
 use super::{FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, header, message, name};
 use crate::{
-    maps::{DNS_QUERIES, DNS_SCRATCH, EVENTS},
+    maps::{DNS_QUERIES, DNS_SCRATCH, EVENTS, SCRATCH_QUERY},
     packet::Packet,
     pod::Pod,
     verdict::{Attempt, allowed, count, count_event_drop},
@@ -115,7 +115,7 @@ fn inspect(ctx: &SkBuffContext, pod: &Pod, t: &Packet, ip_allowed: bool) -> Resu
 /// leading dot, left in the scratch record by the parser; 0 when it could not be parsed).
 #[inline(always)]
 fn emit(pod: &Pod, t: &Packet, cgroup_id: u64, verdict: u8, qtype: u16, name_len: u16, flags: u32) {
-    let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = DNS_SCRATCH.get_ptr_mut(SCRATCH_QUERY) else {
         count_event_drop();
         return;
     };
