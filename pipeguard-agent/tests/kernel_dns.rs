@@ -379,3 +379,187 @@ fn pinned_dns_state_keeps_filtering_and_resolving_without_the_engine() {
     drop(cgroup);
     drop(bpffs);
 }
+
+/// Address `n` of a loopback block of this test process's own.
+fn own_addr(block: u8, n: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, block, (std::process::id() % 250) as u8, n)
+}
+
+/// A job's forgeries of an answer it saw, beyond its own resolver (above). The IP policy lets
+/// the job send UDP anywhere on loopback, so only the DNS check stands in the way. Sent from
+/// port 53 (of another loopback address, or of the resolver's own address and port), a
+/// forgery never leaves the job: a DNS-filtered pod sends no answers. From any other port it
+/// arrives but is no answer to the kernel. Raw sockets to forge a source are refused at
+/// creation: kernel_engine.rs, `raw_and_packet_sockets_are_refused_at_creation`.
+#[test]
+fn answers_forged_or_replayed_by_the_job_teach_nothing() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let port = web.addr.port();
+    let forged = own_addr(63, 1);
+    let ip = own_ip(62);
+    let dns = Dnsmasq::start("replay", &ip, "127.0.0.1 ok.pg.test\n", 60);
+    let mut entries = common::allow_only("127.0.0.0/8", 53, &[PROTO_TCP]);
+    let udp_anywhere = pipeguard_common::PortRange {
+        start: 1,
+        end: u16::MAX,
+        protocol: PROTO_UDP,
+        _pad: [0; 3],
+    };
+    entries.v4[0].1.ranges[1] = udp_anywhere;
+    entries.v4[0].1.count = 2;
+    entries.names = vec![rule("ok.pg.test", port)];
+    let g = guard("dns-replay", &entries, EngineConfig::default());
+    let r = dns.addr;
+    let out = g.probe(&[
+        format!("dns-replay {r} ok.pg.test {forged} {}:53", own_ip(64)),
+        format!("dns-replay {r} ok.pg.test {forged} {r}"),
+        format!("dns-replay {r} ok.pg.test {forged} 0.0.0.0:0"),
+        format!("tcp 127.0.0.1:{port} genuine"),
+        format!("tcp {forged}:{port} forged"),
+    ]);
+    assert!(out[0].denied_with_eperm(), "port 53 of another address: {:?}", out[0]);
+    assert!(out[1].denied_with_eperm(), "the resolver's address and port: {:?}", out[1]);
+    assert_ok(&out[2]);
+    assert_ok(&out[3]);
+    assert!(out[4].denied_with_eperm(), "a forged address was learned: {:?}", out[4]);
+    assert!(web.received.wait_for(b"genuine", Duration::from_secs(3)));
+}
+
+/// Answers from outside the job, where the kernel's answer check alone decides (an off-path
+/// spoofer on the network, or a resolver misbehaving): only the first answer from the
+/// queried address and port, with the query's id and question, to the asking socket,
+/// teaches. Each refused answer is followed by the genuine one, which must still teach: the
+/// refusal is the check's doing, not a lost query.
+#[test]
+fn only_the_answer_to_the_outstanding_query_teaches() {
+    use common::spoof::{Id, Reply, ScriptedResolver};
+    let web = listeners::tcp("127.0.0.1:0");
+    let port = web.addr.port();
+    let taught = |n| own_addr(67, n);
+    let forged = |n| own_addr(68, n);
+    let _listeners: Vec<_> = (1..=5)
+        .map(|n| listeners::tcp(&format!("{}:{port}", taught(n))))
+        .collect();
+    let reply = |from, id, name: &str, addr| Reply {
+        from,
+        id,
+        name: name.into(),
+        addr,
+    };
+    let resolver = ScriptedResolver::start(&own_ip(65), &[&own_ip(66)], move |name| match name {
+        "genuine.spoof.test" => vec![reply(0, Id::Same, name, taught(1))],
+        "replay.spoof.test" => vec![
+            reply(0, Id::Same, name, taught(2)),
+            reply(0, Id::Same, name, forged(2)),
+        ],
+        "question.spoof.test" => vec![
+            reply(0, Id::Same, "other.spoof.test", forged(3)),
+            reply(0, Id::Same, name, taught(3)),
+        ],
+        "id.spoof.test" => vec![
+            reply(0, Id::Other, name, forged(4)),
+            reply(0, Id::Same, name, taught(4)),
+        ],
+        "address.spoof.test" => vec![
+            reply(1, Id::Same, name, forged(5)),
+            reply(0, Id::Same, name, taught(5)),
+        ],
+        _ => Vec::new(),
+    });
+    let g = guard(
+        "dns-spoof",
+        &dns_only(&format!("{}/32", own_ip(65)), vec![rule("*.spoof.test", port)]),
+        EngineConfig::default(),
+    );
+    let r = resolver.addr;
+    let mut actions = vec![format!("dns-ask {r} genuine.spoof.test 1")];
+    for name in ["replay", "question", "id", "address"] {
+        actions.push(format!("dns-ask {r} {name}.spoof.test 2"));
+    }
+    for n in 1..=5 {
+        actions.push(format!("tcp {}:{port} taught-{n}", taught(n)));
+    }
+    for n in 2..=5 {
+        actions.push(format!("tcp {}:{port} forged-{n}", forged(n)));
+    }
+    let out = g.probe(&actions);
+    for o in &out[..10] {
+        assert_ok(o);
+    }
+    for o in &out[10..] {
+        assert!(o.denied_with_eperm(), "a forged answer taught its address: {o:?}");
+    }
+}
+
+#[test]
+fn the_min_ttl_floor_keeps_a_short_lived_answer_usable() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let port = web.addr.port();
+    let ip = own_ip(69);
+    // The answer lives 1 s, the floor 4 s: a new connection at 1.8 s works only by the floor.
+    let _dns = Dnsmasq::start("floor", &ip, "127.0.0.1 floor.pg.test\n", 1);
+    let g = guard(
+        "dns-floor",
+        &dns_only(&format!("{ip}/32"), vec![rule("floor.pg.test", port)]),
+        EngineConfig {
+            dns_min_ttl: Duration::from_secs(4),
+            ..EngineConfig::default()
+        },
+    );
+    let out = g.probe(&[format!("dns-floor {ip}:53 floor.pg.test {port} 1800 5500")]);
+    assert_ok(&out[0]);
+    assert!(web.received.wait_for(b"within-floor", Duration::from_secs(3)));
+    assert!(!web.received.wait_for(b"past-floor", Duration::from_millis(200)));
+}
+
+/// The routes `ipv4_mapped_and_ipv6_resolvers_are_filtered_too` leaves out: refused names by
+/// every UDP route and by TCP over v4-mapped sockets, allowed ones by sendmmsg and TCP.
+#[test]
+fn refused_names_never_leave_ipv6_or_mapped_sockets_by_any_route() {
+    let ip = own_ip(70);
+    let v4 = Dnsmasq::start(
+        "mapped-routes",
+        &ip,
+        "127.0.0.1 ok.pg.test\n127.0.0.1 leak.exfil.test\n",
+        60,
+    );
+    let v6 = Dnsmasq::start(
+        "v6-routes",
+        "::1",
+        "127.0.0.1 ok6.pg.test\n127.0.0.1 leak6.exfil.test\n",
+        60,
+    );
+    let mut entries = dns_only(
+        &format!("{ip}/32"),
+        vec![rule("ok.pg.test", 80), rule("ok6.pg.test", 80)],
+    );
+    entries.v6 = common::allow_only("::1/128", 53, &[PROTO_UDP, PROTO_TCP]).v6;
+    let g = guard("dns-v6-routes", &entries, EngineConfig::default());
+    let mapped = format!("[::ffff:{ip}]:53");
+    let mut actions = Vec::new();
+    for (resolver, name) in [(mapped.as_str(), "ok.pg.test"), ("[::1]:53", "ok6.pg.test")] {
+        for route in ["dns-sendmmsg", "dns-tcp"] {
+            actions.push(format!("{route} {resolver} {name}"));
+        }
+    }
+    let allowed = actions.len();
+    for route in ["udp", "sendto", "sendmsg", "sendmmsg"] {
+        actions.push(format!("dns-{route} {mapped} {route}.leak.exfil.test"));
+        actions.push(format!("dns-{route} [::1]:53 {route}.leak6.exfil.test"));
+    }
+    // Last: dnsmasq serves TCP in its one process and waits for the query that never came.
+    actions.push(format!("dns-tcp {mapped} tcp.leak.exfil.test"));
+    let out = g.probe(&actions);
+    for o in &out[..allowed] {
+        assert_ok(o);
+    }
+    for o in &out[allowed..] {
+        assert_failed(o);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for route in ["udp", "sendto", "sendmsg", "sendmmsg", "tcp"] {
+        assert!(!v4.saw(&format!("{route}.leak.exfil.test")), "{route}:\n{}", v4.log());
+        assert!(!v6.saw(&format!("{route}.leak6.exfil.test")), "{route}:\n{}", v6.log());
+    }
+    assert!(v4.saw("ok.pg.test") && v6.saw("ok6.pg.test"));
+}

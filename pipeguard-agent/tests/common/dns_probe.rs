@@ -161,7 +161,10 @@ fn connect_send(ip: IpAddr, port: u16, payload: &[u8]) -> std::io::Result<TcpStr
 
 /// `dns-ROUTE RESOLVER NAME`, `dns-connect RESOLVER NAME PORT PAYLOAD`,
 /// `dns-race RESOLVER PATTERN(with {}) PORT N`, `dns-expiry RESOLVER NAME PORT WAIT_MS`,
-/// `dns-forge OWN_RESOLVER NAME FORGED_IP PORT`, `dns-getaddrinfo RESOLV_CONF NAME`.
+/// `dns-forge OWN_RESOLVER NAME FORGED_IP PORT`, `dns-getaddrinfo RESOLV_CONF NAME`,
+/// `dns-ask RESOLVER NAME REPLIES`, `dns-replay RESOLVER NAME FORGED_IP FROM`,
+/// `dns-floor RESOLVER NAME PORT PAST_TTL_MS PAST_FLOOR_MS`,
+/// `dns-hammer RESOLVER ALLOWED REFUSED PORT STOP_FILE`.
 pub fn run(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
     let result = run_action(kind, target, rest);
     if let Err(e) = &result {
@@ -218,6 +221,21 @@ fn run_action(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
             args[2].parse().unwrap(),
         ),
         "dns-getaddrinfo" => getaddrinfo(target, args[0]),
+        "dns-ask" => ask(resolver(), args[0], args[1].parse().unwrap()),
+        "dns-replay" => replay(
+            resolver(),
+            args[0],
+            args[1].parse().unwrap(),
+            args[2].parse().unwrap(),
+        ),
+        "dns-floor" => floor(
+            resolver(),
+            args[0],
+            args[1].parse().unwrap(),
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+        ),
+        "dns-hammer" => hammer(resolver(), args[0], args[1], args[2].parse().unwrap(), args[3]),
         route => resolve(route.trim_start_matches("dns-"), resolver(), args[0]).map(drop),
     }
 }
@@ -289,5 +307,134 @@ fn getaddrinfo(resolv_conf: &str, name: &str) -> std::io::Result<()> {
     }
     // SAFETY: res came from a successful getaddrinfo.
     unsafe { libc::freeaddrinfo(res) };
+    Ok(())
+}
+
+/// An answer to a query with `id` for `name` carrying one A record, as a resolver sends it.
+pub fn answer(id: u16, name: &str, addr: Ipv4Addr) -> Vec<u8> {
+    let mut a = query(id, name, 1);
+    a[2] |= 0x80;
+    a[7] = 1;
+    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    a.extend_from_slice(&addr.octets());
+    a
+}
+
+/// The id of a DNS message.
+pub fn message_id(msg: &[u8]) -> u16 {
+    u16::from_be_bytes([msg[0], msg[1]])
+}
+
+/// An unconnected socket (it takes datagrams from anyone, as some stub resolvers' do) sends
+/// one query and waits for `replies` datagrams from any source. Ok once all arrived: each
+/// went through the ingress hook before it was queued here.
+fn ask(resolver: SocketAddr, name: &str, replies: usize) -> std::io::Result<()> {
+    let socket = socket_for(&resolver)?;
+    socket.send_to(&query(rand_id(), name, 1), resolver)?;
+    let mut buf = [0u8; 1500];
+    for i in 0..replies {
+        socket
+            .recv_from(&mut buf)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("reply {i}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A UDP socket bound to `from` with SO_REUSEADDR, so it can share the port of a resolver
+/// that set it too (dnsmasq does).
+fn bind_shared(from: SocketAddr) -> std::io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    let family = if from.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh socket this function owns from here on.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let (name, len) = super::probe::sockaddr(&from);
+    // SAFETY: valid socket, option and address buffers.
+    unsafe {
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of_val(&one) as libc::socklen_t,
+        ) != 0
+            || libc::bind(fd, (&raw const name).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(socket)
+}
+
+/// A genuine query and answer, then the job replays the answer's bytes with its address
+/// replaced by `forged`, from a socket bound to `from`, to the socket that asked. Returns
+/// the replaying send's result; the test then tries the forged address.
+fn replay(resolver: SocketAddr, name: &str, forged: Ipv4Addr, from: SocketAddr) -> std::io::Result<()> {
+    let asker = socket_for(&resolver)?;
+    let id = rand_id();
+    asker.send_to(&query(id, name, 1), resolver)?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = asker.recv_from(&mut buf)?;
+    let genuine = answer_addrs(&buf[..n], id)?;
+    let mut forgery = buf[..n].to_vec();
+    assert_eq!(
+        genuine.last(),
+        Some(&IpAddr::from(<[u8; 4]>::try_from(&forgery[n - 4..]).unwrap())),
+        "the answer ends with its one A record"
+    );
+    forgery[n - 4..].copy_from_slice(&forged.octets());
+    let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), asker.local_addr()?.port());
+    let sent = bind_shared(from).and_then(|f| f.send_to(&forgery, to));
+    asker.set_read_timeout(Some(Duration::from_millis(300)))?;
+    println!(
+        "PG_REPLAY from {from}: send {sent:?}, delivered to the asker: {}",
+        asker.recv_from(&mut buf).is_ok()
+    );
+    sent.map(drop)
+}
+
+/// Resolves `name` (an answer with a TTL below the floor), connects anew once the TTL has
+/// passed (must work: the floor), and again once the floor has passed (must be refused).
+fn floor(resolver: SocketAddr, name: &str, port: u16, past_ttl: u64, past_floor: u64) -> std::io::Result<()> {
+    let started = Instant::now();
+    let addrs = resolve("udp", resolver, name)?;
+    std::thread::sleep(Duration::from_millis(past_ttl).saturating_sub(started.elapsed()));
+    connect_send(addrs[0], port, b"within-floor")
+        .map_err(|e| std::io::Error::new(e.kind(), format!("after the TTL, within the floor: {e}")))?;
+    std::thread::sleep(Duration::from_millis(past_floor).saturating_sub(started.elapsed()));
+    match connect_send(addrs[0], port, b"past-floor") {
+        Ok(_) => Err(std::io::Error::other("a new connection after the floor was allowed")),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Until `stop` exists: resolve `allowed` anew and connect to it (must work), and query
+/// `refused` with a fresh label each time (the send must fail with EPERM). Fails at the
+/// first cycle that breaks either; prints how many cycles ran.
+fn hammer(resolver: SocketAddr, allowed: &str, refused: &str, port: u16, stop: &str) -> std::io::Result<()> {
+    let mut cycle = 0u64;
+    while !std::path::Path::new(stop).exists() {
+        cycle += 1;
+        let at = |what: &str, e: std::io::Error| std::io::Error::new(e.kind(), format!("cycle {cycle}, {what}: {e}"));
+        let addrs = resolve("udp", resolver, allowed).map_err(|e| at("resolve", e))?;
+        connect_send(addrs[0], port, b"h").map_err(|e| at("connect", e))?;
+        let socket = socket_for(&resolver)?;
+        match socket.send_to(&query(rand_id(), &format!("c{cycle}.{refused}"), 1), resolver) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            other => return Err(at("refused query", std::io::Error::other(format!("{other:?}")))),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("PG_HAMMER cycles={cycle}");
     Ok(())
 }

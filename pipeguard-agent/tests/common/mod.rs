@@ -10,6 +10,7 @@ pub mod probe;
 pub mod root_job;
 pub mod routes;
 pub mod serve;
+pub mod spoof;
 
 use std::{
     path::{Path, PathBuf},
