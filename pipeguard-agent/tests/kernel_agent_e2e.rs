@@ -1127,7 +1127,6 @@ fn wait_event(server: &KubeApiServer, what: &str, matches: impl Fn(&Value) -> bo
 fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
     let n = node("agent-domains");
     let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
-    server.install_crds();
     let web = listeners::tcp("127.0.0.1:0");
     let other = listeners::tcp("127.0.0.1:0");
     let (w, o) = (web.addr, other.addr);
@@ -1141,25 +1140,7 @@ fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
         60,
     );
     let r = dns.addr;
-    server.apply(namespace("ci", json!({})));
-    server.apply(pod(
-        "ci",
-        "runner-a",
-        RUNNER_A,
-        NODE,
-        json!({"app": "runner"}),
-        "10.0.0.10",
-        json!([]),
-    ));
-    // As in the examples: DNS to the resolver is a NetworkPolicy's business.
-    server.apply(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "dns", "namespace": "ci"},
-        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
-                 "egress": [{"to": ip_block(&format!("{resolver_ip}/32")),
-                             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}
-    }));
-    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let a = runner_with_dns(&n, &resolver_ip);
     let agent = start_agent(&root, &kubeconfig, &[]);
     wait_ready(&agent);
     wait_metrics(
@@ -1175,12 +1156,7 @@ fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
 
     // Through the watch: a DomainPolicy allows build.pg.test on the web port. The answer
     // teaches the kernel its address; other names never reach the resolver.
-    server.apply(json!({
-        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
-        "metadata": {"name": "names", "namespace": "ci"},
-        "spec": {"podSelector": {"matchLabels": {"app": "runner"}},
-                 "egress": [{"domains": ["build.pg.test"], "ports": [{"port": w.port()}]}]}
-    }));
+    server.apply(names_policy(json!(["build.pg.test"]), w.port()));
     wait_metrics(
         &agent,
         &[
@@ -1319,4 +1295,139 @@ fn a_missing_domain_crd_does_not_hold_the_agent_up() {
     wait_metrics(&agent, &["pipeguard_domain_crd_missing{kind=\"DomainPolicy\"} 0"]);
     until(&a, format!("wait-denied {o}"));
     drop(agent);
+}
+
+/// A runner pod in `ci` that may use DNS at `resolver_ip` (as in the examples, a
+/// NetworkPolicy's business), with the domain CRDs installed; returns its container cgroup.
+fn runner_with_dns(n: &Node, resolver_ip: &str) -> PathBuf {
+    let server = &n.server;
+    server.install_crds();
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "dns", "namespace": "ci"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": ip_block(&format!("{resolver_ip}/32")),
+                             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}
+    }));
+    pod_cgroup(&n.root, &format!("kubepods/pod{RUNNER_A}"))
+}
+
+/// The DomainPolicy `ci/names`: `app=runner` pods may reach `domains` on TCP `port`.
+fn names_policy(domains: Value, port: u16) -> Value {
+    json!({
+        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
+        "metadata": {"name": "names", "namespace": "ci"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}},
+                 "egress": [{"domains": domains, "ports": [{"port": port}]}]}
+    })
+}
+
+/// The kernel state alone keeps DNS working and filtered: with the agent SIGKILLed, a name
+/// never resolved before still resolves, teaches its address and connects, and refused
+/// names still never reach the resolver; a new agent adopts it all without a gap. A probe
+/// resolves, connects and sends a refused query without pause through the kill and restart.
+#[test]
+fn dns_keeps_working_and_filtered_through_sigkill_and_restart() {
+    let n = node("agent-dns-kill");
+    let pid = std::process::id();
+    let at = |block: u32| format!("127.{block}.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = at(71);
+    let (before, after, restarted) = (at(72), at(73), at(74));
+    let web = listeners::tcp(&format!("{before}:0"));
+    let port = web.addr.port();
+    let web_after = listeners::tcp(&format!("{after}:{port}"));
+    let web_restarted = listeners::tcp(&format!("{restarted}:{port}"));
+    let dns = common::dnsmasq::Dnsmasq::start(
+        "agent-dns-kill",
+        &resolver_ip,
+        &format!(
+            "{before} before.build.test\n{after} after.build.test\n{restarted} restarted.build.test\n127.0.0.1 leak.exfil.test\n"
+        ),
+        60,
+    );
+    let r = dns.addr;
+    let a = runner_with_dns(&n, &resolver_ip);
+    n.server.apply(names_policy(json!(["*.build.test"]), port));
+    let bpffs = Rc::new(Bpffs::mount("dns-kill"));
+    let mut first = start_agent_on(&n.root, &n.kubeconfig, &[], bpffs.clone());
+    wait_ready(&first);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !once(&a, format!("dns-connect {r} before.build.test {port} by-name")).ok {
+        assert!(Instant::now() < deadline, "the allowed name never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(once(&a, format!("dns-udp {r} a.leak.exfil.test")).denied_with_eperm());
+
+    let stop = n.dir.join("hammer-stop");
+    let hammer = probe_command(
+        &a,
+        &[format!(
+            "dns-hammer {r} before.build.test h.leak.exfil.test {port} {}",
+            stop.display()
+        )],
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    first.stop(libc::SIGKILL);
+    assert!(
+        once(&a, format!("dns-connect {r} after.build.test {port} no-agent")).ok,
+        "a name first resolved with no agent running resolves and connects"
+    );
+    assert!(web_after.received.wait_for(b"no-agent", Duration::from_secs(3)));
+    assert!(
+        once(&a, format!("dns-udp {r} b.leak.exfil.test")).denied_with_eperm(),
+        "refused with no agent running"
+    );
+
+    let second = start_agent_on(&n.root, &n.kubeconfig, &[], bpffs.clone());
+    wait_ready(&second);
+    wait_metrics(&second, &["pipeguard_pods{state=\"enforced\"} 1"]);
+    assert!(
+        once(&a, format!("dns-connect {r} restarted.build.test {port} adopted")).ok,
+        "resolves and connects under the new agent"
+    );
+    assert!(
+        web_restarted
+            .received
+            .wait_for(b"adopted", Duration::from_secs(3))
+    );
+    assert!(once(&a, format!("dns-udp {r} c.leak.exfil.test")).denied_with_eperm());
+    std::fs::write(&stop, "").unwrap();
+    let output = hammer.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let outcomes = common::parse_outcomes(&output);
+    assert!(
+        output.status.success() && outcomes.len() == 1 && outcomes[0].ok,
+        "a cycle broke through the kill and restart: {outcomes:?}\n{stdout}"
+    );
+    println!(
+        "{}",
+        stdout
+            .lines()
+            .find(|l| l.contains("PG_HAMMER"))
+            .unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let log = dns.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("query[") && l.contains("leak.exfil.test")),
+        "a refused query reached the resolver:\n{log}"
+    );
+    assert!(
+        dns.saw("after.build.test") && dns.saw("restarted.build.test"),
+        "{log}"
+    );
+    drop(second);
 }

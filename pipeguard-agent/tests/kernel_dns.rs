@@ -417,11 +417,23 @@ fn answers_forged_or_replayed_by_the_job_teach_nothing() {
         format!("tcp 127.0.0.1:{port} genuine"),
         format!("tcp {forged}:{port} forged"),
     ]);
-    assert!(out[0].denied_with_eperm(), "port 53 of another address: {:?}", out[0]);
-    assert!(out[1].denied_with_eperm(), "the resolver's address and port: {:?}", out[1]);
+    assert!(
+        out[0].denied_with_eperm(),
+        "port 53 of another address: {:?}",
+        out[0]
+    );
+    assert!(
+        out[1].denied_with_eperm(),
+        "the resolver's address and port: {:?}",
+        out[1]
+    );
     assert_ok(&out[2]);
     assert_ok(&out[3]);
-    assert!(out[4].denied_with_eperm(), "a forged address was learned: {:?}", out[4]);
+    assert!(
+        out[4].denied_with_eperm(),
+        "a forged address was learned: {:?}",
+        out[4]
+    );
     assert!(web.received.wait_for(b"genuine", Duration::from_secs(3)));
 }
 
@@ -558,8 +570,16 @@ fn refused_names_never_leave_ipv6_or_mapped_sockets_by_any_route() {
     }
     std::thread::sleep(Duration::from_millis(300));
     for route in ["udp", "sendto", "sendmsg", "sendmmsg", "tcp"] {
-        assert!(!v4.saw(&format!("{route}.leak.exfil.test")), "{route}:\n{}", v4.log());
-        assert!(!v6.saw(&format!("{route}.leak6.exfil.test")), "{route}:\n{}", v6.log());
+        assert!(
+            !v4.saw(&format!("{route}.leak.exfil.test")),
+            "{route}:\n{}",
+            v4.log()
+        );
+        assert!(
+            !v6.saw(&format!("{route}.leak6.exfil.test")),
+            "{route}:\n{}",
+            v6.log()
+        );
     }
     assert!(v4.saw("ok.pg.test") && v6.saw("ok6.pg.test"));
 }

@@ -412,7 +412,9 @@ fn floor(resolver: SocketAddr, name: &str, port: u16, past_ttl: u64, past_floor:
         .map_err(|e| std::io::Error::new(e.kind(), format!("after the TTL, within the floor: {e}")))?;
     std::thread::sleep(Duration::from_millis(past_floor).saturating_sub(started.elapsed()));
     match connect_send(addrs[0], port, b"past-floor") {
-        Ok(_) => Err(std::io::Error::other("a new connection after the floor was allowed")),
+        Ok(_) => Err(std::io::Error::other(
+            "a new connection after the floor was allowed",
+        )),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
         Err(e) => Err(e),
     }
@@ -425,7 +427,9 @@ fn hammer(resolver: SocketAddr, allowed: &str, refused: &str, port: u16, stop: &
     let mut cycle = 0u64;
     while !std::path::Path::new(stop).exists() {
         cycle += 1;
-        let at = |what: &str, e: std::io::Error| std::io::Error::new(e.kind(), format!("cycle {cycle}, {what}: {e}"));
+        let at = |what: &str, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("cycle {cycle}, {what}: {e}"))
+        };
         let addrs = resolve("udp", resolver, allowed).map_err(|e| at("resolve", e))?;
         connect_send(addrs[0], port, b"h").map_err(|e| at("connect", e))?;
         let socket = socket_for(&resolver)?;
