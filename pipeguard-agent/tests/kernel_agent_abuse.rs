@@ -515,3 +515,39 @@ fn a_thousand_pods_new_pod_is_guarded_when_the_agent_says_so() {
         agent.rss_kib()
     );
 }
+
+/// The way around the DNS filter a policy can open by mistake (SECURITY.md): a DomainPolicy
+/// allowing a public DNS-over-HTTPS resolver is accepted and the agent warns when it loads
+/// it, naming the object and field; once per object version, not on every sync.
+#[test]
+fn a_domain_policy_allowing_a_public_doh_resolver_is_warned_about_when_loaded() {
+    let n = node("abuse-doh");
+    n.server.install_crds();
+    n.server.apply(namespace("ci"));
+    n.server.apply(serde_json::json!({
+        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
+        "metadata": {"name": "names", "namespace": "ci"},
+        "spec": {"podSelector": {}, "egress": [{"domains": ["github.com", "dns.google"]}]}
+    }));
+    let agent = start_agent(&n, &[], None);
+    wait_ready(&agent, Duration::from_secs(60));
+    let warnings = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("DNS-over-HTTPS resolver dns.google"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(15), "the agent never warned", || {
+        !warnings(&agent.log()).is_empty()
+    });
+    // More syncs (a new object) reuse the parsed policy: no second warning.
+    n.server.apply(allow_only("ci", "registry", "127.0.0.1/32", 443));
+    eventually(Duration::from_secs(15), "the new policy never compiled", || {
+        metric(&agent, "pipeguard_policies{state=\"compiled\"}") == Some(1.0)
+    });
+    let warned = warnings(&agent.log());
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    for part in ["DomainPolicy", "names", "spec.egress[0].domains[1]"] {
+        assert!(warned[0].contains(part), "{part} missing: {}", warned[0]);
+    }
+}

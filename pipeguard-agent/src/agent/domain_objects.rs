@@ -42,7 +42,11 @@ impl DomainObjectCache {
                 let version = obj.metadata.resource_version.clone();
                 let result = match (self.by_object.remove(&key), &version) {
                     (Some((cached, result)), Some(v)) if &cached == v => result,
-                    _ => parse(resource, obj),
+                    _ => {
+                        let result = parse(resource, obj);
+                        log_warnings(resource, obj, &result);
+                        result
+                    }
                 };
                 if let Err(failure) = &result {
                     invalid.push((reference(resource, obj), failure.error.clone()));
@@ -55,6 +59,21 @@ impl DomainObjectCache {
         }
         self.by_object = seen;
         invalid
+    }
+}
+
+/// Once per object version, as `exec` and `check` print them when they load a file: a
+/// rule that allows a public DNS-over-HTTPS resolver, or a whole top-level domain.
+fn log_warnings(resource: &ApiResource, obj: &DynamicObject, result: &Parsed) {
+    let Ok(policy) = result else { return };
+    for warning in &policy.warnings {
+        tracing::warn!(
+            kind = %resource.kind,
+            namespace = obj.metadata.namespace.as_deref().unwrap_or_default(),
+            name = obj.metadata.name.as_deref().unwrap_or_default(),
+            %warning,
+            "domain policy accepted with a warning"
+        );
     }
 }
 
