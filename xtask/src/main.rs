@@ -26,7 +26,8 @@ enum Task {
     Setup,
     /// Build the pipeguard binary (release) with its embedded eBPF object.
     Build,
-    /// Run a guarded job on loopback: an allowed upload and a blocked exfiltration.
+    /// Run a guarded job on loopback: an upload to an allowed name and blocked exfiltration
+    /// over TCP, UDP and DNS.
     Demo,
     /// Write an OCI image archive of the release binary (no container daemon needed):
     /// target/image/pipeguard-VERSION.oci.tar.
@@ -133,6 +134,8 @@ fn workspace_root() -> std::path::PathBuf {
 
 fn demo() -> Result<ExitCode> {
     let bin = build()?;
+    // The demo's resolver is the tests' dnsmasq.
+    packages::ensure_test_packages()?;
     demo::run(&bin, &workspace_root())
 }
 

@@ -1,4 +1,4 @@
-//! Debian packages the tests run for real (never assumed present).
+//! Debian packages the tests and the demo run for real (never assumed present).
 
 use std::process::Command;
 

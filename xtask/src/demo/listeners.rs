@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 pub struct Received {
     /// Which listener: "registry", "attacker (tcp)", "attacker (udp)", ...
     pub listener: &'static str,
-    /// For HTTP the request line; otherwise the bytes as text.
+    /// For HTTP the request line and the Host it named; otherwise the bytes as text.
     pub summary: String,
     /// HTTP body (empty for raw TCP/UDP).
     pub body: Vec<u8>,
@@ -82,6 +82,7 @@ pub fn registry(addr: &str, log: Log) -> Result<()> {
 }
 
 /// Request line, then headers up to the empty line, then exactly Content-Length bytes.
+/// The summary is the request line, followed by " (Host: NAME)" when the client sent one.
 fn read_request(stream: &TcpStream) -> Result<(String, Vec<u8>)> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let mut reader = BufReader::new(stream);
@@ -90,6 +91,7 @@ fn read_request(stream: &TcpStream) -> Result<(String, Vec<u8>)> {
         .read_line(&mut request_line)
         .context("reading the request line")?;
     let mut content_length = 0usize;
+    let mut host = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).context("reading headers")? == 0 {
@@ -99,17 +101,25 @@ fn read_request(stream: &TcpStream) -> Result<(String, Vec<u8>)> {
         if header.is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            content_length = value.trim().parse().context("Content-Length")?;
+        match header.split_once(':') {
+            Some((name, value)) if name.eq_ignore_ascii_case("content-length") => {
+                content_length = value.trim().parse().context("Content-Length")?;
+            }
+            Some((name, value)) if name.eq_ignore_ascii_case("host") => {
+                host = Some(value.trim().to_string());
+            }
+            _ => {}
         }
     }
     let mut body = vec![0u8; content_length];
     reader
         .read_exact(&mut body)
         .with_context(|| format!("reading a {content_length}-byte body"))?;
-    Ok((request_line.trim_end().to_string(), body))
+    let summary = match host {
+        Some(host) => format!("{} (Host: {host})", request_line.trim_end()),
+        None => request_line.trim_end().to_string(),
+    };
+    Ok((summary, body))
 }
 
 /// Records anything that reaches `addr`, over TCP (until the client closes) or UDP.
