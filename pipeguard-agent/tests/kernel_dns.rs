@@ -583,3 +583,36 @@ fn refused_names_never_leave_ipv6_or_mapped_sockets_by_any_route() {
     }
     assert!(v4.saw("ok.pg.test") && v6.saw("ok6.pg.test"));
 }
+
+/// UDP GSO (`UDP_SEGMENT`): one send the kernel splits into datagrams after the egress hook.
+/// A query must be one datagram: a GSO send to port 53 is refused whole, so a refused name
+/// cannot ride behind an allowed one. Control: the same send to a plain UDP port the policy
+/// allows arrives as two datagrams (GSO works here; the refusal is the DNS check's).
+#[test]
+fn a_refused_query_cannot_ride_behind_an_allowed_one_in_a_udp_gso_send() {
+    let ip = own_ip(75);
+    let dns = Dnsmasq::start("gso", &ip, "127.0.0.1 ok.pg.test\n127.0.0.1 gso.exfil.test\n", 60);
+    let plain = listeners::udp("127.0.0.1:0");
+    let mut entries = dns_only(&format!("{ip}/32"), vec![rule("ok.pg.test", 80)]);
+    let udp = common::allow_only("127.0.0.1/32", plain.addr.port(), &[PROTO_UDP]);
+    entries.v4.extend(udp.v4);
+    let g = guard("dns-gso", &entries, EngineConfig::default());
+    let out = g.probe(&[
+        format!("dns-gso {} ok.pg.test gso.exfil.test", plain.addr),
+        format!("dns-gso {ip}:53 ok.pg.test gso.exfil.test"),
+    ]);
+    assert_ok(&out[0]);
+    assert!(
+        plain
+            .received
+            .wait_for(b"\x03gso\x05exfil", Duration::from_secs(3)),
+        "the control's second datagram never arrived"
+    );
+    assert!(out[1].denied_with_eperm(), "{:?}", out[1]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !dns.saw("gso.exfil.test") && !dns.saw("ok.pg.test"),
+        "smuggled past the DNS filter:\n{}",
+        dns.log()
+    );
+}

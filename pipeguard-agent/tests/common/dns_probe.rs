@@ -164,7 +164,7 @@ fn connect_send(ip: IpAddr, port: u16, payload: &[u8]) -> std::io::Result<TcpStr
 /// `dns-forge OWN_RESOLVER NAME FORGED_IP PORT`, `dns-getaddrinfo RESOLV_CONF NAME`,
 /// `dns-ask RESOLVER NAME REPLIES`, `dns-replay RESOLVER NAME FORGED_IP FROM`,
 /// `dns-floor RESOLVER NAME PORT PAST_TTL_MS PAST_FLOOR_MS`,
-/// `dns-hammer RESOLVER ALLOWED REFUSED PORT STOP_FILE`.
+/// `dns-hammer RESOLVER ALLOWED REFUSED PORT STOP_FILE`, `dns-gso RESOLVER ALLOWED SMUGGLED`.
 pub fn run(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
     let result = run_action(kind, target, rest);
     if let Err(e) = &result {
@@ -235,6 +235,7 @@ fn run_action(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
             args[2].parse().unwrap(),
             args[3].parse().unwrap(),
         ),
+        "dns-gso" => gso(resolver(), args[0], args[1]),
         "dns-hammer" => hammer(resolver(), args[0], args[1], args[2].parse().unwrap(), args[3]),
         route => resolve(route.trim_start_matches("dns-"), resolver(), args[0]).map(drop),
     }
@@ -441,4 +442,35 @@ fn hammer(resolver: SocketAddr, allowed: &str, refused: &str, port: u16, stop: &
     }
     println!("PG_HAMMER cycles={cycle}");
     Ok(())
+}
+
+/// Linux's UDP_SEGMENT socket option (UDP GSO), which the libc crate does not name.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// One send with UDP GSO: the kernel splits the buffer into datagrams of `gso_size` bytes
+/// after the egress hook saw it whole. The first datagram asks for `allowed`, the second for
+/// `smuggled`; the egress hook must judge every datagram, not only the first.
+fn gso(resolver: SocketAddr, allowed: &str, smuggled: &str) -> std::io::Result<()> {
+    let socket = socket_for(&resolver)?;
+    let (mut first, second) = (query(rand_id(), allowed, 1), query(rand_id(), smuggled, 1));
+    let size = first.len().max(second.len());
+    // Trailing bytes after the question: resolvers ignore them.
+    first.resize(size, 0);
+    let segment = size as libc::c_int;
+    // SAFETY: valid socket and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&raw const segment).cast(),
+            size_of_val(&segment) as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buffer = first;
+    buffer.extend_from_slice(&second);
+    socket.send_to(&buffer, resolver).map(drop)
 }

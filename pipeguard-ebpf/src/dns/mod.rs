@@ -75,11 +75,16 @@ pub fn pg_dns_answer(ctx: SkBuffContext) -> i32 {
 
 /// Where the DNS message starts: after the UDP header, or after the TCP header and the
 /// 2-byte length. `Ok(None)`: a TCP segment without data (handshake, ACK, FIN). A TCP
-/// segment must carry exactly one whole message; anything else is refused by the caller,
-/// so a query can never be split or smuggled behind another.
+/// segment must carry exactly one whole message, and so must a UDP packet; anything else is
+/// refused by the caller, so a query can never be split or smuggled behind another.
 #[inline(always)]
 fn message(ctx: &SkBuffContext, t: &Packet) -> Result<Option<usize>, ()> {
     if t.protocol == PROTO_UDP {
+        // One datagram, one message: a UDP GSO buffer (UDP_SEGMENT) is split into datagrams
+        // after this hook, and all but the first would leave unread.
+        if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+            return Err(());
+        }
         return Ok(Some(t.l4 + 8));
     }
     let offset_byte: u8 = ctx.load(t.l4 + 12).map_err(|_| ())?;
