@@ -616,3 +616,112 @@ fn a_refused_query_cannot_ride_behind_an_allowed_one_in_a_udp_gso_send() {
         dns.log()
     );
 }
+/// Every event the ring buffer holds, with names from the engine's name table.
+fn drain_named(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    names: &mut pipeguard::engine::dns::NameTexts,
+) -> Vec<pipeguard::engine::events::Violation> {
+    let clock = pipeguard::engine::events::Clock::now();
+    let mut seen = Vec::new();
+    while let Some(item) = ring.next() {
+        seen.extend(pipeguard::engine::events::decode_named(&item, &clock, names));
+    }
+    seen
+}
+
+#[test]
+fn refused_queries_are_events_with_their_question_and_learned_addresses_carry_their_name() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let other = listeners::tcp("127.0.0.1:0");
+    let (port, other_port) = (web.addr.port(), other.addr.port());
+    let ip = own_ip(80);
+    let dns = Dnsmasq::start(
+        "events",
+        &ip,
+        "127.0.0.1 ok.pg.test\n127.0.0.1 secret.exfil.test\n",
+        60,
+    );
+    let mut g = guard(
+        "dns-events",
+        &dns_only(&format!("{ip}/32"), vec![rule("ok.pg.test", port)]),
+        EngineConfig::default(),
+    );
+    let mut ring = g.engine.take_events().unwrap();
+    let mut names = g.engine.name_texts().unwrap();
+    let r = dns.addr;
+    let out = g.probe(&[
+        format!("dns-udp {r} secret.exfil.test"),
+        // Learned from ok.pg.test, but on a port its rule does not allow.
+        format!("dns-connect {r} ok.pg.test {other_port} wrong-port"),
+    ]);
+    assert!(out[0].denied_with_eperm(), "{:?}", out[0]);
+    assert!(out[1].denied_with_eperm(), "{:?}", out[1]);
+    let seen = drain_named(&mut ring, &mut names);
+    let query = seen
+        .iter()
+        .find(|v| v.hook == "dns")
+        .unwrap_or_else(|| panic!("no dns event in {seen:#?}"));
+    assert_eq!(query.verdict, "deny");
+    assert_eq!(query.query.as_deref(), Some("secret.exfil.test"), "{query:?}");
+    assert_eq!(query.qtype.as_deref(), Some("A"));
+    assert_eq!(query.dst_ip, Some(ip.parse().unwrap()), "the resolver");
+    assert_eq!(query.dst_port, Some(53));
+    assert!(!query.malformed);
+    let named = seen
+        .iter()
+        .find(|v| v.hook == "connect4" && v.dst_port == Some(other_port))
+        .unwrap_or_else(|| panic!("no connect4 event in {seen:#?}"));
+    assert_eq!(named.dst_name.as_deref(), Some("ok.pg.test"), "{named:?}");
+    let json = serde_json::to_value(named).unwrap();
+    assert_eq!(json["dst_name"], "ok.pg.test");
+    assert!(!dns.saw("secret.exfil.test"), "{}", dns.log());
+}
+
+#[test]
+fn the_sweep_removes_expired_entries_but_keeps_those_a_connection_still_uses() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let port = web.addr.port();
+    let ip = own_ip(81);
+    let dns = Dnsmasq::start(
+        "sweep",
+        &ip,
+        "127.0.0.2 gone.pg.test\n127.0.0.1 held.pg.test\n",
+        1,
+    );
+    let mut g = guard(
+        "dns-sweep",
+        &dns_only(&format!("{ip}/32"), vec![rule("*.pg.test", port)]),
+        EngineConfig {
+            dns_min_ttl: Duration::from_secs(1),
+            ..EngineConfig::default()
+        },
+    );
+    let r = dns.addr;
+    let out = g.probe(&[
+        format!("dns-udp {r} gone.pg.test"),
+        format!("dns-connect {r} held.pg.test {port} held"),
+    ]);
+    assert_ok(&out[0]);
+    assert_ok(&out[1]);
+    assert_eq!(g.engine.learned().unwrap().len(), 2);
+    let fresh = g.engine.sweep_dns().unwrap();
+    assert_eq!(
+        (fresh.learned_removed, fresh.learned_remaining),
+        (0, 2),
+        "nothing expired yet"
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    let sweep = g.engine.sweep_dns().unwrap();
+    assert_eq!(sweep.learned_removed, 1, "{sweep:?}");
+    assert_eq!(
+        sweep.learned_kept_for_conns, 1,
+        "a connection opened while it lived still refers to it: {sweep:?}"
+    );
+    let left = g.engine.learned().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].addr, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(left[0].remaining, Duration::ZERO, "expired, kept");
+    // Expired means refused for new connections, swept or not.
+    let late = g.probe(&[format!("tcp 127.0.0.2:{port} late")]);
+    assert!(late[0].denied_with_eperm(), "{:?}", late[0]);
+}

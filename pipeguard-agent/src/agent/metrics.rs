@@ -54,6 +54,11 @@ pub struct VersionLabels {
     pub version: LabelValue,
 }
 
+/// The `map` label of the learned-address map in `map_entries`, `map_capacity`, `dns_swept`.
+pub const DNS_LEARNED_MAP: &str = "dns_learned";
+/// The `map` label of the outstanding-query map in `dns_swept`.
+pub const DNS_QUERIES_MAP: &str = "dns_queries";
+
 pub struct Metrics {
     pub registry: Registry,
     pub ready: Gauge,
@@ -88,6 +93,10 @@ pub struct Metrics {
     pub map_entries: Family<MapLabels, Gauge>,
     pub map_capacity: Family<MapLabels, Gauge>,
     pub bytes: Family<TrafficLabels, Counter>,
+    /// DNS queries of DNS-filtered pods, per pod and verdict (allow, deny, audit, error).
+    pub dns_queries: Family<TrafficLabels, Counter>,
+    /// Expired learned addresses and unanswered queries the periodic sweep deleted.
+    pub dns_swept: Family<MapLabels, Counter>,
     /// Open HTTP connections.
     pub http_connections: Gauge,
     /// HTTP connections closed at once because a connection cap was reached.
@@ -96,6 +105,8 @@ pub struct Metrics {
     pub http_timed_out: Counter,
     /// Last absolute kernel counter values, to turn them into counter increments.
     last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
+    /// Last absolute kernel DNS query counts, likewise.
+    last_dns: Mutex<HashMap<TrafficLabels, u64>>,
     /// What [`Metrics::refresh`] reads at scrape time.
     live: Mutex<Live>,
 }
@@ -104,6 +115,8 @@ pub struct Metrics {
 /// and the event pipeline's. Read at every scrape, so /metrics is current.
 pub struct LiveSources {
     pub counters: Option<crate::engine::stats::CounterReader>,
+    /// Counts the learned-address map's entries.
+    pub learned: Option<crate::engine::dns::LearnedReader>,
     pub events: Arc<crate::events::pipeline::Stats>,
     pub hub: Arc<crate::events::hub::Hub>,
 }
@@ -140,6 +153,8 @@ impl Default for Metrics {
             sync_errors: Counter::default(),
             packets: Family::default(),
             bytes: Family::default(),
+            dns_queries: Family::default(),
+            dns_swept: Family::default(),
             event_attempts: Counter::default(),
             event_records: Counter::default(),
             event_ring_drops: Counter::default(),
@@ -154,6 +169,7 @@ impl Default for Metrics {
             http_refused: Counter::default(),
             http_timed_out: Counter::default(),
             last_traffic: Mutex::default(),
+            last_dns: Mutex::default(),
             live: Mutex::default(),
             registry: Registry::default(),
         };
@@ -205,6 +221,16 @@ impl Default for Metrics {
             m.packets.clone(),
         );
         registry.register("bytes", "Bytes per pod and verdict", m.bytes.clone());
+        registry.register(
+            "dns_queries",
+            "DNS queries of DNS-filtered pods per pod and verdict (allow, deny, audit, error)",
+            m.dns_queries.clone(),
+        );
+        registry.register(
+            "dns_swept",
+            "Expired entries the periodic DNS sweep deleted, per map (dns_learned, dns_queries)",
+            m.dns_swept.clone(),
+        );
         registry.register(
             "event_attempts",
             "Denied or audited attempts seen by the event pipeline",
@@ -271,6 +297,7 @@ impl Default for Metrics {
             ("allow_v6", pipeguard_common::MAX_ALLOW_ENTRIES),
             ("counters", pipeguard_common::MAX_COUNTERS),
             ("flows", pipeguard_common::MAX_FLOWS),
+            (DNS_LEARNED_MAP, pipeguard_common::MAX_LEARNED),
         ] {
             m.map_capacity
                 .get_or_create(&MapLabels { map: map.into() })
@@ -312,6 +339,13 @@ impl Metrics {
             return;
         };
         self.observe_events(&sources.events, &sources.hub);
+        if let Some(learned) = &sources.learned {
+            self.map_entries
+                .get_or_create(&MapLabels {
+                    map: DNS_LEARNED_MAP.into(),
+                })
+                .set(learned.count() as i64);
+        }
         let Some(reader) = &sources.counters else {
             return;
         };
@@ -322,16 +356,48 @@ impl Metrics {
                 return;
             }
         };
-        for ((cgroup_id, verdict), counter) in totals {
-            let Some((namespace, pod)) = live.pods.get(&cgroup_id) else {
-                continue;
-            };
-            let labels = TrafficLabels {
+        let labels = |cgroup_id: u64, verdict: u8| {
+            live.pods.get(&cgroup_id).map(|(namespace, pod)| TrafficLabels {
                 namespace: namespace.clone().into(),
                 pod: pod.clone().into(),
                 verdict: verdict_name(verdict).into(),
-            };
-            self.observe_traffic(labels, counter.packets, counter.bytes);
+            })
+        };
+        for ((cgroup_id, verdict), counter) in totals.traffic {
+            if let Some(labels) = labels(cgroup_id, verdict) {
+                self.observe_traffic(labels, counter.packets, counter.bytes);
+            }
+        }
+        for ((cgroup_id, verdict), queries) in totals.dns_queries {
+            if let Some(labels) = labels(cgroup_id, verdict) {
+                self.observe_dns_queries(labels, queries);
+            }
+        }
+    }
+
+    /// Records an absolute kernel count of DNS queries as a counter increment.
+    fn observe_dns_queries(&self, labels: TrafficLabels, queries: u64) {
+        let prev = self
+            .last_dns
+            .lock()
+            .expect("metrics lock")
+            .insert(labels.clone(), queries)
+            .unwrap_or(0);
+        // A recreated map restarts at zero; count from there.
+        self.dns_queries
+            .get_or_create(&labels)
+            .inc_by(queries.checked_sub(prev).unwrap_or(queries));
+    }
+
+    /// What one periodic DNS sweep did.
+    pub fn observe_dns_sweep(&self, sweep: &crate::engine::dns::DnsSweep) {
+        for (map, removed) in [
+            (DNS_LEARNED_MAP, sweep.learned_removed),
+            (DNS_QUERIES_MAP, sweep.queries_removed),
+        ] {
+            self.dns_swept
+                .get_or_create(&MapLabels { map: map.into() })
+                .inc_by(removed as u64);
         }
     }
 

@@ -46,6 +46,10 @@ pub struct AgentConfig {
     /// Not ready (and saying why) while a watch has been failing for longer than this.
     pub watch_failure_bound: Duration,
     pub kernel_log_level: u8,
+    /// Names under it may always be queried by DNS-filtered pods (`--cluster-domain`).
+    pub cluster_domain: String,
+    /// Learned addresses live at least this long (`--dns-min-ttl`).
+    pub dns_min_ttl: Duration,
     /// Where links and maps are pinned, so enforcement survives the agent.
     pub pin_dir: Option<PathBuf>,
     pub events: EventsConfig,

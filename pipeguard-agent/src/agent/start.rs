@@ -77,6 +77,8 @@ pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine
             flow_stats: false,
             kernel_log_level: config.kernel_log_level,
             pin_dir: config.pin_dir.clone(),
+            cluster_domain: config.cluster_domain.clone(),
+            dns_min_ttl: config.dns_min_ttl,
             ..EngineConfig::default()
         }) {
             Ok(engine) => return engine,
@@ -209,6 +211,10 @@ pub(super) fn event_pipeline(
         file,
         kube,
         drops: engine.take_event_drops().ok(),
+        names: engine
+            .name_texts()
+            .inspect_err(|error| tracing::warn!(%error, "events will carry no dst_name"))
+            .ok(),
         stats: parts.stats.clone(),
         per_destination: config
             .events
@@ -231,8 +237,13 @@ pub(super) fn live_metrics(engine: &Engine, health: &Health, hub: &Arc<Hub>, eve
         .counter_reader()
         .inspect_err(|error| tracing::error!(%error, "no traffic counters in /metrics"))
         .ok();
+    let learned = engine
+        .learned_reader()
+        .inspect_err(|error| tracing::error!(%error, "no learned-address count in /metrics"))
+        .ok();
     health.metrics.set_live_sources(LiveSources {
         counters,
+        learned,
         events: events.stats.clone(),
         hub: hub.clone(),
     });

@@ -70,6 +70,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
+    let mut next_dns_sweep = std::time::Instant::now();
     loop {
         health.beat();
         let start = std::time::Instant::now();
@@ -88,6 +89,14 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
             }
         }
         health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
+        // Expired learned addresses and unanswered queries go; the kernel alone enforces
+        // expiry, this keeps the LRU maps from evicting live entries.
+        if std::time::Instant::now() >= next_dns_sweep {
+            if let Some(sweep) = engine.sweep_dns_logged() {
+                health.metrics.observe_dns_sweep(&sweep);
+            }
+            next_dns_sweep = std::time::Instant::now() + crate::engine::dns::SWEEP_INTERVAL;
+        }
         health.metrics.refresh();
         health.set_problem("watch", caches.watches.failing(config.watch_failure_bound));
         engine.drain_kernel_logs();

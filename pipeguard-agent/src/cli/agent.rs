@@ -88,6 +88,14 @@ pub struct AgentArgs {
     /// Do not post Kubernetes Events on pods for blocked attempts.
     #[arg(long, env = "PIPEGUARD_NO_KUBE_EVENTS")]
     pub no_kube_events: bool,
+    /// Names under this domain may always be queried by DNS-filtered pods (the cluster's
+    /// own services).
+    #[arg(long, env = "PIPEGUARD_CLUSTER_DOMAIN", default_value = crate::engine::DEFAULT_CLUSTER_DOMAIN, value_name = "DOMAIN", value_parser = super::dns_flags::parse_cluster_domain)]
+    pub cluster_domain: String,
+    /// Addresses learned from an allowed DNS answer stay allowed at least this long, whatever
+    /// its TTL: seconds or a duration (30, 30s, 2m).
+    #[arg(long, env = "PIPEGUARD_DNS_MIN_TTL", default_value = "30s", value_name = "DURATION", value_parser = super::dns_flags::parse_dns_min_ttl)]
+    pub dns_min_ttl: std::time::Duration,
     /// Remove everything pinned under --pin-dir (detaching the programs) and exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -157,6 +165,8 @@ pub fn run(args: AgentArgs) -> ExitCode {
         sync_deadline: Duration::from_secs(args.sync_deadline),
         watch_failure_bound: Duration::from_secs(args.watch_failure_seconds),
         kernel_log_level: args.kernel_log_level,
+        cluster_domain: args.cluster_domain,
+        dns_min_ttl: args.dns_min_ttl,
         pin_dir: Some(args.pin_dir),
         events: agent::EventsConfig {
             stdout: !args.no_events_stdout,

@@ -35,7 +35,7 @@ pub struct CheckArgs {
     #[arg(long, value_name = "NAME")]
     pub to_name: Option<String>,
     /// Names under this domain are always resolvable (the agent's --cluster-domain).
-    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    #[arg(long, default_value = crate::engine::DEFAULT_CLUSTER_DOMAIN, value_name = "DOMAIN", value_parser = super::dns_flags::parse_cluster_domain)]
     pub cluster_domain: String,
     /// Destination port: a number, or a container port name of the destination pod.
     #[arg(long, required_unless_present = "matrix")]

@@ -110,9 +110,10 @@ pub fn human(r: &Record) -> String {
         .map(|p| format!("{}/{}", printable(&p.namespace), printable(&p.name)))
         .unwrap_or_else(|| format!("cgroup {}", r.cgroup_id));
     let process = format!("{}[{}]", text(&r.comm), r.pid.unwrap_or_default());
-    let dest = match (r.dst_ip, r.dst_port) {
-        (Some(ip), Some(port)) => format!("{ip}:{port}/{}", text(&r.protocol)),
-        _ => "a raw or packet socket".to_string(),
+    let target = match r.target_text() {
+        Some(t) if r.is_dns_query() => t,
+        Some(dest) => format!("→ {dest}"),
+        None => "→ a raw or packet socket".to_string(),
     };
     let count = if r.count > 1 {
         format!(" ×{}", r.count)
@@ -134,7 +135,7 @@ pub fn human(r: &Record) -> String {
             })
             .unwrap_or_default();
     format!(
-        "{} {verdict} {pod} {process} → {dest} via {}{count}{ci}: {}",
+        "{} {verdict} {pod} {process} {target} via {}{count}{ci}: {}",
         printable(&r.time),
         text(&r.hook),
         text(&r.reason)
@@ -148,7 +149,52 @@ mod tests {
 
     #[test]
     fn a_hostile_process_name_cannot_hide_or_forge_a_line() {
-        let record = Record {
+        let record = sample();
+        let line = human(&record);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(
+            line.starts_with("2026-01-01T00:00:00Z DENIED ci/r\\nforged"),
+            "{line}"
+        );
+        assert!(line.contains("\\u{1b}[2K\\r"), "{line}");
+    }
+
+    #[test]
+    fn learned_names_follow_the_address_and_dns_queries_read_as_queries() {
+        let mut named = sample();
+        named.dst_ip = Some("203.0.113.7".parse().unwrap());
+        named.dst_port = Some(443);
+        named.dst_name = Some("exfil.example.net\n".into());
+        let line = human(&named);
+        assert!(
+            line.contains("→ 203.0.113.7:443/tcp (exfil.example.net\\n) via connect4"),
+            "{line}"
+        );
+
+        let mut query = sample();
+        query.hook = Some("dns".into());
+        query.protocol = Some("udp".into());
+        query.dst_ip = Some("10.96.0.10".parse().unwrap());
+        query.dst_port = Some(53);
+        query.query = Some("secret.exfil.test".into());
+        query.qtype = Some("A".into());
+        let line = human(&query);
+        assert!(
+            line.contains("DNS query refused: secret.exfil.test (A) → 10.96.0.10:53 via dns"),
+            "{line}"
+        );
+        query.verdict = Some("audit".into());
+        assert!(human(&query).contains("DNS query would be refused: secret.exfil.test (A)"));
+        query.malformed = true;
+        query.query = None;
+        assert!(human(&query).contains("(malformed query) → 10.96.0.10:53"));
+        let json = serde_json::to_string(&query).unwrap();
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, query, "the new fields round-trip");
+    }
+
+    fn sample() -> Record {
+        Record {
             kind: Kind::Violation,
             signal: None,
             time: "2026-01-01T00:00:00Z".into(),
@@ -160,6 +206,10 @@ mod tests {
             protocol: Some("tcp".into()),
             dst_ip: Some("127.0.0.1".parse().unwrap()),
             dst_port: Some(9),
+            dst_name: None,
+            query: None,
+            qtype: None,
+            malformed: false,
             pid: Some(7),
             comm: Some("\x1b[2K\r\x1b[8mx\nOK: all clear".into()),
             exe: Some("/tmp/\x1b]0;t\x07".into()),
@@ -174,13 +224,6 @@ mod tests {
             reason: Some("why".into()),
             ci: None,
             cgroup_id: 1,
-        };
-        let line = human(&record);
-        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
-        assert!(
-            line.starts_with("2026-01-01T00:00:00Z DENIED ci/r\\nforged"),
-            "{line}"
-        );
-        assert!(line.contains("\\u{1b}[2K\\r"), "{line}");
+        }
     }
 }

@@ -85,6 +85,14 @@ pub struct ExecArgs {
     /// --learn-json (RUN.json) or a policy file (what it allows this job).
     #[arg(long, value_name = "RUN.json|POLICY")]
     pub baseline: Option<PathBuf>,
+    /// Names under this domain may always be queried by a job a domain policy selects (the cluster's
+    /// own services).
+    #[arg(long, default_value = crate::engine::DEFAULT_CLUSTER_DOMAIN, value_name = "DOMAIN", value_parser = super::dns_flags::parse_cluster_domain)]
+    pub cluster_domain: String,
+    /// Addresses learned from an allowed DNS answer stay allowed at least this long, whatever
+    /// its TTL: seconds or a duration (30, 30s, 2m).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = super::dns_flags::parse_dns_min_ttl)]
+    pub dns_min_ttl: std::time::Duration,
     /// aya-log level of the kernel programs: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "warn", value_parser = parse_kernel_log_level)]
     pub kernel_log_level: u8,
@@ -158,6 +166,8 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
         state_dir: args.state_dir.clone(),
         events,
         kernel_log_level: args.kernel_log_level,
+        cluster_domain: args.cluster_domain.clone(),
+        dns_min_ttl: args.dns_min_ttl,
         learn: args.learn.is_some() || args.learn_json.is_some() || args.summary_markdown.is_some(),
         detectors,
     })

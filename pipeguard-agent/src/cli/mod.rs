@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod dns_flags;
 pub mod events;
 pub mod exec;
 pub mod gc;

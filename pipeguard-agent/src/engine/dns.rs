@@ -3,16 +3,21 @@
 //! name on events. The kernel enforces from these maps alone; user space only tidies.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use pipeguard_common::{
-    LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, QueryKey, QueryState, map_names,
+    ConnKey, ConnPass, LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, QueryKey, QueryState,
+    map_names,
 };
 
 use super::{Engine, EngineError, tables::ignore_missing};
+
+/// How often the agent and exec sweep expired DNS entries (the TTL floor's default: an
+/// entry outlives its expiry by at most this long).
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// bpf_ktime_get_ns: CLOCK_MONOTONIC.
 pub fn monotonic_ns() -> u64 {
@@ -40,6 +45,10 @@ pub struct DnsSweep {
     pub learned_removed: usize,
     pub learned_remaining: usize,
     pub queries_removed: usize,
+    /// Expired entries kept because a connection opened while they lived still refers to them.
+    pub learned_kept_for_conns: usize,
+    /// Connection records whose learned entry is gone (they no longer let anything pass).
+    pub conns_removed: usize,
     /// Capacity of the learned-address map (LRU beyond it).
     pub learned_capacity: u32,
 }
@@ -89,6 +98,24 @@ impl Engine {
         Some(name_from_bytes(&text.name, text.len as usize))
     }
 
+    /// A second handle on the name table, for the event readers (which run while the agent's
+    /// sync loop owns the engine).
+    pub fn name_texts(&self) -> Result<NameTexts, EngineError> {
+        let map = BpfHashMap::try_from(Map::LruHashMap(self.second_handle(map_names::DNS_NAME_TEXT)?))
+            .map_err(map_error(map_names::DNS_NAME_TEXT))?;
+        Ok(NameTexts {
+            map,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// A second handle on the learned-address map, for /metrics at scrape time.
+    pub fn learned_reader(&self) -> Result<LearnedReader, EngineError> {
+        let map = BpfHashMap::try_from(Map::LruHashMap(self.second_handle(map_names::DNS_LEARNED)?))
+            .map_err(map_error(map_names::DNS_LEARNED))?;
+        Ok(LearnedReader { map })
+    }
+
     /// Learned addresses of one allowlist with their names (for `exec`'s summary).
     pub fn learned_names(&self, policy_id: u32) -> Result<HashMap<IpAddr, String>, EngineError> {
         let mut out = HashMap::new();
@@ -100,29 +127,86 @@ impl Engine {
         Ok(out)
     }
 
+    /// [`Engine::sweep_dns`], logged; `None` (after a warning) when it failed. A failed
+    /// sweep changes nothing about enforcement: the LRU maps still bound the state.
+    pub fn sweep_dns_logged(&mut self) -> Option<DnsSweep> {
+        match self.sweep_dns() {
+            Ok(sweep) => {
+                if sweep.learned_removed + sweep.queries_removed + sweep.conns_removed > 0 {
+                    tracing::debug!(
+                        learned_removed = sweep.learned_removed,
+                        queries_removed = sweep.queries_removed,
+                        conns_removed = sweep.conns_removed,
+                        learned_remaining = sweep.learned_remaining,
+                        learned_kept_for_conns = sweep.learned_kept_for_conns,
+                        "swept expired DNS entries"
+                    );
+                }
+                Some(sweep)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "sweeping expired DNS entries");
+                None
+            }
+        }
+    }
+
     /// Deletes expired learned addresses and unanswered queries, so the LRU maps only evict
-    /// under real pressure. Connections opened while an entry lived keep their own record.
+    /// under real pressure.
+    ///
+    /// An expired entry that a connection record still refers to is kept: the kernel lets a
+    /// connection opened while the entry lived go on only while the entry is there (expired
+    /// or not). Connection records of entries that are gone help nothing and are deleted.
     pub fn sweep_dns(&mut self) -> Result<DnsSweep, EngineError> {
         let now = monotonic_ns();
         let mut sweep = DnsSweep {
             learned_capacity: MAX_LEARNED,
             ..DnsSweep::default()
         };
+        let conns: BpfHashMap<&MapData, ConnKey, ConnPass> = self.map(map_names::DNS_CONNS)?;
+        let mut in_use = HashSet::new();
+        for item in conns.iter() {
+            let (key, pass) = item.map_err(map_error(map_names::DNS_CONNS))?;
+            in_use.insert((pass.policy_id, key.addr));
+        }
         let mut learned: BpfHashMap<&mut MapData, LearnedKey, LearnedAddr> =
             self.map_mut(map_names::DNS_LEARNED)?;
         let mut expired = Vec::new();
+        let mut live = HashSet::new();
         for item in learned.iter() {
             let (key, value) = item.map_err(map_error(map_names::DNS_LEARNED))?;
-            if value.expires_ns <= now {
-                expired.push(key);
-            } else {
+            live.insert((key.policy_id, key.addr));
+            if value.expires_ns > now {
                 sweep.learned_remaining += 1;
+            } else if in_use.contains(&(key.policy_id, key.addr)) {
+                sweep.learned_kept_for_conns += 1;
+                sweep.learned_remaining += 1;
+            } else {
+                expired.push(key);
             }
         }
         for key in &expired {
+            // Read again right before the delete: an answer may have taught the address
+            // again since the walk (the window left is the two syscalls in between).
+            if learned.get(key, 0).is_ok_and(|v| v.expires_ns > monotonic_ns()) {
+                sweep.learned_remaining += 1;
+                continue;
+            }
             ignore_missing(learned.remove(key)).map_err(map_error(map_names::DNS_LEARNED))?;
+            live.remove(&(key.policy_id, key.addr));
+            sweep.learned_removed += 1;
         }
-        sweep.learned_removed = expired.len();
+        let mut conns: BpfHashMap<&mut MapData, ConnKey, ConnPass> = self.map_mut(map_names::DNS_CONNS)?;
+        let orphans: Vec<ConnKey> = conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, pass)| !live.contains(&(pass.policy_id, k.addr)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &orphans {
+            ignore_missing(conns.remove(key)).map_err(map_error(map_names::DNS_CONNS))?;
+        }
+        sweep.conns_removed = orphans.len();
         let mut queries: BpfHashMap<&mut MapData, QueryKey, QueryState> =
             self.map_mut(map_names::DNS_QUERIES)?;
         let stale: Vec<QueryKey> = queries
@@ -139,13 +223,53 @@ impl Engine {
     }
 }
 
+/// Names resolved before, kept at most (cleared when full: names repeat within a burst).
+const NAME_CACHE_ENTRIES: usize = 4_096;
+
+/// The kernel's name table seen from an event reader, with a cache in front: a burst of
+/// events about one address costs one map lookup.
+pub struct NameTexts {
+    map: BpfHashMap<MapData, u64, NameText>,
+    cache: HashMap<u64, String>,
+}
+
+impl super::events::NameTable for NameTexts {
+    fn name(&mut self, hash: u64) -> Option<String> {
+        if let Some(name) = self.cache.get(&hash) {
+            return Some(name.clone());
+        }
+        // A miss (evicted from the kernel's LRU table) is not cached: the next answer for
+        // the name writes it again.
+        let text = self.map.get(&hash, 0).ok()?;
+        let name = name_from_bytes(&text.name, text.len as usize);
+        if self.cache.len() >= NAME_CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.insert(hash, name.clone());
+        Some(name)
+    }
+}
+
+/// Counts learned entries without the engine (scrape time).
+pub struct LearnedReader {
+    map: BpfHashMap<MapData, LearnedKey, LearnedAddr>,
+}
+
+impl LearnedReader {
+    /// Entries in the map: one walk of its keys, bounded by `MAX_LEARNED`.
+    pub fn count(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+}
+
 /// A name as the job sent it: bytes, possibly not UTF-8; control characters are escaped by
 /// whoever prints it (JSON does).
 pub fn name_from_bytes(bytes: &[u8], len: usize) -> String {
     let len = len.min(MAX_NAME_BYTES).min(bytes.len());
     let mut out = String::with_capacity(len);
     for &b in &bytes[..len] {
-        if b.is_ascii_graphic() {
+        // A backslash too, so an escape in the output always stands for a byte.
+        if b.is_ascii_graphic() && b != b'\\' {
             out.push(b as char);
         } else {
             // Not printable ASCII: shown as \xNN, so a name can never forge a line or a field.
@@ -163,8 +287,11 @@ mod tests {
 
     #[test]
     fn names_with_control_characters_and_non_ascii_are_escaped() {
-        let raw = b"a\nb\x1b[31m\xffc.example";
-        assert_eq!(name_from_bytes(raw, raw.len()), "a\\x0ab\\x1b[31m\\xffc.example");
+        let raw = b"a\nb\x1b[31m\xffc\\x0a.example";
+        assert_eq!(
+            name_from_bytes(raw, raw.len()),
+            "a\\x0ab\\x1b[31m\\xffc\\x5cx0a.example"
+        );
         assert_eq!(
             name_from_bytes(b"github.com", 99),
             "github.com",

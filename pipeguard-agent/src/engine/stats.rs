@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
-use pipeguard_common::{Counter, CounterKey, FlowKey, map_names};
+use pipeguard_common::{Counter, CounterKey, FlowKey, Hook, map_names};
 
 use super::{Engine, EngineError};
 
@@ -80,22 +80,34 @@ pub struct CounterReader {
 }
 
 impl CounterReader {
-    /// Totals per (pod cgroup, verdict), summed over hooks and CPUs: one walk of the map,
-    /// so its cost is bounded by the map's capacity whatever the number of pods.
-    pub fn totals(&self) -> Result<HashMap<(u64, u8), Counter>, EngineError> {
-        let mut out: HashMap<(u64, u8), Counter> = HashMap::new();
+    /// Totals per (pod cgroup, verdict), summed over hooks and CPUs, and the DNS queries
+    /// per (pod cgroup, verdict): one walk of the map, so its cost is bounded by the map's
+    /// capacity whatever the number of pods.
+    pub fn totals(&self) -> Result<Totals, EngineError> {
+        let mut out = Totals::default();
         for item in self.map.iter() {
             let (key, values) = item.map_err(|source| EngineError::Map {
                 map: map_names::COUNTERS,
                 source,
             })?;
             let c = sum(&values);
-            let t = out.entry((key.cgroup_id, key.verdict)).or_default();
+            let t = out.traffic.entry((key.cgroup_id, key.verdict)).or_default();
             t.packets += c.packets;
             t.bytes += c.bytes;
+            if key.hook == Hook::Dns as u8 {
+                *out.dns_queries.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
+            }
         }
         Ok(out)
     }
+}
+
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// (pod cgroup, verdict) → packets and bytes over every hook.
+    pub traffic: HashMap<(u64, u8), Counter>,
+    /// (pod cgroup, verdict) → DNS queries checked (hook `Dns`).
+    pub dns_queries: HashMap<(u64, u8), u64>,
 }
 
 impl Engine {
@@ -104,15 +116,24 @@ impl Engine {
             map: map_names::COUNTERS,
             source,
         };
-        let Some(Map::PerCpuHashMap(data)) = self.ebpf.map(map_names::COUNTERS) else {
-            return Err(EngineError::MissingMap {
-                map: map_names::COUNTERS,
-            });
-        };
-        // A new fd for the same map (by id), owned by the reader.
-        let id = data.info().map_err(err)?.id();
-        let data = MapData::from_id(id).map_err(err)?;
+        let data = self.second_handle(map_names::COUNTERS)?;
         let map = PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(err)?;
         Ok(CounterReader { map })
+    }
+
+    /// A new fd for the same map (by id), owned by the caller.
+    pub(super) fn second_handle(&self, name: &'static str) -> Result<MapData, EngineError> {
+        let err = |source| EngineError::Map { map: name, source };
+        let data = match self.ebpf.map(name) {
+            Some(
+                Map::PerCpuHashMap(data)
+                | Map::LruHashMap(data)
+                | Map::HashMap(data)
+                | Map::PerCpuLruHashMap(data),
+            ) => data,
+            _ => return Err(EngineError::MissingMap { map: name }),
+        };
+        let id = data.info().map_err(err)?.id();
+        MapData::from_id(id).map_err(err)
     }
 }

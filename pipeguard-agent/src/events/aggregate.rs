@@ -10,7 +10,8 @@ use std::{
 
 use crate::engine::events::Violation;
 
-/// Identical attempts: same pod, destination, hook, verdict and process.
+/// Identical attempts: same pod, destination, hook, verdict and process, and for DNS the
+/// same question (each refused name is worth its own record).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     pod_cgroup_id: u64,
@@ -20,6 +21,8 @@ struct Key {
     hook: &'static str,
     verdict: &'static str,
     pid: u32,
+    query: Option<String>,
+    qtype: Option<String>,
 }
 
 impl From<&Violation> for Key {
@@ -32,6 +35,8 @@ impl From<&Violation> for Key {
             hook: v.hook,
             verdict: v.verdict,
             pid: v.pid,
+            query: v.query.clone(),
+            qtype: v.qtype.clone(),
         }
     }
 }
@@ -145,6 +150,11 @@ mod tests {
             pod_cgroup_id: 1,
             policy_id: 1,
             socket: None,
+            dst_name: None,
+            query: None,
+            qtype: None,
+            malformed: false,
+            name_hash: 0,
         }
     }
 

@@ -98,12 +98,21 @@ fn to_event(due: &Due) -> Event {
         },
         if audit { "EgressAudit" } else { "EgressDenied" },
         "Connect",
-        format!(
-            "pipeguard {} {count} egress attempt(s) to {}{who}: {}",
-            if audit { "would block" } else { "blocked" },
-            printable(&due.destination),
-            printable(r.reason.as_deref().unwrap_or_default())
-        ),
+        match r.question_text() {
+            Some(question) => format!(
+                "pipeguard {} {count} DNS query(ies) for {question} to {}{who}: {}",
+                if audit { "would refuse" } else { "refused" },
+                r.dst_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                printable(r.reason.as_deref().unwrap_or_default())
+            ),
+            // Already escaped.
+            None => format!(
+                "pipeguard {} {count} egress attempt(s) to {}{who}: {}",
+                if audit { "would block" } else { "blocked" },
+                due.destination,
+                printable(r.reason.as_deref().unwrap_or_default())
+            ),
+        },
         count,
         &r.node,
     )

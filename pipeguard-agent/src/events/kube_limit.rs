@@ -65,12 +65,12 @@ pub struct Limiter {
     pub dropped: u64,
 }
 
-/// The destination text of a record: address, port and protocol, or the hook.
+/// The destination text of a record (escaped): address, port, protocol and learned name,
+/// the DNS question, or the hook.
 pub fn destination(record: &Record) -> String {
-    match (record.dst_ip, record.dst_port) {
-        (Some(ip), Some(port)) => format!("{ip}:{port}/{}", record.protocol.clone().unwrap_or_default()),
-        _ => record.hook.clone().unwrap_or_default(),
-    }
+    record
+        .target_text()
+        .unwrap_or_else(|| record.hook.clone().unwrap_or_default())
 }
 
 impl Limiter {
@@ -235,6 +235,10 @@ mod tests {
             protocol: Some("tcp".into()),
             dst_ip: Some("127.0.0.1".parse().unwrap()),
             dst_port: Some(port),
+            dst_name: None,
+            query: None,
+            qtype: None,
+            malformed: false,
             pid: Some(1),
             comm: Some("curl".into()),
             exe: None,

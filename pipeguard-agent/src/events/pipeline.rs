@@ -68,6 +68,8 @@ pub struct Pipeline {
     pub file: Option<FileSink>,
     pub kube: Option<KubeEvents>,
     pub drops: Option<PerCpuArray<MapData, u64>>,
+    /// The kernel's name table, for `dst_name` (`None`: events carry no name).
+    pub names: Option<crate::engine::dns::NameTexts>,
     pub stats: Arc<Stats>,
     /// Opt-in per-destination counter (see --metrics-per-destination).
     pub per_destination: Option<
@@ -116,7 +118,7 @@ impl Pipeline {
                     let mut anomalies = Vec::new();
                     while let Some(item) = guard.get_inner_mut().next() {
                         // Allowed attempts are reported only to exec's learning, never here.
-                        if let Some(v) = decode::decode(&item, &clock).filter(|v| v.verdict != "allow") {
+                        if let Some(v) = decode::decode_named(&item, &clock, &mut self.names).filter(|v| v.verdict != "allow") {
                             self.stats.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if let Some(detectors) = &mut self.anomalies {
                                 anomalies.extend(detectors.on_attempt(&v, 1, now));
@@ -170,6 +172,10 @@ impl Pipeline {
                 protocol: None,
                 dst_ip: None,
                 dst_port: None,
+                dst_name: None,
+                query: None,
+                qtype: None,
+                malformed: false,
                 pid: None,
                 comm: None,
                 exe: None,
@@ -248,6 +254,10 @@ pub fn anomaly_record(a: Anomaly, index: &PodIndex, node: &str) -> Record {
         protocol: a.protocol,
         dst_ip: a.dst_ip,
         dst_port: a.dst_port,
+        dst_name: None,
+        query: None,
+        qtype: None,
+        malformed: false,
         pid: None,
         comm: a.comm,
         exe: None,
@@ -276,6 +286,20 @@ pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
     };
     let reason = if v.hook == "sock_create" {
         "raw and packet sockets are refused in guarded pods".to_string()
+    } else if v.hook == "dns" {
+        if v.malformed {
+            "the DNS query could not be parsed (refused: fail closed)".to_string()
+        } else {
+            match &pod {
+                Some(p) if !p.policies.is_empty() => {
+                    format!(
+                        "no domain rule for this pod allows the name (policies: {})",
+                        p.policies.join(", ")
+                    )
+                }
+                _ => "no domain rule for this pod allows the name".to_string(),
+            }
+        }
     } else if v.pod_cgroup_id == 0 {
         "the cgroup is not matched to a pod yet (--unknown-pods deny)".to_string()
     } else {
@@ -299,6 +323,10 @@ pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
         protocol: Some(v.protocol.clone()),
         dst_ip: v.dst_ip,
         dst_port: v.dst_port,
+        dst_name: v.dst_name.clone(),
+        query: v.query.clone(),
+        qtype: v.qtype.clone(),
+        malformed: v.malformed,
         pid: Some(v.pid),
         comm: Some(v.comm.clone()),
         // Cheap, and only once per record, not per attempt.

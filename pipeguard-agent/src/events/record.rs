@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::escape::printable;
+
 /// What the stream carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,6 +41,18 @@ pub struct Record {
     pub dst_ip: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst_port: Option<u16>,
+    /// The DNS name the destination was learned from (see `Violation::dst_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
+    /// For hook `dns`: the question name; the resolver is the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// For hook `dns`: the question type (`A`, `AAAA`, `TXT`, ... or its number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    /// For hook `dns`: the query could not be parsed and was refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub malformed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,6 +72,55 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ci: Option<CiContext>,
     pub cgroup_id: u64,
+}
+
+impl Record {
+    pub fn is_dns_query(&self) -> bool {
+        self.hook.as_deref() == Some("dns")
+    }
+
+    /// `203.0.113.7:443/tcp (exfil.example.net)`: the address, and the name it was learned
+    /// from when there is one. Escaped for people.
+    pub fn destination_text(&self) -> Option<String> {
+        let (ip, port) = (self.dst_ip?, self.dst_port?);
+        let protocol = printable(self.protocol.as_deref().unwrap_or_default()).into_owned();
+        Some(match &self.dst_name {
+            Some(name) => format!("{ip}:{port}/{protocol} ({})", printable(name)),
+            None => format!("{ip}:{port}/{protocol}"),
+        })
+    }
+
+    /// For a DNS query event: `secret.exfil.test (A)`, or why there is no name. Escaped.
+    pub fn question_text(&self) -> Option<String> {
+        if !self.is_dns_query() {
+            return None;
+        }
+        let name = self.query.as_deref().map(printable);
+        let qtype = printable(self.qtype.as_deref().unwrap_or("?")).into_owned();
+        Some(match (name, self.malformed) {
+            (Some(name), false) => format!("{name} ({qtype})"),
+            (Some(name), true) => format!("{name} (malformed)"),
+            (None, _) => "(malformed query)".to_string(),
+        })
+    }
+
+    /// `DNS query refused: secret.exfil.test (A) → 10.96.0.10:53`, or the destination
+    /// (`destination_text`) for any other attempt.
+    pub fn target_text(&self) -> Option<String> {
+        let Some(question) = self.question_text() else {
+            return self.destination_text();
+        };
+        let refused = if self.verdict.as_deref() == Some("audit") {
+            "would be refused"
+        } else {
+            "refused"
+        };
+        let resolver = match (self.dst_ip, self.dst_port) {
+            (Some(ip), Some(port)) => format!(" → {ip}:{port}"),
+            _ => String::new(),
+        };
+        Some(format!("DNS query {refused}: {question}{resolver}"))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

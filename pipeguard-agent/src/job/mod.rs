@@ -23,7 +23,7 @@ pub use self::{
 };
 use crate::{
     cgroup::OwnedCgroup,
-    engine::{Engine, EngineConfig, PolicyEntries, UnknownPods, events},
+    engine::{Engine, EngineConfig, PolicyEntries, UnknownPods, dns, events},
 };
 
 /// Jobs' cgroups live in this directory under the cgroup2 mount.
@@ -54,6 +54,10 @@ pub struct JobSpec {
     pub state_dir: PathBuf,
     pub events: EventSink,
     pub kernel_log_level: u8,
+    /// Names under it may always be queried (`--cluster-domain`).
+    pub cluster_domain: String,
+    /// Learned addresses live at least this long (`--dns-min-ttl`).
+    pub dns_min_ttl: Duration,
     /// Report allowed attempts too, so every destination has its processes (`--learn`).
     pub learn: bool,
     /// Anomaly detectors fed by the job's events and, at its end, its byte counts.
@@ -125,6 +129,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         report_allowed: spec.learn || spec.detectors.wants_allowed(),
         kernel_log_level: spec.kernel_log_level,
         pin_dir: Some(state.pin_dir().to_path_buf()),
+        cluster_domain: spec.cluster_domain.clone(),
+        dns_min_ttl: spec.dns_min_ttl,
         ..EngineConfig::default()
     })?;
     let cgroup = OwnedCgroup::create(&spec.cgroup_parent, &name).map_err(|source| JobError::Cgroup {
@@ -158,7 +164,11 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     let ring = engine.take_events()?;
     let clock = events::Clock::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let watch = sink::Watch::new(spec.detectors);
+    let names = engine
+        .name_texts()
+        .inspect_err(|error| tracing::warn!(%error, "events will carry no dst_name"))
+        .ok();
+    let watch = sink::Watch::new(spec.detectors, names);
     let reader = tokio::spawn(sink::pump(ring, clock, spec.events, watch, stop_rx));
 
     // With the BPF LSM hook, the programs refuse raw and packet sockets and report each
@@ -189,7 +199,23 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     } else {
         confine::Confinement::default_for_job(drop_net_raw)?
     };
-    let exit = child::run(&spec.command, &cgroup, confinement).await?;
+    let exit = {
+        let child = child::run(&spec.command, &cgroup, confinement);
+        tokio::pin!(child);
+        // A long job resolving many names: expired entries go while it runs.
+        let mut sweep = tokio::time::interval_at(
+            tokio::time::Instant::now() + dns::SWEEP_INTERVAL,
+            dns::SWEEP_INTERVAL,
+        );
+        loop {
+            tokio::select! {
+                exit = &mut child => break exit?,
+                _ = sweep.tick() => {
+                    engine.sweep_dns_logged();
+                }
+            }
+        }
+    };
 
     // Let the last packets' events land, then stop the reader; it drains before it exits.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -204,12 +230,20 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         .filter(|(k, _)| k.verdict == VERDICT_DENY || k.verdict == VERDICT_AUDIT)
         .map(|(_, c)| c.packets)
         .sum();
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         engine.flows(cgroup_id)?,
         &counters,
         delivered,
         engine.event_drops()?,
     );
+    // Names next to addresses: what the kernel learned (still there), then what events
+    // named (entries may have been swept or evicted since).
+    let mut names = watch.dns.names.clone();
+    match engine.learned_names(JOB_POLICY_ID) {
+        Ok(learned) => names.extend(learned),
+        Err(error) => tracing::warn!(%error, "reading the learned names for the summary"),
+    }
+    summary.add_names(names, watch.dns.queries.clone());
     // Bytes per destination are known from the flow table: upload_volume is judged on the
     // job's totals once it has finished.
     for (dest, counter) in summary.allowed.iter().chain(&summary.audited) {

@@ -43,6 +43,10 @@ impl EventSink {
 
 /// What exec derives from the events besides the events themselves.
 pub struct Watch {
+    /// The kernel's name table, for `dst_name` on events.
+    pub names: Option<crate::engine::dns::NameTexts>,
+    /// Names of the job's learned destinations seen on events, and the refused queries.
+    pub dns: DnsSeen,
     pub processes: ProcessLog,
     pub detectors: Detectors,
     /// Anomalies raised, in order (each also written to the sink).
@@ -50,8 +54,10 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(detectors: Detectors) -> Self {
+    pub fn new(detectors: Detectors, names: Option<crate::engine::dns::NameTexts>) -> Self {
         Self {
+            names,
+            dns: DnsSeen::default(),
             processes: ProcessLog::default(),
             detectors,
             anomalies: Vec::new(),
@@ -64,6 +70,41 @@ impl Watch {
         sink.write_line(&line)?;
         self.anomalies.push(anomaly);
         Ok(())
+    }
+}
+
+/// What the summary needs from the events about names: the name of each destination an
+/// event named, and every refused (or audited) query.
+#[derive(Debug, Default)]
+pub struct DnsSeen {
+    pub names: std::collections::HashMap<std::net::IpAddr, String>,
+    /// (verdict, question name, qtype) → attempts.
+    pub queries: std::collections::BTreeMap<(&'static str, String, String), u64>,
+}
+
+/// Refused names kept for the summary at most (a job looping over random names must not
+/// grow exec without bound); the rest are counted under one entry.
+const MAX_QUERIES_KEPT: usize = 1_000;
+
+impl DnsSeen {
+    fn record(&mut self, event: &events::Violation) {
+        if let (Some(ip), Some(name)) = (event.dst_ip, &event.dst_name) {
+            if self.names.len() < MAX_QUERIES_KEPT || self.names.contains_key(&ip) {
+                self.names.insert(ip, name.clone());
+            }
+        }
+        if event.hook != "dns" || event.verdict == "allow" {
+            return;
+        }
+        let mut key = (
+            event.verdict,
+            event.query.clone().unwrap_or_else(|| "(malformed query)".into()),
+            event.qtype.clone().unwrap_or_default(),
+        );
+        if self.queries.len() >= MAX_QUERIES_KEPT && !self.queries.contains_key(&key) {
+            key = (event.verdict, "(other names)".into(), String::new());
+        }
+        *self.queries.entry(key).or_default() += 1;
     }
 }
 
@@ -102,11 +143,12 @@ fn drain(
 ) -> io::Result<u64> {
     let mut n = 0;
     while let Some(item) = ring.next() {
-        let Some(event) = events::decode(&item, clock) else {
+        let Some(event) = events::decode_named(&item, clock, &mut watch.names) else {
             tracing::warn!(len = item.len(), "undecodable kernel event record");
             continue;
         };
         watch.processes.record(&event);
+        watch.dns.record(&event);
         for anomaly in watch.detectors.on_attempt(&event, 1, Instant::now()) {
             watch.raise(anomaly, sink)?;
         }

@@ -160,6 +160,11 @@ mod tests {
             pod_cgroup_id: 1,
             policy_id: 1,
             socket: None,
+            dst_name: None,
+            query: None,
+            qtype: None,
+            malformed: false,
+            name_hash: 0,
         }
     }
 

@@ -400,6 +400,11 @@ mod tests {
             pod_cgroup_id: 9,
             policy_id: 1,
             socket: None,
+            dst_name: None,
+            query: None,
+            qtype: None,
+            malformed: false,
+            name_hash: 0,
         };
         let baseline = Baseline::Seen(std::collections::HashSet::from([(
             "10.0.0.1".parse().unwrap(),
