@@ -1108,6 +1108,32 @@ fn wait_metrics(agent: &Agent, lines: &[&str]) {
     }
 }
 
+/// Waits until each series of `series` is in /metrics with at least its value.
+fn wait_metrics_at_least(agent: &Agent, series: &[(&str, u64)]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = http_get(&agent.listen, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+        };
+        if series
+            .iter()
+            .all(|(name, min)| value(name).is_some_and(|v| v >= *min))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "some of {series:?} missing or too low in:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_event(server: &KubeApiServer, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1183,6 +1209,22 @@ fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
         "a refused query reached the resolver:\n{}",
         dns.log()
     );
+    // /metrics: the pod's allowed and refused queries, what was learned, and its capacity.
+    wait_metrics_at_least(
+        &agent,
+        &[
+            (
+                "pipeguard_dns_queries_total{namespace=\"ci\",pod=\"runner-a\",verdict=\"allow\"}",
+                1,
+            ),
+            (
+                "pipeguard_dns_queries_total{namespace=\"ci\",pod=\"runner-a\",verdict=\"deny\"}",
+                1,
+            ),
+            ("pipeguard_map_entries{map=\"dns_learned\"}", 1),
+        ],
+    );
+    wait_metrics(&agent, &["pipeguard_map_capacity{map=\"dns_learned\"} 131072"]);
 
     // An invalid DomainPolicy: its namespace fails closed (last good kept, DNS still
     // filtered), it is counted, and a Warning Event lands on the object itself.
