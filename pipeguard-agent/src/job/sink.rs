@@ -88,10 +88,10 @@ const MAX_QUERIES_KEPT: usize = 1_000;
 
 impl DnsSeen {
     fn record(&mut self, event: &events::Violation) {
-        if let (Some(ip), Some(name)) = (event.dst_ip, &event.dst_name) {
-            if self.names.len() < MAX_QUERIES_KEPT || self.names.contains_key(&ip) {
-                self.names.insert(ip, name.clone());
-            }
+        if let (Some(ip), Some(name)) = (event.dst_ip, &event.dst_name)
+            && (self.names.len() < MAX_QUERIES_KEPT || self.names.contains_key(&ip))
+        {
+            self.names.insert(ip, name.clone());
         }
         if event.hook != "dns" || event.verdict == "allow" {
             return;
