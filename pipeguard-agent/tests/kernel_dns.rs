@@ -616,6 +616,7 @@ fn a_refused_query_cannot_ride_behind_an_allowed_one_in_a_udp_gso_send() {
         dns.log()
     );
 }
+
 /// Every event the ring buffer holds, with names from the engine's name table.
 fn drain_named(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
