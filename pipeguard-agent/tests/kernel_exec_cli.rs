@@ -458,4 +458,26 @@ fn a_domain_policy_lets_the_job_reach_its_names_and_nothing_else() {
         dns.log()
     );
     assert!(other.received.bytes().is_empty());
+    // The refused query is an event with its question; the summary names the learned
+    // address and lists the refused query by name.
+    let err = stderr(&out);
+    let query: serde_json::Value = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["hook"] == "dns")
+        .unwrap_or_else(|| panic!("no dns event in:\n{err}"));
+    assert_eq!(query["query"], "token.exfil.test", "{query}");
+    assert_eq!(query["qtype"], "A", "{query}");
+    assert_eq!(query["dst_ip"], resolver_ip.as_str(), "{query}");
+    assert_eq!(query["dst_port"], 53, "{query}");
+    let named = format!("127.0.0.1:{}/tcp (build.pg.test)", web.addr.port());
+    assert!(
+        err.lines().any(|l| l.contains("allowed") && l.contains(&named)),
+        "{named} missing from the summary:\n{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("DENIED   DNS query token.exfil.test (A)")),
+        "the refused query missing from the summary:\n{err}"
+    );
 }
