@@ -1222,6 +1222,9 @@ fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
                 1,
             ),
             ("pipeguard_map_entries{map=\"dns_learned\"}", 1),
+            // The periodic sweep ran at start-up (nothing had expired yet).
+            ("pipeguard_dns_swept_total{map=\"dns_learned\"}", 0),
+            ("pipeguard_dns_swept_total{map=\"dns_queries\"}", 0),
         ],
     );
     wait_metrics(&agent, &["pipeguard_map_capacity{map=\"dns_learned\"} 131072"]);
