@@ -156,7 +156,7 @@ const STEPS: &[Step] = &[
 ];
 
 /// Attempted (the job says its lookup failed), refused (the resolver's own log never shows
-/// the token) and reported (a deny event of the DNS hook for the query to the resolver).
+/// the token) and reported (a deny event of the DNS hook that names the query).
 fn dns_exfiltration(o: &Observed) -> Result<String, String> {
     let leaked = o.queries_for(TOKEN);
     if !leaked.is_empty() {
@@ -168,14 +168,17 @@ fn dns_exfiltration(o: &Observed) -> Result<String, String> {
     }
     let events = o.denials_with(&[
         r#""hook":"dns""#.to_string(),
+        format!(r#""query":"{EXFIL_NAME}""#),
         format!(r#""dst_ip":"{RESOLVER_IP}""#),
         r#""dst_port":53"#.to_string(),
     ]);
     if events == 0 {
-        return Err(format!("no deny event of the dns hook for {RESOLVER_IP}:53"));
+        return Err(format!(
+            "no deny event of the dns hook naming the query {EXFIL_NAME} to {RESOLVER_IP}:53"
+        ));
     }
     Ok(format!(
-        "the lookup of {EXFIL_NAME} failed, the resolver never received it, {events} deny event(s) of the dns hook for {RESOLVER_IP}:53"
+        "the lookup failed, the resolver never received it, {events} deny event(s) of the dns hook name the query {EXFIL_NAME}"
     ))
 }
 
