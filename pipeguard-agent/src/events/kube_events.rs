@@ -272,3 +272,50 @@ fn post(client: Client, event: Event) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn due(extra: serde_json::Value) -> Due {
+        let mut json = serde_json::json!({
+            "kind": "violation", "time": "t", "first_seen": "t", "last_seen": "t", "count": 2,
+            "verdict": "deny", "protocol": "udp", "comm": "curl", "node": "n", "cgroup_id": 1,
+            "pod": {"namespace": "ci", "name": "runner", "uid": "u"},
+            "reason": "no domain rule for this pod allows the name"
+        });
+        json.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let record: Record = serde_json::from_value(json).unwrap();
+        Due {
+            destination: super::super::kube_limit::destination(&record),
+            record,
+            count: 2,
+        }
+    }
+
+    #[test]
+    fn messages_name_the_query_or_the_learned_name_escaped() {
+        let query = to_event(&due(serde_json::json!({
+            "hook": "dns", "dst_ip": "10.96.0.10", "dst_port": 53,
+            "query": "secret\\x0a.exfil.test\u{1b}[2J", "qtype": "TXT"
+        })));
+        let message = query.message.unwrap();
+        assert!(
+            message.starts_with(
+                "pipeguard refused 2 DNS query(ies) for secret\\\\x0a.exfil.test\\u{1b}[2J (TXT) to 10.96.0.10 by curl"
+            ),
+            "{message}"
+        );
+        let named = to_event(&due(serde_json::json!({
+            "hook": "connect4", "protocol": "tcp", "dst_ip": "203.0.113.7", "dst_port": 443,
+            "dst_name": "exfil.example.net"
+        })));
+        let message = named.message.unwrap();
+        assert!(
+            message.contains("egress attempt(s) to 203.0.113.7:443/tcp (exfil.example.net) by curl"),
+            "{message}"
+        );
+    }
+}
