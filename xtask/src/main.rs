@@ -49,8 +49,11 @@ enum Task {
         /// Write every figure and ratio, with the machine details, as JSON.
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
+        /// Run one section only: `dns` (domain rules: resolve+connect, kernel cost, 10k names).
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
         /// Only build what the benchmark runs (no root needed); CI does this so it cannot rot.
-        #[arg(long, conflicts_with_all = ["quick", "json"])]
+        #[arg(long, conflicts_with_all = ["quick", "json", "only"])]
         no_run: bool,
     },
     /// The benchmark's load generator and servers (started by `bench`).
@@ -89,7 +92,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Test => test(),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { no_run: true, .. } => bench::build_all().map(|_| ExitCode::SUCCESS),
-        Task::Bench { quick, json, .. } => bench::run(quick, json),
+        Task::Bench {
+            quick, json, only, ..
+        } => bench::run(quick, json, only),
         Task::BenchWorker { args } => bench::worker(&args),
     }
 }

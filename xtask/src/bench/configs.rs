@@ -74,6 +74,9 @@ pub(super) fn label(cfg: &str) -> &'static str {
         "ipt-10k" => "iptables chain 10k",
         "nft-10k" => "nftables set 10k",
         "empty" => "empty programs",
+        "dns-ip" => "pipeguard IP rules only",
+        "dns-names" => "pipeguard 16 domain rules",
+        "dns-10k" => "pipeguard 10k domain rules",
         _ => "?",
     }
 }

@@ -26,7 +26,7 @@ const ATTACH_INET_SOCK_CREATE: u32 = 2;
 const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
 
-fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<i32> {
+pub(super) fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<i32> {
     // SAFETY: attr is a zero-initialised buffer at least as large as the union members we use.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
     if rc < 0 {
@@ -35,10 +35,10 @@ fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<i32> {
     Ok(rc as i32)
 }
 
-fn put_u32(buf: &mut [u8], off: usize, v: u32) {
+pub(super) fn put_u32(buf: &mut [u8], off: usize, v: u32) {
     buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
-fn put_u64(buf: &mut [u8], off: usize, v: u64) {
+pub(super) fn put_u64(buf: &mut [u8], off: usize, v: u64) {
     buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 fn get_u64(buf: &[u8], off: usize) -> u64 {
@@ -184,6 +184,23 @@ pub fn process_prog_stats(pid: u32) -> Result<BTreeMap<String, RunStats>> {
         bail!("process {pid} holds no BPF programs");
     }
     Ok(out)
+}
+
+/// The id of the program called `name` that process `pid` holds.
+pub fn process_prog_id(pid: u32, name: &str) -> Result<u32> {
+    for id in bpf_fdinfo(pid, "bpf-prog", "prog_id:")?.keys() {
+        let mut attr = [0u8; 16];
+        put_u32(&mut attr, 0, *id);
+        let Ok(fd) = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) else {
+            continue;
+        };
+        // SAFETY: the kernel just returned this fd to us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if prog_info(&fd)?.0 == name {
+            return Ok(*id);
+        }
+    }
+    bail!("process {pid} holds no program {name}")
 }
 
 /// Memory the kernel charges for the maps and programs process `pid` holds (fdinfo memlock).

@@ -9,6 +9,8 @@
 
 mod configs;
 mod control_plane;
+mod dns;
+mod dns_worker;
 mod event_latency;
 mod exec_cost;
 mod kernel;
@@ -94,7 +96,7 @@ struct Params {
     paced_events: u64,
 }
 
-pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
+pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Result<ExitCode> {
     // SAFETY: plain getter.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF)");
@@ -142,12 +144,21 @@ pub fn run(quick: bool, json_path: Option<PathBuf>) -> Result<ExitCode> {
         figures: Json::obj(),
         memory_rows: Vec::new(),
     };
-    let outcome = bench.all(&p);
+    let outcome = match only.as_deref() {
+        None => bench.all(&p),
+        Some("dns") => bench.dns(&p),
+        Some(other) => Err(anyhow::anyhow!(
+            "--only {other}: the one selectable section is dns"
+        )),
+    };
     // Workers first (they are in the namespaces), then the namespaces (Netns drop in all()).
     bench.stop_workers();
     outcome?;
     // Its own cgroups, list/watch server and agent; after the namespaces are gone.
-    let (control_md, control_json) = control_plane::run(p.quick, &bench.dir)?;
+    let (control_md, control_json) = match only {
+        None => control_plane::run(p.quick, &bench.dir)?,
+        Some(_) => (String::new(), "null".to_string()),
+    };
 
     let mut doc = Json::obj();
     doc.set("machine", machine()?);

@@ -120,6 +120,9 @@ impl Sample {
 
 fn command(line: &str) -> Result<Sample> {
     let words: Vec<&str> = line.split_whitespace().collect();
+    if let Some(sample) = super::dns_worker::command(&words) {
+        return sample;
+    }
     let [verb, addr, amount] = words[..] else {
         bail!("expected VERB ADDR AMOUNT, got {line:?}");
     };
@@ -140,7 +143,7 @@ fn secs(s: &str) -> Result<Duration> {
 }
 
 /// SO_LINGER 0: close sends RST and leaves no TIME_WAIT, so the ephemeral ports never run out.
-fn linger_zero(s: &TcpStream) -> io::Result<()> {
+pub(super) fn linger_zero(s: &TcpStream) -> io::Result<()> {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,

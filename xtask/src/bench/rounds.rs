@@ -147,6 +147,7 @@ impl Bench {
             self.table.row(row);
         }
         self.events(p)?;
+        self.dns(p)?;
         self.stop_workers();
         drop(netns);
         Ok(())
