@@ -105,7 +105,15 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
     let Built {
         pipeguard,
         worker_bin,
-    } = build_all()?;
+    } = if only.is_some() {
+        // A selected section runs no control-plane bench: skip its (long) build.
+        Built {
+            pipeguard: crate::build()?,
+            worker_bin: build_worker()?,
+        }
+    } else {
+        build_all()?
+    };
     ensure_firewall_tools()?;
     let p = if quick {
         Params {
