@@ -425,15 +425,9 @@ impl Dnsmasq {
         if cpus() >= 2 {
             let cpu = cpus() - 1;
             // SAFETY: only sched_setaffinity on a stack-built set, between fork and exec.
+            // The error path formats, but only runs once the call has failed.
             unsafe {
-                cmd.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || super::pin_to(cpu).map_err(|e| std::io::Error::other(e.to_string())));
             }
         }
         let child = cmd
