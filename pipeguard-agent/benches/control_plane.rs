@@ -10,6 +10,11 @@
 //!
 //! And the event reader's ceiling in user space: decode and aggregate per record.
 //!
+//! And the agent's own cost on a busy node: many pods, a flood, many subscribers
+//! (`control_plane/agent_load.rs`).
+//!
+//! `--only SECTION` runs one part: library, agent, events, agent-load.
+//!
 //! Timings are reported, never asserted. Markdown goes to stdout, every figure to --json.
 
 #[path = "../tests/common/mod.rs"]
@@ -17,6 +22,8 @@ mod common;
 
 #[path = "control_plane/agent.rs"]
 mod agent;
+#[path = "control_plane/agent_load.rs"]
+mod agent_load;
 #[path = "control_plane/events.rs"]
 mod events;
 #[path = "control_plane/library.rs"]
@@ -32,22 +39,43 @@ fn main() -> ExitCode {
     if let Ok(target) = std::env::var(agent::PROBER_ENV) {
         agent::prober(&target);
     }
+    if std::env::var_os(common::probe::ACTIONS_ENV).is_some() {
+        // Re-executed as the kernel tests' probe (run_probe), inside a pod cgroup.
+        common::probe::main();
+        return ExitCode::SUCCESS;
+    }
     let mut quick = false;
+    let mut only: Option<String> = None;
     let mut json: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--json" => json = args.next().map(PathBuf::from),
+            "--only" => only = args.next(),
             // `cargo bench` passes --bench; filters do not apply to this harness.
             _ => {}
         }
     }
     common::require_kernel();
     let mut report = Report::default();
-    library::run(quick, &mut report);
-    agent::run(quick, &mut report);
-    events::run(quick, &mut report);
+    let sections: [(&str, fn(bool, &mut Report)); 4] = [
+        ("library", library::run),
+        ("agent", agent::run),
+        ("events", events::run),
+        ("agent-load", agent_load::run),
+    ];
+    if let Some(name) = &only
+        && !sections.iter().any(|(s, _)| s == name)
+    {
+        eprintln!("control_plane: no section {name:?}");
+        return ExitCode::FAILURE;
+    }
+    for (name, run) in sections {
+        if only.as_deref().is_none_or(|o| o == name) {
+            run(quick, &mut report);
+        }
+    }
     print!("{}", report.markdown());
     if let Some(path) = json
         && let Err(error) = std::fs::write(&path, report.json())

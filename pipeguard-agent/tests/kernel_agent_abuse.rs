@@ -17,8 +17,8 @@ use std::{
 
 use common::{
     agent::{
-        self, Node, allow_only, eventually, http_get, metric, namespace, node, pod, start_agent, uid,
-        wait_ready,
+        self, Node, allow_only, eventually, http_get, metric, namespace, node, pod, raise_own_fd_limit,
+        start_agent, uid, wait_ready,
     },
     listeners, run_probe,
 };
@@ -71,19 +71,6 @@ fn connect_from(source: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<T
         }
     }
     Ok(stream)
-}
-
-fn raise_own_fd_limit() {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain rlimit calls on this test process.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-    }
 }
 
 #[test]
@@ -550,4 +537,179 @@ fn a_domain_policy_allowing_a_public_doh_resolver_is_warned_about_when_loaded() 
     for part in ["DomainPolicy", "names", "spec.egress[0].domains[1]"] {
         assert!(warned[0].contains(part), "{part} missing: {}", warned[0]);
     }
+}
+
+/// Polls /readyz until its status is `status` and its body contains `says`.
+fn wait_readyz(agent: &agent::Agent, status: u16, says: &str, within: Duration) -> String {
+    let mut last = None;
+    let deadline = Instant::now() + within;
+    loop {
+        last = http_get(&agent.listen, "/readyz").or(last);
+        if let Some((s, body)) = &last
+            && *s == status
+            && body.contains(says)
+        {
+            return body.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status} with {says:?}: {last:?}\nlog:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_watch_failing_past_the_bound_makes_the_agent_not_ready_domain_policies_included() {
+    let n = node("abuse-watchfail");
+    let registry = listeners::tcp("127.0.0.1:0");
+    let elsewhere = listeners::tcp("127.0.0.1:0");
+    setup(&n, registry.addr);
+    n.server.install_crds();
+    let runner = uid(0x3a7c);
+    n.server.apply(pod("ci", "runner-watch", &runner, "10.0.0.60"));
+    let cg = n.pod_cgroup(&runner);
+    let agent = start_agent(&n, &["--no-events-stdout", "--watch-failure-seconds", "2"], None);
+    wait_ready(&agent, Duration::from_secs(60));
+    for kind in ["NetworkPolicy", "DomainPolicy", "ClusterDomainPolicy", "Pod"] {
+        n.server.fail(kind);
+        let body = wait_readyz(
+            &agent,
+            503,
+            &format!("the {kind} watch failing"),
+            Duration::from_secs(40),
+        );
+        eprintln!("WATCH {kind} down: {body:?}");
+        assert_eq!(metric(&agent, "pipeguard_ready"), Some(0.0));
+        // Meanwhile the guarded pod keeps its last enforced state.
+        assert!(once(&cg, format!("tcp {} leak", elsewhere.addr)).denied_with_eperm());
+        assert!(once(&cg, format!("tcp {} ok", registry.addr)).ok);
+        n.server.heal(kind);
+        wait_readyz(&agent, 200, "ready", Duration::from_secs(60));
+    }
+}
+
+/// Lowers the running agent's descriptor limit so that exactly one descriptor is free:
+/// enough for one HTTP connection, not for a scan (it holds two directories open at once).
+/// Returns the limit it had.
+fn squeeze_descriptors(pid: u32) -> libc::rlimit {
+    let mut open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    open.sort_unstable();
+    let first_free = (0u64..).find(|fd| open.binary_search(fd).is_err()).unwrap();
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    set_descriptor_limit(pid, first_free + 1, Some(&mut old));
+    old
+}
+
+fn set_descriptor_limit(pid: u32, limit: u64, old: Option<&mut libc::rlimit>) {
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut _);
+    // SAFETY: prlimit on the agent this test started; valid pointers or null.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_failing_cgroup_scan_makes_the_agent_not_ready() {
+    let n = node("abuse-scanfail");
+    let registry = listeners::tcp("127.0.0.1:0");
+    setup(&n, registry.addr);
+    let agent = start_agent(&n, &["--no-events-stdout"], None);
+    wait_ready(&agent, Duration::from_secs(60));
+    let old = squeeze_descriptors(agent.pid());
+    // A new pod cgroup wakes the loop; its scan cannot open the directories.
+    let runner = uid(0x5ca1);
+    n.server.apply(pod("ci", "runner-late", &runner, "10.0.0.61"));
+    let cg = n.pod_cgroup(&runner);
+    eventually(
+        Duration::from_secs(30),
+        "the failed scan was never reported",
+        || agent.log().contains("scanning pod cgroups under"),
+    );
+    // The one free descriptor serves the probe (the scan fails on its second directory).
+    let body = wait_readyz(&agent, 503, "scanning pod cgroups", Duration::from_secs(30));
+    eprintln!("SCANFAIL /readyz under EMFILE: {body:?}");
+    assert_eq!(metric(&agent, "pipeguard_ready"), Some(0.0));
+    set_descriptor_limit(agent.pid(), old.rlim_max, None);
+    wait_readyz(&agent, 200, "ready", Duration::from_secs(30));
+    // Once the scan works again the new pod is registered and guarded.
+    let elsewhere = listeners::tcp("127.0.0.1:0");
+    assert!(once(&cg, format!("wait-denied {}", elsewhere.addr)).ok);
+}
+
+/// A `/v1/events` subscriber reading everything into a shared buffer on its own thread.
+fn subscribe(agent: &agent::Agent) -> Arc<std::sync::Mutex<Vec<u8>>> {
+    let mut c = TcpStream::connect(&agent.listen).unwrap();
+    write!(c, "GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(k) = c.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..k]);
+        }
+    });
+    seen
+}
+
+#[test]
+fn a_stalled_stdout_sink_never_delays_the_stream() {
+    const PORTS: u16 = 2000;
+    let n = node("abuse-stall");
+    let registry = listeners::tcp("127.0.0.1:0");
+    setup(&n, registry.addr);
+    let runner = uid(0x57a1);
+    n.server.apply(pod("ci", "runner-stall", &runner, "10.0.0.62"));
+    let cg = n.pod_cgroup(&runner);
+    // Records on stdout, into a pipe nobody reads: full after ~64 KiB (a few hundred records).
+    let mut agent = agent::start_agent_with_stdout(&n, &[], None, std::process::Stdio::piped());
+    // Declared after the agent: dropped first, so the stalled writer sees EPIPE before SIGTERM.
+    let stdout = agent.take_stdout().expect("a piped stdout");
+    wait_ready(&agent, Duration::from_secs(60));
+    let seen = subscribe(&agent);
+    std::thread::sleep(Duration::from_millis(300));
+    let scan = once(&cg, format!("scan 127.0.0.9:20000 {PORTS}"));
+    assert!(scan.ok, "{scan:?}");
+    let marker = listeners::tcp("127.0.0.1:0");
+    assert!(once(&cg, format!("tcp {} marker", marker.addr)).denied_with_eperm());
+    let needle = format!("\"dst_port\":{}", marker.addr.port());
+    eventually(
+        Duration::from_secs(10),
+        "the subscriber never got the record after the flood: a sink delays the stream",
+        || String::from_utf8_lossy(&seen.lock().unwrap()).contains(&needle),
+    );
+    // The stdout sink really was stalled: its pipe is full, and the subscriber got more.
+    // SAFETY: F_GETPIPE_SZ / FIONREAD on the pipe this test owns.
+    let (capacity, queued) = unsafe {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stdout);
+        let mut queued: libc::c_int = 0;
+        libc::ioctl(fd, libc::FIONREAD, &mut queued);
+        (libc::fcntl(fd, libc::F_GETPIPE_SZ), queued)
+    };
+    let streamed = String::from_utf8_lossy(&seen.lock().unwrap())
+        .matches("\"dst_port\"")
+        .count();
+    eprintln!("STALL pipe {queued} of {capacity} bytes; the subscriber got {streamed} records");
+    assert!(
+        streamed > PORTS as usize / 2,
+        "the subscriber got {streamed} records"
+    );
+    assert!(
+        queued >= capacity - 8192,
+        "the stdout pipe never filled ({queued} of {capacity} bytes): nothing was stalled"
+    );
+    drop(stdout);
 }

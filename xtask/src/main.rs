@@ -49,7 +49,9 @@ enum Task {
         /// Write every figure and ratio, with the machine details, as JSON.
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
-        /// Run one section only: `dns` (domain rules: resolve+connect, kernel cost, 10k names).
+        /// Run one section only: `dns` (domain rules: resolve+connect, kernel cost, 10k names),
+        /// or a control-plane section (library, agent, events, agent-load) without the
+        /// throughput rounds. Example: `cargo xtask bench --only agent-load`
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
         /// Only build what the benchmark runs (no root needed); CI does this so it cannot rot.

@@ -67,7 +67,7 @@ fn policy(cidrs: &[String], with_probe: bool) -> Value {
 }
 
 /// A child process killed (by pid) and reaped on drop.
-struct Owned(Child);
+pub struct Owned(Child);
 
 impl Drop for Owned {
     fn drop(&mut self) {
@@ -270,7 +270,7 @@ impl Node {
     }
 }
 
-fn spawn_prober(cgroup: &Path) -> (Owned, mpsc::Receiver<(Instant, bool)>) {
+pub fn spawn_prober(cgroup: &Path) -> (Owned, mpsc::Receiver<(Instant, bool)>) {
     let mut cmd = Command::new(std::env::current_exe().expect("this binary"));
     cmd.env(PROBER_ENV, "127.0.0.1:9")
         .stdin(Stdio::null())
@@ -311,7 +311,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 }
 
 /// The memlock of the BPF maps the process holds, in KiB.
-fn bpf_map_kib(pid: u32) -> u64 {
+pub fn bpf_map_kib(pid: u32) -> u64 {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return 0;
     };

@@ -57,19 +57,19 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
 /// bound is normal: API server restarts, 410 Gone).
 #[derive(Default)]
 pub struct Watches {
-    failing: std::sync::Mutex<std::collections::BTreeMap<&'static str, (std::time::Instant, String)>>,
+    failing: std::sync::Mutex<std::collections::BTreeMap<String, (std::time::Instant, String)>>,
 }
 
 impl Watches {
-    fn failed(&self, kind: &'static str, error: String) {
+    pub(super) fn failed(&self, kind: &str, error: String) {
         let mut failing = self.failing.lock().expect("watches lock");
         let since = failing
             .get(kind)
             .map_or_else(std::time::Instant::now, |(t, _)| *t);
-        failing.insert(kind, (since, error));
+        failing.insert(kind.to_string(), (since, error));
     }
 
-    fn succeeded(&self, kind: &'static str) {
+    pub(super) fn succeeded(&self, kind: &str) {
         self.failing.lock().expect("watches lock").remove(kind);
     }
 
@@ -81,8 +81,7 @@ impl Watches {
             .filter(|(_, (since, _))| since.elapsed() > bound)
             .map(|(kind, (since, error))| {
                 format!(
-                    "{} failing for {}s ({error})",
-                    kind.rsplit("::").next().unwrap_or(kind),
+                    "the {kind} watch failing for {}s ({error})",
                     since.elapsed().as_secs()
                 )
             })
@@ -141,7 +140,7 @@ pub fn start(client: Client) -> Caches {
         changed.clone(),
         watches.clone(),
     );
-    let (domains, cluster_domains) = super::kube_domains::start(client, changed.clone());
+    let (domains, cluster_domains) = super::kube_domains::start(client, changed.clone(), watches.clone());
     Caches {
         watches,
         pods,
@@ -168,11 +167,11 @@ where
         .default_backoff()
         .modify(strip)
         .reflect(writer);
-    tokio::spawn(drive(stream, changed, watches, std::any::type_name::<K>()));
+    tokio::spawn(drive(stream, changed, watches, K::kind(&()).into_owned()));
     store
 }
 
-async fn drive<S, K>(stream: S, changed: Arc<Notify>, watches: Arc<Watches>, kind: &'static str)
+async fn drive<S, K>(stream: S, changed: Arc<Notify>, watches: Arc<Watches>, kind: String)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
@@ -181,12 +180,12 @@ where
         match event {
             // The store has been updated before the event is yielded.
             Ok(_) => {
-                watches.succeeded(kind);
+                watches.succeeded(&kind);
                 changed.notify_one();
             }
             Err(error) => {
-                tracing::warn!(kind, %error, "watch error; retrying with backoff (caches keep their last state)");
-                watches.failed(kind, error.to_string());
+                tracing::warn!(%kind, %error, "watch error; retrying with backoff (caches keep their last state)");
+                watches.failed(&kind, error.to_string());
             }
         }
     }

@@ -22,6 +22,7 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 
+use super::kube::Watches;
 use crate::policy::{CLUSTER_DOMAIN_POLICY, DOMAIN_POLICY};
 
 /// One custom resource's cache.
@@ -62,21 +63,23 @@ pub fn resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("pipeguard.dev", "v1alpha1", kind), plural)
 }
 
-/// Both caches: (DomainPolicy, ClusterDomainPolicy).
-pub fn start(client: Client, changed: Arc<Notify>) -> (DomainCache, DomainCache) {
+/// Both caches: (DomainPolicy, ClusterDomainPolicy). Their watch failures count towards
+/// readiness like the built-in kinds' (a domain rule revoked while the watch is down stays
+/// applied).
+pub fn start(client: Client, changed: Arc<Notify>, watches: Arc<Watches>) -> (DomainCache, DomainCache) {
     (
-        reflect(client.clone(), resource(DOMAIN_POLICY), changed.clone()),
-        reflect(client, resource(CLUSTER_DOMAIN_POLICY), changed),
+        reflect(client.clone(), DOMAIN_POLICY, changed.clone(), watches.clone()),
+        reflect(client, CLUSTER_DOMAIN_POLICY, changed, watches),
     )
 }
 
-fn reflect(client: Client, resource: ApiResource, changed: Arc<Notify>) -> DomainCache {
+fn reflect(client: Client, kind: &'static str, changed: Arc<Notify>, watches: Arc<Watches>) -> DomainCache {
+    let resource = resource(kind);
     let api = Api::<DynamicObject>::all_with(client, &resource);
     let writer = reflector::store::Writer::new(resource.clone());
     let store = writer.as_reader();
     let missing = Arc::new(AtomicBool::new(false));
     let (missing_tx, missing_seen) = watch::channel(false);
-    let kind = resource.kind.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(|obj: &mut DynamicObject| obj.meta_mut().managed_fields = None)
@@ -87,12 +90,15 @@ fn reflect(client: Client, resource: ApiResource, changed: Arc<Notify>) -> Domai
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => {
+                    watches.succeeded(kind);
                     if flag.swap(false, Ordering::Relaxed) {
                         tracing::info!(%kind, "custom resource definition found; watching it");
                     }
                     changed.notify_one();
                 }
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                    // A kind without its CRD has no objects: nothing is missed.
+                    watches.succeeded(kind);
                     if !flag.swap(true, Ordering::Relaxed) {
                         tracing::warn!(%kind, "the CRD is not installed (404); treating it as having no objects and retrying (domain rules only allow, so this opens nothing)");
                         changed.notify_one();
@@ -100,7 +106,8 @@ fn reflect(client: Client, resource: ApiResource, changed: Arc<Notify>) -> Domai
                     let _ = missing_tx.send(true);
                 }
                 Err(error) => {
-                    tracing::warn!(%kind, %error, "watch error; retrying with backoff (caches keep their last state)")
+                    tracing::warn!(%kind, %error, "watch error; retrying with backoff (caches keep their last state)");
+                    watches.failed(kind, error.to_string());
                 }
             }
         }

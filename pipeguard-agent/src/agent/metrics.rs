@@ -33,6 +33,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -84,6 +89,8 @@ pub struct Metrics {
     /// Events the kernel could not queue (ring buffer full); reported, never silent.
     pub event_ring_drops: Counter,
     pub event_sink_errors: Counter,
+    /// Records a sink (stdout, file) lost because it fell behind; the stream did not wait.
+    pub event_sink_dropped: Family<SinkLabels, Counter>,
     pub event_subscribers: Gauge,
     pub event_subscribers_dropped: Counter,
     /// Anomaly records raised, per signal.
@@ -159,6 +166,7 @@ impl Default for Metrics {
             event_records: Counter::default(),
             event_ring_drops: Counter::default(),
             event_sink_errors: Counter::default(),
+            event_sink_dropped: Family::default(),
             event_subscribers: Gauge::default(),
             event_subscribers_dropped: Counter::default(),
             anomalies: Family::default(),
@@ -255,6 +263,11 @@ impl Default for Metrics {
             "event_sink_errors",
             "Records a sink failed to deliver",
             m.event_sink_errors.clone(),
+        );
+        registry.register(
+            "event_sink_dropped",
+            "Records a sink (stdout, file) lost because it fell behind; the stream did not wait for it",
+            m.event_sink_dropped.clone(),
         );
         registry.register(
             "event_subscribers",
@@ -428,6 +441,12 @@ impl Metrics {
             hub.dropped_subscribers.load(Relaxed),
         );
         self.event_sink_errors.inc_by(stats.sink_errors.swap(0, Relaxed));
+        for sink in crate::events::sink_queue::SinkKind::ALL {
+            let counter = self
+                .event_sink_dropped
+                .get_or_create(&SinkLabels { sink: sink.name() });
+            bump(&counter, stats.sink_dropped[sink.index()].load(Relaxed));
+        }
         self.event_subscribers.set(hub.subscriber_count() as i64);
     }
 

@@ -12,7 +12,8 @@ use crate::{
         hub::Hub,
         kube_events::KubeEvents,
         pipeline::{self, Pipeline, PodIndex},
-        sinks::FileSink,
+        sink_queue::{SinkKind, SinkQueue},
+        sinks::{FileSink, Stdout},
         stream::{Access, StreamState},
     },
 };
@@ -182,20 +183,7 @@ pub(super) fn event_pipeline(
             return parts;
         }
     };
-    let file = match &config.events.file {
-        Some(path) => match FileSink::open(
-            path.clone(),
-            config.events.file_max_bytes,
-            config.events.file_keep,
-        ) {
-            Ok(f) => Some(f),
-            Err(error) => {
-                tracing::error!(path = %path.display(), %error, "cannot open the events file");
-                None
-            }
-        },
-        None => None,
-    };
+    let sinks = start_sinks(&config.events, &parts.stats);
     let kube = config.events.kubernetes.then(|| {
         KubeEvents::start(
             client.clone(),
@@ -207,8 +195,7 @@ pub(super) fn event_pipeline(
         node: config.node_name.clone(),
         index: parts.index.clone(),
         hub: hub.clone(),
-        stdout: config.events.stdout,
-        file,
+        sinks,
         kube,
         drops: engine.take_event_drops().ok(),
         names: engine
@@ -229,6 +216,26 @@ pub(super) fn event_pipeline(
     };
     tokio::spawn(pipeline.run(ring));
     parts
+}
+
+/// Stdout and the events file, as configured, each on its own writer thread.
+fn start_sinks(config: &super::EventsConfig, stats: &Arc<pipeline::Stats>) -> Vec<SinkQueue> {
+    let mut sinks = Vec::new();
+    if config.stdout {
+        match SinkQueue::spawn(SinkKind::Stdout, Stdout::default(), stats.clone()) {
+            Ok(q) => sinks.push(q),
+            Err(error) => tracing::error!(%error, "cannot start the stdout sink"),
+        }
+    }
+    if let Some(path) = &config.file {
+        let queue = FileSink::open(path.clone(), config.file_max_bytes, config.file_keep)
+            .and_then(|file| SinkQueue::spawn(SinkKind::File, file, stats.clone()));
+        match queue {
+            Ok(q) => sinks.push(q),
+            Err(error) => tracing::error!(path = %path.display(), %error, "cannot open the events file"),
+        }
+    }
+    sinks
 }
 
 /// Lets /metrics read the kernel counters and the pipeline's statistics at scrape time.

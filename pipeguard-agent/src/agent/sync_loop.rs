@@ -3,7 +3,9 @@
 //!
 //! A sync is O(pods): one cgroup scan, one pass over the pods, a diff that writes only what
 //! changed; pod cgroup ids and enrichment are cached per pod; the traffic counters are read
-//! in one walk (`Metrics::refresh`), never per pod. What the loop cannot do (scan, match a
+//! in one walk (`Metrics::refresh`), never per pod. The periodic resync, when no cache
+//! changed and the scan finds the same pod cgroups, stops after the scan: an idle node
+//! costs a directory listing and a counter walk every [`RESYNC`], not a recompute. What the loop cannot do (scan, match a
 //! new pod cgroup, hear from the API) makes the agent not ready, saying why; the maps keep
 //! their last state.
 
@@ -67,14 +69,17 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         infos: Default::default(),
         unmatched: Default::default(),
         rejected: Default::default(),
+        last_scan: None,
     };
+    // The first sync has everything to do.
+    let mut woken_by_change = true;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
     let mut next_dns_sweep = std::time::Instant::now();
     loop {
         health.beat();
         let start = std::time::Instant::now();
-        match state.sync(config, caches, root, engine, &events.index, health) {
+        match state.sync(config, caches, root, engine, &events.index, health, woken_by_change) {
             Ok(stats) => {
                 health.set_ready();
                 if stats != sync::SyncStats::default() {
@@ -84,6 +89,8 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
                 }
             }
             Err(error) => {
+                // Retried in full at the next wake-up, change or not.
+                state.last_scan = None;
                 health.metrics.sync_errors.inc();
                 health.set_not_ready(format!("writing the kernel maps failed: {error}"));
             }
@@ -100,10 +107,10 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         health.metrics.refresh();
         health.set_problem("watch", caches.watches.failing(config.watch_failure_bound));
         engine.drain_kernel_logs();
-        tokio::select! {
-            _ = caches.changed.notified() => {}
+        woken_by_change = tokio::select! {
+            _ = caches.changed.notified() => true,
             // While a pod cgroup waits to be matched, look again soon: the window is short.
-            _ = tokio::time::sleep(if state.unmatched.is_empty() { RESYNC } else { readiness::RECHECK }) => {}
+            _ = tokio::time::sleep(if state.unmatched.is_empty() { RESYNC } else { readiness::RECHECK }) => false,
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM: detaching and exiting");
                 return Ok(());
@@ -134,6 +141,8 @@ struct Loop {
     unmatched: readiness::Unmatched,
     /// Rejected NetworkPolicies (namespace, name, resourceVersion) already posted as Events.
     rejected: std::collections::HashSet<(String, String, String)>,
+    /// The pod cgroups of the last complete sync (`None`: the next sync recomputes).
+    last_scan: Option<Vec<pod_cgroups::PodCgroup>>,
 }
 
 impl Loop {
@@ -145,7 +154,36 @@ impl Loop {
         engine: &mut Engine,
         index: &crate::events::pipeline::PodIndex,
         health: &Health,
+        woken_by_change: bool,
     ) -> Result<sync::SyncStats, crate::engine::EngineError> {
+        let cgroups = match pod_cgroups::scan(root) {
+            Ok(cgroups) => {
+                health.set_problem("cgroup scan", None);
+                cgroups
+            }
+            Err(error) => {
+                // An empty scan would delete every pod entry, and with `--unknown-pods allow`
+                // open guarded pods. Keep the maps as they are; the next event or the
+                // periodic resync scans again. New pods cannot be registered meanwhile, so
+                // the agent is not ready and says so. What changed meanwhile is applied by
+                // the next sync that scans, change notification or not.
+                self.last_scan = None;
+                health.set_problem(
+                    "cgroup scan",
+                    Some(format!(
+                        "scanning pod cgroups under {} failed: {error}; kernel state kept as is, new pod cgroups are not registered",
+                        root.display()
+                    )),
+                );
+                return Ok(sync::SyncStats::default());
+            }
+        };
+        // Nothing the desired state is computed from has moved (no cache notified, same pod
+        // cgroups, none waiting to be matched): the kernel maps already hold it.
+        if !woken_by_change && self.unmatched.is_empty() && self.last_scan.as_ref() == Some(&cgroups) {
+            return Ok(sync::SyncStats::default());
+        }
+        self.last_scan = Some(cgroups.clone());
         let policy_objects = caches.policies.state();
         let mut policies = self.parsed.policies(&policy_objects);
         let invalid_domains = self.parsed_domains.add_to(
@@ -160,26 +198,6 @@ impl Loop {
         let pods = caches.pods.state();
         let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
         let scheduled = snapshot::local_pods(&pods, &config.node_name);
-        let cgroups = match pod_cgroups::scan(root) {
-            Ok(cgroups) => {
-                health.set_problem("cgroup scan", None);
-                cgroups
-            }
-            Err(error) => {
-                // An empty scan would delete every pod entry, and with `--unknown-pods allow`
-                // open guarded pods. Keep the maps as they are; the next event or the
-                // periodic resync scans again. New pods cannot be registered meanwhile, so
-                // the agent is not ready and says so.
-                health.set_problem(
-                    "cgroup scan",
-                    Some(format!(
-                        "scanning pod cgroups under {} failed: {error}; kernel state kept as is, new pod cgroups are not registered",
-                        root.display()
-                    )),
-                );
-                return Ok(sync::SyncStats::default());
-            }
-        };
         let (local, paths, unmatched) = self.local_pods(&scheduled, cgroups);
         health.set_problem(
             "pod cgroups",

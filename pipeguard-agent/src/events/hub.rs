@@ -87,9 +87,9 @@ impl Hub {
         self.subscribers.lock().expect("hub lock").len()
     }
 
-    pub fn publish(&self, record: Record) {
+    pub fn publish(&self, record: impl Into<Arc<Record>>) {
         self.published.fetch_add(1, Ordering::Relaxed);
-        let record = Arc::new(record);
+        let record = record.into();
         let mut subs = self.subscribers.lock().expect("hub lock");
         subs.retain(|_, s| {
             let wanted = match (&s.namespace, &record.pod) {

@@ -11,5 +11,6 @@ pub mod kube_limit;
 pub mod pipeline;
 pub mod policy_events;
 pub mod record;
+pub mod sink_queue;
 pub mod sinks;
 pub mod stream;

@@ -1,5 +1,6 @@
 //! Kernel ring buffer → aggregation → enrichment → hub and sinks. Runs as one task; the
-//! hub and the sinks never block it (subscribers are dropped, Kubernetes Events are queued).
+//! hub and the sinks never block it (subscribers are dropped, Kubernetes Events are queued,
+//! stdout and the file are written by their own threads behind bounded queues).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,7 +17,7 @@ use super::{
     hub::Hub,
     kube_events::KubeEvents,
     record::{CiContext, Kind, PodRef, Record},
-    sinks::{self, FileSink},
+    sink_queue::SinkQueue,
 };
 use crate::engine::events::{self as decode, Clock};
 
@@ -56,6 +57,8 @@ pub struct Stats {
     pub records: std::sync::atomic::AtomicU64,
     pub kernel_drops: std::sync::atomic::AtomicU64,
     pub sink_errors: std::sync::atomic::AtomicU64,
+    /// Records a sink's queue had no room for, per sink (`SinkKind::index`).
+    pub sink_dropped: [std::sync::atomic::AtomicU64; 2],
     /// Anomaly records raised, per signal (`Signal::index`).
     pub anomalies: [std::sync::atomic::AtomicU64; 4],
 }
@@ -64,8 +67,8 @@ pub struct Pipeline {
     pub node: String,
     pub index: PodIndex,
     pub hub: Arc<Hub>,
-    pub stdout: bool,
-    pub file: Option<FileSink>,
+    /// Stdout and the events file, each behind its own queue.
+    pub sinks: Vec<SinkQueue>,
     pub kube: Option<KubeEvents>,
     pub drops: Option<PerCpuArray<MapData, u64>>,
     /// The kernel's name table, for `dst_name` (`None`: events carry no name).
@@ -222,18 +225,9 @@ impl Pipeline {
         self.stats
             .records
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.stdout && sinks::stdout(&record).is_err() {
-            self.stats
-                .sink_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        if let Some(file) = &mut self.file
-            && let Err(error) = file.write(&record)
-        {
-            self.stats
-                .sink_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(%error, "writing the events file");
+        let record = std::sync::Arc::new(record);
+        for sink in &self.sinks {
+            sink.send(record.clone());
         }
         self.hub.publish(record);
     }

@@ -1,19 +1,39 @@
 //! Where records go besides HTTP subscribers: stdout (JSON lines) and an append-only file
-//! with size-based rotation.
+//! with size-based rotation. Both buffer; their writer thread (`sink_queue`) flushes whenever
+//! it has nothing more queued.
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, Write},
+    io::{self, BufWriter, Write},
     path::PathBuf,
 };
 
 use super::record::Record;
 
-pub fn stdout(record: &Record) -> io::Result<()> {
-    let line = serde_json::to_string(record).map_err(io::Error::other)?;
-    let mut out = io::stdout().lock();
-    writeln!(out, "{line}")?;
-    out.flush()
+/// Where a writer thread puts records.
+pub trait Sink: Send + 'static {
+    fn write(&mut self, record: &Record) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// JSON lines on stdout.
+pub struct Stdout(BufWriter<io::Stdout>);
+
+impl Default for Stdout {
+    fn default() -> Self {
+        Self(BufWriter::new(io::stdout()))
+    }
+}
+
+impl Sink for Stdout {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        serde_json::to_writer(&mut self.0, record).map_err(io::Error::other)?;
+        self.0.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Appends JSON lines to `path`; past `max_bytes` it becomes `path.1` (older ones shift
@@ -22,7 +42,7 @@ pub struct FileSink {
     path: PathBuf,
     max_bytes: u64,
     keep: usize,
-    file: File,
+    file: BufWriter<File>,
     written: u64,
 }
 
@@ -34,12 +54,18 @@ impl FileSink {
             path,
             max_bytes,
             keep: keep.max(1),
-            file,
+            file: BufWriter::new(file),
             written,
         })
     }
+}
 
-    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+impl Sink for FileSink {
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+
+    fn write(&mut self, record: &Record) -> io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
         line.push(b'\n');
         if self.written > 0 && self.written + line.len() as u64 > self.max_bytes {
@@ -49,7 +75,9 @@ impl FileSink {
         self.written += line.len() as u64;
         Ok(())
     }
+}
 
+impl FileSink {
     fn rotated(&self, n: usize) -> PathBuf {
         let mut name = self.path.clone().into_os_string();
         name.push(format!(".{n}"));
@@ -66,45 +94,47 @@ impl FileSink {
             }
         }
         std::fs::rename(&self.path, self.rotated(1))?;
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = BufWriter::new(OpenOptions::new().create(true).append(true).open(&self.path)?);
         self.written = 0;
         Ok(())
+    }
+}
+
+/// A record with only `count` set, for tests.
+#[cfg(test)]
+pub(crate) fn sample(n: u64) -> Record {
+    use crate::events::record::Kind;
+    Record {
+        kind: Kind::Drops,
+        signal: None,
+        time: "t".into(),
+        first_seen: "t".into(),
+        last_seen: "t".into(),
+        count: n,
+        verdict: None,
+        hook: None,
+        protocol: None,
+        dst_ip: None,
+        dst_port: None,
+        dst_name: None,
+        query: None,
+        qtype: None,
+        malformed: false,
+        pid: None,
+        comm: None,
+        exe: None,
+        node: "n".into(),
+        pod: None,
+        policies: vec![],
+        reason: None,
+        ci: None,
+        cgroup_id: 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::record::Kind;
-
-    fn record(n: u64) -> Record {
-        Record {
-            kind: Kind::Drops,
-            signal: None,
-            time: "t".into(),
-            first_seen: "t".into(),
-            last_seen: "t".into(),
-            count: n,
-            verdict: None,
-            hook: None,
-            protocol: None,
-            dst_ip: None,
-            dst_port: None,
-            dst_name: None,
-            query: None,
-            qtype: None,
-            malformed: false,
-            pid: None,
-            comm: None,
-            exe: None,
-            node: "n".into(),
-            pod: None,
-            policies: vec![],
-            reason: None,
-            ci: None,
-            cgroup_id: 0,
-        }
-    }
 
     #[test]
     fn rotates_by_size_and_keeps_a_bounded_number_of_files() {
@@ -114,8 +144,9 @@ mod tests {
         let path = dir.join("events.jsonl");
         let mut sink = FileSink::open(path.clone(), 1000, 2).unwrap();
         for n in 0..100 {
-            sink.write(&record(n)).unwrap();
+            sink.write(&sample(n)).unwrap();
         }
+        sink.flush().unwrap();
         let mut names: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

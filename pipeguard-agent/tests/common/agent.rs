@@ -105,6 +105,11 @@ impl Agent {
         self.child.as_ref().expect("running").id()
     }
 
+    /// The agent's stdout, when it was started with it piped (the caller owns the pipe).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     /// What the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
@@ -112,12 +117,21 @@ impl Agent {
 
     /// Resident memory in KiB (VmRSS).
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// Peak resident memory in KiB (VmHWM).
+    pub fn hwm_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("{field} in /proc/{}/status", self.pid()))
     }
 
     /// CPU time (user + system) so far.
@@ -149,6 +163,20 @@ impl Drop for Agent {
     }
 }
 
+/// Raises this process's soft descriptor limit to its hard limit (thousands of clients).
+pub fn raise_own_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain rlimit calls on this process.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -159,6 +187,11 @@ pub fn free_port() -> u16 {
 
 /// Starts the agent guarding namespace `ci`. `nofile`: soft and hard RLIMIT_NOFILE for it.
 pub fn start_agent(n: &Node, extra: &[&str], nofile: Option<u64>) -> Agent {
+    start_agent_with_stdout(n, extra, nofile, Stdio::null())
+}
+
+/// As [`start_agent`], with the agent's stdout going to `stdout`.
+pub fn start_agent_with_stdout(n: &Node, extra: &[&str], nofile: Option<u64>, stdout: Stdio) -> Agent {
     let bpffs = Bpffs::mount("abuse");
     let listen = format!("127.0.0.1:{}", free_port());
     let stderr = n.dir.join(format!("agent-{}.log", free_port()));
@@ -179,7 +212,7 @@ pub fn start_agent(n: &Node, extra: &[&str], nofile: Option<u64>) -> Agent {
     .arg("--pin-dir")
     .arg(bpffs.pin_dir())
     .args(extra)
-    .stdout(Stdio::null())
+    .stdout(stdout)
     .stderr(std::fs::File::create(&stderr).unwrap());
     if let Some(limit) = nofile {
         // SAFETY: setrlimit is async-signal-safe; it only lowers this child's limit.

@@ -37,6 +37,8 @@ struct State {
     events: Vec<Value>,
     /// The domain policy CRDs are installed (their paths answer instead of 404).
     crds: bool,
+    /// Kinds whose list and watch requests answer 500 (an API server that lost etcd).
+    failing: std::collections::BTreeSet<String>,
 }
 
 const CRD_KINDS: [&str; 2] = ["DomainPolicy", "ClusterDomainPolicy"];
@@ -158,6 +160,17 @@ impl KubeApiServer {
         self.state.lock().unwrap().crds = true;
     }
 
+    /// From now on lists and watches of `kind` answer 500, and its open watches are cut.
+    pub fn fail(&self, kind: &str) {
+        self.state.lock().unwrap().failing.insert(kind.to_string());
+        self.drop_watches();
+    }
+
+    /// `kind` is served again.
+    pub fn heal(&self, kind: &str) {
+        self.state.lock().unwrap().failing.remove(kind);
+    }
+
     pub fn request_log(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -240,6 +253,14 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::
             }
             continue;
         };
+        if state.lock().unwrap().failing.contains(kind) {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500});
+            if respond(&mut write, 500, &status.to_string()).await.is_err() {
+                return;
+            }
+            continue;
+        }
         if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
             // A watch holds the connection to its end.
             watch(write, kind, &params, state, drop_rx).await;
@@ -284,6 +305,7 @@ async fn respond(
     let reason = match status {
         200 => "OK",
         201 => "Created",
+        500 => "Internal Server Error",
         _ => "Not Found",
     };
     let head = format!(

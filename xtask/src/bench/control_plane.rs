@@ -22,13 +22,16 @@ pub fn build() -> Result<()> {
     crate::status(cargo_bench(&["--no-run"])?)
 }
 
-/// Runs it; returns its Markdown tables and its JSON document.
-pub fn run(quick: bool, dir: &Path) -> Result<(String, String)> {
+/// Runs it (`only`: one of its sections); returns its Markdown tables and its JSON document.
+pub fn run(quick: bool, dir: &Path, only: Option<&str>) -> Result<(String, String)> {
     let json = dir.join("control_plane.json");
     let mut cmd = cargo_bench(&["--", "--json"])?;
     cmd.arg(&json);
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(section) = only {
+        cmd.args(["--only", section]);
     }
     let out = cmd
         .stdout(Stdio::piped())

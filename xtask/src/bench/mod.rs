@@ -101,6 +101,11 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF)");
     }
+    if let Some(section) = only.as_deref()
+        && CONTROL_PLANE_SECTIONS.contains(&section)
+    {
+        return control_plane_only(quick, json_path, section);
+    }
     let started = Instant::now();
     let Built {
         pipeguard,
@@ -156,7 +161,8 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
         None => bench.all(&p),
         Some("dns") => bench.dns(&p),
         Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: the one selectable section is dns"
+            "--only {other}: the selectable sections are dns, {}",
+            CONTROL_PLANE_SECTIONS.join(", ")
         )),
     };
     // Workers first (they are in the namespaces), then the namespaces (Netns drop in all()).
@@ -164,7 +170,7 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
     outcome?;
     // Its own cgroups, list/watch server and agent; after the namespaces are gone.
     let (control_md, control_json) = match only {
-        None => control_plane::run(p.quick, &bench.dir)?,
+        None => control_plane::run(p.quick, &bench.dir, None)?,
         Some(_) => (String::new(), "null".to_string()),
     };
 
@@ -188,6 +194,26 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
         started.elapsed().as_secs_f64(),
         bench.dir.join("table.md").display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The control-plane bench's own sections (`--only` runs one alone).
+const CONTROL_PLANE_SECTIONS: [&str; 4] = ["library", "agent", "events", "agent-load"];
+
+/// One control-plane section alone: its tables on stdout, its figures as JSON.
+fn control_plane_only(quick: bool, json_path: Option<PathBuf>, section: &str) -> Result<ExitCode> {
+    // The bench runs the `pipeguard` cargo builds for it (CARGO_BIN_EXE_pipeguard).
+    control_plane::build()?;
+    let dir = crate::workspace_root().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let (md, json) = control_plane::run(quick, &dir, Some(section))?;
+    let mut doc = Json::obj();
+    doc.set("machine", machine()?).set("quick", quick);
+    doc.set("control_plane", Json::Raw(json.trim().to_string()));
+    print!("{md}");
+    if let Some(path) = json_path {
+        fs::write(&path, doc.render()).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
