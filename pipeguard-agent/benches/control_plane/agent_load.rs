@@ -299,7 +299,11 @@ fn many_subscribers(count: usize, idle_secs: u64, report: &mut Report) {
     let fanout_cpu = agent.cpu() - cpu1;
     let (rss, hwm) = (agent.rss_kib(), agent.hwm_kib());
     let got = arrivals.len();
-    assert!(got > 0, "no subscriber got the record; agent log:\n{}", agent.log());
+    assert!(
+        got > 0,
+        "no subscriber got the record; agent log:\n{}",
+        agent.log()
+    );
     let s = summarize(&arrivals);
     for t in tasks {
         t.abort();

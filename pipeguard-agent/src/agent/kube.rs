@@ -3,7 +3,11 @@
 //! Watch errors, 410 Gone and API server restarts are retried with backoff by the watcher;
 //! the stores keep the last known state meanwhile, so an outage never opens egress.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -57,16 +61,21 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
 /// bound is normal: API server restarts, 410 Gone).
 #[derive(Default)]
 pub struct Watches {
-    failing: std::sync::Mutex<std::collections::BTreeMap<String, (std::time::Instant, String)>>,
+    /// Kind → (first error of this run of errors, last error, its text).
+    failing: std::sync::Mutex<std::collections::BTreeMap<String, (Instant, Instant, String)>>,
 }
+
+/// A failing watch retries with backoff (at most 30 s apart in kube-runtime's default), each
+/// retry an error; one with no error for this long has recovered, even when its kind has
+/// had no change to report since (bookmarks are not passed on, so silence is all there is).
+const RECOVERED_AFTER: Duration = Duration::from_secs(45);
 
 impl Watches {
     pub(super) fn failed(&self, kind: &str, error: String) {
         let mut failing = self.failing.lock().expect("watches lock");
-        let since = failing
-            .get(kind)
-            .map_or_else(std::time::Instant::now, |(t, _)| *t);
-        failing.insert(kind.to_string(), (since, error));
+        let now = Instant::now();
+        let since = failing.get(kind).map_or(now, |(t, _, _)| *t);
+        failing.insert(kind.to_string(), (since, now, error));
     }
 
     pub(super) fn succeeded(&self, kind: &str) {
@@ -74,12 +83,13 @@ impl Watches {
     }
 
     /// Why the agent is not ready, if some watch has failed for longer than `bound`.
-    pub fn failing(&self, bound: std::time::Duration) -> Option<String> {
-        let failing = self.failing.lock().expect("watches lock");
+    pub fn failing(&self, bound: Duration) -> Option<String> {
+        let mut failing = self.failing.lock().expect("watches lock");
+        failing.retain(|_, (_, last, _)| last.elapsed() < RECOVERED_AFTER);
         let late: Vec<String> = failing
             .iter()
-            .filter(|(_, (since, _))| since.elapsed() > bound)
-            .map(|(kind, (since, error))| {
+            .filter(|(_, (since, _, _))| since.elapsed() > bound)
+            .map(|(kind, (since, _, error))| {
                 format!(
                     "the {kind} watch failing for {}s ({error})",
                     since.elapsed().as_secs()

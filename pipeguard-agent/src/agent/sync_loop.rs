@@ -79,7 +79,15 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
     loop {
         health.beat();
         let start = std::time::Instant::now();
-        match state.sync(config, caches, root, engine, &events.index, health, woken_by_change) {
+        match state.sync(
+            config,
+            caches,
+            root,
+            engine,
+            &events.index,
+            health,
+            woken_by_change,
+        ) {
             Ok(stats) => {
                 health.set_ready();
                 if stats != sync::SyncStats::default() {
