@@ -591,33 +591,36 @@ fn a_watch_failing_past_the_bound_makes_the_agent_not_ready_domain_policies_incl
     }
 }
 
-/// Lowers the running agent's descriptor limit so that exactly one descriptor is free:
+/// Lowers the running agent's soft descriptor limit so that exactly one descriptor is free:
 /// enough for one HTTP connection, not for a scan (it holds two directories open at once).
-/// Returns the limit it had.
-fn squeeze_descriptors(pid: u32) -> libc::rlimit {
+/// Returns the soft limit it had.
+fn squeeze_descriptors(pid: u32) -> u64 {
     let mut open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     open.sort_unstable();
     let first_free = (0u64..).find(|fd| open.binary_search(fd).is_err()).unwrap();
+    set_soft_descriptor_limit(pid, first_free + 1)
+}
+
+/// Sets the agent's soft RLIMIT_NOFILE (the hard one stays); returns the previous soft one.
+fn set_soft_descriptor_limit(pid: u32, soft: u64) -> u64 {
     let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    set_descriptor_limit(pid, first_free + 1, Some(&mut old));
-    old
-}
-
-fn set_descriptor_limit(pid: u32, limit: u64, old: Option<&mut libc::rlimit>) {
-    let new = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut _);
     // SAFETY: prlimit on the agent this test started; valid pointers or null.
-    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, old) };
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
 }
 
 #[test]
@@ -656,7 +659,7 @@ fn a_failing_cgroup_scan_makes_the_agent_not_ready() {
     let body = wait_readyz(&agent, 503, "scanning pod cgroups", Duration::from_secs(30));
     eprintln!("SCANFAIL /readyz under EMFILE: {body:?}");
     assert_eq!(metric(&agent, "pipeguard_ready"), Some(0.0));
-    set_descriptor_limit(agent.pid(), old.rlim_max, None);
+    set_soft_descriptor_limit(agent.pid(), old);
     wait_readyz(&agent, 200, "ready", Duration::from_secs(30));
     // Once the scan works again the new pod is registered and guarded.
     let elsewhere = listeners::tcp("127.0.0.1:0");
