@@ -35,6 +35,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use report::Report;
 
+/// A section's name for `--only`, and what runs it.
+type Section = (&'static str, fn(bool, &mut Report));
+
 fn main() -> ExitCode {
     if let Ok(target) = std::env::var(agent::PROBER_ENV) {
         agent::prober(&target);
@@ -59,7 +62,7 @@ fn main() -> ExitCode {
     }
     common::require_kernel();
     let mut report = Report::default();
-    let sections: [(&str, fn(bool, &mut Report)); 4] = [
+    let sections: [Section; 4] = [
         ("library", library::run),
         ("agent", agent::run),
         ("events", events::run),

@@ -31,9 +31,6 @@ use crate::common::{
     listeners, run_probe,
 };
 
-/// The prober's target: no bench policy allows it, so enforcement shows as EPERM.
-const DENIED: &str = "127.0.0.1:9";
-
 fn setup(n: &Node) -> listeners::Tcp {
     let registry = listeners::tcp("127.0.0.1:0");
     n.server.apply(namespace("ci"));

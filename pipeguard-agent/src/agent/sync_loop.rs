@@ -70,6 +70,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         unmatched: Default::default(),
         rejected: Default::default(),
         last_scan: None,
+        woken_by_change: true,
     };
     // The first sync has everything to do.
     let mut woken_by_change = true;
@@ -79,15 +80,8 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
     loop {
         health.beat();
         let start = std::time::Instant::now();
-        match state.sync(
-            config,
-            caches,
-            root,
-            engine,
-            &events.index,
-            health,
-            woken_by_change,
-        ) {
+        state.woken_by_change = woken_by_change;
+        match state.sync(config, caches, root, engine, &events.index, health) {
             Ok(stats) => {
                 health.set_ready();
                 if stats != sync::SyncStats::default() {
@@ -151,6 +145,8 @@ struct Loop {
     rejected: std::collections::HashSet<(String, String, String)>,
     /// The pod cgroups of the last complete sync (`None`: the next sync recomputes).
     last_scan: Option<Vec<pod_cgroups::PodCgroup>>,
+    /// This sync follows a change notification (or is the first), not the resync timer.
+    woken_by_change: bool,
 }
 
 impl Loop {
@@ -162,7 +158,6 @@ impl Loop {
         engine: &mut Engine,
         index: &crate::events::pipeline::PodIndex,
         health: &Health,
-        woken_by_change: bool,
     ) -> Result<sync::SyncStats, crate::engine::EngineError> {
         let cgroups = match pod_cgroups::scan(root) {
             Ok(cgroups) => {
@@ -188,7 +183,7 @@ impl Loop {
         };
         // Nothing the desired state is computed from has moved (no cache notified, same pod
         // cgroups, none waiting to be matched): the kernel maps already hold it.
-        if !woken_by_change && self.unmatched.is_empty() && self.last_scan.as_ref() == Some(&cgroups) {
+        if !self.woken_by_change && self.unmatched.is_empty() && self.last_scan.as_ref() == Some(&cgroups) {
             return Ok(sync::SyncStats::default());
         }
         self.last_scan = Some(cgroups.clone());
