@@ -163,34 +163,12 @@ impl Pipeline {
                 .kernel_drops
                 .store(total, std::sync::atomic::Ordering::Relaxed);
             let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
-            self.publish(Record {
-                kind: Kind::Drops,
-                signal: None,
-                time: now.clone(),
-                first_seen: now.clone(),
-                last_seen: now,
-                count: total - reported,
-                verdict: None,
-                hook: None,
-                protocol: None,
-                dst_ip: None,
-                dst_port: None,
-                dst_name: None,
-                query: None,
-                qtype: None,
-                malformed: false,
-                pid: None,
-                comm: None,
-                exe: None,
-                node: self.node.clone(),
-                pod: None,
-                policies: Vec::new(),
-                reason: Some(
-                    "the kernel's event ring buffer was full; counters still counted these attempts".into(),
-                ),
-                ci: None,
-                cgroup_id: 0,
-            });
+            self.publish(Record::drops(
+                now,
+                total - reported,
+                self.node.clone(),
+                Some("the kernel's event ring buffer was full; counters still counted these attempts".into()),
+            ));
         }
         total
     }

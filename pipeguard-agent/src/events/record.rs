@@ -75,6 +75,36 @@ pub struct Record {
 }
 
 impl Record {
+    /// `count` events the kernel could not deliver, as one record.
+    pub fn drops(time: String, count: u64, node: String, reason: Option<String>) -> Self {
+        Self {
+            kind: Kind::Drops,
+            signal: None,
+            time: time.clone(),
+            first_seen: time.clone(),
+            last_seen: time,
+            count,
+            verdict: None,
+            hook: None,
+            protocol: None,
+            dst_ip: None,
+            dst_port: None,
+            dst_name: None,
+            query: None,
+            qtype: None,
+            malformed: false,
+            pid: None,
+            comm: None,
+            exe: None,
+            node,
+            pod: None,
+            policies: Vec::new(),
+            reason,
+            ci: None,
+            cgroup_id: 0,
+        }
+    }
+
     pub fn is_dns_query(&self) -> bool {
         self.hook.as_deref() == Some("dns")
     }

@@ -103,33 +103,7 @@ impl FileSink {
 /// A record with only `count` set, for tests.
 #[cfg(test)]
 pub(crate) fn sample(n: u64) -> Record {
-    use crate::events::record::Kind;
-    Record {
-        kind: Kind::Drops,
-        signal: None,
-        time: "t".into(),
-        first_seen: "t".into(),
-        last_seen: "t".into(),
-        count: n,
-        verdict: None,
-        hook: None,
-        protocol: None,
-        dst_ip: None,
-        dst_port: None,
-        dst_name: None,
-        query: None,
-        qtype: None,
-        malformed: false,
-        pid: None,
-        comm: None,
-        exe: None,
-        node: "n".into(),
-        pod: None,
-        policies: vec![],
-        reason: None,
-        ci: None,
-        cgroup_id: 0,
-    }
+    Record::drops("t".into(), n, "n".into(), None)
 }
 
 #[cfg(test)]
