@@ -68,7 +68,7 @@ fn guard(name: &str, entries: &PolicyEntries, config: EngineConfig) -> Guarded {
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED,
-                _pad: 0,
+                ingress_policy_id: 0,
             },
         )
         .unwrap();

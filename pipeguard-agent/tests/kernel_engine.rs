@@ -51,7 +51,7 @@ fn guard_with_flags(name: &str, entries: &PolicyEntries, mode: u32, flags: u32) 
                 policy_id: POLICY,
                 mode,
                 flags,
-                _pad: 0,
+                ingress_policy_id: 0,
             },
         )
         .unwrap();
@@ -386,7 +386,7 @@ fn pinned_enforcement_outlives_the_engine_and_is_adopted_then_removed() {
                     policy_id: POLICY,
                     mode: MODE_ENFORCE,
                     flags: 0,
-                    _pad: 0,
+                    ingress_policy_id: 0,
                 },
             )
             .unwrap();
@@ -405,7 +405,7 @@ fn pinned_enforcement_outlives_the_engine_and_is_adopted_then_removed() {
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
                 flags: 0,
-                _pad: 0
+                ingress_policy_id: 0
             }
         )),
         "the pod table survived"

@@ -58,7 +58,7 @@ fn guard(name: &str) -> Guarded {
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS,
-                _pad: 0,
+                ingress_policy_id: 0,
             },
         )
         .unwrap();

@@ -30,8 +30,9 @@ pub mod map_names {
     pub const DNS_SCRATCH: &str = "PG_DNS_SCRATCH_V1";
     pub const DNS_EGRESS: &str = "PG_DNS_EGRESS_V1";
     pub const DNS_INGRESS: &str = "PG_DNS_INGRESS_V1";
+    pub const SENT: &str = "PG_SENT_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -53,6 +54,7 @@ pub mod map_names {
         DNS_SCRATCH,
         DNS_EGRESS,
         DNS_INGRESS,
+        SENT,
     ];
 }
 
@@ -100,6 +102,10 @@ pub const POD_DENY_RAW_SOCKETS: u32 = 1 << 0;
 /// At least one domain policy selects the pod: its DNS queries are checked against the
 /// names of its allowlist, and the answers teach the allowlist their addresses.
 pub const POD_DNS_FILTERED: u32 = 1 << 1;
+/// A policy with Ingress in its policyTypes selects the pod (or `--default-deny-ingress`):
+/// new inbound connections and datagrams are judged against the allowlist
+/// `PodEntry::ingress_policy_id`. Without the flag inbound traffic is not judged.
+pub const POD_INGRESS_ISOLATED: u32 = 1 << 2;
 
 /// Value of the pod table, keyed by the pod-level cgroup id (u64).
 #[repr(C)]
@@ -111,7 +117,10 @@ pub struct PodEntry {
     pub mode: u32,
     /// `POD_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// Selects the ingress allowlist in the same tries (keyed by source address, ports are
+    /// the pod's own); only read when `POD_INGRESS_ISOLATED` is set. Was padding before
+    /// ingress enforcement: entries of older agents hold 0 and no flag.
+    pub ingress_policy_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<PodEntry>() == 16);
 
@@ -206,8 +215,12 @@ pub enum Hook {
     SockCreate = 5,
     /// A DNS query checked in the packet hook (counters: queries, not packets of other kinds).
     Dns = 6,
+    /// A new inbound connection (TCP SYN to a listener) or datagram, judged against the
+    /// pod's ingress allowlist. Events carry the source as `addr`, the pod's own port as
+    /// `port` and the source port in `flags` (see `Event::flags`).
+    Ingress = 7,
 }
-pub const HOOK_COUNT: usize = 7;
+pub const HOOK_COUNT: usize = 8;
 
 impl Hook {
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -219,6 +232,7 @@ impl Hook {
             4 => Self::Egress,
             5 => Self::SockCreate,
             6 => Self::Dns,
+            7 => Self::Ingress,
             _ => return None,
         })
     }
@@ -231,6 +245,7 @@ impl Hook {
             Self::Egress => "egress",
             Self::SockCreate => "sock_create",
             Self::Dns => "dns",
+            Self::Ingress => "ingress",
         }
     }
 }
@@ -293,7 +308,8 @@ pub struct Event {
     pub tgid: u32,
     pub comm: [u8; 16],
     pub policy_id: u32,
-    /// Reserved, zero.
+    /// Hook-specific: DNS events' `DNS_EVENT_*` flags; for `Hook::Ingress` the source port
+    /// (host order). Zero otherwise.
     pub flags: u32,
     pub port: u16,
     pub protocol: u8,

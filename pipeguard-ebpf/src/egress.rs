@@ -11,7 +11,7 @@ use aya_ebpf::{
 use pipeguard_common::{Config, Hook, PROTO_TCP, PROTO_UDP, VERDICT_ERROR};
 
 use crate::{
-    dns,
+    dns, ingress_policy,
     maps::DNS_EGRESS,
     packet::{self, Packet},
     pod, reply,
@@ -29,9 +29,13 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
         Some(pod) => match packet::parse(&ctx) {
             Ok(packet) => {
                 let dns = dns::is_dns(pod.entry.flags, &packet);
+                let flags = pod.entry.flags;
                 let pass = check(&attempt(&ctx, &packet), Some(pod), |config| {
                     is_reply(&ctx, &packet, config)
                 });
+                if pass {
+                    ingress_policy::note_sent(&ctx, &packet, flags);
+                }
                 if pass && dns {
                     // DNS of a DNS-filtered pod: judged by `pg_dns_query` (its own program,
                     // for its own stack). Should the tail call fail, nothing leaves.

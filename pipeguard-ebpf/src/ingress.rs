@@ -1,30 +1,60 @@
-//! cgroup_skb ingress: every IP packet a socket of a guarded pod receives. Inbound traffic
-//! is not judged here (ingress rules are a later stage); this hook only learns from it, so
-//! the entry always passes the packet. A failure to learn never opens anything: it only
-//! means a reply is judged as new egress.
+//! cgroup_skb ingress: every IP packet a socket of a guarded pod receives. New inbound
+//! connections and datagrams of ingress-isolated pods are judged here (`ingress_policy`);
+//! what passes is learned from: UDP peers the pod may answer (`reply`), and DNS answers
+//! (`pg_dns_answer`). A failure to learn never opens anything: it only means a reply is
+//! judged as new egress.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use pipeguard_common::{Config, Hook, POD_DNS_FILTERED, POD_INGRESS_ISOLATED, VERDICT_ERROR};
 
-use pipeguard_common::POD_DNS_FILTERED;
-
-use crate::{dns, maps::DNS_INGRESS, packet, pod, reply, verdict::config};
+use crate::{
+    dns, ingress_policy,
+    maps::DNS_INGRESS,
+    packet::{self, Packet},
+    pod::{self, Pod},
+    reply,
+    verdict::{config, count},
+};
 
 const PASS: i32 = 1;
+const DROP: i32 = 0;
 
 #[cgroup_skb(ingress)]
 pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
-    let Ok(packet) = packet::parse(&ctx) else {
-        return PASS;
-    };
     let config = config();
-    reply::learn(&ctx, &packet, &config);
+    // Two branches, each with its own `Pod` (see `pg_egress` on why not one `Option`).
+    match pod::of_skb(ctx.skb.skb) {
+        Some(pod) => match packet::parse(&ctx) {
+            Ok(packet) => {
+                if !ingress_policy::admits(&ctx, &packet, &pod, &config) {
+                    return DROP;
+                }
+                learn(&ctx, &packet, &config, Some(&pod))
+            }
+            Err(()) if pod.entry.flags & POD_INGRESS_ISOLATED != 0 => {
+                // What cannot be read cannot be admitted to an isolated pod.
+                count(pod.cgroup_id, VERDICT_ERROR, Hook::Ingress, ctx.len() as u64);
+                DROP
+            }
+            Err(()) => PASS,
+        },
+        None => match packet::parse(&ctx) {
+            Ok(packet) => learn(&ctx, &packet, &config, None),
+            Err(()) => PASS,
+        },
+    }
+}
+
+#[inline(always)]
+fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<&Pod>) -> i32 {
+    reply::learn(ctx, packet, config);
     // A DNS answer to a DNS-filtered pod: `pg_dns_answer` learns from it (its own program,
     // for its own stack). Should the tail call fail, nothing is learned: closed, not open.
     if packet.src_port == dns::DNS_PORT
-        && dns::is_tcp_or_udp(&packet)
-        && pod::of_skb(ctx.skb.skb).is_some_and(|pod| pod.entry.flags & POD_DNS_FILTERED != 0)
+        && dns::is_tcp_or_udp(packet)
+        && pod.is_some_and(|pod| pod.entry.flags & POD_DNS_FILTERED != 0)
     {
-        unsafe { DNS_INGRESS.tail_call(&ctx, 0) };
+        unsafe { DNS_INGRESS.tail_call(ctx, 0) };
     }
     PASS
 }

@@ -112,3 +112,9 @@ pub static DNS_EGRESS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// Index 0: `pg_dns_answer`, tail-called by `pg_ingress` for answers to DNS-filtered pods.
 #[map(name = "PG_DNS_INGRESS_V1")]
 pub static DNS_INGRESS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// {sending socket cookie, peer, peer port, protocol} → time of the last UDP or SCTP packet
+/// an ingress-isolated pod sent there: the peer's answers are replies, not new inbound
+/// datagrams (see `ingress_policy`). LRU: a lost entry only makes an answer be judged.
+#[map(name = "PG_SENT_V1")]
+pub static SENT: LruHashMap<ReplyKey, u64> = LruHashMap::with_max_entries(MAX_REPLIES, 0);

@@ -57,7 +57,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         } else {
             VERDICT_DENY
         };
-        report(attempt, 0, 0, verdict, &config, 0);
+        report(attempt, 0, 0, verdict, &config, 0, 0);
         return verdict == VERDICT_ALLOW;
     };
     let mut name_hash = 0;
@@ -84,6 +84,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         verdict,
         &config,
         name_hash,
+        0,
     );
     verdict != VERDICT_DENY
 }
@@ -116,6 +117,7 @@ pub fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
 }
 
 /// A denied (or audited) verdict may also be for a pod with no entry (`pod_cgroup_id` 0).
+/// `flags` goes to `Event::flags` (the source port for `Hook::Ingress`).
 #[inline(always)]
 pub fn report(
     attempt: &Attempt,
@@ -124,10 +126,12 @@ pub fn report(
     verdict: u8,
     config: &Config,
     name_hash: u64,
+    flags: u32,
 ) {
     count(pod_cgroup_id, verdict, attempt.hook, attempt.bytes);
 
-    let is_packet = attempt.hook == Hook::Egress;
+    // Packet hooks see every retransmission: their events are rate-limited per flow.
+    let is_packet = attempt.hook == Hook::Egress || attempt.hook == Hook::Ingress;
     let flow = FlowKey {
         cgroup_id: pod_cgroup_id,
         addr: attempt.dest.addr,
@@ -144,14 +148,14 @@ pub fn report(
     if verdict == VERDICT_ALLOW {
         // Learning only (never set by the agent): rate-limited like packet events.
         if config.flags & CONFIG_REPORT_ALLOWED != 0 && packet_event_due(&flow) {
-            emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash);
+            emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash, flags);
         }
         return;
     }
     if is_packet && !packet_event_due(&flow) {
         return;
     }
-    emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash);
+    emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash, flags);
 }
 
 #[inline(always)]
@@ -201,7 +205,7 @@ fn packet_event_due(flow: &FlowKey) -> bool {
 }
 
 #[inline(always)]
-pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, name_hash: u64) {
+pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, name_hash: u64, flags: u32) {
     emit_event(Event {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: attempt.cgroup_id,
@@ -214,7 +218,14 @@ pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, 
         verdict,
         policy_id,
         name_hash,
-        ..task_fields()
+        flags,
+        // In softirq the current task is whoever was running (for loopback, the sender):
+        // an ingress event names no process rather than a wrong one.
+        ..if attempt.hook == Hook::Ingress {
+            Event::default()
+        } else {
+            task_fields()
+        }
     });
 }
 

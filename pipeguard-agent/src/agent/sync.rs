@@ -108,7 +108,7 @@ impl Applied {
                 policy_id: *id,
                 mode: d.mode,
                 flags: d.flags,
-                _pad: 0,
+                ingress_policy_id: 0,
             };
             let unchanged = self
                 .pods

@@ -20,12 +20,21 @@ pub struct Violation {
     /// (`EngineConfig::report_allowed`, exec's learning), never in the violation stream.
     pub verdict: &'static str,
     pub hook: &'static str,
+    /// `egress` (the pod sends), or `ingress` (hook `ingress`: a new inbound connection or
+    /// datagram to the pod).
+    pub direction: &'static str,
     pub protocol: String,
-    /// Absent for sock_create events, which have no destination.
+    /// Absent for sock_create events, which have no destination, and for ingress events
+    /// (the pod is the destination; `dst_port` is its port).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst_ip: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst_port: Option<u16>,
+    /// For ingress: the source of the inbound connection or datagram.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_port: Option<u16>,
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
@@ -199,6 +208,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Violation> {
         _ => return None,
     };
     let is_socket_refusal = hook == Hook::SockCreate;
+    let is_ingress = hook == Hook::Ingress;
     if hook == Hook::Dns && dns.is_none() {
         return None;
     }
@@ -207,9 +217,12 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Violation> {
         time: humantime::format_rfc3339_micros(clock.wall(event.timestamp_ns)).to_string(),
         verdict,
         hook: hook.name(),
+        direction: if is_ingress { "ingress" } else { "egress" },
         protocol: protocol_name(event.protocol),
-        dst_ip: (!is_socket_refusal).then(|| dest_ip(event.addr, event.family)),
+        dst_ip: (!is_socket_refusal && !is_ingress).then(|| dest_ip(event.addr, event.family)),
         dst_port: (!is_socket_refusal).then_some(event.port),
+        src_ip: is_ingress.then(|| dest_ip(event.addr, event.family)),
+        src_port: is_ingress.then_some(event.flags as u16),
         pid: event.tgid,
         comm: comm(&event.comm),
         cgroup_id: event.cgroup_id,

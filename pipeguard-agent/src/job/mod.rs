@@ -156,7 +156,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
             } else {
                 0
             },
-            _pad: 0,
+            ingress_policy_id: 0,
         },
     )?;
     engine.attach(cgroup.path())?;

@@ -4,7 +4,9 @@
 //! Pipeline: `load` (files → raw objects, strict serde with field paths) → `validate`
 //! (typed policies, every spec rule checked) → `egress` (which policies select a pod, the
 //! union of their rules as [`AllowRule`]s) → `lpm` (trie entries whose longest-prefix answer
-//! equals [`evaluate`], the straightforward reference).
+//! equals [`evaluate`], the straightforward reference). Ingress takes the same road:
+//! `ingress_rules` (the policies that isolate a pod for ingress, their rules as source
+//! ranges on the pod's own ports) → `lpm`; `ingress` is `pipeguard check`'s evaluation.
 //!
 //! Domain policies (`DomainPolicy`, `ClusterDomainPolicy`) ride along: `load` dispatches
 //! them by kind to `domain_load` → `domain_policy` (wire format, validation) → `domain`
@@ -28,6 +30,7 @@ mod egress;
 mod error;
 mod eval;
 mod ingress;
+mod ingress_rules;
 mod load;
 mod lpm;
 mod model;
@@ -49,6 +52,7 @@ pub use self::{
     error::PolicyError,
     eval::evaluate,
     ingress::{Source, policy_admits, selecting_ingress},
+    ingress_rules::{Ingress, ingress_for},
     load::{MAX_FILE_BYTES, PolicySet, load_policies, parse_policies, policy_from_json, policy_from_value},
     lpm::{CompileError, LpmEntries, lookup, lpm_entries},
     model::protocol_number,

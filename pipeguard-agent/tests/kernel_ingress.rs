@@ -1,0 +1,454 @@
+//! Ingress enforcement against the real kernel: a guarded pod's listeners (TCP and UDP,
+//! IPv4, IPv6, v4-mapped) accept only the sources its ingress allowlist names; replies to
+//! the pod's own connections and datagrams pass; its own traffic to itself passes; audit
+//! mode reports without dropping. Needs root and cgroup2; fails (never skips) without them.
+//!
+//! The pod's sockets are created by this process while it sits in the pod's cgroup (a
+//! socket belongs to the cgroup of the task that created it); every test holds `SERIAL`,
+//! because moving the process moves all its threads.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::FromRawFd,
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use common::test_cgroup;
+use pipeguard::{
+    cgroup::OwnedCgroup,
+    engine::{Engine, EngineConfig, PolicyEntries, events},
+};
+use pipeguard_common::{
+    Hook, MODE_AUDIT, MODE_ENFORCE, POD_INGRESS_ISOLATED, PORTS_ALL, PROTO_TCP, PodEntry, PortSet,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const EGRESS: u32 = 21;
+const INGRESS: u32 = 22;
+/// Long enough for an allowed handshake on loopback; a refused one never completes.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+struct Pod {
+    engine: Engine,
+    cgroup: OwnedCgroup,
+    cgroup_id: u64,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn entries(v4: &[(&str, PortSet)], v6: &[(&str, PortSet)]) -> PolicyEntries {
+    PolicyEntries {
+        v4: v4.iter().map(|(n, p)| (n.parse().unwrap(), *p)).collect(),
+        v6: v6.iter().map(|(n, p)| (n.parse().unwrap(), *p)).collect(),
+        names: Vec::new(),
+    }
+}
+
+fn all() -> PortSet {
+    PortSet {
+        flags: PORTS_ALL,
+        ..PortSet::default()
+    }
+}
+
+/// Pod egress is open (only ingress is under test); ingress is `ingress`.
+fn pod(name: &str, ingress: &PolicyEntries, mode: u32) -> Pod {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cgroup = test_cgroup(name);
+    let cgroup_id = cgroup.id().unwrap();
+    let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
+    engine
+        .put_policy(EGRESS, &entries(&[("0.0.0.0/0", all())], &[("::/0", all())]))
+        .unwrap();
+    engine.put_policy(INGRESS, ingress).unwrap();
+    engine
+        .put_pod(
+            cgroup_id,
+            PodEntry {
+                policy_id: EGRESS,
+                mode,
+                flags: POD_INGRESS_ISOLATED,
+                ingress_policy_id: INGRESS,
+            },
+        )
+        .unwrap();
+    engine.attach(cgroup.path()).expect("attach to the test cgroup");
+    let ring = engine.take_events().unwrap();
+    Pod {
+        engine,
+        cgroup,
+        cgroup_id,
+        ring,
+        _serial: serial,
+    }
+}
+
+/// Moves this process back to where it was when dropped, even if the test panics.
+struct Inside(PathBuf);
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        std::fs::write(self.0.join("cgroup.procs"), "0").expect("move back out of the pod cgroup");
+    }
+}
+
+impl Pod {
+    /// Runs `f` with this process in the pod's cgroup: the sockets it creates are the pod's.
+    fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mount = common::require_kernel();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup2 entry in /proc/self/cgroup");
+        let back = Inside(mount.join(own.trim_start_matches('/')));
+        std::fs::write(self.cgroup.path().join("cgroup.procs"), "0").expect("move into the pod cgroup");
+        let out = f();
+        drop(back);
+        out
+    }
+
+    fn count(&self, verdict: u8) -> u64 {
+        self.engine
+            .counters(self.cgroup_id)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.hook == Hook::Ingress as u8 && k.verdict == verdict)
+            .map(|(_, c)| c.packets)
+            .sum()
+    }
+
+    fn events(&mut self) -> Vec<events::Violation> {
+        let clock = events::Clock::now();
+        let mut seen = Vec::new();
+        while let Some(item) = self.ring.next() {
+            seen.extend(events::decode(&item, &clock));
+        }
+        seen
+    }
+
+    fn set_ingress(&mut self, old: &PolicyEntries, new: &PolicyEntries) {
+        self.engine.replace_policy(INGRESS, old, new).unwrap();
+    }
+}
+
+/// A TCP connection from `source` (port chosen by the kernel) to `dest`, or the error;
+/// a refused SYN is never answered, so the attempt ends in a timeout.
+fn connect_from(source: IpAddr, dest: SocketAddr) -> std::io::Result<TcpStream> {
+    let family = if dest.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        common::probe::check(fd as isize)?;
+        let stream = TcpStream::from_raw_fd(fd);
+        let (src, len) = common::probe::sockaddr(&SocketAddr::new(source, 0));
+        common::probe::check(libc::bind(fd, (&raw const src).cast(), len) as isize)?;
+        let (dst, len) = common::probe::sockaddr(&dest);
+        if libc::connect(fd, (&raw const dst).cast(), len) < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(error);
+            }
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ready = libc::poll(&mut pfd, 1, CONNECT_WAIT.as_millis() as i32);
+        common::probe::check(ready as isize)?;
+        if ready == 0 {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        if let Some(error) = stream.take_error()? {
+            return Err(error);
+        }
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
+}
+
+/// True when the listener has a connection waiting (it was let through).
+fn accepted(listener: &TcpListener) -> bool {
+    listener.set_nonblocking(true).unwrap();
+    let got = match listener.accept() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("accept: {e}"),
+    };
+    listener.set_nonblocking(false).unwrap();
+    got
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The pod listens on `bind`; clients from `allowed` and `refused` connect to `dest_ip`.
+fn tcp_round(p: &mut Pod, bind: &str, dest_ip: &str, allowed: &str, refused: &str) {
+    let listener = p.inside(|| TcpListener::bind(bind).unwrap());
+    let dest = SocketAddr::new(ip(dest_ip), listener.local_addr().unwrap().port());
+
+    let mut ok = connect_from(ip(allowed), dest).expect("an allowed source connects");
+    ok.write_all(b"hi").unwrap();
+    assert!(accepted(&listener), "the allowed connection reaches accept()");
+
+    let error = connect_from(ip(refused), dest).expect_err("a refused source never connects");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    assert!(
+        !accepted(&listener),
+        "the refused connection never reaches accept()"
+    );
+
+    let seen = p.events();
+    let refusal = seen
+        .iter()
+        .find(|e| e.hook == "ingress" && e.verdict == "deny")
+        .unwrap_or_else(|| panic!("a deny event for the refused source: {seen:#?}"));
+    assert_eq!(refusal.direction, "ingress");
+    assert_eq!(refusal.src_ip, Some(ip(refused)), "{refusal:?}");
+    assert_eq!(refusal.dst_port, Some(dest.port()), "{refusal:?}");
+    assert_eq!(refusal.protocol, "tcp");
+    assert_eq!(refusal.pod_cgroup_id, p.cgroup_id);
+    assert_eq!(refusal.policy_id, INGRESS);
+    assert!(refusal.src_port.is_some_and(|port| port != 0), "{refusal:?}");
+    assert!(
+        !seen.iter().any(|e| e.src_ip == Some(ip(allowed))),
+        "the allowed source is no violation: {seen:#?}"
+    );
+    assert!(p.count(VERDICT_DENY) >= 1);
+    assert!(p.count(VERDICT_ALLOW) >= 1);
+}
+
+#[test]
+fn tcp_listener_admits_only_allowed_sources_ipv4() {
+    let rules = entries(&[("127.0.0.2/32", all())], &[]);
+    let mut p = pod("ing-tcp4", &rules, MODE_ENFORCE);
+    tcp_round(&mut p, "127.0.0.1:0", "127.0.0.1", "127.0.0.2", "127.0.0.3");
+}
+
+#[test]
+fn tcp_listener_admits_only_allowed_sources_v4_mapped() {
+    // An AF_INET6 listener on [::] accepting IPv4 clients: judged as IPv4.
+    let rules = entries(&[("127.0.0.2/32", all())], &[("::/0", all())]);
+    let mut p = pod("ing-tcpm", &rules, MODE_ENFORCE);
+    tcp_round(&mut p, "[::]:0", "127.0.0.1", "127.0.0.2", "127.0.0.3");
+}
+
+#[test]
+fn tcp_listener_ipv6_follows_the_allowlist_and_its_except() {
+    // ::1 is the only IPv6 loopback source: allowed first, then cut out by an except.
+    let open = entries(&[], &[("::/0", all())]);
+    let mut p = pod("ing-tcp6", &open, MODE_ENFORCE);
+    let listener = p.inside(|| TcpListener::bind("[::1]:0").unwrap());
+    let dest = listener.local_addr().unwrap();
+    connect_from(ip("::1"), dest).expect("allowed");
+    assert!(accepted(&listener));
+    let with_except = entries(&[], &[("::/0", all()), ("::1/128", PortSet::default())]);
+    p.set_ingress(&open, &with_except);
+    let error = connect_from(ip("::1"), dest).expect_err("refused by the except");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    assert!(!accepted(&listener));
+    assert!(p.count(VERDICT_DENY) >= 1);
+}
+
+#[test]
+fn ports_are_the_pods_own() {
+    let listener_port = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let only = |port: u16| PortSet {
+        count: 1,
+        ranges: {
+            let mut r = [pipeguard_common::PortRange::default(); pipeguard_common::MAX_PORT_RANGES];
+            r[0] = pipeguard_common::PortRange {
+                start: port,
+                end: port,
+                protocol: PROTO_TCP,
+                _pad: [0; 3],
+            };
+            r
+        },
+        ..PortSet::default()
+    };
+    let rules = entries(&[("127.0.0.0/8", only(listener_port))], &[]);
+    let p = pod("ing-ports", &rules, MODE_ENFORCE);
+    let (on_port, other) = p.inside(|| {
+        (
+            TcpListener::bind(("127.0.0.1", listener_port)).unwrap(),
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+        )
+    });
+    connect_from(ip("127.0.0.2"), on_port.local_addr().unwrap()).expect("the allowed port");
+    assert!(accepted(&on_port));
+    connect_from(ip("127.0.0.2"), other.local_addr().unwrap()).expect_err("another port of the pod");
+    assert!(!accepted(&other));
+}
+
+#[test]
+fn replies_to_the_pods_own_connections_pass() {
+    // Nothing is allowed in, yet everything the pod opened gets its answers.
+    let p = pod("ing-replies", &PolicyEntries::default(), MODE_ENFORCE);
+    let server = TcpListener::bind("127.0.0.4:0").unwrap();
+    let peer = UdpSocket::bind("127.0.0.4:0").unwrap();
+    let (mut tcp, unconnected, connected) = p.inside(|| {
+        (
+            TcpStream::connect_timeout(&server.local_addr().unwrap(), CONNECT_WAIT),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        )
+    });
+    let mut tcp = tcp
+        .as_mut()
+        .map(|s| s.try_clone().unwrap())
+        .expect("the pod connects out");
+    let (mut theirs, _) = server.accept().unwrap();
+    theirs.write_all(b"answer").unwrap();
+    tcp.set_read_timeout(Some(CONNECT_WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    let n = tcp.read(&mut buf).expect("the server's answer reaches the pod");
+    assert_eq!(&buf[..n], b"answer");
+
+    for socket in [&unconnected, &connected] {
+        socket.set_read_timeout(Some(CONNECT_WAIT)).unwrap();
+    }
+    unconnected.send_to(b"q", peer.local_addr().unwrap()).unwrap();
+    connected.connect(peer.local_addr().unwrap()).unwrap();
+    connected.send(b"q").unwrap();
+    for _ in 0..2 {
+        let (_, from) = peer.recv_from(&mut buf).unwrap();
+        peer.send_to(b"a", from).unwrap();
+    }
+    assert!(
+        unconnected.recv_from(&mut buf).is_ok(),
+        "the answer to sendto passes"
+    );
+    assert!(
+        connected.recv(&mut buf).is_ok(),
+        "the answer to a connected socket passes"
+    );
+
+    // A datagram from the same peer to a socket that never sent there is new inbound.
+    let quiet = p.inside(|| UdpSocket::bind("127.0.0.1:0").unwrap());
+    quiet.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    peer.send_to(b"unasked", quiet.local_addr().unwrap()).unwrap();
+    assert!(
+        quiet.recv_from(&mut buf).is_err(),
+        "an unasked datagram is refused"
+    );
+    assert_eq!(p.count(VERDICT_DENY), 1, "only the unasked datagram");
+}
+
+#[test]
+fn udp_admits_only_allowed_sources() {
+    for (name, bind, allowed, refused) in [
+        ("ing-udp4", "127.0.0.1:0", "127.0.0.2:0", "127.0.0.3:0"),
+        ("ing-udpm", "[::]:0", "127.0.0.2:0", "127.0.0.3:0"),
+    ] {
+        let rules = entries(&[("127.0.0.2/32", all())], &[]);
+        let mut p = pod(name, &rules, MODE_ENFORCE);
+        let socket = p.inside(|| UdpSocket::bind(bind).unwrap());
+        socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let to = SocketAddr::new(ip("127.0.0.1"), socket.local_addr().unwrap().port());
+        let mut buf = [0u8; 16];
+        UdpSocket::bind(refused).unwrap().send_to(b"no", to).unwrap();
+        UdpSocket::bind(allowed).unwrap().send_to(b"yes", to).unwrap();
+        let (n, from) = socket.recv_from(&mut buf).expect("the allowed datagram");
+        assert_eq!(&buf[..n], b"yes", "from {from}");
+        assert!(
+            socket.recv_from(&mut buf).is_err(),
+            "the refused datagram never arrives"
+        );
+        let seen = p.events();
+        assert!(
+            seen.iter()
+                .any(|e| e.hook == "ingress" && e.protocol == "udp" && e.src_ip == Some(ip("127.0.0.3"))),
+            "{seen:#?}"
+        );
+        drop(p);
+    }
+}
+
+#[test]
+fn the_pods_own_traffic_to_itself_passes() {
+    // A job connecting to the server it started: no rule names loopback, yet it passes.
+    let p = pod("ing-self", &PolicyEntries::default(), MODE_ENFORCE);
+    let (listener, client, receiver, sender) = p.inside(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = connect_from(ip("127.0.0.3"), listener.local_addr().unwrap());
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = UdpSocket::bind("127.0.0.3:0").unwrap();
+        (listener, client, receiver, sender)
+    });
+    client.expect("the pod reaches its own listener");
+    assert!(accepted(&listener));
+    receiver.set_read_timeout(Some(CONNECT_WAIT)).unwrap();
+    sender.send_to(b"self", receiver.local_addr().unwrap()).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(receiver.recv_from(&mut buf).is_ok(), "its own datagram arrives");
+    assert_eq!(p.count(VERDICT_DENY), 0, "its own traffic is never refused");
+    // The same source address from outside the pod is refused.
+    let error = connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect_err("outside");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+    assert!(
+        p.count(VERDICT_DENY) >= 1,
+        "the outside SYN (and its retransmissions)"
+    );
+}
+
+#[test]
+fn audit_mode_reports_without_dropping() {
+    let mut p = pod("ing-audit", &PolicyEntries::default(), MODE_AUDIT);
+    let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect("audit never drops");
+    assert!(accepted(&listener));
+    let seen = p.events();
+    assert!(
+        seen.iter()
+            .any(|e| e.hook == "ingress" && e.verdict == "audit" && e.src_ip == Some(ip("127.0.0.3"))),
+        "{seen:#?}"
+    );
+    assert!(p.count(VERDICT_AUDIT) >= 1);
+    assert_eq!(p.count(VERDICT_DENY), 0);
+}
+
+#[test]
+fn pods_not_isolated_for_ingress_are_unaffected() {
+    let mut p = pod("ing-open", &PolicyEntries::default(), MODE_ENFORCE);
+    let cgroup_id = p.cgroup_id;
+    p.engine
+        .put_pod(
+            cgroup_id,
+            PodEntry {
+                policy_id: EGRESS,
+                mode: MODE_ENFORCE,
+                flags: 0,
+                ingress_policy_id: INGRESS,
+            },
+        )
+        .unwrap();
+    let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect("not isolated");
+    assert!(accepted(&listener));
+    assert_eq!(
+        p.count(VERDICT_DENY) + p.count(VERDICT_ALLOW),
+        0,
+        "not even judged"
+    );
+}

@@ -1,0 +1,214 @@
+//! NetworkPolicy ingress rules for pods that a policy isolates for ingress
+//! (`POD_INGRESS_ISOLATED`): a new inbound connection or datagram passes only if the pod's
+//! ingress allowlist (`PodEntry::ingress_policy_id`, keyed by the source address, ports are
+//! the pod's own) allows it.
+//!
+//! What is new inbound, and what is not (never judged as ingress):
+//! - TCP: a packet whose socket is a listener (the SYN, and the handshake's last ACK, which
+//!   the kernel also filters on the listener, so SYN cookies do not step around it). Dropped,
+//!   the connection never reaches accept(). Packets of connections the pod opened itself, or
+//!   accepted before, belong to a connected socket and pass.
+//! - UDP, SCTP: a datagram to a socket that is not connected (a connected UDP socket only
+//!   receives from the peer its connect() was judged for), unless the socket sent to that
+//!   peer within the reply window (`SENT`, written by the egress hook).
+//! - Everything else (ICMP to ping and raw sockets) passes: those sockets only receive
+//!   answers and copies; an echo request is answered by the kernel without any socket, so
+//!   no cgroup hook can see it.
+//!
+//! Traffic from the pod to itself passes: the source socket is looked up and, when it is
+//! local and belongs to the same pod, the packet is the pod's own (a job connecting to the
+//! test server it started). A failed lookup only means the packet is judged by the rules.
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id, bpf_sk_fullsock,
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_cgroup_id,
+    },
+    programs::SkBuffContext,
+};
+use pipeguard_common::{
+    Config, Hook, MAX_CGROUP_DEPTH, MODE_AUDIT, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    ReplyKey, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+};
+
+use crate::{
+    addr::Dest,
+    maps::SENT,
+    packet::Packet,
+    pod::Pod,
+    verdict::{Attempt, allowed, report},
+};
+
+/// True when the packet may reach the pod's socket.
+#[inline(always)]
+pub fn admits(ctx: &SkBuffContext, packet: &Packet, pod: &Pod, config: &Config) -> bool {
+    if pod.entry.flags & POD_INGRESS_ISOLATED == 0 || !is_new_inbound(ctx, packet, config) {
+        return true;
+    }
+    let attempt = Attempt {
+        dest: packet.src,
+        port: packet.dst_port,
+        protocol: packet.protocol,
+        hook: Hook::Ingress,
+        bytes: ctx.len() as u64,
+        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+        ctx: ctx.skb.skb.cast(),
+    };
+    let verdict = if allowed(pod.entry.ingress_policy_id, &attempt) || from_same_pod(ctx, packet, pod) {
+        VERDICT_ALLOW
+    } else if pod.entry.mode == MODE_AUDIT {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DENY
+    };
+    report(
+        &attempt,
+        pod.cgroup_id,
+        pod.entry.ingress_policy_id,
+        verdict,
+        config,
+        0,
+        u32::from(packet.src_port),
+    );
+    verdict != VERDICT_DENY
+}
+
+/// In the egress hook, for a packet that passed (`pod_flags`: its pod's): a UDP or SCTP
+/// socket of an ingress-isolated pod sent to this peer, so the peer's answers are replies.
+#[inline(always)]
+pub fn note_sent(ctx: &SkBuffContext, packet: &Packet, pod_flags: u32) {
+    if pod_flags & POD_INGRESS_ISOLATED == 0
+        || !(packet.protocol == PROTO_UDP || packet.protocol == PROTO_SCTP)
+        || packet.dst_port == 0
+    {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // LRU: a lost entry only means the answer is judged as new inbound.
+    let _ = SENT.insert(
+        &key(cookie, &packet.dst, packet.dst_port, packet.protocol),
+        &now,
+        0,
+    );
+}
+
+#[inline(always)]
+fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
+    match packet.protocol {
+        PROTO_TCP => socket_state(ctx) == Some(BPF_TCP_LISTEN),
+        PROTO_UDP | PROTO_SCTP => {
+            if packet.protocol == PROTO_UDP && socket_state(ctx) == Some(BPF_TCP_ESTABLISHED) {
+                return false;
+            }
+            !sent_to(ctx, packet, config)
+        }
+        _ => false,
+    }
+}
+
+/// The state of the receiving socket (`BPF_TCP_*`; UDP uses ESTABLISHED for connected).
+#[inline(always)]
+fn socket_state(ctx: &SkBuffContext) -> Option<u32> {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return None;
+    }
+    Some(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).state)) })
+}
+
+#[inline(always)]
+fn sent_to(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    if cookie == 0 {
+        return false;
+    }
+    let Some(seen) = (unsafe { SENT.get(&key(cookie, &packet.src, packet.src_port, packet.protocol)) })
+    else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.wrapping_sub(*seen) < config.reply_window_ns
+}
+
+#[inline(always)]
+fn key(cookie: u64, peer: &Dest, port: u16, protocol: u8) -> ReplyKey {
+    ReplyKey {
+        cookie,
+        addr: peer.addr,
+        port,
+        protocol,
+        _pad: [0; 5],
+    }
+}
+
+/// The packet comes from a local socket of the same pod (looked up by the packet's own
+/// addresses: the sender is the socket bound to the source and connected, or sending, to
+/// the destination).
+#[inline(always)]
+fn from_same_pod(ctx: &SkBuffContext, packet: &Packet, pod: &Pod) -> bool {
+    if packet.src_port == 0 || !(packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP) {
+        return false;
+    }
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = unsafe {
+        if packet.src.is_v4 {
+            // The sender's view: its peer is our destination, its own address our source.
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.saddr = u32::from_ne_bytes(packet.dst.v4_bytes());
+            t.daddr = u32::from_ne_bytes(packet.src.v4_bytes());
+            t.sport = packet.dst_port.to_be();
+            t.dport = packet.src_port.to_be();
+            core::mem::size_of_val(t)
+        } else {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.saddr = words(&packet.dst.addr);
+            t.daddr = words(&packet.src.addr);
+            t.sport = packet.dst_port.to_be();
+            t.dport = packet.src_port.to_be();
+            core::mem::size_of_val(t)
+        }
+    };
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let skb = ctx.skb.skb.cast();
+    let sk = unsafe {
+        if packet.protocol == PROTO_TCP {
+            bpf_sk_lookup_tcp(skb, &mut tuple, size as u32, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(skb, &mut tuple, size as u32, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    let mut same = false;
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH as i32 {
+        let id = unsafe { bpf_sk_ancestor_cgroup_id(sk.cast(), level) };
+        if id == 0 {
+            break;
+        }
+        if id == pod.cgroup_id {
+            same = true;
+            break;
+        }
+        level += 1;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    same
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
