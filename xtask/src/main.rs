@@ -49,7 +49,8 @@ enum Task {
         /// Write every figure and ratio, with the machine details, as JSON.
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
-        /// Run one section only: `dns` (domain rules: resolve+connect, kernel cost, 10k names),
+        /// Run one section only: `datapath` (sections 1-4: rates, ns per program run),
+        /// `dns` (domain rules: resolve+connect, kernel cost, 10k names),
         /// or a control-plane section (library, agent, events, agent-load) without the
         /// throughput rounds. Example: `cargo xtask bench --only agent-load`
         #[arg(long, value_name = "SECTION")]

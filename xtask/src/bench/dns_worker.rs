@@ -137,10 +137,11 @@ const BPF_PROG_TEST_RUN: i32 = 10;
 const BPF_PROG_GET_FD_BY_ID: i32 = 13;
 
 /// `repeat` runs of program `prog_id` on one packet from this task's cgroup to `resolver`:
-/// `kind` is `allowed` (a query for an allowed name), `refused` (a query no rule allows)
-/// or `other` (UDP to a non-DNS port of the same address). Answers `ok RETVAL NS 0`: the
+/// `kind` is `allowed` (a query for an allowed name), `refused` (a query no rule allows),
+/// `other` (UDP to a non-DNS port of the same address) or `udp` (a 64-byte datagram to
+/// the address and port given, the data path's test packet). Answers `ok RETVAL NS 0`: the
 /// program's verdict (1 pass, 0 drop) and the kernel's mean ns per run.
-fn test_run(prog_id: u32, resolver: SocketAddr, kind: &str, repeat: u32) -> Result<Sample> {
+pub(super) fn test_run(prog_id: u32, resolver: SocketAddr, kind: &str, repeat: u32) -> Result<Sample> {
     let SocketAddr::V4(resolver) = resolver else {
         bail!("an IPv4 resolver");
     };
@@ -148,7 +149,8 @@ fn test_run(prog_id: u32, resolver: SocketAddr, kind: &str, repeat: u32) -> Resu
         "allowed" => (query(0x4242, &name(0)), 53),
         "refused" => (query(0x4243, REFUSED_NAME), 53),
         "other" => (vec![0x5a; 34], NON_DNS_PORT),
-        _ => bail!("kind {kind:?}: allowed, refused or other"),
+        "udp" => (vec![0x5a; 64], resolver.port()),
+        _ => bail!("kind {kind:?}: allowed, refused, other or udp"),
     };
     let frame = udp_frame(*resolver.ip(), port, &payload);
     let mut attr = [0u8; 16];

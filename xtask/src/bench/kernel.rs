@@ -20,8 +20,11 @@ const BPF_LINK_CREATE: i32 = 28;
 const PROG_TYPE_CGROUP_SKB: u32 = 8;
 const PROG_TYPE_CGROUP_SOCK: u32 = 9;
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const PROG_TYPE_SOCK_OPS: u32 = 13;
 
+const ATTACH_INET_INGRESS: u32 = 0;
 const ATTACH_INET_EGRESS: u32 = 1;
+const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
 const ATTACH_INET_SOCK_CREATE: u32 = 2;
 const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
@@ -61,6 +64,8 @@ impl EmptyPrograms {
             ("connect4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT),
             ("sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG),
             ("egress", PROG_TYPE_CGROUP_SKB, ATTACH_INET_EGRESS),
+            ("ingress", PROG_TYPE_CGROUP_SKB, ATTACH_INET_INGRESS),
+            ("sock_ops", PROG_TYPE_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS),
             ("sock_create", PROG_TYPE_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE),
         ] {
             let prog = load_empty(prog_type, attach, name)?;
@@ -85,6 +90,14 @@ impl EmptyPrograms {
         }
         Ok(out)
     }
+}
+
+/// An empty cgroup_skb egress program, unattached, and its id (for BPF_PROG_TEST_RUN).
+pub fn empty_egress_program() -> Result<(OwnedFd, u32)> {
+    let fd = load_empty(PROG_TYPE_CGROUP_SKB, ATTACH_INET_EGRESS, "egress")?;
+    let info = raw_prog_info(&fd)?;
+    let id = u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes"));
+    Ok((fd, id))
 }
 
 fn load_empty(prog_type: u32, attach: u32, name: &str) -> Result<OwnedFd> {
@@ -119,14 +132,20 @@ impl RunStats {
     }
 }
 
-/// (name, stats) of a program from BPF_OBJ_GET_INFO_BY_FD.
-fn prog_info(fd: &OwnedFd) -> Result<(String, RunStats)> {
+/// `struct bpf_prog_info` of a program (BPF_OBJ_GET_INFO_BY_FD).
+fn raw_prog_info(fd: &OwnedFd) -> Result<[u8; 256]> {
     let mut info = [0u8; 256];
     let mut attr = [0u8; 16];
     put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
     put_u32(&mut attr, 4, info.len() as u32);
     put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(info)
+}
+
+/// (name, stats) of a program from BPF_OBJ_GET_INFO_BY_FD.
+fn prog_info(fd: &OwnedFd) -> Result<(String, RunStats)> {
+    let info = raw_prog_info(fd)?;
     let name = &info[64..80];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok((
@@ -290,12 +309,14 @@ impl Drop for BpfStats {
 
 /// Program names as the kernel keeps them (15 characters), for matching hooks.
 pub fn hook_of(prog_name: &str) -> Option<&'static str> {
-    const HOOKS: [(&str, &str); 7] = [
+    const HOOKS: [(&str, &str); 9] = [
         ("pg_connect4", "connect4"),
         ("pg_connect6", "connect6"),
         ("pg_sendmsg4", "sendmsg4"),
         ("pg_sendmsg6", "sendmsg6"),
         ("pg_egress", "egress"),
+        ("pg_ingress", "ingress"),
+        ("pg_sock_ops", "sock_ops"),
         ("pg_sock_create", "sock_create"),
         ("pg_socket_creat", "socket_create_lsm"),
     ];

@@ -147,3 +147,70 @@ impl Bench {
         Ok(())
     }
 }
+
+impl Bench {
+    /// Section 4b: BPF_PROG_TEST_RUN of each job's `pg_egress`, issued from inside the job's
+    /// cgroup (the kernel's dummy socket takes the calling task's cgroup, so the program
+    /// judges a packet of that pod), on a 64-byte UDP datagram to the allowed veth
+    /// destination, against an empty cgroup_skb program. The dummy socket lives for one
+    /// command, so its first run is a new socket's and the rest are an established flow's.
+    pub(super) fn egress_test_run(&mut self, p: &Params) -> Result<()> {
+        let repeat: u32 = if p.quick { 200_000 } else { 1_000_000 };
+        let rounds = p.kernel_rounds.max(3);
+        let (_empty, empty_id) = kernel::empty_egress_program()?;
+        let configs = ["pg-allow", "pg-10k", "pg-100k"];
+        let mut ids = BTreeMap::new();
+        for cfg in configs {
+            let pid = self.worker(cfg)?.pid();
+            ids.insert(cfg, kernel::process_prog_id(pid, "pg_egress")?);
+        }
+        let dest = addr("veth", "pg-10k", PORT_UDP);
+        let mut ns: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for r in 0..rounds {
+            let s = self
+                .worker("base")?
+                .ask(&format!("egress-test-run {empty_id} {dest} udp {repeat}"))?;
+            ns.entry("empty").or_default().push(s.secs);
+            for i in 0..configs.len() {
+                let cfg = configs[(i + r) % configs.len()];
+                let s = self
+                    .worker(cfg)?
+                    .ask(&format!("egress-test-run {} {dest} udp {repeat}", ids[cfg]))?;
+                if s.ops != 1 {
+                    anyhow::bail!("{cfg}: pg_egress dropped the allowed test datagram");
+                }
+                ns.entry(cfg).or_default().push(s.secs);
+            }
+        }
+        self.table.section(
+            &format!(
+                "4b. BPF_PROG_TEST_RUN of pg_egress, a 64-byte UDP datagram to the allowed veth destination from inside the job's cgroup, {repeat} runs × {rounds} rounds"
+            ),
+            &["configuration", "ns/run, median (min–max)", "ns/run net of empty program"],
+        );
+        let empty = summarize(&ns["empty"]).median;
+        let mut arr = Json::Arr(Vec::new());
+        for cfg in std::iter::once("empty").chain(configs) {
+            let s = summarize(&ns[cfg]);
+            let net = (cfg != "empty").then_some(s.median - empty);
+            let mut o = Json::obj();
+            o.set("config", cfg)
+                .set("repeat", u64::from(repeat))
+                .set("ns_per_run", s)
+                .set("ns_per_run_net_of_empty", net);
+            arr.push(o);
+            self.table.row(vec![
+                if cfg == "empty" {
+                    "empty program"
+                } else {
+                    label(cfg)
+                }
+                .to_string(),
+                format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
+                net.map_or("—".to_string(), |n| format!("{n:.0}")),
+            ]);
+        }
+        self.figures.set("egress_test_run", arr);
+        Ok(())
+    }
+}

@@ -160,8 +160,9 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
     let outcome = match only.as_deref() {
         None => bench.all(&p),
         Some("dns") => bench.dns(&p),
+        Some("datapath") => bench.data_path(&p),
         Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: the selectable sections are dns, {}",
+            "--only {other}: the selectable sections are datapath, dns, {}",
             CONTROL_PLANE_SECTIONS.join(", ")
         )),
     };

@@ -85,6 +85,48 @@ impl Bench {
     }
 
     pub(super) fn all(&mut self, p: &Params) -> Result<()> {
+        let netns = self.start_data_path()?;
+        self.memory("idle")?;
+
+        self.throughput(p)?;
+        self.memory("after load")?;
+        self.kernel_cost(p)?;
+        self.egress_test_run(p)?;
+        self.control_plane(p)?;
+        self.table.section(
+            "5b. pipeguard exec process memory (RSS) and the BPF memory it holds (fdinfo memlock)",
+            &[
+                "configuration",
+                "when",
+                "VmRSS",
+                "VmHWM",
+                "BPF maps",
+                "BPF programs",
+            ],
+        );
+        for row in std::mem::take(&mut self.memory_rows) {
+            self.table.row(row);
+        }
+        self.events(p)?;
+        self.dns(p)?;
+        self.stop_workers();
+        drop(netns);
+        Ok(())
+    }
+
+    /// `--only datapath`: sections 1-4 (rates, kernel cost per run, test runs), nothing else.
+    pub(super) fn data_path(&mut self, p: &Params) -> Result<()> {
+        let netns = self.start_data_path()?;
+        self.throughput(p)?;
+        self.kernel_cost(p)?;
+        self.egress_test_run(p)?;
+        self.stop_workers();
+        drop(netns);
+        Ok(())
+    }
+
+    /// Policies, namespaces, firewall rules, servers and every client worker.
+    fn start_data_path(&mut self) -> Result<Netns> {
         let t = Instant::now();
         let rules = Rules::generate(100_000);
         for (cfg, n) in PG_CONFIGS {
@@ -126,31 +168,7 @@ impl Bench {
             let policy = self.policy_path(cfg);
             self.spawn(cfg, self.client(NS_CLIENT, Some(&policy), None))?;
         }
-        self.memory("idle")?;
-
-        self.throughput(p)?;
-        self.memory("after load")?;
-        self.kernel_cost(p)?;
-        self.control_plane(p)?;
-        self.table.section(
-            "5b. pipeguard exec process memory (RSS) and the BPF memory it holds (fdinfo memlock)",
-            &[
-                "configuration",
-                "when",
-                "VmRSS",
-                "VmHWM",
-                "BPF maps",
-                "BPF programs",
-            ],
-        );
-        for row in std::mem::take(&mut self.memory_rows) {
-            self.table.row(row);
-        }
-        self.events(p)?;
-        self.dns(p)?;
-        self.stop_workers();
-        drop(netns);
-        Ok(())
+        Ok(netns)
     }
 
     pub(super) fn firewalls(&self, rules: &Rules) -> Result<()> {
