@@ -13,8 +13,8 @@ use pipeguard::{
     engine::{Engine, EngineConfig, PolicyEntries, events},
 };
 use pipeguard_common::{
-    Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_AUDIT,
-    VERDICT_DENY,
+    Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
 };
 
 #[test]
@@ -75,13 +75,17 @@ impl Guarded {
     }
 
     fn count(&self, hook: Hook, verdict: u8) -> u64 {
+        self.counter(hook, verdict).0
+    }
+
+    /// (packets, bytes)
+    fn counter(&self, hook: Hook, verdict: u8) -> (u64, u64) {
         self.engine
             .counters(self.cgroup_id)
             .unwrap()
             .iter()
             .filter(|(k, _)| k.hook == hook as u8 && k.verdict == verdict)
-            .map(|(_, c)| c.packets)
-            .sum()
+            .fold((0, 0), |(p, b), (_, c)| (p + c.packets, b + c.bytes))
     }
 }
 
@@ -270,36 +274,136 @@ fn children_daemons_and_threads_are_guarded() {
 
 #[test]
 fn revoking_an_allow_cuts_an_established_connection() {
+    assert_change_cuts_a_connection("revoke", |engine, port| {
+        // The policy changes in place while the connection is open: port 9 only.
+        engine.replace_policy(POLICY, &only(port), &only(9)).unwrap();
+    });
+}
+
+#[test]
+fn moving_the_pod_to_another_allowlist_cuts_an_established_connection() {
+    assert_change_cuts_a_connection("revoke-id", |engine, port| {
+        // The agent's way to change a pod's policy without a window: new id, switch, delete.
+        engine.put_policy(POLICY + 1, &only(9)).unwrap();
+        engine
+            .put_pod(
+                engine.pods().unwrap()[0].0,
+                PodEntry {
+                    policy_id: POLICY + 1,
+                    mode: MODE_ENFORCE,
+                    flags: POD_DENY_RAW_SOCKETS,
+                    ingress_policy_id: 0,
+                },
+            )
+            .unwrap();
+        engine.delete_policy(POLICY, &only(port)).unwrap();
+    });
+}
+
+/// A connection is allowed and sends (so its socket remembers the verdict, see the eBPF
+/// crate's `fast`), `change` revokes the allow, and the connection's next packet is dropped.
+fn assert_change_cuts_a_connection(name: &str, change: impl FnOnce(&mut Engine, u16)) {
     let allowed = listeners::tcp("127.0.0.1:0");
-    let mut g = guard("revoke", &only(allowed.addr.port()), MODE_ENFORCE);
-    let flag = std::env::temp_dir().join(format!("pg-revoke-{}", std::process::id()));
-    let _ = std::fs::remove_file(&flag);
-    let child = common::probe_command(
-        g.cgroup.path(),
-        &[format!("hold {} {}", allowed.addr, flag.display())],
-    )
-    .spawn()
-    .expect("spawn probe");
-    assert!(
-        allowed.received.wait_for(b"before", Duration::from_secs(5)),
-        "the connection was allowed at first"
-    );
-    // The policy changes while the connection is open: port 9 only.
-    g.engine
-        .replace_policy(POLICY, &only(allowed.addr.port()), &only(9))
-        .unwrap();
-    std::fs::write(&flag, "go").unwrap();
-    let output = child.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&flag);
-    common::parse_outcomes(&output);
-    assert!(
-        !allowed.received.wait_for(b"after", LEAK_WAIT),
-        "a revoked connection kept sending"
-    );
+    let mut g = guard(name, &only(allowed.addr.port()), MODE_ENFORCE);
+    hold_through_a_change(&mut g, "hold", allowed.addr, &allowed.received, change);
     assert!(
         g.count(Hook::Egress, VERDICT_DENY) >= 1,
         "the packet hook dropped the revoked connection's packets"
     );
+}
+
+#[test]
+fn revoking_an_allow_refuses_the_next_datagram_of_the_same_socket() {
+    let udp = listeners::udp("127.0.0.1:0");
+    let mut g = guard("revoke-udp", &only(udp.addr.port()), MODE_ENFORCE);
+    let outcomes = hold_through_a_change(&mut g, "udp-hold", udp.addr, &udp.received, |engine, port| {
+        engine.replace_policy(POLICY, &only(port), &only(9)).unwrap();
+    });
+    assert_eperm(&outcomes);
+    assert_eq!(g.count(Hook::Sendmsg4, VERDICT_DENY), 1);
+}
+
+/// Runs probe `action` (`hold`, `udp-hold`): "before" reaches `to`, then `change` moves the
+/// policy, then "after" must not arrive. The probe's outcomes.
+fn hold_through_a_change(
+    g: &mut Guarded,
+    action: &str,
+    to: std::net::SocketAddr,
+    received: &listeners::Received,
+    change: impl FnOnce(&mut Engine, u16),
+) -> Vec<Outcome> {
+    // The cgroup's name is unique to the test (and carries the process id).
+    let cgroup = g
+        .cgroup
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let flag = std::env::temp_dir().join(format!("pg-{cgroup}"));
+    let _ = std::fs::remove_file(&flag);
+    let child = common::probe_command(g.cgroup.path(), &[format!("{action} {to} {}", flag.display())])
+        .spawn()
+        .expect("spawn probe");
+    assert!(
+        received.wait_for(b"before", Duration::from_secs(5)),
+        "allowed at first"
+    );
+    change(&mut g.engine, to.port());
+    std::fs::write(&flag, "go").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&flag);
+    assert!(
+        !received.wait_for(b"after", LEAK_WAIT),
+        "a revoked allow kept sending"
+    );
+    common::parse_outcomes(&output)
+}
+
+/// Repeated datagrams to one destination take the fast path after the first; each one is
+/// still counted, packets and bytes, by the socket hook and the packet hook.
+#[test]
+fn counters_equal_the_datagrams_sent_when_the_socket_remembers_its_verdict() {
+    const SENT: u64 = 200;
+    let udp = listeners::udp("127.0.0.1:0");
+    let g = guard("fast-count", &only(udp.addr.port()), MODE_ENFORCE);
+    assert_ok(&g.probe(&[format!("udp-burst {} {SENT}", udp.addr)]));
+    assert!(
+        udp.received
+            .wait_for(&[b'x'; SENT as usize], Duration::from_secs(5)),
+        "every datagram arrived"
+    );
+    assert_eq!(g.count(Hook::Sendmsg4, VERDICT_ALLOW), SENT);
+    // IPv4 header, UDP header, one byte.
+    assert_eq!(g.counter(Hook::Egress, VERDICT_ALLOW), (SENT, SENT * 29));
+}
+
+/// Audited attempts are never remembered: each datagram is judged, counted and reported.
+#[test]
+fn audit_mode_counts_every_datagram_to_a_denied_destination() {
+    const SENT: u64 = 50;
+    let udp = listeners::udp("127.0.0.1:0");
+    let mut g = guard("fast-audit", &only(9), MODE_AUDIT);
+    let mut ring = g.engine.take_events().unwrap();
+    assert_ok(&g.probe(&[format!("udp-burst {} {SENT}", udp.addr)]));
+    assert!(
+        udp.received
+            .wait_for(&[b'x'; SENT as usize], Duration::from_secs(5)),
+        "audit mode lets every datagram through"
+    );
+    assert_eq!(g.count(Hook::Sendmsg4, VERDICT_AUDIT), SENT);
+    assert_eq!(g.count(Hook::Egress, VERDICT_AUDIT), SENT);
+    assert_eq!(g.count(Hook::Sendmsg4, VERDICT_ALLOW), 0);
+    assert_eq!(g.count(Hook::Egress, VERDICT_ALLOW), 0);
+    let clock = events::Clock::now();
+    let mut sendmsg_events = 0;
+    while let Some(item) = ring.next() {
+        sendmsg_events += events::decode(&item, &clock)
+            .iter()
+            .filter(|v| v.hook == "sendmsg4" && v.verdict == "audit")
+            .count();
+    }
+    assert_eq!(sendmsg_events as u64, SENT, "every audited sendmsg is reported");
 }
 
 #[test]

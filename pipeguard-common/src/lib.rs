@@ -20,7 +20,8 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V1";
-    pub const SOCK_OWNERS: &str = "PG_SOCK_OWNERS_V1";
+    pub const SOCKETS: &str = "PG_SOCKETS_V1";
+    pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V1";
     pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V1";
@@ -32,7 +33,7 @@ pub mod map_names {
     pub const DNS_INGRESS: &str = "PG_DNS_INGRESS_V1";
     pub const SENT: &str = "PG_SENT_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -44,7 +45,8 @@ pub mod map_names {
         CONFIG,
         REPLIES,
         ACCEPTED,
-        SOCK_OWNERS,
+        SOCKETS,
+        POLICY_GENERATION,
         DNS_NAMES,
         DNS_QUERIES,
         DNS_LEARNED,
@@ -354,18 +356,36 @@ pub struct AcceptedPeer {
 }
 const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 24);
 
-/// Socket-local storage written when a guarded pod creates a socket: the socket hooks judge
-/// the socket by the pod that created it (as the packet hook does), not by whichever task
-/// happens to call connect() or sendmsg() on it.
+/// Socket-local storage of a guarded pod's socket. Written when the pod creates it: the
+/// socket hooks judge the socket by the pod that created it (as the packet hook does), not
+/// by whichever task happens to call connect() or sendmsg() on it. Then the fast path: the
+/// last destination the static allowlist allowed for this socket, under which policy
+/// generation (see `POLICY_GENERATION`), so the next attempt or packet to the same
+/// destination skips the pod lookup and the trie until the generation moves.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SocketOwner {
+pub struct SocketState {
     /// The pod-level cgroup (key of the pod table).
     pub pod_cgroup_id: u64,
     /// The socket's own cgroup (reported in events).
     pub cgroup_id: u64,
+    /// Policy generation the remembered verdict was judged under; 0: nothing remembered.
+    pub generation: u64,
+    /// The allowed destination (IPv4 as ::ffff:a.b.c.d), network order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+    /// The pod's `POD_*` flags under that generation.
+    pub pod_flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 16);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 48);
+
+/// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
+/// pod table or an allowlist, so every remembered verdict is judged again on its next use.
+/// 0 means "never written": nothing is remembered under it.
+pub const POLICY_GENERATION_NONE: u64 = 0;
 
 /// Global configuration, array map index 0.
 #[repr(C)]
@@ -408,7 +428,7 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ReplyKey {}
     unsafe impl aya::Pod for AcceptedPeer {}
-    unsafe impl aya::Pod for SocketOwner {}
+    unsafe impl aya::Pod for SocketState {}
     unsafe impl aya::Pod for NameKey {}
     unsafe impl aya::Pod for NameRule {}
     unsafe impl aya::Pod for QueryKey {}

@@ -8,14 +8,16 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use pipeguard_common::{Config, Hook, PROTO_TCP, PROTO_UDP, VERDICT_ERROR};
+use pipeguard_common::{
+    Config, Hook, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_ERROR,
+};
 
 use crate::{
-    dns, ingress_policy,
+    dns, fast, ingress_policy,
     maps::DNS_EGRESS,
     packet::{self, Packet},
     pod, reply,
-    verdict::{Attempt, check, count},
+    verdict::{Attempt, check, config, count, report},
 };
 
 const PASS: i32 = 1;
@@ -23,26 +25,57 @@ const DROP: i32 = 0;
 
 #[cgroup_skb(egress)]
 pub fn pg_egress(ctx: SkBuffContext) -> i32 {
+    let parsed = packet::parse(&ctx);
+    // The sending socket's state: a remembered verdict for this very destination passes the
+    // packet without the pod walk and the trie (see `fast`).
+    let state = fast::of_skb(ctx.skb.skb);
+    if let Ok(packet) = &parsed {
+        let config = config();
+        if let Some(pod) = fast::remembered(
+            state,
+            &config,
+            &packet.dst,
+            packet.dst_port,
+            packet.protocol,
+            packet.src_port,
+        ) {
+            let attempt = Attempt {
+                // Only events report it, and an allowed packet here has none.
+                cgroup_id: 0,
+                ..attempt(&ctx, packet)
+            };
+            report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
+            ingress_policy::note_sent(&ctx, packet, pod.flags);
+            return PASS;
+        }
+    }
     // The two branches call `check` separately on purpose: passing one `Option<Pod>` down
     // lets LLVM spill the uninitialized payload of `None`, which the verifier rejects.
     match pod::of_skb(ctx.skb.skb) {
-        Some(pod) => match packet::parse(&ctx) {
+        Some(pod) => match parsed {
             Ok(packet) => {
                 let dns = dns::is_dns(pod.entry.flags, &packet);
                 let flags = pod.entry.flags;
-                let pass = check(&attempt(&ctx, &packet), Some(pod), |config| {
-                    is_reply(&ctx, &packet, config)
-                });
-                if pass {
+                let attempt = attempt(&ctx, &packet);
+                let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
+                if judged.pass {
                     ingress_policy::note_sent(&ctx, &packet, flags);
                 }
-                if pass && dns {
+                if judged.pass && dns {
                     // DNS of a DNS-filtered pod: judged by `pg_dns_query` (its own program,
                     // for its own stack). Should the tail call fail, nothing leaves.
                     unsafe { DNS_EGRESS.tail_call(&ctx, 0) };
                     return DROP;
                 }
-                verdict(pass)
+                if judged.generation != POLICY_GENERATION_NONE {
+                    let state = if state.is_null() {
+                        fast::of_skb_or_create(ctx.skb.skb, judged.pod_cgroup_id, attempt.cgroup_id)
+                    } else {
+                        state
+                    };
+                    fast::remember(state, &judged, &packet.dst, packet.dst_port, packet.protocol);
+                }
+                verdict(judged.pass)
             }
             Err(()) => {
                 // Unparseable packet from a guarded pod: never let "something broke" mean allow.
@@ -52,10 +85,13 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
         },
         // Not a guarded pod: only the unknown-pod policy applies, and it cannot judge what
         // it cannot parse.
-        None => match packet::parse(&ctx) {
-            Ok(packet) => verdict(check(&attempt(&ctx, &packet), None, |config| {
-                is_reply(&ctx, &packet, config)
-            })),
+        None => match parsed {
+            Ok(packet) => verdict(
+                check(&attempt(&ctx, &packet), None, |config| {
+                    is_reply(&ctx, &packet, config)
+                })
+                .pass,
+            ),
             Err(()) => PASS,
         },
     }

@@ -13,7 +13,7 @@ use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, ConnKey, ConnPass, Counter, CounterKey, DnsConfig,
     DnsScratch, EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_CONNS,
     MAX_COUNTERS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES,
-    NameKey, NameRule, NameText, PodEntry, PortSet, QueryKey, QueryState, ReplyKey, SocketOwner,
+    NameKey, NameRule, NameText, PodEntry, PortSet, QueryKey, QueryState, ReplyKey, SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -66,9 +66,15 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
 
 /// Socket-local storage: the pod that created the socket (written by `pg_sock_create`,
-/// read by the socket hooks; see `owner`). Freed with the socket.
-#[btf_map(name = "PG_SOCK_OWNERS_V1")]
-pub static SOCK_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
+/// read by the socket hooks; see `owner`) and the verdict the socket remembers (see
+/// `fast`). Freed with the socket.
+#[btf_map(name = "PG_SOCKETS_V1")]
+pub static SOCKETS: SkStorage<SocketState> = SkStorage::new();
+
+/// Index 0: the policy generation, which user space moves after every write to the pod
+/// table or an allowlist; a remembered verdict of another generation is judged again.
+#[map(name = "PG_POLICY_GENERATION_V1")]
+pub static POLICY_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 /// {policy id, exact or wildcard, name hash} → ports and the name's text (DNS-filtered pods
 /// only). Written by user space; allocated on insert (values hold a 256-byte name).

@@ -16,10 +16,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
     programs::SockAddrContext,
 };
-use pipeguard_common::SocketOwner;
+use pipeguard_common::{POLICY_GENERATION_NONE, SocketState};
 
 use crate::{
-    maps::SOCK_OWNERS,
+    fast::sockets_map,
+    maps::SOCKETS,
     pod::{self, Pod},
 };
 
@@ -28,10 +29,15 @@ use crate::{
 pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
     // aya-ebpf's `SkStorage` only offers its accessors to sock_addr programs; the helper is
     // called with the map's address directly.
-    let map = core::ptr::from_ref(&SOCK_OWNERS).cast_mut().cast();
-    let stored =
-        unsafe { bpf_sk_storage_get(map, sk.cast(), null_mut(), BPF_SK_STORAGE_GET_F_CREATE as u64) }
-            .cast::<SocketOwner>();
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            sockets_map(),
+            sk.cast(),
+            null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    }
+    .cast::<SocketState>();
     if stored.is_null() {
         // No memory: the socket hooks fall back to the calling task's pod.
         return;
@@ -39,16 +45,22 @@ pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
     unsafe {
         (*stored).pod_cgroup_id = pod.cgroup_id;
         (*stored).cgroup_id = bpf_get_current_cgroup_id();
+        (*stored).generation = POLICY_GENERATION_NONE;
     }
+}
+
+/// The socket's state in a socket hook; null when `pg_sock_create` recorded nothing.
+#[inline(always)]
+pub fn state(ctx: &SockAddrContext) -> *mut SocketState {
+    unsafe { SOCKETS.get_ptr_mut(ctx) }
 }
 
 /// The pod whose policy judges this socket-hook call, and the cgroup to report.
 #[inline(always)]
-pub fn of_sock_addr(ctx: &SockAddrContext) -> (Option<Pod>, u64) {
-    let owner = unsafe { SOCK_OWNERS.get_ptr_mut(ctx) };
-    if owner.is_null() {
+pub fn of_state(state: *const SocketState) -> (Option<Pod>, u64) {
+    if state.is_null() {
         return (pod::of_current_task(), unsafe { bpf_get_current_cgroup_id() });
     }
-    let (pod_cgroup_id, cgroup_id) = unsafe { ((*owner).pod_cgroup_id, (*owner).cgroup_id) };
+    let (pod_cgroup_id, cgroup_id) = unsafe { ((*state).pod_cgroup_id, (*state).cgroup_id) };
     (pod::by_id(pod_cgroup_id), cgroup_id)
 }

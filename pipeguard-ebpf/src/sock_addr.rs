@@ -8,12 +8,12 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
-use pipeguard_common::{Hook, PROTO_UDP};
+use pipeguard_common::{Hook, PROTO_UDP, VERDICT_ALLOW};
 
 use crate::{
     addr::Dest,
-    owner, reply,
-    verdict::{Attempt, check},
+    fast, owner, reply,
+    verdict::{self, Attempt, check},
 };
 
 const ALLOW: i32 = 1;
@@ -58,11 +58,20 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
         let bound_ip4 = read_volatile(addr_of!((*(*sa).__bindgen_anon_1.sk).src_ip4));
         (kernel_destination(dest, bound_ip4), port, protocol)
     };
-    let (pod, cgroup_id) = owner::of_sock_addr(&ctx);
+    let port = u16::from_be(port as u16);
+    let protocol = protocol as u8;
+    let state = owner::state(&ctx);
+    let config = verdict::config();
+    if let Some(pod) = fast::remembered(state, &config, &dest, port, protocol, 0) {
+        // The same destination this socket's pod was allowed under this generation.
+        verdict::count(pod.cgroup_id, VERDICT_ALLOW, hook, 0);
+        return ALLOW;
+    }
+    let (pod, cgroup_id) = owner::of_state(state);
     let attempt = Attempt {
         dest,
-        port: u16::from_be(port as u16),
-        protocol: protocol as u8,
+        port,
+        protocol,
         hook,
         bytes: 0,
         cgroup_id,
@@ -78,11 +87,10 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
                 config,
             )
     };
-    if check(&attempt, pod, is_reply) {
-        ALLOW
-    } else {
-        DENY
-    }
+    let judged = check(&attempt, pod, is_reply);
+    // Only a socket `pg_sock_create` recorded remembers: its state names the pod that judged.
+    fast::remember(state, &judged, &attempt.dest, port, protocol);
+    if judged.pass { ALLOW } else { DENY }
 }
 
 /// The destination the kernel will use: connecting or sending to the unspecified address

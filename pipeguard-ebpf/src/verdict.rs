@@ -11,13 +11,14 @@ use aya_ebpf::{
 };
 use pipeguard_common::{
     AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Counter, CounterKey,
-    EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POD_DNS_FILTERED, POLICY_ID_BITS, UNKNOWN_DENY,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POD_DNS_FILTERED, POLICY_GENERATION_NONE,
+    POLICY_ID_BITS, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::{
     addr::Dest,
     dns::learned,
+    fast,
     maps::{ALLOW_V4, ALLOW_V6, CONFIG, COUNTERS, EVENT_DROPS, EVENT_LIMIT, EVENTS, FLOWS},
     pod::Pod,
 };
@@ -42,15 +43,32 @@ pub fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// True when the attempt may proceed. `is_reply` says whether the attempt answers a peer
+/// What `check` decided.
+pub struct Judged {
+    pub pass: bool,
+    /// The policy generation under which the pod's static allowlist allowed the attempt,
+    /// `POLICY_GENERATION_NONE` when anything else decided: what the socket may remember
+    /// (see `fast`).
+    pub generation: u64,
+    /// The pod that judged (0 for none), and its `POD_*` flags.
+    pub pod_cgroup_id: u64,
+    pub pod_flags: u32,
+}
+
+/// Whether the attempt may proceed. `is_reply` says whether the attempt answers a peer
 /// that talked to the socket first (see `reply`); it is only asked when nothing else allows
 /// the attempt, and a reply is counted as allowed.
 #[inline(always)]
-pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config) -> bool) -> bool {
+pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config) -> bool) -> Judged {
     let config = config();
     let Some(pod) = pod else {
         if config.unknown_pods != UNKNOWN_DENY {
-            return true;
+            return Judged {
+                pass: true,
+                generation: POLICY_GENERATION_NONE,
+                pod_cgroup_id: 0,
+                pod_flags: 0,
+            };
         }
         let verdict = if is_reply(&config) {
             VERDICT_ALLOW
@@ -58,10 +76,18 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
             VERDICT_DENY
         };
         report(attempt, 0, 0, verdict, &config, 0, 0);
-        return verdict == VERDICT_ALLOW;
+        return Judged {
+            pass: verdict == VERDICT_ALLOW,
+            generation: POLICY_GENERATION_NONE,
+            pod_cgroup_id: 0,
+            pod_flags: 0,
+        };
     };
+    // Read before the lookups: a write that lands after them moves it past this value.
+    let generation = fast::generation();
+    let by_allowlist = allowed(pod.entry.policy_id, attempt);
     let mut name_hash = 0;
-    let verdict = if allowed(pod.entry.policy_id, attempt) || is_reply(&config) {
+    let verdict = if by_allowlist || is_reply(&config) {
         VERDICT_ALLOW
     } else if pod.entry.flags & POD_DNS_FILTERED != 0 && {
         // The addresses the pod's allowed DNS answers taught its allowlist.
@@ -86,7 +112,16 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         name_hash,
         0,
     );
-    verdict != VERDICT_DENY
+    Judged {
+        pass: verdict != VERDICT_DENY,
+        generation: if by_allowlist {
+            generation
+        } else {
+            POLICY_GENERATION_NONE
+        },
+        pod_cgroup_id: pod.cgroup_id,
+        pod_flags: pod.entry.flags,
+    }
 }
 
 /// The static allowlist (the tries) allows the attempt.

@@ -6,6 +6,7 @@
 mod attach;
 pub mod dns;
 pub mod events;
+mod generation;
 mod names;
 mod object;
 pub mod pins;
@@ -190,6 +191,8 @@ impl Engine {
             dns_loaded: false,
         };
         engine.write_config(config)?;
+        // Pinned maps adopted from an earlier agent: nothing its sockets remember counts.
+        engine.bump_generation()?;
         crate::memory::release_freed();
         Ok(engine)
     }

@@ -65,15 +65,17 @@ fn key_v6(policy_id: u32, net: &Ipv6Net) -> Key<AllowKeyV6> {
     )
 }
 
-fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> EngineError {
+pub(super) fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> EngineError {
     move |source| EngineError::Map { map, source }
 }
 
 impl Engine {
     /// Writes (or overwrites) every entry of `entries` under `policy_id`.
     pub fn put_policy(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
-        self.put_names(policy_id, &entries.names)?;
-        self.put_addresses(policy_id, entries)
+        let written = self
+            .put_names(policy_id, &entries.names)
+            .and_then(|()| self.put_addresses(policy_id, entries));
+        self.after_write(written)
     }
 
     fn put_addresses(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
@@ -100,9 +102,11 @@ impl Engine {
         new: &PolicyEntries,
     ) -> Result<(usize, usize), EngineError> {
         let diff = PolicyDiff::between(old, new);
-        self.put_addresses(policy_id, &diff.put)?;
-        self.delete_addresses(policy_id, &diff.delete)?;
-        self.replace_names(policy_id, &old.names, &new.names)?;
+        let written = self
+            .put_addresses(policy_id, &diff.put)
+            .and_then(|()| self.delete_addresses(policy_id, &diff.delete))
+            .and_then(|()| self.replace_names(policy_id, &old.names, &new.names));
+        self.after_write(written)?;
         Ok((
             diff.put.v4.len() + diff.put.v6.len(),
             diff.delete.v4.len() + diff.delete.v6.len(),
@@ -112,8 +116,10 @@ impl Engine {
     /// Deletes the keys of `entries` under `policy_id`, and every name entry of
     /// `policy_id`; keys already gone are fine.
     pub fn delete_policy(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
-        self.delete_addresses(policy_id, entries)?;
-        self.delete_names(policy_id)
+        let written = self
+            .delete_addresses(policy_id, entries)
+            .and_then(|()| self.delete_names(policy_id));
+        self.after_write(written)
     }
 
     fn delete_addresses(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
@@ -133,14 +139,22 @@ impl Engine {
         if entry.flags & pipeguard_common::POD_DNS_FILTERED != 0 {
             self.ensure_dns()?;
         }
-        let mut pods: HashMap<&mut MapData, u64, PodEntry> = self.map_mut(map_names::PODS)?;
-        pods.insert(cgroup_id, entry, 0)
-            .map_err(map_error(map_names::PODS))
+        let written =
+            self.map_mut(map_names::PODS)
+                .and_then(|mut pods: HashMap<&mut MapData, u64, PodEntry>| {
+                    pods.insert(cgroup_id, entry, 0)
+                        .map_err(map_error(map_names::PODS))
+                });
+        self.after_write(written)
     }
 
     pub fn delete_pod(&mut self, cgroup_id: u64) -> Result<(), EngineError> {
-        let mut pods: HashMap<&mut MapData, u64, PodEntry> = self.map_mut(map_names::PODS)?;
-        ignore_missing(pods.remove(&cgroup_id)).map_err(map_error(map_names::PODS))
+        let written =
+            self.map_mut(map_names::PODS)
+                .and_then(|mut pods: HashMap<&mut MapData, u64, PodEntry>| {
+                    ignore_missing(pods.remove(&cgroup_id)).map_err(map_error(map_names::PODS))
+                });
+        self.after_write(written)
     }
 }
 

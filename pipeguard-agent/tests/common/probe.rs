@@ -88,6 +88,8 @@ fn run(action: &str) {
             target,
         ),
         "hold" => hold(target, rest),
+        "udp-burst" => udp_burst(target, rest),
+        "udp-hold" => udp_hold(target, rest),
         dns if dns.starts_with("dns-") => super::dns_probe::run(dns, target, rest),
         "wait-denied" => wait_for(target, true),
         "wait-allowed" => wait_for(target, false),
@@ -452,6 +454,35 @@ fn hold(target: &str, flag: &str) -> std::io::Result<()> {
     let _ = stream.write_all(b"after");
     std::thread::sleep(Duration::from_millis(300));
     Ok(())
+}
+
+/// `count` one-byte datagrams from one unconnected socket to `target` (the fast path's
+/// repeated datagrams); the first refused send is the outcome.
+fn udp_burst(target: &str, count: &str) -> std::io::Result<()> {
+    let target = addr(target);
+    let count: u64 = count.parse().expect("udp-burst count");
+    let socket = udp_socket(&target)?;
+    for _ in 0..count {
+        socket.send_to(b"x", target)?;
+    }
+    Ok(())
+}
+
+/// sendto "before" from one unconnected socket, wait until the file `flag` exists (the test
+/// changes the policy meanwhile), then sendto "after" from the same socket: its outcome.
+fn udp_hold(target: &str, flag: &str) -> std::io::Result<()> {
+    let target = addr(target);
+    let socket = udp_socket(&target)?;
+    socket.send_to(b"before", target)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::path::Path::new(flag).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "udp-hold: the test never created {flag}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    socket.send_to(b"after", target).map(drop)
 }
 
 /// unshare(CLONE_NEWNET), bring up lo, connect: the cgroup hooks do not care which netns.

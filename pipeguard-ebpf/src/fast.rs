@@ -1,0 +1,158 @@
+//! The per-socket fast path: a socket remembers the last destination its pod's static
+//! allowlist allowed it, with the policy generation of that verdict (`SocketState`). The
+//! next connect/sendmsg or packet of that socket to the same destination, port and protocol
+//! is allowed with one socket-storage lookup and a generation compare: no ancestor walk,
+//! no pod lookup, no trie.
+//!
+//! Why it is the same verdict: the slow path's allow depends only on the pod's entry, the
+//! allowlist and {destination, port, protocol}. The first two are covered by the
+//! generation, which user space moves after every write to the pod table or an allowlist
+//! (so a revoked allow cuts an established connection at its next packet); the third is
+//! compared against the packet's own headers, so a raw socket or ICMP gains nothing. Only
+//! allows by the static allowlist are remembered: replies, learned DNS addresses and
+//! audited or denied attempts take the slow path every time, with their events. DNS of
+//! either direction (port 53) never takes the fast path, because the DNS program must
+//! see every query of a DNS-filtered pod. Counters are bumped exactly as the slow path does,
+//! and the ingress side's record of peers sent to (`ingress_policy::note_sent`) too.
+
+use core::ptr::null_mut;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get},
+};
+use pipeguard_common::{
+    CONFIG_REPORT_ALLOWED, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, SocketState,
+};
+
+use crate::{
+    addr::Dest,
+    maps::{POLICY_GENERATION, SOCKETS},
+    verdict::Judged,
+};
+
+const DNS_PORT: u16 = 53;
+
+/// The policy generation now. Read before the lookups a remembered verdict is based on.
+#[inline(always)]
+pub fn generation() -> u64 {
+    POLICY_GENERATION
+        .get(0)
+        .copied()
+        .unwrap_or(POLICY_GENERATION_NONE)
+}
+
+/// The socket storage map as the helpers want it (aya-ebpf's `SkStorage` only offers its
+/// accessors to sock_addr programs).
+#[inline(always)]
+pub fn sockets_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&SOCKETS).cast_mut().cast()
+}
+
+/// The state of the full socket that sent `skb`; null when it has none (or is a request or
+/// time-wait socket).
+#[inline(always)]
+pub fn of_skb(skb: *mut __sk_buff) -> *mut SocketState {
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return null_mut();
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return null_mut();
+    }
+    unsafe { bpf_sk_storage_get(sockets_map(), full.cast(), null_mut(), 0) }.cast()
+}
+
+/// The pod a remembered verdict was judged for.
+pub struct Remembered {
+    pub cgroup_id: u64,
+    /// Its `POD_*` flags under the remembered generation.
+    pub flags: u32,
+}
+
+/// The socket's pod when its remembered verdict allows this attempt now.
+#[inline(always)]
+pub fn remembered(
+    state: *const SocketState,
+    config: &Config,
+    dest: &Dest,
+    port: u16,
+    protocol: u8,
+    src_port: u16,
+) -> Option<Remembered> {
+    if state.is_null() || config.flags & CONFIG_REPORT_ALLOWED != 0 || is_dns_port(protocol, port, src_port) {
+        return None;
+    }
+    let generation = generation();
+    let s = unsafe { &*state };
+    if s.generation == POLICY_GENERATION_NONE
+        || s.generation != generation
+        || s.port != port
+        || s.protocol != protocol
+        || s.addr != dest.addr
+    {
+        return None;
+    }
+    Some(Remembered {
+        cgroup_id: s.pod_cgroup_id,
+        flags: s.pod_flags,
+    })
+}
+
+/// After the slow path judged an attempt: when the pod's static allowlist allowed it,
+/// remember that in `state` (null: nothing to write into), unless the state belongs to
+/// another pod.
+#[inline(always)]
+pub fn remember(state: *mut SocketState, judged: &Judged, dest: &Dest, port: u16, protocol: u8) {
+    if state.is_null() || judged.generation == POLICY_GENERATION_NONE {
+        return;
+    }
+    let s = unsafe { &mut *state };
+    if s.pod_cgroup_id != judged.pod_cgroup_id {
+        return;
+    }
+    s.addr = dest.addr;
+    s.port = port;
+    s.protocol = protocol;
+    s.pod_flags = judged.pod_flags;
+    s.generation = judged.generation;
+}
+
+/// In the packet hook: the state of the sending socket, created for pod `pod_cgroup_id`
+/// when the socket has none (accepted connections, sockets older than the programs).
+#[inline(always)]
+pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64) -> *mut SocketState {
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return null_mut();
+    }
+    let full: *mut bpf_sock = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return null_mut();
+    }
+    let state: *mut SocketState = unsafe {
+        bpf_sk_storage_get(
+            sockets_map(),
+            full.cast(),
+            null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    }
+    .cast();
+    if state.is_null() {
+        return state;
+    }
+    let s = unsafe { &mut *state };
+    if s.pod_cgroup_id == 0 {
+        // Just created (zeroed): it belongs to the pod the packet hook found.
+        s.pod_cgroup_id = pod_cgroup_id;
+        s.cgroup_id = cgroup_id;
+    }
+    state
+}
+
+#[inline(always)]
+fn is_dns_port(protocol: u8, port: u16, src_port: u16) -> bool {
+    (protocol == PROTO_UDP || protocol == PROTO_TCP) && (port == DNS_PORT || src_port == DNS_PORT)
+}
