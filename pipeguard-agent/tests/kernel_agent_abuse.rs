@@ -20,17 +20,13 @@ use common::{
         self, Node, allow_only, eventually, http_get, metric, namespace, node, pod, raise_own_fd_limit,
         start_agent, uid, wait_ready,
     },
-    listeners, run_probe,
+    listeners, once,
 };
 
 #[test]
 #[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
 fn probe_main() {
     common::probe::main();
-}
-
-fn once(cgroup: &std::path::Path, action: String) -> common::probe::Outcome {
-    run_probe(cgroup, &[action]).pop().expect("one outcome")
 }
 
 /// The registry the runners may reach, a policy allowing only it, and namespace `ci`.
@@ -572,6 +568,7 @@ fn a_watch_failing_past_the_bound_makes_the_agent_not_ready_domain_policies_incl
     let cg = n.pod_cgroup(&runner);
     let agent = start_agent(&n, &["--no-events-stdout", "--watch-failure-seconds", "2"], None);
     wait_ready(&agent, Duration::from_secs(60));
+    assert!(once(&cg, format!("tcp {} leak", elsewhere.addr)).denied_with_eperm());
     for kind in ["NetworkPolicy", "DomainPolicy", "ClusterDomainPolicy"] {
         n.server.fail(kind);
         let body = wait_readyz(
@@ -583,7 +580,8 @@ fn a_watch_failing_past_the_bound_makes_the_agent_not_ready_domain_policies_incl
         eprintln!("WATCH {kind} down: {body:?}");
         assert_eq!(metric(&agent, "pipeguard_ready"), Some(0.0));
         // Meanwhile the guarded pod keeps its last enforced state.
-        assert!(once(&cg, format!("tcp {} leak", elsewhere.addr)).denied_with_eperm());
+        let o = once(&cg, format!("tcp {} leak", elsewhere.addr));
+        assert!(o.denied_with_eperm(), "{kind} down: {o:?}\nlog:\n{}", agent.log());
         assert!(once(&cg, format!("tcp {} ok", registry.addr)).ok);
         // Healed, and nothing of the kind changes: the quiet watch still counts as recovered.
         n.server.heal(kind);

@@ -58,6 +58,11 @@ fn idle_cpu(agent: &Agent, secs: u64) -> Duration {
     agent.cpu() - before
 }
 
+/// `pipeguard_syncs_total` of one path (full, new_pods, unchanged).
+fn syncs(agent: &Agent, path: &str) -> u64 {
+    metric(agent, &format!("pipeguard_syncs_total{{path=\"{path}\"}}")).unwrap_or(0.0) as u64
+}
+
 pub fn run(quick: bool, report: &mut Report) {
     raise_own_fd_limit();
     let (new_pods, idle_secs, ports, subscribers) = if quick {
@@ -75,6 +80,8 @@ pub fn run(quick: bool, report: &mut Report) {
             "max",
             "CPU per new pod",
             &format!("idle CPU in {idle_secs} s"),
+            "syncs while idle (full / unchanged)",
+            "syncs for the new pods (full / new_pods)",
             "RSS",
             "VmHWM",
             "BPF maps (memlock)",
@@ -110,7 +117,13 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
         || enforced(&agent) == Some(pods),
     );
     std::thread::sleep(Duration::from_secs(2));
+    let idle_syncs = (syncs(&agent, "full"), syncs(&agent, "unchanged"));
     let idle = idle_cpu(&agent, idle_secs);
+    let idle_syncs = (
+        syncs(&agent, "full") - idle_syncs.0,
+        syncs(&agent, "unchanged") - idle_syncs.1,
+    );
+    let pod_syncs = (syncs(&agent, "full"), syncs(&agent, "new_pods"));
 
     let mut lags = Vec::new();
     let mut refused_at_first_try = 0;
@@ -129,6 +142,10 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
         drop(prober);
     }
     let per_pod = (agent.cpu() - cpu_before) / new_pods;
+    let pod_syncs = (
+        syncs(&agent, "full") - pod_syncs.0,
+        syncs(&agent, "new_pods") - pod_syncs.1,
+    );
     let s = summarize(&lags);
     let (rss, hwm, maps) = (agent.rss_kib(), agent.hwm_kib(), bpf_map_kib(agent.pid()));
     report.row(vec![
@@ -139,6 +156,8 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
         ms(s.max),
         cpu_ms(per_pod),
         cpu_ms(idle),
+        format!("{} / {}", idle_syncs.0, idle_syncs.1),
+        format!("{} / {}", pod_syncs.0, pod_syncs.1),
         mib(rss),
         mib(hwm),
         mib(maps),
@@ -150,6 +169,8 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
         "cpu_ms_per_new_pod": per_pod.as_secs_f64() * 1e3,
         "idle_seconds": idle_secs,
         "idle_cpu_ms": idle.as_secs_f64() * 1e3,
+        "idle_syncs": {"full": idle_syncs.0, "unchanged": idle_syncs.1},
+        "new_pod_syncs": {"full": pod_syncs.0, "new_pods": pod_syncs.1},
         "rss_kib": rss,
         "hwm_kib": hwm,
         "bpf_map_memlock_kib": maps,

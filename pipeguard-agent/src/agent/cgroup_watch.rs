@@ -1,19 +1,22 @@
 //! inotify on the kubelet cgroup tree: a new pod cgroup triggers a sync within milliseconds
 //! of its mkdir. Watched: the cgroup root (for kubepods to appear), the kubepods cgroups and
-//! their QoS children. The sync re-scans the tree, so the watcher only has to wake it.
+//! their QoS children. A new pod cgroup is passed on by itself (the loop writes only its
+//! entry); anything else (a pod cgroup removed, kubepods or a QoS cgroup appearing, lost
+//! events) makes the loop re-scan the tree.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
+use super::{
+    pod_cgroups::{KUBEPODS, PodCgroup, is_qos_dir, pod_uid},
+    triggers::Triggers,
+};
 use futures::StreamExt;
 use inotify::{Inotify, WatchDescriptor, WatchMask};
-use tokio::sync::Notify;
-
-use super::pod_cgroups::{KUBEPODS, is_qos_dir, pod_uid};
 
 /// Depth below the root: 0 root, 1 kubepods, 2 QoS class.
 type Depth = u8;
 
-pub fn start(root: PathBuf, changed: Arc<Notify>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub fn start(root: PathBuf, triggers: Arc<Triggers>) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let inotify = Inotify::init()?;
     let mut stream = inotify.into_event_stream([0u8; 4096])?;
     let mut watches = stream.watches();
@@ -46,6 +49,10 @@ pub fn start(root: PathBuf, changed: Arc<Notify>) -> std::io::Result<tokio::task
                     continue;
                 }
             };
+            if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                triggers.full("cgroups_changed");
+                continue;
+            }
             let Some(name) = event.name.as_ref().map(|n| n.to_string_lossy().into_owned()) else {
                 continue;
             };
@@ -55,12 +62,16 @@ pub fn start(root: PathBuf, changed: Arc<Notify>) -> std::io::Result<tokio::task
             let created = event.mask.contains(inotify::EventMask::CREATE);
             let path = dir.join(&name);
             match depth {
-                0 if created && KUBEPODS.contains(&name.as_str()) => add(path, 1, &mut dirs),
-                1 if created && is_qos_dir(&name) => add(path, 2, &mut dirs),
+                0 if created && KUBEPODS.contains(&name.as_str()) => add(path.clone(), 1, &mut dirs),
+                1 if created && is_qos_dir(&name) => add(path.clone(), 2, &mut dirs),
                 _ => {}
             }
-            if pod_uid(&name).is_some() || depth < 2 {
-                changed.notify_one();
+            match pod_uid(&name) {
+                // Pod cgroups live in kubepods or a QoS cgroup (what the scan finds).
+                Some(uid) if created && depth >= 1 => triggers.created(PodCgroup { uid, path }),
+                Some(_) => triggers.full("cgroups_changed"),
+                None if depth < 2 => triggers.full("cgroups_changed"),
+                None => {}
             }
         }
     }))

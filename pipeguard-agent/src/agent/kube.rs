@@ -9,6 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{
+    raw_policy::RawPolicy,
+    triggers::Triggers,
+    watch_events::{WatchBackoff, api_answered, changed_cache},
+};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
@@ -16,9 +21,6 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
-use tokio::sync::Notify;
-
-use super::raw_policy::RawPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -65,7 +67,7 @@ pub struct Watches {
     failing: std::sync::Mutex<std::collections::BTreeMap<String, (Instant, Instant, String)>>,
 }
 
-/// A failing watch retries with backoff (at most 30 s apart in kube-runtime's default), each
+/// A failing watch retries with backoff (at most 20 s apart, see `WatchBackoff`), each
 /// retry an error; one with no error for this long has recovered, even when its kind has
 /// had no change to report since (bookmarks are not passed on, so silence is all there is).
 const RECOVERED_AFTER: Duration = Duration::from_secs(45);
@@ -100,7 +102,7 @@ impl Watches {
     }
 }
 
-/// The caches. `changed` fires after any change to any of them.
+/// The caches. `triggers` fires after any change to any of them.
 #[derive(Clone)]
 pub struct Caches {
     pub watches: Arc<Watches>,
@@ -112,7 +114,7 @@ pub struct Caches {
     /// DomainPolicies and ClusterDomainPolicies.
     pub domains: super::kube_domains::DomainCache,
     pub cluster_domains: super::kube_domains::DomainCache,
-    pub changed: Arc<Notify>,
+    pub triggers: Arc<Triggers>,
 }
 
 impl Caches {
@@ -129,28 +131,27 @@ impl Caches {
 }
 
 /// Starts the reflectors as tasks on the current runtime.
-pub fn start(client: Client) -> Caches {
-    let changed = Arc::new(Notify::new());
+pub fn start(client: Client, triggers: Arc<Triggers>) -> Caches {
     let watches = Arc::new(Watches::default());
     let pods = reflect(
         Api::<Pod>::all(client.clone()),
         strip_pod,
-        changed.clone(),
+        triggers.clone(),
         watches.clone(),
     );
     let namespaces = reflect(
         Api::<Namespace>::all(client.clone()),
         strip_meta,
-        changed.clone(),
+        triggers.clone(),
         watches.clone(),
     );
     let policies = reflect(
         Api::<RawPolicy>::all(client.clone()),
         strip_meta,
-        changed.clone(),
+        triggers.clone(),
         watches.clone(),
     );
-    let (domains, cluster_domains) = super::kube_domains::start(client, changed.clone(), watches.clone());
+    let (domains, cluster_domains) = super::kube_domains::start(client, triggers.clone(), watches.clone());
     Caches {
         watches,
         pods,
@@ -158,11 +159,11 @@ pub fn start(client: Client) -> Caches {
         policies,
         domains,
         cluster_domains,
-        changed,
+        triggers,
     }
 }
 
-fn reflect<K>(api: Api<K>, strip: fn(&mut K), changed: Arc<Notify>, watches: Arc<Watches>) -> Store<K>
+fn reflect<K>(api: Api<K>, strip: fn(&mut K), triggers: Arc<Triggers>, watches: Arc<Watches>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -174,14 +175,14 @@ where
 {
     let (store, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(strip)
         .reflect(writer);
-    tokio::spawn(drive(stream, changed, watches, K::kind(&()).into_owned()));
+    tokio::spawn(drive(stream, triggers, watches, K::kind(&()).into_owned()));
     store
 }
 
-async fn drive<S, K>(stream: S, changed: Arc<Notify>, watches: Arc<Watches>, kind: String)
+async fn drive<S, K>(stream: S, triggers: Arc<Triggers>, watches: Arc<Watches>, kind: String)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
@@ -189,9 +190,13 @@ where
     while let Some(event) = stream.next().await {
         match event {
             // The store has been updated before the event is yielded.
-            Ok(_) => {
-                watches.succeeded(&kind);
-                changed.notify_one();
+            Ok(event) => {
+                if api_answered(&event) {
+                    watches.succeeded(&kind);
+                }
+                if changed_cache(&event) {
+                    triggers.full(&kind);
+                }
             }
             Err(error) => {
                 tracing::warn!(%kind, %error, "watch error; retrying with backoff (caches keep their last state)");

@@ -20,9 +20,13 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use super::kube::Watches;
+use super::{
+    kube::Watches,
+    triggers::Triggers,
+    watch_events::{WatchBackoff, api_answered, changed_cache},
+};
 use crate::policy::{CLUSTER_DOMAIN_POLICY, DOMAIN_POLICY};
 
 /// One custom resource's cache.
@@ -66,14 +70,19 @@ pub fn resource(kind: &str) -> ApiResource {
 /// Both caches: (DomainPolicy, ClusterDomainPolicy). Their watch failures count towards
 /// readiness like the built-in kinds' (a domain rule revoked while the watch is down stays
 /// applied).
-pub fn start(client: Client, changed: Arc<Notify>, watches: Arc<Watches>) -> (DomainCache, DomainCache) {
+pub fn start(client: Client, triggers: Arc<Triggers>, watches: Arc<Watches>) -> (DomainCache, DomainCache) {
     (
-        reflect(client.clone(), DOMAIN_POLICY, changed.clone(), watches.clone()),
-        reflect(client, CLUSTER_DOMAIN_POLICY, changed, watches),
+        reflect(client.clone(), DOMAIN_POLICY, triggers.clone(), watches.clone()),
+        reflect(client, CLUSTER_DOMAIN_POLICY, triggers, watches),
     )
 }
 
-fn reflect(client: Client, kind: &'static str, changed: Arc<Notify>, watches: Arc<Watches>) -> DomainCache {
+fn reflect(
+    client: Client,
+    kind: &'static str,
+    triggers: Arc<Triggers>,
+    watches: Arc<Watches>,
+) -> DomainCache {
     let resource = resource(kind);
     let api = Api::<DynamicObject>::all_with(client, &resource);
     let writer = reflector::store::Writer::new(resource.clone());
@@ -81,7 +90,7 @@ fn reflect(client: Client, kind: &'static str, changed: Arc<Notify>, watches: Ar
     let missing = Arc::new(AtomicBool::new(false));
     let (missing_tx, missing_seen) = watch::channel(false);
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(|obj: &mut DynamicObject| obj.meta_mut().managed_fields = None)
         .reflect(writer);
     let flag = missing.clone();
@@ -89,19 +98,24 @@ fn reflect(client: Client, kind: &'static str, changed: Arc<Notify>, watches: Ar
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => {
+                Ok(event) => {
+                    if !api_answered(&event) {
+                        continue;
+                    }
                     watches.succeeded(kind);
                     if flag.swap(false, Ordering::Relaxed) {
                         tracing::info!(%kind, "custom resource definition found; watching it");
                     }
-                    changed.notify_one();
+                    if changed_cache(&event) {
+                        triggers.full(kind);
+                    }
                 }
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
                     // A kind without its CRD has no objects: nothing is missed.
                     watches.succeeded(kind);
                     if !flag.swap(true, Ordering::Relaxed) {
                         tracing::warn!(%kind, "the CRD is not installed (404); treating it as having no objects and retrying (domain rules only allow, so this opens nothing)");
-                        changed.notify_one();
+                        triggers.full(kind);
                     }
                     let _ = missing_tx.send(true);
                 }

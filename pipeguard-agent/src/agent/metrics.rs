@@ -54,6 +54,20 @@ pub struct MapLabels {
     pub map: LabelValue,
 }
 
+/// What woke the sync loop: a watched kind, `pod_cgroup_created`, `cgroups_changed`,
+/// `resync` or `recheck` (bounded: a fixed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+/// How a sync ran: `full`, `new_pods` (only new pod cgroups' entries), `unchanged` (the
+/// periodic resync found nothing moved and stopped after the scan), or `scan_failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: LabelValue,
@@ -81,6 +95,10 @@ pub struct Metrics {
     pub allowlists: Gauge,
     pub sync_seconds: Histogram,
     pub sync_errors: Counter,
+    /// Wake-ups of the sync loop per source.
+    pub sync_triggers: Family<SourceLabels, Counter>,
+    /// Syncs per path (full, new_pods, unchanged).
+    pub syncs: Family<PathLabels, Counter>,
     pub packets: Family<TrafficLabels, Counter>,
     /// Denied (or audited) attempts the event pipeline received.
     pub event_attempts: Counter,
@@ -158,6 +176,8 @@ impl Default for Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
             ]),
             sync_errors: Counter::default(),
+            sync_triggers: Family::default(),
+            syncs: Family::default(),
             packets: Family::default(),
             bytes: Family::default(),
             dns_queries: Family::default(),
@@ -222,6 +242,16 @@ impl Default for Metrics {
             "sync_errors",
             "Syncs that failed to write the maps",
             m.sync_errors.clone(),
+        );
+        registry.register(
+            "sync_triggers",
+            "Wake-ups of the sync loop per source (a watched kind, pod_cgroup_created, cgroups_changed, resync, recheck)",
+            m.sync_triggers.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Syncs per path: full, new_pods (only new pod cgroups), unchanged (periodic resync, nothing moved), scan_failed",
+            m.syncs.clone(),
         );
         registry.register(
             "packets",

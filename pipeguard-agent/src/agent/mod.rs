@@ -24,6 +24,8 @@ pub mod snapshot;
 mod start;
 pub mod sync;
 mod sync_loop;
+mod triggers;
+mod watch_events;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -61,12 +61,14 @@ pub fn kubepods_roots(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Every pod cgroup under `root`, in both layouts.
+/// Every pod cgroup under `root`, in both layouts, sorted by path (so two scans compare
+/// equal whatever order the directories list in).
 pub fn scan(root: &Path) -> io::Result<Vec<PodCgroup>> {
     let mut pods = Vec::new();
     for kubepods in kubepods_roots(root) {
         scan_dir(&kubepods, true, &mut pods)?;
     }
+    pods.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     Ok(pods)
 }
 

@@ -32,13 +32,13 @@ impl InfoCache {
     pub(super) fn refresh(
         &mut self,
         desired: &[DesiredPod],
-        pods: &HashMap<&str, &Arc<Pod>>,
+        pods: &HashMap<String, Arc<Pod>>,
         paths: &HashMap<u64, PathBuf>,
     ) -> HashMap<u64, Arc<PodInfo>> {
         let mut index = HashMap::with_capacity(desired.len());
         let mut kept = HashMap::with_capacity(desired.len());
         for d in desired {
-            let pod = pods.get(d.pod.uid.as_str()).copied();
+            let pod = pods.get(&d.pod.uid);
             let stamp = Stamp {
                 resource_version: pod.and_then(|p| p.metadata.resource_version.clone()),
                 status: d.status.clone(),

@@ -4,6 +4,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use super::{
     AgentConfig, AgentError, Health, cgroup_watch, http, kube, listener, metrics::LiveSources, pod_cgroups,
+    triggers::Triggers,
 };
 use crate::{
     engine::{Engine, EngineConfig},
@@ -129,8 +130,9 @@ pub(super) async fn caches(
     health: &Health,
 ) -> Result<(::kube::Client, kube::Caches), AgentError> {
     let client = kube::client(config.kubeconfig.as_deref()).await?;
-    let caches = kube::start(client.clone());
-    cgroup_watch::start(root.to_path_buf(), caches.changed.clone()).map_err(AgentError::Watch)?;
+    let triggers = Arc::new(Triggers::new(health.metrics.sync_triggers.clone()));
+    let caches = kube::start(client.clone(), triggers.clone());
+    cgroup_watch::start(root.to_path_buf(), triggers).map_err(AgentError::Watch)?;
     let waiting = std::time::Instant::now();
     let mut said = false;
     {

@@ -38,6 +38,16 @@ pub struct SyncStats {
     pub pods_deleted: usize,
 }
 
+impl std::ops::AddAssign for SyncStats {
+    fn add_assign(&mut self, other: Self) {
+        self.policies_written += other.policies_written;
+        self.policies_updated += other.policies_updated;
+        self.policies_deleted += other.policies_deleted;
+        self.pods_written += other.pods_written;
+        self.pods_deleted += other.pods_deleted;
+    }
+}
+
 impl Applied {
     /// Takes over what a previous agent left in pinned maps, so the first sync changes them
     /// in the hole-free order instead of overwriting ids pods still point at.
@@ -93,32 +103,13 @@ impl Applied {
         self.update_in_place(engine, desired, &mut stats)?;
         // 1. New allowlists first, under fresh ids.
         for d in desired {
-            if !self.policies.contains_key(&d.entries) {
-                self.next_id += 1;
-                engine.put_policy(self.next_id, &d.entries)?;
-                stats.policies_written += 1;
-                self.policies.insert(Arc::new(d.entries.clone()), self.next_id);
-            }
+            self.ensure_policy(engine, &d.entries, &mut stats)?;
         }
         // 2. Point pods at them.
         let mut wanted = HashMap::new();
         for d in desired {
-            let (key, id) = self.policies.get_key_value(&d.entries).expect("written above");
-            let entry = PodEntry {
-                policy_id: *id,
-                mode: d.mode,
-                flags: d.flags,
-                ingress_policy_id: 0,
-            };
-            let unchanged = self
-                .pods
-                .get(&d.pod.cgroup_id)
-                .is_some_and(|(k, e)| *e == entry && (Arc::ptr_eq(k, key) || k == key));
-            if !unchanged {
-                engine.put_pod(d.pod.cgroup_id, entry)?;
-                stats.pods_written += 1;
-            }
-            wanted.insert(d.pod.cgroup_id, (key.clone(), entry));
+            let (key, entry) = self.point(engine, d, &mut stats)?;
+            wanted.insert(d.pod.cgroup_id, (key, entry));
         }
         // 3. Forget pods that are gone.
         for cgroup_id in self.pods.keys().filter(|c| !wanted.contains_key(c)) {
@@ -144,6 +135,59 @@ impl Applied {
             stats.policies_deleted += 1;
         }
         Ok(stats)
+    }
+
+    /// One pod more (a new pod cgroup), without the full diff: its allowlist is written under
+    /// a fresh id unless some pod has it already, then its entry. Nothing is deleted here; an
+    /// allowlist this leaves unused goes at the next full sync.
+    pub fn add(&mut self, engine: &mut Engine, d: &DesiredPod) -> Result<SyncStats, EngineError> {
+        let mut stats = SyncStats::default();
+        self.ensure_policy(engine, &d.entries, &mut stats)?;
+        let (key, entry) = self.point(engine, d, &mut stats)?;
+        self.pods.insert(d.pod.cgroup_id, (key, entry));
+        Ok(stats)
+    }
+
+    /// Writes an allowlist under a fresh id unless it has one.
+    fn ensure_policy(
+        &mut self,
+        engine: &mut Engine,
+        entries: &PolicyEntries,
+        stats: &mut SyncStats,
+    ) -> Result<(), EngineError> {
+        if !self.policies.contains_key(entries) {
+            self.next_id += 1;
+            engine.put_policy(self.next_id, entries)?;
+            stats.policies_written += 1;
+            self.policies.insert(Arc::new(entries.clone()), self.next_id);
+        }
+        Ok(())
+    }
+
+    /// Writes the pod's entry, pointing at its (already written) allowlist, unless the map
+    /// holds it already. Returns what the entry now is.
+    fn point(
+        &self,
+        engine: &mut Engine,
+        d: &DesiredPod,
+        stats: &mut SyncStats,
+    ) -> Result<(Arc<PolicyEntries>, PodEntry), EngineError> {
+        let (key, id) = self.policies.get_key_value(&d.entries).expect("written first");
+        let entry = PodEntry {
+            policy_id: *id,
+            mode: d.mode,
+            flags: d.flags,
+            ingress_policy_id: 0,
+        };
+        let unchanged = self
+            .pods
+            .get(&d.pod.cgroup_id)
+            .is_some_and(|(k, e)| *e == entry && (Arc::ptr_eq(k, key) || k == key));
+        if !unchanged {
+            engine.put_pod(d.pod.cgroup_id, entry)?;
+            stats.pods_written += 1;
+        }
+        Ok((key.clone(), entry))
     }
 
     fn update_in_place(

@@ -15,9 +15,15 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use super::{
-    AgentConfig, AgentError, Health, LocalPod, Status, desired, kube, metrics, pod_cgroups, pod_info,
-    readiness, snapshot, start::EventParts, sync,
+    AgentConfig, AgentError, Health, LocalPod, Status,
+    desired::{self, DesiredPod},
+    kube, metrics, pod_cgroups, pod_info, readiness, snapshot,
+    start::EventParts,
+    sync,
+    triggers::Work,
 };
 use crate::engine::{Engine, PolicyEntries};
 
@@ -70,55 +76,132 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         unmatched: Default::default(),
         rejected: Default::default(),
         last_scan: None,
-        woken_by_change: true,
+        last_full: None,
+        desired: Vec::new(),
+        paths: HashMap::new(),
     };
-    // The first sync has everything to do.
-    let mut woken_by_change = true;
+    // The first sync has everything to do, including what the caches' first lists and the
+    // cgroup watch triggered meanwhile.
+    let triggers = &caches.triggers;
+    triggers.take();
+    let mut wake = Wake::Work(Work {
+        full: true,
+        created: Vec::new(),
+    });
+    let mut next_resync = Instant::now() + RESYNC;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
-    let mut next_dns_sweep = std::time::Instant::now();
+    let mut next_dns_sweep = Instant::now();
     loop {
         health.beat();
-        let start = std::time::Instant::now();
-        state.woken_by_change = woken_by_change;
-        match state.sync(config, caches, root, engine, &events.index, health) {
-            Ok(stats) => {
-                health.set_ready();
-                if stats != sync::SyncStats::default() {
-                    // The replaced allowlist and the sync's temporaries (all freed by now)
-                    // would otherwise stay in the allocator, several times the live size.
-                    crate::memory::release_freed();
+        let start = Instant::now();
+        let parts = SyncParts {
+            config,
+            caches,
+            root,
+            index: &events.index,
+            health,
+        };
+        let outcome = match wake {
+            Wake::Work(work) if work.is_empty() => None,
+            Wake::Work(Work { full: false, created }) => match state.add_pods(created, engine, &parts) {
+                Some(outcome) => Some(outcome),
+                None => Some(state.sync(true, engine, &parts)),
+            },
+            Wake::Work(_) => Some(state.sync(true, engine, &parts)),
+            Wake::Timer => Some(state.sync(false, engine, &parts)),
+        };
+        if let Some(outcome) = outcome {
+            match outcome {
+                Ok((path, stats)) => {
+                    health.set_ready();
+                    health
+                        .metrics
+                        .syncs
+                        .get_or_create(&metrics::PathLabels { path })
+                        .inc();
+                    if path != NEW_PODS {
+                        next_resync = Instant::now() + RESYNC;
+                    }
+                    if stats != sync::SyncStats::default() {
+                        // The replaced allowlist and the sync's temporaries (all freed by now)
+                        // would otherwise stay in the allocator, several times the live size.
+                        crate::memory::release_freed();
+                    }
+                }
+                Err(error) => {
+                    // Retried in full at the next wake-up, change or not.
+                    state.last_scan = None;
+                    state.last_full = None;
+                    health.metrics.sync_errors.inc();
+                    health.set_not_ready(format!("writing the kernel maps failed: {error}"));
                 }
             }
-            Err(error) => {
-                // Retried in full at the next wake-up, change or not.
-                state.last_scan = None;
-                health.metrics.sync_errors.inc();
-                health.set_not_ready(format!("writing the kernel maps failed: {error}"));
-            }
+            health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
         }
-        health.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
         // Expired learned addresses and unanswered queries go; the kernel alone enforces
         // expiry, this keeps the LRU maps from evicting live entries.
-        if std::time::Instant::now() >= next_dns_sweep {
+        if Instant::now() >= next_dns_sweep {
             if let Some(sweep) = engine.sweep_dns_logged() {
                 health.metrics.observe_dns_sweep(&sweep);
             }
-            next_dns_sweep = std::time::Instant::now() + crate::engine::dns::SWEEP_INTERVAL;
+            next_dns_sweep = Instant::now() + crate::engine::dns::SWEEP_INTERVAL;
         }
         health.metrics.refresh();
         health.set_problem("watch", caches.watches.failing(config.watch_failure_bound));
         engine.drain_kernel_logs();
-        woken_by_change = tokio::select! {
-            _ = caches.changed.notified() => true,
-            // While a pod cgroup waits to be matched, look again soon: the window is short.
-            _ = tokio::time::sleep(if state.unmatched.is_empty() { RESYNC } else { readiness::RECHECK }) => false,
+        // While a pod cgroup waits to be matched, look again soon: the window is short.
+        let (due, source) = if state.unmatched.is_empty() {
+            (next_resync, "resync")
+        } else {
+            (next_resync.min(Instant::now() + readiness::RECHECK), "recheck")
+        };
+        wake = tokio::select! {
+            _ = triggers.notified() => Wake::Work(triggers.take()),
+            _ = tokio::time::sleep_until(due) => {
+                triggers.count(source);
+                // Whatever was triggered meanwhile makes it a sync after a change.
+                match triggers.take() {
+                    work if work.is_empty() => Wake::Timer,
+                    _ => Wake::Work(Work { full: true, created: Vec::new() }),
+                }
+            }
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM: detaching and exiting");
                 return Ok(());
             }
         }
     }
+}
+
+/// Why the loop woke up.
+enum Wake {
+    /// Triggered: a cache or the cgroup tree changed.
+    Work(Work),
+    /// The periodic resync (or a recheck of unmatched pod cgroups), nothing triggered.
+    Timer,
+}
+
+/// The `path` label of `pipeguard_syncs_total` for the incremental path.
+const NEW_PODS: &str = "new_pods";
+
+/// What a sync reads besides its own state.
+struct SyncParts<'a> {
+    config: &'a AgentConfig,
+    caches: &'a kube::Caches,
+    root: &'a std::path::Path,
+    index: &'a crate::events::pipeline::PodIndex,
+    health: &'a Health,
+}
+
+/// What the last full sync computed the desired state from; the incremental path computes
+/// new pods' entries from the same, so they equal what a full sync would give them.
+struct Inputs {
+    policies: crate::policy::PolicySet,
+    cluster: crate::policy::Cluster,
+    scheduled: BTreeMap<String, snapshot::ScheduledPod>,
+    /// This node's pod objects by UID (for enrichment).
+    objects: HashMap<String, Arc<k8s_openapi::api::core::v1::Pod>>,
 }
 
 struct Loop {
@@ -143,22 +226,34 @@ struct Loop {
     unmatched: readiness::Unmatched,
     /// Rejected NetworkPolicies (namespace, name, resourceVersion) already posted as Events.
     rejected: std::collections::HashSet<(String, String, String)>,
-    /// The pod cgroups of the last complete sync (`None`: the next sync recomputes).
+    /// The pod cgroups of the last complete sync, sorted by path (`None`: the next sync
+    /// recomputes).
     last_scan: Option<Vec<pod_cgroups::PodCgroup>>,
-    /// This sync follows a change notification (or is the first), not the resync timer.
-    woken_by_change: bool,
+    /// The inputs of the last full sync (`None`: the next change takes the full path).
+    last_full: Option<Inputs>,
+    /// What was applied and published, one entry per local pod.
+    desired: Vec<DesiredPod>,
+    /// Pod cgroup id → its directory.
+    paths: HashMap<u64, std::path::PathBuf>,
 }
 
 impl Loop {
+    /// The full path: scan, recompute every local pod, apply the difference. `changed`: a
+    /// cache or the cgroup tree changed (else the periodic resync, which stops after the
+    /// scan when nothing moved). Returns the path taken and what was written.
     fn sync(
         &mut self,
-        config: &AgentConfig,
-        caches: &kube::Caches,
-        root: &std::path::Path,
+        changed: bool,
         engine: &mut Engine,
-        index: &crate::events::pipeline::PodIndex,
-        health: &Health,
-    ) -> Result<sync::SyncStats, crate::engine::EngineError> {
+        parts: &SyncParts<'_>,
+    ) -> Result<(&'static str, sync::SyncStats), crate::engine::EngineError> {
+        let SyncParts {
+            config,
+            caches,
+            root,
+            health,
+            ..
+        } = *parts;
         let cgroups = match pod_cgroups::scan(root) {
             Ok(cgroups) => {
                 health.set_problem("cgroup scan", None);
@@ -171,6 +266,7 @@ impl Loop {
                 // the agent is not ready and says so. What changed meanwhile is applied by
                 // the next sync that scans, change notification or not.
                 self.last_scan = None;
+                self.last_full = None;
                 health.set_problem(
                     "cgroup scan",
                     Some(format!(
@@ -178,13 +274,13 @@ impl Loop {
                         root.display()
                     )),
                 );
-                return Ok(sync::SyncStats::default());
+                return Ok(("scan_failed", sync::SyncStats::default()));
             }
         };
         // Nothing the desired state is computed from has moved (no cache notified, same pod
         // cgroups, none waiting to be matched): the kernel maps already hold it.
-        if !self.woken_by_change && self.unmatched.is_empty() && self.last_scan.as_ref() == Some(&cgroups) {
-            return Ok(sync::SyncStats::default());
+        if !changed && self.unmatched.is_empty() && self.last_scan.as_ref() == Some(&cgroups) {
+            return Ok(("unchanged", sync::SyncStats::default()));
         }
         self.last_scan = Some(cgroups.clone());
         let policy_objects = caches.policies.state();
@@ -211,8 +307,89 @@ impl Loop {
         if stats != sync::SyncStats::default() {
             tracing::info!(?stats, pods = desired.len(), "synced");
         }
-        let mut by_status: HashMap<&'static str, i64> = HashMap::new();
+        let objects = pods
+            .iter()
+            .filter_map(|p| Some((p.metadata.uid.clone()?, p)))
+            .filter(|(uid, _)| scheduled.contains_key(uid))
+            .map(|(uid, p)| (uid, p.clone()))
+            .collect();
+        self.desired = desired;
+        self.paths = paths;
+        self.last_full = Some(Inputs {
+            policies,
+            cluster,
+            scheduled,
+            objects,
+        });
+        self.publish(parts);
+        Ok(("full", stats))
+    }
+
+    /// The incremental path: new pod cgroups of pods the last full sync knew get their
+    /// entries (and their allowlist, if no pod has it yet) from that sync's inputs; nothing
+    /// else is recomputed or written. `None` when it cannot (no full sync to build on, or a
+    /// pod it did not know): the caller takes the full path.
+    fn add_pods(
+        &mut self,
+        created: Vec<pod_cgroups::PodCgroup>,
+        engine: &mut Engine,
+        parts: &SyncParts<'_>,
+    ) -> Option<Result<(&'static str, sync::SyncStats), crate::engine::EngineError>> {
+        let inputs = self.last_full.as_ref()?;
+        self.last_scan.as_ref()?;
+        let mut local = Vec::new();
+        let mut found = Vec::new();
+        for cg in created {
+            if self.cgroup_ids.contains_key(&cg.path) {
+                continue; // the last scan found it already
+            }
+            let pod = inputs.scheduled.get(&cg.uid)?;
+            let Ok(cgroup_id) = crate::cgroup::cgroup_id(&cg.path) else {
+                continue; // removed meanwhile
+            };
+            local.push(local_pod(&cg.uid, pod, cgroup_id));
+            found.push((cg, cgroup_id));
+        }
+        let desired = desired::compute(
+            &parts.config.settings,
+            &inputs.policies,
+            &inputs.cluster,
+            &local,
+            &self.last_good,
+        );
+        let mut stats = sync::SyncStats::default();
         for d in &desired {
+            match self.applied.add(engine, d) {
+                Ok(added) => stats += added,
+                Err(error) => return Some(Err(error)),
+            }
+        }
+        // Recorded as the scan would have found them, so the periodic resync sees no change.
+        let scan = self.last_scan.as_mut()?;
+        for (cg, cgroup_id) in found {
+            self.cgroup_ids.insert(cg.path.clone(), cgroup_id);
+            self.paths.insert(cgroup_id, cg.path.clone());
+            let at = scan.partition_point(|c| c.path < cg.path);
+            scan.insert(at, cg);
+        }
+        tracing::debug!(?stats, pods = desired.len(), "new pods synced");
+        self.desired.extend(desired);
+        self.publish(parts);
+        Some(Ok((NEW_PODS, stats)))
+    }
+
+    /// Everything after the maps are written: status gauges, fail-closed reports, last
+    /// good allowlists, escape notes, the pods metrics and the event pipeline know.
+    fn publish(&mut self, parts: &SyncParts<'_>) {
+        let SyncParts {
+            config,
+            index,
+            health,
+            ..
+        } = *parts;
+        let desired = &self.desired;
+        let mut by_status: HashMap<&'static str, i64> = HashMap::new();
+        for d in desired {
             let status = match &d.status {
                 Status::NotGuarded => "not_guarded",
                 Status::Unrestricted => "unrestricted",
@@ -253,7 +430,7 @@ impl Loop {
             }
         }
         let notes = super::bypass::report(
-            &desired,
+            desired,
             &mut self.escape_capable,
             self.client.as_ref(),
             &config.node_name,
@@ -269,13 +446,9 @@ impl Loop {
                 .map(|d| (d.pod.cgroup_id, (d.pod.namespace.clone(), d.pod.name.clone())))
                 .collect(),
         );
-        let by_uid: HashMap<&str, &Arc<k8s_openapi::api::core::v1::Pod>> = pods
-            .iter()
-            .filter(|p| scheduled.contains_key(p.metadata.uid.as_deref().unwrap_or_default()))
-            .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
-            .collect();
-        index.replace(self.infos.refresh(&desired, &by_uid, &paths));
-        Ok(stats)
+        let empty = HashMap::new();
+        let objects = self.last_full.as_ref().map_or(&empty, |i| &i.objects);
+        index.replace(self.infos.refresh(desired, objects, &self.paths));
     }
 
     /// Pods by status, allowlists and map sizes, as of this sync.
@@ -470,18 +643,22 @@ impl Loop {
                 },
             };
             ids.insert(cg.path.clone(), cgroup_id);
-            local.push(LocalPod {
-                uid: cg.uid.clone(),
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                labels: pod.labels.clone(),
-                cgroup_id,
-                escape: pod.escape.clone(),
-            });
+            local.push(local_pod(&cg.uid, pod, cgroup_id));
             paths.insert(cgroup_id, cg.path);
         }
         // A directory recreated under the same name gets a new id: only present ones stay.
         self.cgroup_ids = ids;
         (local, paths, unmatched)
+    }
+}
+
+fn local_pod(uid: &str, pod: &snapshot::ScheduledPod, cgroup_id: u64) -> LocalPod {
+    LocalPod {
+        uid: uid.to_string(),
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        labels: pod.labels.clone(),
+        cgroup_id,
+        escape: pod.escape.clone(),
     }
 }

@@ -55,6 +55,11 @@ pub fn run_probe(cgroup: &Path, actions: &[String]) -> Vec<probe::Outcome> {
     parse_outcomes(&output)
 }
 
+/// One probe action inside `cgroup`, its outcome.
+pub fn once(cgroup: &Path, action: String) -> probe::Outcome {
+    run_probe(cgroup, &[action]).pop().expect("one outcome")
+}
+
 /// The probe's outcomes in its output; the caller judges the exit status.
 pub fn parse_outcomes(output: &std::process::Output) -> Vec<probe::Outcome> {
     String::from_utf8_lossy(&output.stdout)
