@@ -28,6 +28,12 @@ use pipeguard_common::{
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
+#[test]
+#[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
+fn probe_main() {
+    common::probe::main();
+}
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const EGRESS: u32 = 21;
@@ -451,4 +457,76 @@ fn pods_not_isolated_for_ingress_are_unaffected() {
         0,
         "not even judged"
     );
+}
+
+/// `pipeguard exec` with an ingress policy: the job's listener admits 127.0.0.0/8 except
+/// 127.0.0.3; the refused client never reaches accept(), the allowed one does, and the
+/// refusal is an ingress event in the job's stream.
+#[test]
+fn pipeguard_exec_judges_the_jobs_listeners() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require_kernel();
+    let dir = std::env::temp_dir().join(format!("pg-ingress-exec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: ci}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{ipBlock: {cidr: 127.0.0.0/8, except: [127.0.0.3/32]}}]\n",
+    )
+    .unwrap();
+    let events = dir.join("events.jsonl");
+    let port_file = dir.join("port");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["exec", "--policy"])
+        .arg(&policy)
+        .args(["--namespace", "ci", "--events"])
+        .arg(&events)
+        .arg("--")
+        .args(common::probe_argv())
+        .env(
+            common::probe::ACTIONS_ENV,
+            format!("tcp-accept-one 127.0.0.1:0 {}", port_file.display()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pipeguard exec");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let port: u16 = loop {
+        if let Ok(text) = std::fs::read_to_string(&port_file) {
+            break text.parse().expect("port file");
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the job exited before listening: {status}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let error = connect_from(ip("127.0.0.3"), server).expect_err("the except is refused");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    let mut ok = connect_from(ip("127.0.0.2"), server).expect("an allowed source connects");
+    ok.write_all(b"allowed\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let outcomes = common::parse_outcomes(&output);
+    assert!(
+        outcomes.iter().any(|o| o.action == "accepted:allowed"),
+        "the job accepted the allowed client first: {outcomes:#?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["direction"] == "ingress"
+            && e["verdict"] == "deny"
+            && e["src_ip"] == "127.0.0.3"
+            && e["dst_port"] == port),
+        "{events:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

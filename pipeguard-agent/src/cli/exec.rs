@@ -7,7 +7,7 @@ use crate::{
     events::anomaly::{self, AnomalyConfig, Baseline, Detectors},
     job::{self, EventSink, JobSpec, Mode},
     learn,
-    policy::{self, Egress, PodIdentity},
+    policy::{self, Egress, Ingress, PodIdentity},
 };
 
 /// Exit code when `--fail-on-violation` is set and something was denied (or audited).
@@ -139,7 +139,11 @@ pub fn run(args: ExecArgs) -> ExitCode {
 
 fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     // Policies first: an invalid policy is reported even where the kernel checks would fail.
-    let (allowlist, dns_filtered) = compile(&args, &args.policies)?;
+    let Compiled {
+        allowlist,
+        dns_filtered,
+        ingress,
+    } = compile(&args, &args.policies)?;
     let baseline = match &args.baseline {
         Some(path) => Some(load_baseline(&args, path)?),
         None => None,
@@ -158,6 +162,7 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     let outcome = job::run(JobSpec {
         command: args.command.clone(),
         allowlist,
+        ingress,
         mode: args.mode,
         deny_raw_sockets: !args.allow_raw_sockets,
         dns_filtered,
@@ -204,7 +209,7 @@ fn load_baseline(args: &ExecArgs, path: &PathBuf) -> Result<Baseline, String> {
         ));
     }
     compile(args, std::slice::from_ref(path))
-        .map(|(allowlist, _)| Baseline::Allowlist(allowlist))
+        .map(|compiled| Baseline::Allowlist(compiled.allowlist))
         .map_err(|e| format!("--baseline {}: {e}", path.display()))
 }
 
@@ -253,9 +258,17 @@ fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), Strin
     Ok(())
 }
 
-/// Policies → the job's allowlist (and whether its DNS is filtered: a domain policy
-/// selects it), with the warnings NetworkPolicy semantics call for.
-fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool), String> {
+/// What the policies make of the job.
+struct Compiled {
+    allowlist: PolicyEntries,
+    /// A domain policy selects the job.
+    dns_filtered: bool,
+    /// The job's ingress allowlist, when a policy with Ingress in its policyTypes selects it.
+    ingress: Option<PolicyEntries>,
+}
+
+/// Policies → the job's allowlists, with the warnings NetworkPolicy semantics call for.
+fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<Compiled, String> {
     if policies.is_empty() {
         // Learning from nothing: every destination is reported with its process.
         if args.mode == Mode::Enforce {
@@ -263,7 +276,11 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool
                 "without --policy, --learn and --baseline need --mode audit: enforcing an empty policy refuses all egress; the command was not run".into(),
             );
         }
-        return Ok((PolicyEntries::default(), false));
+        return Ok(Compiled {
+            allowlist: PolicyEntries::default(),
+            dns_filtered: false,
+            ingress: None,
+        });
     }
     let set = policy::load_policies(policies);
     if !set.errors.is_empty() {
@@ -291,6 +308,7 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool
     if let Some(domains) = &domains {
         tracing::info!(policies = %domains.policies.join(", "), "names allowed and DNS filtered by");
     }
+    let ingress = compile_ingress(&set, &pod, cluster.as_ref())?;
     let rules = match policy::egress_for(&set, &pod, cluster.as_ref()) {
         Egress::Unrestricted if domains.is_some() => Vec::new(),
         Egress::Unrestricted => {
@@ -298,7 +316,11 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool
                 namespace = %args.namespace,
                 "no NetworkPolicy with Egress in its policyTypes selects this job: egress is unrestricted"
             );
-            return Ok((allow_all(), false));
+            return Ok(Compiled {
+                allowlist: allow_all(),
+                dns_filtered: false,
+                ingress,
+            });
         }
         Egress::Isolated {
             rules,
@@ -314,14 +336,43 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool
     };
     let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
     let dns_filtered = domains.is_some();
-    Ok((
-        PolicyEntries {
+    Ok(Compiled {
+        allowlist: PolicyEntries {
             v4: entries.v4,
             v6: entries.v6,
             names: domains.map(|d| d.names).unwrap_or_default(),
         },
         dns_filtered,
-    ))
+        ingress,
+    })
+}
+
+/// The job's listeners are judged when a policy with Ingress in its policyTypes selects it.
+/// The job has no container ports: named ports in its ingress rules admit nothing.
+fn compile_ingress(
+    set: &policy::PolicySet,
+    pod: &PodIdentity,
+    cluster: Option<&policy::Cluster>,
+) -> Result<Option<PolicyEntries>, String> {
+    match policy::ingress_for(set, pod, &[], cluster) {
+        Ingress::Unrestricted => Ok(None),
+        Ingress::Isolated {
+            rules,
+            policies,
+            warnings,
+        } => {
+            tracing::info!(policies = %policies.join(", "), "ingress restricted by");
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
+            Ok(Some(PolicyEntries {
+                v4: entries.v4,
+                v6: entries.v6,
+                names: Vec::new(),
+            }))
+        }
+    }
 }
 
 /// Unrestricted egress is still an allowlist, so the job's traffic is counted the same way.

@@ -114,6 +114,8 @@ fn run(action: &str) {
         // Serving from inside the job (replies): see tests/kernel_replies.rs.
         "udp-serve" => return super::serve::udp(target, rest),
         "tcp-serve" => return super::serve::tcp(target, rest),
+        // Ingress: see tests/kernel_ingress.rs.
+        "tcp-accept-one" => return super::serve::accept_one(target, rest),
         // Send routes whose refusal must reach the caller: see tests/kernel_send_routes.rs.
         "ping" => super::routes::ping(target),
         "give-sockets" => super::routes::give_sockets(target),

@@ -158,3 +158,24 @@ fn connect_fd(fd: Option<i32>, target: SocketAddr) -> std::io::Result<()> {
         }),
     }
 }
+
+/// `tcp-accept-one BIND PORTFILE`, for the ingress tests: listens, publishes its port,
+/// accepts one connection and reports its first line as the outcome `accepted:<line>`
+/// (the test connects from a refused source first: its connection must never be the one).
+pub fn accept_one(bind: &str, port_file: &str) {
+    let started = Instant::now();
+    let listener = TcpListener::bind(addr(bind)).expect("bind");
+    publish_port(port_file, listener.local_addr().unwrap().port());
+    let (mut stream, _) = listener.accept().expect("accept");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).is_ok_and(|n| n == 1) && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    report(
+        &format!("accepted:{}", String::from_utf8_lossy(&line)),
+        started,
+        Ok(()),
+    );
+}
