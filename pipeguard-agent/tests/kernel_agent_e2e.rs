@@ -44,11 +44,16 @@ fn pod(ns: &str, name: &str, uid: &str, node: &str, labels: Value, ip: &str, por
 }
 
 fn egress_policy(ns: &str, name: &str, to: Value, ports: Value) -> Value {
+    runner_policy(ns, name, "Egress", json!([{"to": to, "ports": ports}]))
+}
+
+/// A NetworkPolicy selecting `app: runner` for one direction (`Egress` or `Ingress`).
+fn runner_policy(ns: &str, name: &str, direction: &str, rules: Value) -> Value {
     json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": name, "namespace": ns},
-        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
-                 "egress": [{"to": to, "ports": ports}]}
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": [direction],
+                 direction.to_lowercase(): rules}
     })
 }
 
@@ -1475,4 +1480,104 @@ fn dns_keeps_working_and_filtered_through_sigkill_and_restart() {
         "{log}"
     );
     drop(second);
+}
+
+fn ingress_policy(ns: &str, name: &str, from: Value, ports: Value) -> Value {
+    runner_policy(ns, name, "Ingress", json!([{"from": from, "ports": ports}]))
+}
+
+/// The runner listens (`tcp-accept-one`) on `port`; returns the probe once it listens.
+fn listen_in(cgroup: &Path, dir: &Path, port: u16) -> Child {
+    let port_file = dir.join(format!("port-{port}"));
+    let child = probe_command(
+        cgroup,
+        &[format!("tcp-accept-one 127.0.0.1:{port} {}", port_file.display())],
+    )
+    .spawn()
+    .expect("spawn the runner's listener");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !port_file.exists() {
+        assert!(Instant::now() < deadline, "the runner never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn accepted_line(child: Child) -> String {
+    let output = child.wait_with_output().unwrap();
+    common::parse_outcomes(&output)
+        .into_iter()
+        .find_map(|o| o.action.strip_prefix("accepted:").map(str::to_string))
+        .expect("the listener accepted a connection")
+}
+
+/// Ingress policies from the API reach the kernel: the runner's named port admits only the
+/// allowed source; a policy change moves the admission to another source and port; the
+/// refusals are ingress events and metrics.
+#[test]
+fn ingress_policies_and_their_changes_reach_the_kernel() {
+    use common::inbound::connect_from;
+    let n = node("agent-ingress");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
+    std::fs::create_dir_all(root.join("kubepods/burstable")).unwrap();
+    let (named, other) = (free_port(), free_port());
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([{"name": "cache", "containerPort": named, "protocol": "TCP"}]),
+    ));
+    server.apply(ingress_policy(
+        "ci",
+        "cache-clients",
+        ip_block("127.0.0.2/32"),
+        json!([{"protocol": "TCP", "port": "cache"}]),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/burstable/pod{RUNNER_A}"));
+    // The node is an address of its own here, so loopback sources are judged by the policy.
+    let agent = start_agent(&root, &kubeconfig, &["--ingress-from-node", "127.0.0.9"]);
+    wait_ready(&agent);
+
+    // 1. Only 127.0.0.2 reaches the runner's named port.
+    let listener = listen_in(&a, &n.dir, named);
+    let to_named = format!("127.0.0.1:{named}").parse().unwrap();
+    let refused = connect_from("127.0.0.3".parse().unwrap(), to_named).expect_err("not allowed");
+    assert_eq!(refused.kind(), std::io::ErrorKind::TimedOut, "{refused}");
+    let mut ok = connect_from("127.0.0.2".parse().unwrap(), to_named).expect("allowed");
+    ok.write_all(b"first\n").unwrap();
+    assert_eq!(accepted_line(listener), "first");
+
+    // 2. A change: now 127.0.0.3 on another port. Refused from the old source either way.
+    server.apply(ingress_policy(
+        "ci",
+        "cache-clients",
+        ip_block("127.0.0.3/32"),
+        tcp_port(other),
+    ));
+    let listener = listen_in(&a, &n.dir, other);
+    let to_other = format!("127.0.0.1:{other}").parse().unwrap();
+    connect_from("127.0.0.2".parse().unwrap(), to_other).expect_err("the old source");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut late = loop {
+        match connect_from("127.0.0.3".parse().unwrap(), to_other) {
+            Ok(stream) => break stream,
+            Err(error) => assert!(
+                Instant::now() < deadline,
+                "the change never reached the kernel: {error}"
+            ),
+        }
+    };
+    late.write_all(b"late\n").unwrap();
+    assert_eq!(accepted_line(listener), "late");
+
+    let (_, scrape) = http_get(&agent.listen, "/metrics").expect("metrics");
+    let denied = scrape
+        .lines()
+        .find(|l| l.starts_with("pipeguard_ingress_total{") && l.contains("verdict=\"deny\""))
+        .unwrap_or_else(|| panic!("ingress denials are counted: {scrape}"));
+    assert!(!denied.ends_with(" 0"), "{denied}");
 }

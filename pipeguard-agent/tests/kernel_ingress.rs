@@ -12,13 +12,12 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::FromRawFd,
     path::PathBuf,
     sync::{Mutex, MutexGuard},
     time::Duration,
 };
 
-use common::test_cgroup;
+use common::{inbound, test_cgroup};
 use pipeguard::{
     cgroup::OwnedCgroup,
     engine::{Engine, EngineConfig, PolicyEntries, events},
@@ -38,8 +37,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const EGRESS: u32 = 21;
 const INGRESS: u32 = 22;
-/// Long enough for an allowed handshake on loopback; a refused one never completes.
-const CONNECT_WAIT: Duration = Duration::from_secs(2);
+const CONNECT_WAIT: Duration = inbound::WAIT;
 
 struct Pod {
     engine: Engine,
@@ -54,6 +52,7 @@ fn entries(v4: &[(&str, PortSet)], v6: &[(&str, PortSet)]) -> PolicyEntries {
         v4: v4.iter().map(|(n, p)| (n.parse().unwrap(), *p)).collect(),
         v6: v6.iter().map(|(n, p)| (n.parse().unwrap(), *p)).collect(),
         names: Vec::new(),
+        ingress: None,
     }
 }
 
@@ -145,50 +144,6 @@ impl Pod {
     }
 }
 
-/// A TCP connection from `source` (port chosen by the kernel) to `dest`, or the error;
-/// a refused SYN is never answered, so the attempt ends in a timeout.
-fn connect_from(source: IpAddr, dest: SocketAddr) -> std::io::Result<TcpStream> {
-    let family = if dest.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket calls on a descriptor this function owns.
-    unsafe {
-        let fd = libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        );
-        common::probe::check(fd as isize)?;
-        let stream = TcpStream::from_raw_fd(fd);
-        let (src, len) = common::probe::sockaddr(&SocketAddr::new(source, 0));
-        common::probe::check(libc::bind(fd, (&raw const src).cast(), len) as isize)?;
-        let (dst, len) = common::probe::sockaddr(&dest);
-        if libc::connect(fd, (&raw const dst).cast(), len) < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(error);
-            }
-        }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ready = libc::poll(&mut pfd, 1, CONNECT_WAIT.as_millis() as i32);
-        common::probe::check(ready as isize)?;
-        if ready == 0 {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        if let Some(error) = stream.take_error()? {
-            return Err(error);
-        }
-        stream.set_nonblocking(false)?;
-        Ok(stream)
-    }
-}
-
 /// True when the listener has a connection waiting (it was let through).
 fn accepted(listener: &TcpListener) -> bool {
     listener.set_nonblocking(true).unwrap();
@@ -210,11 +165,11 @@ fn tcp_round(p: &mut Pod, bind: &str, dest_ip: &str, allowed: &str, refused: &st
     let listener = p.inside(|| TcpListener::bind(bind).unwrap());
     let dest = SocketAddr::new(ip(dest_ip), listener.local_addr().unwrap().port());
 
-    let mut ok = connect_from(ip(allowed), dest).expect("an allowed source connects");
+    let mut ok = inbound::connect_from(ip(allowed), dest).expect("an allowed source connects");
     ok.write_all(b"hi").unwrap();
     assert!(accepted(&listener), "the allowed connection reaches accept()");
 
-    let error = connect_from(ip(refused), dest).expect_err("a refused source never connects");
+    let error = inbound::connect_from(ip(refused), dest).expect_err("a refused source never connects");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
     assert!(
         !accepted(&listener),
@@ -263,11 +218,11 @@ fn tcp_listener_ipv6_follows_the_allowlist_and_its_except() {
     let mut p = pod("ing-tcp6", &open, MODE_ENFORCE);
     let listener = p.inside(|| TcpListener::bind("[::1]:0").unwrap());
     let dest = listener.local_addr().unwrap();
-    connect_from(ip("::1"), dest).expect("allowed");
+    inbound::connect_from(ip("::1"), dest).expect("allowed");
     assert!(accepted(&listener));
     let with_except = entries(&[], &[("::/0", all()), ("::1/128", PortSet::default())]);
     p.set_ingress(&open, &with_except);
-    let error = connect_from(ip("::1"), dest).expect_err("refused by the except");
+    let error = inbound::connect_from(ip("::1"), dest).expect_err("refused by the except");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
     assert!(!accepted(&listener));
     assert!(p.count(VERDICT_DENY) >= 1);
@@ -301,9 +256,9 @@ fn ports_are_the_pods_own() {
             TcpListener::bind("127.0.0.1:0").unwrap(),
         )
     });
-    connect_from(ip("127.0.0.2"), on_port.local_addr().unwrap()).expect("the allowed port");
+    inbound::connect_from(ip("127.0.0.2"), on_port.local_addr().unwrap()).expect("the allowed port");
     assert!(accepted(&on_port));
-    connect_from(ip("127.0.0.2"), other.local_addr().unwrap()).expect_err("another port of the pod");
+    inbound::connect_from(ip("127.0.0.2"), other.local_addr().unwrap()).expect_err("another port of the pod");
     assert!(!accepted(&other));
 }
 
@@ -397,7 +352,7 @@ fn the_pods_own_traffic_to_itself_passes() {
     let p = pod("ing-self", &PolicyEntries::default(), MODE_ENFORCE);
     let (listener, client, receiver, sender) = p.inside(|| {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = connect_from(ip("127.0.0.3"), listener.local_addr().unwrap());
+        let client = inbound::connect_from(ip("127.0.0.3"), listener.local_addr().unwrap());
         let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
         let sender = UdpSocket::bind("127.0.0.3:0").unwrap();
         (listener, client, receiver, sender)
@@ -410,7 +365,7 @@ fn the_pods_own_traffic_to_itself_passes() {
     assert!(receiver.recv_from(&mut buf).is_ok(), "its own datagram arrives");
     assert_eq!(p.count(VERDICT_DENY), 0, "its own traffic is never refused");
     // The same source address from outside the pod is refused.
-    let error = connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect_err("outside");
+    let error = inbound::connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect_err("outside");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
     assert!(
         p.count(VERDICT_DENY) >= 1,
@@ -422,7 +377,7 @@ fn the_pods_own_traffic_to_itself_passes() {
 fn audit_mode_reports_without_dropping() {
     let mut p = pod("ing-audit", &PolicyEntries::default(), MODE_AUDIT);
     let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect("audit never drops");
+    inbound::connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect("audit never drops");
     assert!(accepted(&listener));
     let seen = p.events();
     assert!(
@@ -450,7 +405,7 @@ fn pods_not_isolated_for_ingress_are_unaffected() {
         )
         .unwrap();
     let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect("not isolated");
+    inbound::connect_from(ip("127.0.0.3"), listener.local_addr().unwrap()).expect("not isolated");
     assert!(accepted(&listener));
     assert_eq!(
         p.count(VERDICT_DENY) + p.count(VERDICT_ALLOW),
@@ -505,9 +460,9 @@ fn pipeguard_exec_judges_the_jobs_listeners() {
         std::thread::sleep(Duration::from_millis(10));
     };
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let error = connect_from(ip("127.0.0.3"), server).expect_err("the except is refused");
+    let error = inbound::connect_from(ip("127.0.0.3"), server).expect_err("the except is refused");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
-    let mut ok = connect_from(ip("127.0.0.2"), server).expect("an allowed source connects");
+    let mut ok = inbound::connect_from(ip("127.0.0.2"), server).expect("an allowed source connects");
     ok.write_all(b"allowed\n").unwrap();
     let output = child.wait_with_output().unwrap();
     let outcomes = common::parse_outcomes(&output);

@@ -67,6 +67,7 @@ fn compile(set: &policy::PolicySet) -> PolicyEntries {
         v4: entries.v4,
         v6: entries.v6,
         names: Vec::new(),
+        ingress: None,
     }
 }
 

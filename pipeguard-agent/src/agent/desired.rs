@@ -6,6 +6,9 @@
 //! whose allowlist does not compile, keeps its last good allowlist, or gets deny-all if it
 //! never had one. It never falls back to unrestricted egress.
 //!
+//! Ingress: the allowlist's ingress half (`ingress_desired`) is computed beside the egress
+//! one and fails closed the same way; a pod with an ingress half is `POD_INGRESS_ISOLATED`.
+//!
 //! Domain policies: a guarded pod selected by one is egress-isolated and DNS-filtered; its
 //! allowlist is its NetworkPolicy egress rules (if any select it) plus the union of its
 //! domain rules. Its resolver must be allowed by a NetworkPolicy, as any destination is.
@@ -13,10 +16,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use pipeguard_common::{
-    MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, POD_DNS_FILTERED, PORTS_ALL, PortSet,
+    MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, POD_DNS_FILTERED, POD_INGRESS_ISOLATED, PORTS_ALL,
+    PortSet,
 };
 
-use super::guard::GuardConfig;
+use super::{guard::GuardConfig, ingress_desired::ingress_half};
 pub use crate::pod::LocalPod;
 use crate::{
     engine::PolicyEntries,
@@ -29,6 +33,10 @@ pub struct Settings {
     pub guard: GuardConfig,
     /// Isolate guarded pods that no egress policy selects.
     pub default_deny_egress: bool,
+    /// Isolate guarded pods that no ingress policy selects (`--default-deny-ingress`).
+    pub default_deny_ingress: bool,
+    /// The node's own addresses: always admitted by ingress allowlists (kubelet probes).
+    pub ingress_from_node: Vec<ipnet::IpNet>,
     pub mode: Mode,
     /// Deny all egress of guarded pods that can step around the guard (fail closed)
     /// instead of only reporting them.
@@ -70,6 +78,7 @@ pub fn allow_all() -> PolicyEntries {
         v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
         v6: vec![("::/0".parse().expect("valid"), all)],
         names: Vec::new(),
+        ingress: None,
     }
 }
 
@@ -90,6 +99,16 @@ pub fn compute(
                 .or_insert(error.object.as_deref().unwrap_or("a policy"));
         }
     }
+    // Domain policies say nothing about ingress: only other invalid objects taint it.
+    let mut ingress_tainted: BTreeMap<&str, &str> = BTreeMap::new();
+    for error in &policies.errors {
+        let object = error.object.as_deref().unwrap_or("a policy");
+        if let Some(ns) = error.namespace.as_deref()
+            && !object.starts_with("domainpolicy ")
+        {
+            ingress_tainted.entry(ns).or_insert(object);
+        }
+    }
     let mode = match settings.mode {
         Mode::Enforce => MODE_ENFORCE,
         Mode::Audit => MODE_AUDIT,
@@ -106,7 +125,7 @@ pub fn compute(
                     status: Status::NotGuarded,
                 };
             }
-            let (entries, status, dns_filtered) = match &pod.escape {
+            let (mut entries, mut status, dns_filtered) = match &pod.escape {
                 Some(reason) if settings.refuse_privileged => (
                     PolicyEntries::default(),
                     Status::RefusedPrivileged {
@@ -116,11 +135,31 @@ pub fn compute(
                 ),
                 _ => guarded(settings, policies, cluster, pod, &tainted, last_good),
             };
+            let ingress = ingress_half(
+                settings,
+                policies,
+                cluster,
+                pod,
+                ingress_tainted.get(pod.namespace.as_str()).copied(),
+                last_good.get(&pod.uid).map(|e| &**e),
+            );
+            entries.ingress = ingress.entries;
+            if let (Some(reason), false) = (ingress.failed, matches!(status, Status::FailedClosed { .. })) {
+                status = Status::FailedClosed {
+                    reason,
+                    kept_last_good: last_good.contains_key(&pod.uid),
+                };
+            }
+            let isolated = if entries.ingress.is_some() {
+                POD_INGRESS_ISOLATED
+            } else {
+                0
+            };
             DesiredPod {
                 pod: pod.clone(),
                 entries,
                 mode,
-                flags: POD_DENY_RAW_SOCKETS | if dns_filtered { POD_DNS_FILTERED } else { 0 },
+                flags: POD_DENY_RAW_SOCKETS | isolated | if dns_filtered { POD_DNS_FILTERED } else { 0 },
                 status,
             }
         })
@@ -189,6 +228,7 @@ fn guarded(
                 v4: e.v4,
                 v6: e.v6,
                 names,
+                ingress: None,
             },
             Status::Enforced(deciding),
             dns_filtered,
@@ -224,6 +264,8 @@ mod tests {
                 runner_labels: true,
             },
             default_deny_egress: default_deny,
+            default_deny_ingress: false,
+            ingress_from_node: Vec::new(),
             mode: Mode::Enforce,
             refuse_privileged: false,
         }
@@ -331,7 +373,12 @@ mod tests {
             "{:?}",
             out[0].status
         );
-        assert_eq!(out[0].entries, PolicyEntries::default());
+        // Ingress fails closed with it (no node addresses in these settings: nothing).
+        let deny_all = PolicyEntries {
+            ingress: Some(Default::default()),
+            ..PolicyEntries::default()
+        };
+        assert_eq!(out[0].entries, deny_all);
         // Had one: keeps it.
         let good = compute(
             &settings(false),
@@ -355,7 +402,12 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(out[0].entries, good[0].entries);
+        // Egress keeps what it had; ingress, never isolated before, admits nothing now.
+        let kept = PolicyEntries {
+            ingress: Some(Default::default()),
+            ..good[0].entries.clone()
+        };
+        assert_eq!(out[0].entries, kept);
     }
 
     fn failed_reason(d: &DesiredPod) -> &str {
@@ -488,6 +540,9 @@ mod tests {
             &HashMap::new(),
         );
         assert!(matches!(out[0].status, Status::FailedClosed { .. }));
-        assert_eq!(out[0].flags, POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED);
+        assert_eq!(
+            out[0].flags,
+            POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED | POD_INGRESS_ISOLATED
+        );
     }
 }

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub bytes: Family<TrafficLabels, Counter>,
     /// DNS queries of DNS-filtered pods, per pod and verdict (allow, deny, audit, error).
     pub dns_queries: Family<TrafficLabels, Counter>,
+    /// New inbound connections and datagrams judged by ingress rules, per pod and verdict.
+    pub ingress: Family<TrafficLabels, Counter>,
     /// Expired learned addresses and unanswered queries the periodic sweep deleted.
     pub dns_swept: Family<MapLabels, Counter>,
     /// Open HTTP connections.
@@ -132,6 +134,7 @@ pub struct Metrics {
     last_traffic: Mutex<HashMap<(TrafficLabels, bool), u64>>,
     /// Last absolute kernel DNS query counts, likewise.
     last_dns: Mutex<HashMap<TrafficLabels, u64>>,
+    last_ingress: Mutex<HashMap<TrafficLabels, u64>>,
     /// What [`Metrics::refresh`] reads at scrape time.
     live: Mutex<Live>,
 }
@@ -181,6 +184,7 @@ impl Default for Metrics {
             packets: Family::default(),
             bytes: Family::default(),
             dns_queries: Family::default(),
+            ingress: Family::default(),
             dns_swept: Family::default(),
             event_attempts: Counter::default(),
             event_records: Counter::default(),
@@ -198,6 +202,7 @@ impl Default for Metrics {
             http_timed_out: Counter::default(),
             last_traffic: Mutex::default(),
             last_dns: Mutex::default(),
+            last_ingress: Mutex::default(),
             live: Mutex::default(),
             registry: Registry::default(),
         };
@@ -263,6 +268,11 @@ impl Default for Metrics {
             "dns_queries",
             "DNS queries of DNS-filtered pods per pod and verdict (allow, deny, audit, error)",
             m.dns_queries.clone(),
+        );
+        registry.register(
+            "ingress",
+            "New inbound connections and datagrams to ingress-isolated pods, per pod and verdict (allow, deny, audit, error)",
+            m.ingress.clone(),
         );
         registry.register(
             "dns_swept",
@@ -413,23 +423,14 @@ impl Metrics {
         }
         for ((cgroup_id, verdict), queries) in totals.dns_queries {
             if let Some(labels) = labels(cgroup_id, verdict) {
-                self.observe_dns_queries(labels, queries);
+                observe_count(&self.dns_queries, &self.last_dns, labels, queries);
             }
         }
-    }
-
-    /// Records an absolute kernel count of DNS queries as a counter increment.
-    fn observe_dns_queries(&self, labels: TrafficLabels, queries: u64) {
-        let prev = self
-            .last_dns
-            .lock()
-            .expect("metrics lock")
-            .insert(labels.clone(), queries)
-            .unwrap_or(0);
-        // A recreated map restarts at zero; count from there.
-        self.dns_queries
-            .get_or_create(&labels)
-            .inc_by(queries.checked_sub(prev).unwrap_or(queries));
+        for ((cgroup_id, verdict), attempts) in totals.ingress {
+            if let Some(labels) = labels(cgroup_id, verdict) {
+                observe_count(&self.ingress, &self.last_ingress, labels, attempts);
+            }
+        }
     }
 
     /// What one periodic DNS sweep did.
@@ -503,4 +504,22 @@ fn verdict_name(verdict: u8) -> &'static str {
         pipeguard_common::VERDICT_AUDIT => "audit",
         _ => "error",
     }
+}
+
+/// Records an absolute kernel count as a counter increment since the `last` one seen.
+fn observe_count(
+    family: &Family<TrafficLabels, Counter>,
+    last: &Mutex<HashMap<TrafficLabels, u64>>,
+    labels: TrafficLabels,
+    count: u64,
+) {
+    let prev = last
+        .lock()
+        .expect("metrics lock")
+        .insert(labels.clone(), count)
+        .unwrap_or(0);
+    // A recreated map restarts at zero; count from there.
+    family
+        .get_or_create(&labels)
+        .inc_by(count.checked_sub(prev).unwrap_or(count));
 }

@@ -12,10 +12,12 @@ pub mod desired;
 mod domain_objects;
 mod guard;
 pub mod http;
+mod ingress_desired;
 mod kube;
 mod kube_domains;
 pub mod listener;
 pub mod metrics;
+pub mod node_addresses;
 mod pod_cgroups;
 mod pod_info;
 pub mod raw_policy;
@@ -121,6 +123,9 @@ pub fn default_settings() -> Settings {
             ..GuardConfig::default()
         },
         default_deny_egress: false,
+        default_deny_ingress: false,
+        // Tests run without a node: nothing is admitted implicitly.
+        ingress_from_node: Vec::new(),
         mode: Mode::Enforce,
         refuse_privileged: false,
     }

@@ -177,7 +177,7 @@ impl Applied {
             policy_id: *id,
             mode: d.mode,
             flags: d.flags,
-            ingress_policy_id: 0,
+            ingress_policy_id: crate::engine::ingress_id(*id),
         };
         let unchanged = self
             .pods

@@ -42,6 +42,21 @@ pub struct AgentArgs {
     /// Isolate guarded pods that no egress NetworkPolicy selects.
     #[arg(long, env = "PIPEGUARD_DEFAULT_DENY_EGRESS")]
     pub default_deny_egress: bool,
+    /// Isolate guarded pods that no ingress NetworkPolicy selects: only the node (see
+    /// --ingress-from-node) may connect to them.
+    #[arg(long, env = "PIPEGUARD_DEFAULT_DENY_INGRESS")]
+    pub default_deny_ingress: bool,
+    /// Sources every ingress allowlist admits on every port, so the kubelet's probes keep
+    /// working (as Cilium and Calico do by default): auto (every address of this node's
+    /// interfaces, read at start), none (the node is judged like any source), or a
+    /// comma-separated list of CIDRs.
+    #[arg(
+        long,
+        env = "PIPEGUARD_INGRESS_FROM_NODE",
+        default_value = "auto",
+        value_name = "auto|none|CIDR,..."
+    )]
+    pub ingress_from_node: String,
     /// Deny all egress of guarded pods that can step around a node-level guard (privileged,
     /// CAP_NET_ADMIN/SYS_ADMIN/BPF added, hostPID) instead of only reporting them.
     #[arg(long, env = "PIPEGUARD_REFUSE_PRIVILEGED")]
@@ -142,6 +157,13 @@ pub fn run(args: AgentArgs) -> ExitCode {
         },
         None => None,
     };
+    let ingress_from_node = match ingress_from_node(&args.ingress_from_node) {
+        Ok(list) => list,
+        Err(message) => {
+            eprintln!("pipeguard agent: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let config = AgentConfig {
         node_name: args.node_name.unwrap_or_default(),
         cgroup_root: args.cgroup_root,
@@ -158,6 +180,8 @@ pub fn run(args: AgentArgs) -> ExitCode {
                 runner_labels: !args.no_runner_labels,
             },
             default_deny_egress: args.default_deny_egress,
+            default_deny_ingress: args.default_deny_ingress,
+            ingress_from_node,
             mode: args.mode,
             refuse_privileged: args.refuse_privileged,
         },
@@ -197,5 +221,23 @@ pub fn run(args: AgentArgs) -> ExitCode {
             tracing::error!(%error, "agent stopped");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--ingress-from-node`: auto, none, or CIDRs.
+fn ingress_from_node(value: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    match value.trim() {
+        "auto" => crate::agent::node_addresses::node_addresses()
+            .map_err(|e| format!("--ingress-from-node auto: reading this node's addresses: {e}")),
+        "none" | "" => Ok(Vec::new()),
+        list => list
+            .split(',')
+            .map(|cidr| {
+                let cidr = cidr.trim();
+                cidr.parse::<ipnet::IpNet>()
+                    .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|e| format!("--ingress-from-node: {cidr:?}: {e}"))
+            })
+            .collect(),
     }
 }

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
-    engine::PolicyEntries,
+    engine::{IngressEntries, PolicyEntries},
     events::anomaly::{self, AnomalyConfig, Baseline, Detectors},
     job::{self, EventSink, JobSpec, Mode},
     learn,
@@ -139,11 +139,7 @@ pub fn run(args: ExecArgs) -> ExitCode {
 
 fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     // Policies first: an invalid policy is reported even where the kernel checks would fail.
-    let Compiled {
-        allowlist,
-        dns_filtered,
-        ingress,
-    } = compile(&args, &args.policies)?;
+    let (allowlist, dns_filtered) = compile(&args, &args.policies)?;
     let baseline = match &args.baseline {
         Some(path) => Some(load_baseline(&args, path)?),
         None => None,
@@ -162,7 +158,6 @@ fn guard(args: ExecArgs) -> Result<ExitCode, String> {
     let outcome = job::run(JobSpec {
         command: args.command.clone(),
         allowlist,
-        ingress,
         mode: args.mode,
         deny_raw_sockets: !args.allow_raw_sockets,
         dns_filtered,
@@ -209,7 +204,7 @@ fn load_baseline(args: &ExecArgs, path: &PathBuf) -> Result<Baseline, String> {
         ));
     }
     compile(args, std::slice::from_ref(path))
-        .map(|compiled| Baseline::Allowlist(compiled.allowlist))
+        .map(|(allowlist, _)| Baseline::Allowlist(allowlist))
         .map_err(|e| format!("--baseline {}: {e}", path.display()))
 }
 
@@ -258,17 +253,10 @@ fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), Strin
     Ok(())
 }
 
-/// What the policies make of the job.
-struct Compiled {
-    allowlist: PolicyEntries,
-    /// A domain policy selects the job.
-    dns_filtered: bool,
-    /// The job's ingress allowlist, when a policy with Ingress in its policyTypes selects it.
-    ingress: Option<PolicyEntries>,
-}
-
-/// Policies → the job's allowlists, with the warnings NetworkPolicy semantics call for.
-fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<Compiled, String> {
+/// Policies → the job's allowlist (and whether its DNS is filtered: a domain policy
+/// selects it), with the warnings NetworkPolicy semantics call for. A policy with Ingress in
+/// its policyTypes that selects the job gives the allowlist its ingress half.
+fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool), String> {
     if policies.is_empty() {
         // Learning from nothing: every destination is reported with its process.
         if args.mode == Mode::Enforce {
@@ -276,11 +264,7 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<Compiled, String> {
                 "without --policy, --learn and --baseline need --mode audit: enforcing an empty policy refuses all egress; the command was not run".into(),
             );
         }
-        return Ok(Compiled {
-            allowlist: PolicyEntries::default(),
-            dns_filtered: false,
-            ingress: None,
-        });
+        return Ok((PolicyEntries::default(), false));
     }
     let set = policy::load_policies(policies);
     if !set.errors.is_empty() {
@@ -316,11 +300,13 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<Compiled, String> {
                 namespace = %args.namespace,
                 "no NetworkPolicy with Egress in its policyTypes selects this job: egress is unrestricted"
             );
-            return Ok(Compiled {
-                allowlist: allow_all(),
-                dns_filtered: false,
-                ingress,
-            });
+            return Ok((
+                PolicyEntries {
+                    ingress,
+                    ..allow_all()
+                },
+                false,
+            ));
         }
         Egress::Isolated {
             rules,
@@ -336,15 +322,15 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<Compiled, String> {
     };
     let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
     let dns_filtered = domains.is_some();
-    Ok(Compiled {
-        allowlist: PolicyEntries {
+    Ok((
+        PolicyEntries {
             v4: entries.v4,
             v6: entries.v6,
             names: domains.map(|d| d.names).unwrap_or_default(),
+            ingress,
         },
         dns_filtered,
-        ingress,
-    })
+    ))
 }
 
 /// The job's listeners are judged when a policy with Ingress in its policyTypes selects it.
@@ -353,7 +339,7 @@ fn compile_ingress(
     set: &policy::PolicySet,
     pod: &PodIdentity,
     cluster: Option<&policy::Cluster>,
-) -> Result<Option<PolicyEntries>, String> {
+) -> Result<Option<IngressEntries>, String> {
     match policy::ingress_for(set, pod, &[], cluster) {
         Ingress::Unrestricted => Ok(None),
         Ingress::Isolated {
@@ -366,10 +352,9 @@ fn compile_ingress(
                 tracing::warn!("{warning}");
             }
             let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
-            Ok(Some(PolicyEntries {
+            Ok(Some(IngressEntries {
                 v4: entries.v4,
                 v6: entries.v6,
-                names: Vec::new(),
             }))
         }
     }
@@ -385,5 +370,6 @@ fn allow_all() -> PolicyEntries {
         v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
         v6: vec![("::/0".parse().expect("valid"), all)],
         names: Vec::new(),
+        ingress: None,
     }
 }

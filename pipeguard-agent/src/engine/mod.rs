@@ -24,7 +24,7 @@ use pipeguard_common::{
 
 pub use self::{
     names::{NameEntries, NamesError},
-    tables::PolicyEntries,
+    tables::{INGRESS_ID_BIT, IngressEntries, PolicyEntries, ingress_id},
 };
 
 #[derive(Debug, thiserror::Error)]

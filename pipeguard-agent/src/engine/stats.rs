@@ -97,6 +97,9 @@ impl CounterReader {
             if key.hook == Hook::Dns as u8 {
                 *out.dns_queries.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
             }
+            if key.hook == Hook::Ingress as u8 {
+                *out.ingress.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
+            }
         }
         Ok(out)
     }
@@ -108,6 +111,8 @@ pub struct Totals {
     pub traffic: HashMap<(u64, u8), Counter>,
     /// (pod cgroup, verdict) → DNS queries checked (hook `Dns`).
     pub dns_queries: HashMap<(u64, u8), u64>,
+    /// (pod cgroup, verdict) → inbound attempts judged (hook `Ingress`).
+    pub ingress: HashMap<(u64, u8), u64>,
 }
 
 impl Engine {

@@ -20,6 +20,26 @@ pub struct PolicyEntries {
     pub v4: Vec<(Ipv4Net, PortSet)>,
     pub v6: Vec<(Ipv6Net, PortSet)>,
     pub names: Vec<DomainRule>,
+    /// Who may connect to the pod, for pods isolated for ingress (keyed by source, ports
+    /// are the pod's own); written under [`ingress_id`] of the same id. `None`: not isolated.
+    pub ingress: Option<IngressEntries>,
+}
+
+/// The trie contents of an ingress allowlist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IngressEntries {
+    pub v4: Vec<(Ipv4Net, PortSet)>,
+    pub v6: Vec<(Ipv6Net, PortSet)>,
+}
+
+/// Ingress allowlists share the tries with egress ones, under the egress id with this bit:
+/// one id names both halves of a pod's allowlist, so sharing, in-place changes and adopting
+/// pinned state treat them as one.
+pub const INGRESS_ID_BIT: u32 = 1 << 31;
+
+/// The id the ingress half of allowlist `policy_id` is written under (`PodEntry::ingress_policy_id`).
+pub fn ingress_id(policy_id: u32) -> u32 {
+    policy_id | INGRESS_ID_BIT
 }
 
 /// Equal allowlists hash equally, which is all a map needs: equality is checked in full on
@@ -41,6 +61,10 @@ impl std::hash::Hash for PolicyEntries {
         self.names.len().hash(state);
         for rule in self.names.iter().take(SAMPLES) {
             rule.pattern.hash(state);
+        }
+        if let Some(ingress) = &self.ingress {
+            sample(&ingress.v4, state);
+            sample(&ingress.v6, state);
         }
     }
 }
@@ -74,18 +98,27 @@ impl Engine {
     pub fn put_policy(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
         let written = self
             .put_names(policy_id, &entries.names)
-            .and_then(|()| self.put_addresses(policy_id, entries));
+            .and_then(|()| match &entries.ingress {
+                Some(ingress) => self.put_addresses(ingress_id(policy_id), &ingress.v4, &ingress.v6),
+                None => Ok(()),
+            })
+            .and_then(|()| self.put_addresses(policy_id, &entries.v4, &entries.v6));
         self.after_write(written)
     }
 
-    fn put_addresses(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
+    fn put_addresses(
+        &mut self,
+        policy_id: u32,
+        entries_v4: &[(Ipv4Net, PortSet)],
+        entries_v6: &[(Ipv6Net, PortSet)],
+    ) -> Result<(), EngineError> {
         let mut v4: LpmTrie<&mut MapData, AllowKeyV4, PortSet> = self.map_mut(map_names::ALLOW_V4)?;
-        for (net, ports) in &entries.v4 {
+        for (net, ports) in entries_v4 {
             v4.insert(&key_v4(policy_id, net), *ports, 0)
                 .map_err(map_error(map_names::ALLOW_V4))?;
         }
         let mut v6: LpmTrie<&mut MapData, AllowKeyV6, PortSet> = self.map_mut(map_names::ALLOW_V6)?;
-        for (net, ports) in &entries.v6 {
+        for (net, ports) in entries_v6 {
             v6.insert(&key_v6(policy_id, net), *ports, 0)
                 .map_err(map_error(map_names::ALLOW_V6))?;
         }
@@ -102,14 +135,24 @@ impl Engine {
         new: &PolicyEntries,
     ) -> Result<(usize, usize), EngineError> {
         let diff = PolicyDiff::between(old, new);
+        let none = IngressEntries::default();
+        let (old_in, new_in) = (
+            old.ingress.as_ref().unwrap_or(&none),
+            new.ingress.as_ref().unwrap_or(&none),
+        );
+        let ingress = PolicyDiff::between_tries(&old_in.v4, &old_in.v6, &new_in.v4, &new_in.v6);
         let written = self
-            .put_addresses(policy_id, &diff.put)
-            .and_then(|()| self.delete_addresses(policy_id, &diff.delete))
-            .and_then(|()| self.replace_names(policy_id, &old.names, &new.names));
+            .put_addresses(policy_id, &diff.put.v4, &diff.put.v6)
+            .and_then(|()| self.delete_addresses(policy_id, &diff.delete.v4, &diff.delete.v6))
+            .and_then(|()| self.replace_names(policy_id, &old.names, &new.names))
+            .and_then(|()| self.put_addresses(ingress_id(policy_id), &ingress.put.v4, &ingress.put.v6))
+            .and_then(|()| {
+                self.delete_addresses(ingress_id(policy_id), &ingress.delete.v4, &ingress.delete.v6)
+            });
         self.after_write(written)?;
         Ok((
-            diff.put.v4.len() + diff.put.v6.len(),
-            diff.delete.v4.len() + diff.delete.v6.len(),
+            diff.put.len() + ingress.put.len(),
+            diff.delete.len() + ingress.delete.len(),
         ))
     }
 
@@ -117,18 +160,27 @@ impl Engine {
     /// `policy_id`; keys already gone are fine.
     pub fn delete_policy(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
         let written = self
-            .delete_addresses(policy_id, entries)
+            .delete_addresses(policy_id, &entries.v4, &entries.v6)
+            .and_then(|()| match &entries.ingress {
+                Some(ingress) => self.delete_addresses(ingress_id(policy_id), &ingress.v4, &ingress.v6),
+                None => Ok(()),
+            })
             .and_then(|()| self.delete_names(policy_id));
         self.after_write(written)
     }
 
-    fn delete_addresses(&mut self, policy_id: u32, entries: &PolicyEntries) -> Result<(), EngineError> {
+    fn delete_addresses(
+        &mut self,
+        policy_id: u32,
+        entries_v4: &[(Ipv4Net, PortSet)],
+        entries_v6: &[(Ipv6Net, PortSet)],
+    ) -> Result<(), EngineError> {
         let mut v4: LpmTrie<&mut MapData, AllowKeyV4, PortSet> = self.map_mut(map_names::ALLOW_V4)?;
-        for (net, _) in &entries.v4 {
+        for (net, _) in entries_v4 {
             ignore_missing(v4.remove(&key_v4(policy_id, net))).map_err(map_error(map_names::ALLOW_V4))?;
         }
         let mut v6: LpmTrie<&mut MapData, AllowKeyV6, PortSet> = self.map_mut(map_names::ALLOW_V6)?;
-        for (net, _) in &entries.v6 {
+        for (net, _) in entries_v6 {
             ignore_missing(v6.remove(&key_v6(policy_id, net))).map_err(map_error(map_names::ALLOW_V6))?;
         }
         Ok(())
@@ -167,9 +219,10 @@ impl Engine {
             .map_err(map_error(map_names::PODS))
     }
 
-    /// Every allowlist in the tries, by policy id (for adopting pinned state).
+    /// Every allowlist in the tries, by policy id (for adopting pinned state); ingress
+    /// halves (ids with `INGRESS_ID_BIT`) are folded into their allowlist.
     pub fn policies(&self) -> Result<std::collections::HashMap<u32, PolicyEntries>, EngineError> {
-        let mut out: std::collections::HashMap<u32, PolicyEntries> = std::collections::HashMap::new();
+        let mut out: std::collections::HashMap<u32, IngressEntries> = std::collections::HashMap::new();
         let v4: LpmTrie<&MapData, AllowKeyV4, PortSet> = self.map(map_names::ALLOW_V4)?;
         for item in v4.iter() {
             let (key, ports) = item.map_err(map_error(map_names::ALLOW_V4))?;
@@ -192,6 +245,7 @@ impl Engine {
                 .v6
                 .push((net, ports));
         }
+        let mut out = fold_ingress(out);
         for (id, names) in self.name_entries()? {
             out.entry(id).or_default().names = names
                 .into_iter()
@@ -202,9 +256,31 @@ impl Engine {
         for entries in out.values_mut() {
             entries.v4.sort_by_key(|(n, _)| (*n, n.prefix_len()));
             entries.v6.sort_by_key(|(n, _)| (*n, n.prefix_len()));
+            if let Some(ingress) = &mut entries.ingress {
+                ingress.v4.sort_by_key(|(n, _)| (*n, n.prefix_len()));
+                ingress.v6.sort_by_key(|(n, _)| (*n, n.prefix_len()));
+            }
         }
         Ok(out)
     }
+}
+
+/// Trie contents by id → allowlists, each id with `INGRESS_ID_BIT` as the ingress half of
+/// the id without it.
+fn fold_ingress(
+    by_id: std::collections::HashMap<u32, IngressEntries>,
+) -> std::collections::HashMap<u32, PolicyEntries> {
+    let mut out: std::collections::HashMap<u32, PolicyEntries> = std::collections::HashMap::new();
+    for (id, tries) in by_id {
+        let entries = out.entry(id & !INGRESS_ID_BIT).or_default();
+        if id & INGRESS_ID_BIT != 0 {
+            entries.ingress = Some(tries);
+        } else {
+            entries.v4 = tries.v4;
+            entries.v6 = tries.v6;
+        }
+    }
+    out
 }
 
 /// A name entry read back as a rule (its ports are the merged ones, so an adopted allowlist
@@ -241,24 +317,35 @@ pub(super) fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<
 
 /// The keys an in-place change writes and deletes, each in its safe order.
 struct PolicyDiff {
-    put: PolicyEntries,
-    delete: PolicyEntries,
+    put: IngressEntries,
+    delete: IngressEntries,
+}
+
+impl IngressEntries {
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
 }
 
 impl PolicyDiff {
+    /// The egress halves of two allowlists.
     fn between(old: &PolicyEntries, new: &PolicyEntries) -> Self {
-        let (put4, delete4) = diff_family(&old.v4, &new.v4, |n| n.prefix_len());
-        let (put6, delete6) = diff_family(&old.v6, &new.v6, |n| n.prefix_len());
+        Self::between_tries(&old.v4, &old.v6, &new.v4, &new.v6)
+    }
+
+    fn between_tries(
+        old4: &[(Ipv4Net, PortSet)],
+        old6: &[(Ipv6Net, PortSet)],
+        new4: &[(Ipv4Net, PortSet)],
+        new6: &[(Ipv6Net, PortSet)],
+    ) -> Self {
+        let (put4, delete4) = diff_family(old4, new4, |n| n.prefix_len());
+        let (put6, delete6) = diff_family(old6, new6, |n| n.prefix_len());
         Self {
-            put: PolicyEntries {
-                v4: put4,
-                v6: put6,
-                names: Vec::new(),
-            },
-            delete: PolicyEntries {
+            put: IngressEntries { v4: put4, v6: put6 },
+            delete: IngressEntries {
                 v4: delete4,
                 v6: delete6,
-                names: Vec::new(),
             },
         }
     }
@@ -333,6 +420,7 @@ mod tests {
                 .collect(),
             v6: vec![],
             names: vec![],
+            ingress: None,
         }
     }
 

@@ -31,8 +31,6 @@ pub const JOB_CGROUP_PARENT: &str = "pipeguard";
 
 /// The policy id `exec` writes its one allowlist under.
 const JOB_POLICY_ID: u32 = 1;
-/// The policy id of the job's ingress allowlist, when a policy isolates it for ingress.
-const JOB_INGRESS_POLICY_ID: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -44,9 +42,8 @@ pub enum Mode {
 
 pub struct JobSpec {
     pub command: Vec<String>,
+    /// Its `ingress` half, when present, judges who may connect to the job's listeners.
     pub allowlist: PolicyEntries,
-    /// Who may connect to the job's listeners; `None`: ingress is not judged.
-    pub ingress: Option<PolicyEntries>,
     pub mode: Mode,
     pub deny_raw_sockets: bool,
     /// A domain policy selects the job: its DNS queries are checked against `allowlist.names`.
@@ -143,9 +140,6 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     })?;
     let cgroup_id = cgroup.id()?;
     engine.put_policy(JOB_POLICY_ID, &spec.allowlist)?;
-    if let Some(ingress) = &spec.ingress {
-        engine.put_policy(JOB_INGRESS_POLICY_ID, ingress)?;
-    }
     engine.put_pod(
         cgroup_id,
         PodEntry {
@@ -162,12 +156,12 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
                 pipeguard_common::POD_DNS_FILTERED
             } else {
                 0
-            } | if spec.ingress.is_some() {
+            } | if spec.allowlist.ingress.is_some() {
                 pipeguard_common::POD_INGRESS_ISOLATED
             } else {
                 0
             },
-            ingress_policy_id: JOB_INGRESS_POLICY_ID,
+            ingress_policy_id: crate::engine::ingress_id(JOB_POLICY_ID),
         },
     )?;
     engine.attach(cgroup.path())?;

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod dns_probe;
 pub mod dnsmasq;
+pub mod inbound;
 pub mod listeners;
 pub mod probe;
 pub mod root_job;

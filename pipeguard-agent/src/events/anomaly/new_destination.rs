@@ -118,6 +118,7 @@ mod tests {
             v4: lpm.v4,
             v6: lpm.v6,
             names: Vec::new(),
+            ingress: None,
         }));
         assert!(!d.observe(&dest("10.0.0.5", 443)));
         assert!(!d.observe(&dest("::ffff:10.0.0.5", 443)), "v4-mapped is IPv4");
