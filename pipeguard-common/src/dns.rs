@@ -4,7 +4,7 @@
 //! How the kernel uses them: a query from a DNS-filtered pod is parsed, every suffix of its
 //! question name is hashed (one pass over the name, from the right) and looked up in
 //! `PG_DNS_NAMES_V1`; a hit is confirmed by comparing the stored name text, so a hash
-//! collision can never allow a name. An allowed query is remembered in `PG_DNS_QUERIES_V1`;
+//! collision can never allow a name. An allowed query is remembered in `PG_DNS_QUERIES_V2`;
 //! the answer that matches it (same socket, resolver, query id and question) teaches its
 //! A/AAAA addresses to `PG_DNS_LEARNED_V1`, which the socket and packet hooks consult after
 //! the static tries.
@@ -26,8 +26,15 @@ pub const MAX_TTL_S: u32 = 86_400;
 
 /// Entries of the name map: (allowlist, pattern) pairs over all allowlists of a node.
 pub const MAX_NAME_RULES: u32 = 65_536;
-/// Outstanding queries (LRU: a flood of queries evicts the oldest, never fails a query).
+/// Outstanding queries: `QUERY_SETS` sets of `QUERY_WAYS` slots. A query takes a free or
+/// expired slot of its set, else the one closest to expiry: a flood of queries overwrites
+/// old ones (as an LRU would evict them) and never fails a query.
 pub const MAX_QUERIES: u32 = 16_384;
+/// Slots a query may take: only queries whose answers are all still due in one set compete.
+pub const QUERY_WAYS: u32 = 4;
+/// Sets of the query table (a power of two, so a set is found by masking).
+pub const QUERY_SETS: u32 = MAX_QUERIES / QUERY_WAYS;
+const _: () = assert!(QUERY_SETS.is_power_of_two());
 /// Learned (allowlist, address) entries. LRU, and user space sweeps expired entries, so
 /// eviction only happens under real pressure: 10,000 names × 13 addresses, or 1,000
 /// addresses for each of 131 names, at once.
@@ -108,7 +115,7 @@ impl Default for NameRule {
     }
 }
 
-/// Key of `PG_DNS_QUERIES_V1`: one query as it left, seen again in its answer.
+/// Identity of one query as it left, seen again in its answer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct QueryKey {
@@ -135,6 +142,63 @@ pub struct QueryState {
     pub rule: NameKey,
 }
 const _: () = assert!(core::mem::size_of::<QueryState>() == 32);
+
+/// A slot of `PG_DNS_QUERIES_V2` (an array, `QUERY_WAYS` slots per set, the set chosen by
+/// `query_set`). A plain array slot is written without a lock, so `seal` (`query_seal` of
+/// key and state, never 0) tells a whole entry from a torn or empty one; 0 is free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct QuerySlot {
+    pub key: QueryKey,
+    pub state: QueryState,
+    pub seal: u64,
+}
+const _: () = assert!(core::mem::size_of::<QuerySlot>() == 72);
+
+#[inline(always)]
+const fn mix(hash: u64, word: u64) -> u64 {
+    let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+#[inline(always)]
+fn key_words(key: &QueryKey) -> [u64; 4] {
+    let a = &key.addr;
+    [
+        key.cookie,
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+        key.port as u64 | (key.id as u64) << 16,
+    ]
+}
+
+/// Index of the first slot of `key`'s set.
+#[inline(always)]
+pub fn query_set(key: &QueryKey) -> u32 {
+    let w = key_words(key);
+    let h = mix(mix(mix(mix(FNV_OFFSET, w[0]), w[1]), w[2]), w[3]);
+    ((h >> 32) as u32 & (QUERY_SETS - 1)) * QUERY_WAYS
+}
+
+/// The seal of a slot holding `key` and `state`; never 0.
+#[inline(always)]
+pub fn query_seal(key: &QueryKey, state: &QueryState) -> u64 {
+    let w = key_words(key);
+    let mut h = mix(mix(mix(mix(FNV_PRIME, w[0]), w[1]), w[2]), w[3]);
+    h = mix(mix(h, state.question_hash), state.expires_ns);
+    h = mix(
+        mix(h, state.rule.policy_id as u64 | (state.rule.kind as u64) << 32),
+        state.rule.hash,
+    );
+    h | 1
+}
+
+/// The same query: every field of the key (compared word by word, no memcmp in BPF).
+#[inline(always)]
+pub fn same_query(a: &QueryKey, b: &QueryKey) -> bool {
+    let (a, b) = (key_words(a), key_words(b));
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
 
 /// Key of `PG_DNS_LEARNED_V1`.
 #[repr(C)]
@@ -283,5 +347,71 @@ mod tests {
         assert_eq!(seen[1], name_hash(b"npmjs.org"));
         assert_eq!(hash, name_hash(b"registry.npmjs.org"), "case folds");
         assert_ne!(name_hash(b"npmjs.org"), name_hash(b"npmjs.com"));
+    }
+
+    fn query() -> (QueryKey, QueryState) {
+        let key = QueryKey {
+            cookie: 77,
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 53, 1],
+            port: 53,
+            id: 0x4242,
+            _pad: 0,
+        };
+        let state = QueryState {
+            question_hash: name_hash(b"github.com"),
+            expires_ns: 5_000_000_000,
+            rule: NameKey {
+                policy_id: 3,
+                kind: NAME_EXACT,
+                hash: name_hash(b"github.com"),
+            },
+        };
+        (key, state)
+    }
+
+    #[test]
+    fn a_query_set_is_a_whole_set_inside_the_table() {
+        let (mut key, _) = query();
+        for id in 0..4096u16 {
+            key.id = id;
+            let set = query_set(&key);
+            assert_eq!(set % QUERY_WAYS, 0);
+            assert!(set + QUERY_WAYS <= MAX_QUERIES);
+        }
+    }
+
+    #[test]
+    fn the_seal_changes_with_every_field_and_is_never_free() {
+        let (key, state) = query();
+        let seal = query_seal(&key, &state);
+        assert_ne!(seal, 0);
+        let mut k = key;
+        k.cookie += 1;
+        assert_ne!(query_seal(&k, &state), seal, "cookie");
+        let mut k = key;
+        k.addr[15] ^= 1;
+        assert_ne!(query_seal(&k, &state), seal, "resolver address");
+        let mut k = key;
+        k.port = 5353;
+        assert_ne!(query_seal(&k, &state), seal, "port");
+        let mut k = key;
+        k.id ^= 1;
+        assert_ne!(query_seal(&k, &state), seal, "id");
+        let mut s = state;
+        s.question_hash ^= 1;
+        assert_ne!(query_seal(&key, &s), seal, "question");
+        let mut s = state;
+        s.expires_ns += 1;
+        assert_ne!(query_seal(&key, &s), seal, "expiry");
+        let mut s = state;
+        s.rule.policy_id += 1;
+        assert_ne!(query_seal(&key, &s), seal, "rule's allowlist");
+        let mut s = state;
+        s.rule.kind = NAME_WILDCARD;
+        assert_ne!(query_seal(&key, &s), seal, "rule's kind");
+        assert!(same_query(&key, &key));
+        let mut k = key;
+        k.addr[0] = 1;
+        assert!(!same_query(&key, &k));
     }
 }

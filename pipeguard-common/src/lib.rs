@@ -23,7 +23,7 @@ pub mod map_names {
     pub const SOCKETS: &str = "PG_SOCKETS_V1";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
-    pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V1";
+    pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
     pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V1";
     pub const DNS_CONNS: &str = "PG_DNS_CONNS_V1";
     pub const DNS_NAME_TEXT: &str = "PG_DNS_NAME_TEXT_V1";
@@ -433,6 +433,7 @@ mod user {
     unsafe impl aya::Pod for NameRule {}
     unsafe impl aya::Pod for QueryKey {}
     unsafe impl aya::Pod for QueryState {}
+    unsafe impl aya::Pod for QuerySlot {}
     unsafe impl aya::Pod for LearnedKey {}
     unsafe impl aya::Pod for LearnedAddr {}
     unsafe impl aya::Pod for ConnKey {}

@@ -13,7 +13,7 @@ use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, ConnKey, ConnPass, Counter, CounterKey, DnsConfig,
     DnsScratch, EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_CONNS,
     MAX_COUNTERS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES,
-    NameKey, NameRule, NameText, PodEntry, PortSet, QueryKey, QueryState, ReplyKey, SocketState,
+    NameKey, NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -82,9 +82,10 @@ pub static POLICY_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 pub static DNS_NAMES: HashMap<NameKey, NameRule> =
     HashMap::with_max_entries(MAX_NAME_RULES, BPF_F_NO_PREALLOC);
 
-/// Allowed queries waiting for their answer: {socket, resolver, port, query id} → question.
-#[map(name = "PG_DNS_QUERIES_V1")]
-pub static DNS_QUERIES: LruHashMap<QueryKey, QueryState> = LruHashMap::with_max_entries(MAX_QUERIES, 0);
+/// Allowed queries waiting for their answer, `QUERY_WAYS` slots per set (`dns::queries`):
+/// {socket, resolver, port, query id} → question, rule, expiry.
+#[map(name = "PG_DNS_QUERIES_V2")]
+pub static DNS_QUERIES: Array<QuerySlot> = Array::with_max_entries(MAX_QUERIES, 0);
 
 /// {policy id, address} → until when, through which rule, from which name.
 #[map(name = "PG_DNS_LEARNED_V1")]

@@ -9,8 +9,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use pipeguard_common::{
-    ConnKey, ConnPass, LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, QueryKey, QueryState,
-    map_names,
+    ConnKey, ConnPass, LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, map_names,
 };
 
 use super::{Engine, EngineError, tables::ignore_missing};
@@ -44,6 +43,8 @@ pub struct Learned {
 pub struct DnsSweep {
     pub learned_removed: usize,
     pub learned_remaining: usize,
+    /// Always 0: expired query slots are reused by the kernel, not deleted (kept for the
+    /// `dns_queries` series of `pipeguard_dns_swept_total`).
     pub queries_removed: usize,
     /// Expired entries kept because a connection opened while they lived still refers to them.
     pub learned_kept_for_conns: usize,
@@ -151,8 +152,8 @@ impl Engine {
         }
     }
 
-    /// Deletes expired learned addresses and unanswered queries, so the LRU maps only evict
-    /// under real pressure.
+    /// Deletes expired learned addresses, so the LRU map only evicts under real pressure.
+    /// (Unanswered queries need no sweep: the kernel reuses their slots once they expire.)
     ///
     /// An expired entry that a connection record still refers to is kept: the kernel lets a
     /// connection opened while the entry lived go on only while the entry is there (expired
@@ -207,18 +208,6 @@ impl Engine {
             ignore_missing(conns.remove(key)).map_err(map_error(map_names::DNS_CONNS))?;
         }
         sweep.conns_removed = orphans.len();
-        let mut queries: BpfHashMap<&mut MapData, QueryKey, QueryState> =
-            self.map_mut(map_names::DNS_QUERIES)?;
-        let stale: Vec<QueryKey> = queries
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.expires_ns <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale {
-            ignore_missing(queries.remove(key)).map_err(map_error(map_names::DNS_QUERIES))?;
-        }
-        sweep.queries_removed = stale.len();
         Ok(sweep)
     }
 }

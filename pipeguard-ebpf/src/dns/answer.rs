@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use pipeguard_common::{LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, QueryKey};
 
-use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name};
+use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name, queries};
 use crate::{
     addr::Dest,
-    maps::{DNS_CONFIG, DNS_LEARNED, DNS_NAME_TEXT, DNS_QUERIES, SCRATCH_ANSWER},
+    maps::{DNS_CONFIG, DNS_LEARNED, DNS_NAME_TEXT, SCRATCH_ANSWER},
     packet::Packet,
 };
 
@@ -38,7 +38,7 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
         id,
         _pad: 0,
     };
-    let Some(query) = (unsafe { DNS_QUERIES.get(&key) }).copied() else {
+    let Some((slot, query)) = queries::find(&key) else {
         return Ok(());
     };
     let name = name::read(ctx, msg + HEADER_BYTES, SCRATCH_ANSWER)?;
@@ -46,7 +46,7 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
         return Ok(());
     }
     // Consumed: a replayed or duplicated answer finds nothing.
-    let _ = DNS_QUERIES.remove(&key);
+    queries::consume(slot);
     let now = unsafe { bpf_ktime_get_ns() };
     if now > query.expires_ns || flags & RCODE_MASK != 0 {
         return Ok(());

@@ -6,6 +6,7 @@
 pub mod answer;
 pub mod learned;
 mod name;
+mod queries;
 pub mod query;
 
 use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};

@@ -14,9 +14,9 @@ use pipeguard_common::{
     VERDICT_AUDIT, VERDICT_DENY, VERDICT_ERROR,
 };
 
-use super::{FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, header, message, name};
+use super::{FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, header, message, name, queries};
 use crate::{
-    maps::{DNS_QUERIES, DNS_SCRATCH, EVENTS, SCRATCH_QUERY},
+    maps::{DNS_SCRATCH, EVENTS, SCRATCH_QUERY},
     packet::Packet,
     pod::Pod,
     verdict::{Attempt, allowed, count, count_event_drop},
@@ -99,14 +99,15 @@ fn inspect(ctx: &SkBuffContext, pod: &Pod, t: &Packet, ip_allowed: bool) -> Resu
             id,
             _pad: 0,
         };
+        let now = unsafe { bpf_ktime_get_ns() };
         let state = QueryState {
             question_hash: name.hash,
-            expires_ns: unsafe { bpf_ktime_get_ns() } + QUERY_TIMEOUT_NS,
+            expires_ns: now + QUERY_TIMEOUT_NS,
             rule: allowed.key,
         };
-        // LRU: never fails for lack of room. Should it fail anyway, the answer teaches
-        // nothing and the connection is refused: closed, not open.
-        let _ = DNS_QUERIES.insert(&key, &state, 0);
+        // Never fails for lack of room. Should the slot be overwritten before the answer,
+        // the answer teaches nothing and the connection is refused: closed, not open.
+        queries::record(&key, &state, now);
     }
     Ok(Outcome::Allowed)
 }
