@@ -69,6 +69,12 @@ fn policy(cidrs: &[String], with_probe: bool) -> Value {
 /// A child process killed (by pid) and reaped on drop.
 pub struct Owned(Child);
 
+impl Owned {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Owned {
     fn drop(&mut self) {
         let _ = self.0.kill();

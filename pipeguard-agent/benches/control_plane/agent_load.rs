@@ -31,7 +31,7 @@ use crate::common::{
     listeners, run_probe,
 };
 
-fn setup(n: &Node) -> listeners::Tcp {
+pub fn setup(n: &Node) -> listeners::Tcp {
     let registry = listeners::tcp("127.0.0.1:0");
     n.server.apply(namespace("ci"));
     n.server
@@ -39,7 +39,7 @@ fn setup(n: &Node) -> listeners::Tcp {
     registry
 }
 
-fn enforced(agent: &Agent) -> Option<u32> {
+pub fn enforced(agent: &Agent) -> Option<u32> {
     http_get(&agent.listen, "/metrics").and_then(|(_, m)| {
         m.lines()
             .find_map(|l| l.strip_prefix("pipeguard_pods{state=\"enforced\"} "))
@@ -47,19 +47,19 @@ fn enforced(agent: &Agent) -> Option<u32> {
     })
 }
 
-fn cpu_ms(d: Duration) -> String {
+pub fn cpu_ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
 /// The agent's CPU over `secs` of doing nothing asked of it.
-fn idle_cpu(agent: &Agent, secs: u64) -> Duration {
+pub fn idle_cpu(agent: &Agent, secs: u64) -> Duration {
     let before = agent.cpu();
     std::thread::sleep(Duration::from_secs(secs));
     agent.cpu() - before
 }
 
 /// `pipeguard_syncs_total` of one path (full, new_pods, unchanged).
-fn syncs(agent: &Agent, path: &str) -> u64 {
+pub fn syncs(agent: &Agent, path: &str) -> u64 {
     metric(agent, &format!("pipeguard_syncs_total{{path=\"{path}\"}}")).unwrap_or(0.0) as u64
 }
 
@@ -74,8 +74,11 @@ pub fn run(quick: bool, report: &mut Report) {
         "5f. `pipeguard agent` with many pods on the node: new pod → enforced (pod cgroup created → a prober in it is refused), idle CPU, memory",
         &[
             "pods on the node",
-            "new pods",
-            "new pod → enforced p50",
+            "new pods (prober started + moved in)",
+            "new pod → enforced, prober started in it: p50",
+            "p99",
+            "max",
+            "running prober moved in: p50",
             "p99",
             "max",
             "CPU per new pod",
@@ -126,34 +129,67 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
     let pod_syncs = (syncs(&agent, "full"), syncs(&agent, "new_pods"));
 
     let mut lags = Vec::new();
+    let mut moved_lags = Vec::new();
     let mut refused_at_first_try = 0;
     let cpu_before = agent.cpu();
-    for i in 0..new_pods {
+    // Outside kubepods: unguarded. A running prober waits here to be moved into a new pod.
+    let staging = n.root.join("bench-staging");
+    std::fs::create_dir_all(&staging).expect("a staging cgroup");
+    for i in 0..2 * new_pods {
         let id = uid(0x2000_0000 + i);
-        n.server
-            .apply(pod("ci", &format!("new-{i}"), &id, &format!("10.2.0.{}", i + 1)));
+        // The first half starts a prober in the new pod cgroup (its fork and exec count);
+        // the second moves one that already runs, so only the agent's part counts.
+        let moved = (i >= new_pods).then(|| {
+            let (prober, verdicts) = spawn_prober(&staging);
+            match verdicts.recv_timeout(Duration::from_secs(60)) {
+                Ok((_, true)) => (prober, verdicts),
+                other => panic!("the staged prober said {other:?}"),
+            }
+        });
+        n.server.apply(pod(
+            "ci",
+            &format!("new-{i}"),
+            &id,
+            &format!("10.2.{}.{}", i / 250, i % 250 + 1),
+        ));
         std::thread::sleep(Duration::from_millis(300));
         let created = Instant::now();
         let cg = n.pod_cgroup(&id);
-        let (prober, verdicts) = spawn_prober(&cg);
+        let (prober, verdicts) = match moved {
+            Some((prober, verdicts)) => {
+                std::fs::write(cg.join("cgroup.procs"), prober.pid().to_string()).expect("move the prober");
+                (prober, verdicts)
+            }
+            None => spawn_prober(&cg),
+        };
         let (first, denied_at) = first_denial(&verdicts, &agent);
-        refused_at_first_try += u32::from(first);
-        lags.push(denied_at.saturating_duration_since(created));
+        let lag = denied_at.saturating_duration_since(created);
+        if i < new_pods {
+            refused_at_first_try += u32::from(first);
+            lags.push(lag);
+        } else {
+            moved_lags.push(lag);
+        }
         drop(prober);
     }
-    let per_pod = (agent.cpu() - cpu_before) / new_pods;
+    let _ = std::fs::remove_dir(&staging);
+    let per_pod = (agent.cpu() - cpu_before) / (2 * new_pods);
     let pod_syncs = (
         syncs(&agent, "full") - pod_syncs.0,
         syncs(&agent, "new_pods") - pod_syncs.1,
     );
     let s = summarize(&lags);
+    let m = summarize(&moved_lags);
     let (rss, hwm, maps) = (agent.rss_kib(), agent.hwm_kib(), bpf_map_kib(agent.pid()));
     report.row(vec![
         format!("{pods}"),
-        format!("{new_pods} ({refused_at_first_try} refused at the prober's first try)"),
+        format!("{new_pods} + {new_pods} ({refused_at_first_try} refused at the started prober's first try)"),
         ms(s.p50),
         ms(s.p99),
         ms(s.max),
+        ms(m.p50),
+        ms(m.p99),
+        ms(m.max),
         cpu_ms(per_pod),
         cpu_ms(idle),
         format!("{} / {}", idle_syncs.0, idle_syncs.1),
@@ -165,6 +201,7 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
     json!({
         "pods": pods,
         "new_pod_to_enforced": s.json(),
+        "new_pod_to_enforced_prober_moved_in": m.json(),
         "refused_at_first_try": refused_at_first_try,
         "cpu_ms_per_new_pod": per_pod.as_secs_f64() * 1e3,
         "idle_seconds": idle_secs,
@@ -178,7 +215,7 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
 }
 
 /// Waits for the prober's first `denied`: (whether it was its first report, when).
-fn first_denial(verdicts: &mpsc::Receiver<(Instant, bool)>, agent: &Agent) -> (bool, Instant) {
+pub fn first_denial(verdicts: &mpsc::Receiver<(Instant, bool)>, agent: &Agent) -> (bool, Instant) {
     let mut first = true;
     loop {
         match verdicts.recv_timeout(Duration::from_secs(60)) {
