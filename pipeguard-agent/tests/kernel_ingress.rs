@@ -485,3 +485,31 @@ fn pipeguard_exec_judges_the_jobs_listeners() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What a restarted agent adopts from pinned maps: the ingress half is read back into its
+/// allowlist (same id, top bit), so the first sync changes it in the hole-free order.
+#[test]
+fn the_ingress_half_is_read_back_with_its_allowlist() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require_kernel();
+    let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
+    let mut written = entries(&[("10.0.0.0/8", all())], &[]);
+    written.ingress = Some(pipeguard::engine::IngressEntries {
+        v4: vec![
+            ("127.0.0.0/8".parse().unwrap(), all()),
+            ("127.0.0.3/32".parse().unwrap(), PortSet::default()),
+        ],
+        v6: vec![("::1/128".parse().unwrap(), all())],
+    });
+    engine.put_policy(7, &written).unwrap();
+    let read = engine.policies().unwrap();
+    assert_eq!(read.len(), 1, "one allowlist, not two: {read:?}");
+    assert_eq!(read[&7], written);
+    // Only-ingress changes are applied in place, and deleting removes both halves.
+    let mut changed = written.clone();
+    changed.ingress.as_mut().unwrap().v4.pop();
+    engine.replace_policy(7, &written, &changed).unwrap();
+    assert_eq!(engine.policies().unwrap()[&7], changed);
+    engine.delete_policy(7, &changed).unwrap();
+    assert!(engine.policies().unwrap().is_empty());
+}
