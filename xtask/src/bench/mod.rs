@@ -113,7 +113,7 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
     } = if only.is_some() {
         // A selected section runs no control-plane bench: skip its (long) build.
         Built {
-            pipeguard: crate::build()?,
+            pipeguard: pipeguard_bin()?,
             worker_bin: build_worker()?,
         }
     } else {
@@ -227,11 +227,20 @@ pub struct Built {
 
 pub fn build_all() -> Result<Built> {
     let built = Built {
-        pipeguard: crate::build()?,
+        pipeguard: pipeguard_bin()?,
         worker_bin: build_worker()?,
     };
     control_plane::build()?;
     Ok(built)
+}
+
+/// The `pipeguard` the data path runs: this tree's release build, or the binary named by
+/// `PIPEGUARD_BENCH_BIN` (a build of another commit, for a before/after comparison).
+fn pipeguard_bin() -> Result<PathBuf> {
+    match std::env::var_os("PIPEGUARD_BENCH_BIN") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => crate::build(),
+    }
 }
 
 /// The load generator is this xtask, built optimised (cargo xtask itself is a debug build).
