@@ -176,8 +176,12 @@ pub fn report(
         _pad: [0; 4],
     };
     // Allowed socket attempts are counted as packets by the packet hook; only refusals
-    // of socket hooks are flows of their own.
-    if config.flags & CONFIG_FLOW_STATS != 0 && (is_packet || verdict != VERDICT_ALLOW) {
+    // of socket hooks are flows of their own. Flows are destinations (the exec summary):
+    // an inbound source is none, its verdicts are counted and reported instead.
+    if config.flags & CONFIG_FLOW_STATS != 0
+        && attempt.hook != Hook::Ingress
+        && (is_packet || verdict != VERDICT_ALLOW)
+    {
         bump_flow(&flow, attempt.bytes);
     }
     if verdict == VERDICT_ALLOW {
