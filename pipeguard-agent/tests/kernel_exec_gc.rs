@@ -91,15 +91,17 @@ fn sigkilled_exec_then_collect(collector: Collector) {
     let denied = listeners::tcp("127.0.0.1:0");
     let tmp = std::env::temp_dir();
     let pid = std::process::id();
-    let bpffs = Bpffs::mount(match collector {
+    let name = match collector {
         Collector::Gc => "exec-gc",
         Collector::NextExec => "exec-next",
-    });
+    };
+    let bpffs = Bpffs::mount(name);
     let mut cleanup = Cleanup {
         state_dir: bpffs.pin_dir(),
         files: ["policy.yaml", "daemon.log", "exec.out", "exec.err"]
             .iter()
-            .map(|f| tmp.join(format!("pg-exec-gc-{pid}-{f}")))
+            // Per test: the two run in one process, in parallel under plain `cargo test`.
+            .map(|f| tmp.join(format!("pg-{name}-{pid}-{f}")))
             .collect(),
         daemon: None,
         _bpffs: bpffs,
