@@ -51,7 +51,7 @@ enum Task {
         json: Option<std::path::PathBuf>,
         /// Run one section only: `datapath` (sections 1-4: rates, ns per program run),
         /// `dns` (domain rules: resolve+connect, kernel cost, 10k names),
-        /// or a control-plane section (library, agent, events, agent-load) without the
+        /// or a control-plane section (library, agent, events, agent-load, scale) without the
         /// throughput rounds. Example: `cargo xtask bench --only agent-load`
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,

@@ -275,11 +275,12 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::
 
 fn list(kind: &str, params: &BTreeMap<String, String>, state: &Mutex<State>) -> Value {
     let st = state.lock().unwrap();
-    let items: Vec<Value> = st
+    // Only the page is copied: a 50,000-pod list in pages of 500 stays linear.
+    let items: Vec<&Value> = st
         .objects
         .iter()
         .filter(|((k, _, _), _)| k == kind)
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v)
         .collect();
     let start: usize = params.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
     let limit: usize = params
@@ -288,7 +289,12 @@ fn list(kind: &str, params: &BTreeMap<String, String>, state: &Mutex<State>) -> 
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
     let end = start.saturating_add(limit).min(items.len());
-    let page = items.get(start..end).unwrap_or_default().to_vec();
+    let page: Vec<Value> = items
+        .get(start..end)
+        .unwrap_or_default()
+        .iter()
+        .map(|v| (*v).clone())
+        .collect();
     let (list_kind, api_version) = list_kind(kind);
     let mut metadata = json!({"resourceVersion": st.rv.to_string()});
     if end < items.len() {
