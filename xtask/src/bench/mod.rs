@@ -199,7 +199,7 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
 }
 
 /// The control-plane bench's own sections (`--only` runs one alone).
-const CONTROL_PLANE_SECTIONS: [&str; 4] = ["library", "agent", "events", "agent-load"];
+const CONTROL_PLANE_SECTIONS: [&str; 5] = ["library", "agent", "events", "agent-load", "scale"];
 
 /// One control-plane section alone: its tables on stdout, its figures as JSON.
 fn control_plane_only(quick: bool, json_path: Option<PathBuf>, section: &str) -> Result<ExitCode> {
