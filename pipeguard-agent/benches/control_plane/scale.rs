@@ -215,7 +215,7 @@ pub fn run(quick: bool, report: &mut Report) {
             "new local pod → enforced p50",
             "p99",
             "max",
-            "agent CPU per second of churn",
+            "agent CPU per churn step (100 + 100 pods, one local pod)",
             "full syncs",
             "RSS before → after",
             "RSS growth per minute",
