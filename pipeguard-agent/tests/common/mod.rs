@@ -131,7 +131,12 @@ pub struct Bpffs {
 impl Bpffs {
     pub fn mount(name: &str) -> Self {
         require_kernel();
-        let path = std::env::temp_dir().join(format!("pg-bpffs-{name}-{}", std::process::id()));
+        // Unique per mount: tests of one binary run in parallel, and a second mount on the
+        // same directory would stack on the first, so the first test's unmount took the
+        // other's pins, and with them the pinned links that keep its programs attached.
+        static MOUNTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = MOUNTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("pg-bpffs-{name}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
         let bpf = std::ffi::CString::new("bpf").unwrap();
