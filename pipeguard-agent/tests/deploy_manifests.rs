@@ -677,8 +677,8 @@ fn daemonset_problems(ds: &DaemonSet, config: &ConfigMap) -> Vec<String> {
         "requests are not cpu 50m, memory 64Mi",
     );
     check(
-        quantities(resources.limits) == pair("500m", "512Mi"),
-        "limits are not cpu 500m, memory 512Mi",
+        quantities(resources.limits) == pair("500m", "768Mi"),
+        "limits are not cpu 500m, memory 768Mi",
     );
     problems.into_inner()
 }
