@@ -12,7 +12,6 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
     sync::{Mutex, MutexGuard},
     time::Duration,
 };
@@ -95,29 +94,10 @@ fn pod(name: &str, ingress: &PolicyEntries, mode: u32) -> Pod {
     }
 }
 
-/// Moves this process back to where it was when dropped, even if the test panics.
-struct Inside(PathBuf);
-
-impl Drop for Inside {
-    fn drop(&mut self) {
-        std::fs::write(self.0.join("cgroup.procs"), "0").expect("move back out of the pod cgroup");
-    }
-}
-
 impl Pod {
     /// Runs `f` with this process in the pod's cgroup: the sockets it creates are the pod's.
     fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
-        let mount = common::require_kernel();
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let own = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("a cgroup2 entry in /proc/self/cgroup");
-        let back = Inside(mount.join(own.trim_start_matches('/')));
-        std::fs::write(self.cgroup.path().join("cgroup.procs"), "0").expect("move into the pod cgroup");
-        let out = f();
-        drop(back);
-        out
+        common::inside(self.cgroup.path(), f)
     }
 
     fn count(&self, verdict: u8) -> u64 {

@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{listeners, parse_outcomes, probe::Outcome, probe_argv, probe_command, test_cgroup};
+use common::{
+    listeners, netns::Netns, parse_outcomes, probe::Outcome, probe_argv, probe_command, test_cgroup,
+};
 use pipeguard::engine::{Engine, EngineConfig, PolicyEntries};
 use pipeguard_common::{MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry};
 
@@ -45,30 +45,6 @@ struct Route {
 
 fn only(port: u16) -> PolicyEntries {
     common::allow_only("127.0.0.1/32", port, &[PROTO_TCP, PROTO_UDP])
-}
-
-/// A network namespace the test owns, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn add(name: &str) -> Self {
-        let name = format!("{name}-{}", std::process::id());
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add");
-        assert!(status.success(), "ip netns add {name}");
-        Self(name)
-    }
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
 }
 
 fn one(cgroup: &std::path::Path, action: String) -> Outcome {
@@ -186,7 +162,7 @@ fn every_known_route_is_blocked_or_documented() {
     )
     .unwrap();
     let exec = |prefix: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
             .args(["exec", "--policy"])
             .arg(&policy)
             .arg("--")

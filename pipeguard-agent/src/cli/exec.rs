@@ -3,11 +3,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
-    engine::{IngressEntries, PolicyEntries},
+    engine::PolicyEntries,
     events::anomaly::{self, AnomalyConfig, Baseline, Detectors},
     job::{self, EventSink, JobSpec, Mode},
     learn,
-    policy::{self, Egress, Ingress, PodIdentity},
+    policy::{self, PodIdentity},
 };
 
 /// Exit code when `--fail-on-violation` is set and something was denied (or audited).
@@ -253,9 +253,8 @@ fn write_reports(args: &ExecArgs, outcome: &job::JobOutcome) -> Result<(), Strin
     Ok(())
 }
 
-/// Policies → the job's allowlist (and whether its DNS is filtered: a domain policy
-/// selects it), with the warnings NetworkPolicy semantics call for. A policy with Ingress in
-/// its policyTypes that selects the job gives the allowlist its ingress half.
+/// Policies → the job's allowlist (and whether its DNS is filtered), as `job::allowlist`
+/// compiles it for a pod with the job's namespace and labels.
 fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool), String> {
     if policies.is_empty() {
         // Learning from nothing: every destination is reported with its process.
@@ -283,93 +282,5 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool
         name: "pipeguard-exec".to_string(),
         labels: args.labels.iter().cloned().collect(),
     };
-    for warning in set.domains.iter().flat_map(|d| &d.warnings) {
-        tracing::warn!("{warning}");
-    }
-    // A domain policy isolates the job like an egress NetworkPolicy, allows its names, and
-    // makes the job DNS-filtered.
-    let domains = policy::domains_for(&set, &pod, cluster.as_ref());
-    if let Some(domains) = &domains {
-        tracing::info!(policies = %domains.policies.join(", "), "names allowed and DNS filtered by");
-    }
-    let ingress = compile_ingress(&set, &pod, cluster.as_ref())?;
-    let rules = match policy::egress_for(&set, &pod, cluster.as_ref()) {
-        Egress::Unrestricted if domains.is_some() => Vec::new(),
-        Egress::Unrestricted => {
-            tracing::warn!(
-                namespace = %args.namespace,
-                "no NetworkPolicy with Egress in its policyTypes selects this job: egress is unrestricted"
-            );
-            return Ok((
-                PolicyEntries {
-                    ingress,
-                    ..allow_all()
-                },
-                false,
-            ));
-        }
-        Egress::Isolated {
-            rules,
-            policies,
-            warnings,
-        } => {
-            tracing::info!(policies = %policies.join(", "), "egress restricted by");
-            for warning in warnings {
-                tracing::warn!("{warning}");
-            }
-            rules
-        }
-    };
-    let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
-    let dns_filtered = domains.is_some();
-    Ok((
-        PolicyEntries {
-            v4: entries.v4,
-            v6: entries.v6,
-            names: domains.map(|d| d.names).unwrap_or_default(),
-            ingress,
-        },
-        dns_filtered,
-    ))
-}
-
-/// The job's listeners are judged when a policy with Ingress in its policyTypes selects it.
-/// The job has no container ports: named ports in its ingress rules admit nothing.
-fn compile_ingress(
-    set: &policy::PolicySet,
-    pod: &PodIdentity,
-    cluster: Option<&policy::Cluster>,
-) -> Result<Option<IngressEntries>, String> {
-    match policy::ingress_for(set, pod, &[], cluster) {
-        Ingress::Unrestricted => Ok(None),
-        Ingress::Isolated {
-            rules,
-            policies,
-            warnings,
-        } => {
-            tracing::info!(policies = %policies.join(", "), "ingress restricted by");
-            for warning in warnings {
-                tracing::warn!("{warning}");
-            }
-            let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
-            Ok(Some(IngressEntries {
-                v4: entries.v4,
-                v6: entries.v6,
-            }))
-        }
-    }
-}
-
-/// Unrestricted egress is still an allowlist, so the job's traffic is counted the same way.
-fn allow_all() -> PolicyEntries {
-    let all = pipeguard_common::PortSet {
-        flags: pipeguard_common::PORTS_ALL,
-        ..Default::default()
-    };
-    PolicyEntries {
-        v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
-        v6: vec![("::/0".parse().expect("valid"), all)],
-        names: Vec::new(),
-        ingress: None,
-    }
+    job::allowlist::compile(&set, &pod, &[], cluster.as_ref())
 }

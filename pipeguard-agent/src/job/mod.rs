@@ -3,6 +3,7 @@
 //! Order matters: the programs are attached and the allowlist and pod entry are written
 //! before the command is moved into the cgroup, so its first packet is already judged.
 
+pub mod allowlist;
 mod child;
 pub mod confine;
 pub mod preflight;

@@ -7,6 +7,8 @@ pub mod dns_probe;
 pub mod dnsmasq;
 pub mod inbound;
 pub mod listeners;
+pub mod netns;
+pub mod policy_world;
 pub mod probe;
 pub mod root_job;
 pub mod routes;
@@ -40,6 +42,32 @@ pub fn test_cgroup(name: &str) -> OwnedCgroup {
     let name = format!("{name}-{}", std::process::id());
     let _ = std::fs::remove_dir(parent.join(&name));
     OwnedCgroup::create(&parent, &name).expect("create test cgroup")
+}
+
+/// Runs `f` with this whole process in `cgroup` (a socket belongs to the cgroup of the task
+/// that created it, so the sockets `f` creates are the pod's), then moves it back, also when
+/// `f` panics. Every thread moves: callers serialize.
+pub fn inside<T>(cgroup: &Path, f: impl FnOnce() -> T) -> T {
+    let mount = require_kernel();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup2 entry in /proc/self/cgroup");
+    let back = MoveBack(mount.join(own.trim_start_matches('/')));
+    std::fs::write(cgroup.join("cgroup.procs"), "0").expect("move into the pod cgroup");
+    let out = f();
+    drop(back);
+    out
+}
+
+/// Moves this process back to where it was when dropped, even if the test panics.
+struct MoveBack(PathBuf);
+
+impl Drop for MoveBack {
+    fn drop(&mut self) {
+        std::fs::write(self.0.join("cgroup.procs"), "0").expect("move back out of the pod cgroup");
+    }
 }
 
 /// Runs the probe (this test binary, re-executed) inside `cgroup` with `actions`, and

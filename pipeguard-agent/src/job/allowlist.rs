@@ -1,0 +1,110 @@
+//! The job's allowlist from its policies: what `pipeguard exec` writes to the kernel for the
+//! job, a pod with `identity` and the named container ports `own_ports`. A library function
+//! so that tests load exactly what exec loads.
+
+use crate::{
+    engine::{IngressEntries, PolicyEntries},
+    policy::{self, Cluster, Egress, Ingress, PodIdentity, PolicySet},
+};
+
+/// The compiled allowlist and whether the job's DNS is filtered (a domain policy selects
+/// it). Egress is unrestricted (allow-all, still counted) when no egress or domain policy
+/// selects the job; a policy with Ingress in its policyTypes that selects the job gives the
+/// allowlist its ingress half. Errors name the policy and field.
+pub fn compile(
+    set: &PolicySet,
+    identity: &PodIdentity,
+    own_ports: &[(String, u8, u16)],
+    cluster: Option<&Cluster>,
+) -> Result<(PolicyEntries, bool), String> {
+    for warning in set.domains.iter().flat_map(|d| &d.warnings) {
+        tracing::warn!("{warning}");
+    }
+    // A domain policy isolates the job like an egress NetworkPolicy, allows its names, and
+    // makes the job DNS-filtered.
+    let domains = policy::domains_for(set, identity, cluster);
+    if let Some(domains) = &domains {
+        tracing::info!(policies = %domains.policies.join(", "), "names allowed and DNS filtered by");
+    }
+    let ingress = compile_ingress(set, identity, own_ports, cluster)?;
+    let rules = match policy::egress_for(set, identity, cluster) {
+        Egress::Unrestricted if domains.is_some() => Vec::new(),
+        Egress::Unrestricted => {
+            tracing::warn!(
+                namespace = %identity.namespace,
+                "no NetworkPolicy with Egress in its policyTypes selects this job: egress is unrestricted"
+            );
+            return Ok((
+                PolicyEntries {
+                    ingress,
+                    ..allow_all()
+                },
+                false,
+            ));
+        }
+        Egress::Isolated {
+            rules,
+            policies,
+            warnings,
+        } => {
+            tracing::info!(policies = %policies.join(", "), "egress restricted by");
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            rules
+        }
+    };
+    let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
+    let dns_filtered = domains.is_some();
+    Ok((
+        PolicyEntries {
+            v4: entries.v4,
+            v6: entries.v6,
+            names: domains.map(|d| d.names).unwrap_or_default(),
+            ingress,
+        },
+        dns_filtered,
+    ))
+}
+
+/// The job's listeners are judged when a policy with Ingress in its policyTypes selects it;
+/// named ports in its rules are the job's `own_ports`.
+fn compile_ingress(
+    set: &PolicySet,
+    identity: &PodIdentity,
+    own_ports: &[(String, u8, u16)],
+    cluster: Option<&Cluster>,
+) -> Result<Option<IngressEntries>, String> {
+    match policy::ingress_for(set, identity, own_ports, cluster) {
+        Ingress::Unrestricted => Ok(None),
+        Ingress::Isolated {
+            rules,
+            policies,
+            warnings,
+        } => {
+            tracing::info!(policies = %policies.join(", "), "ingress restricted by");
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            let entries = policy::lpm_entries(&rules).map_err(|e| e.to_string())?;
+            Ok(Some(IngressEntries {
+                v4: entries.v4,
+                v6: entries.v6,
+            }))
+        }
+    }
+}
+
+/// Unrestricted egress is still an allowlist, so the job's traffic is counted the same way.
+fn allow_all() -> PolicyEntries {
+    let all = pipeguard_common::PortSet {
+        flags: pipeguard_common::PORTS_ALL,
+        ..Default::default()
+    };
+    PolicyEntries {
+        v4: vec![("0.0.0.0/0".parse().expect("valid"), all)],
+        v6: vec![("::/0".parse().expect("valid"), all)],
+        names: Vec::new(),
+        ingress: None,
+    }
+}
