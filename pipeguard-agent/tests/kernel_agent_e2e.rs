@@ -1581,3 +1581,159 @@ fn ingress_policies_and_their_changes_reach_the_kernel() {
         .unwrap_or_else(|| panic!("ingress denials are counted: {scrape}"));
     assert!(!denied.ends_with(" 0"), "{denied}");
 }
+
+/// A client from `allowed` connects and one from `refused` starts a connection, over and
+/// over until stopped: every allowed connection must complete and no refused one ever may.
+/// Returns (allowed connections, refused attempts), or the first breach.
+struct IngressHammer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(u32, u32), String>>,
+}
+
+impl IngressHammer {
+    fn start(allowed: &str, refused: &str, dest: std::net::SocketAddr) -> Self {
+        use common::inbound::{connect_from, connected, start_connect};
+        let (allowed, refused) = (allowed.parse().unwrap(), refused.parse().unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut attempts) = (0, 0);
+            // Refused attempts stay open a while: a handshake let through would complete.
+            let mut pending = std::collections::VecDeque::new();
+            let breached = |s: &TcpStream| connected(s).then(|| "a refused connection completed".to_string());
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                connect_from(allowed, dest)
+                    .map_err(|e| format!("the allowed source was refused after {ok} connections: {e}"))?;
+                ok += 1;
+                pending.push_back(start_connect(refused, dest).map_err(|e| e.to_string())?);
+                attempts += 1;
+                while pending.len() > 20 {
+                    if let Some(breach) = breached(&pending.pop_front().unwrap()) {
+                        return Err(breach);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match pending.iter().find_map(|s| breached(s)) {
+                Some(breach) => Err(breach),
+                None => Ok((ok, attempts)),
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap()
+            .unwrap_or_else(|breach| panic!("during the kill and restart: {breach}"))
+    }
+}
+
+/// The pinned state alone keeps ingress enforced: with the agent SIGKILLed, the allowed
+/// source still connects and the refused one still never does; a new agent adopts it
+/// without a gap and follows a policy change made while none ran. A client hammers both
+/// sources through the kill and the restart.
+#[test]
+fn ingress_stays_enforced_through_sigkill_and_restart() {
+    use common::inbound::connect_from;
+    let n = node("agent-ingress-kill");
+    let (root, server, kubeconfig) = (n.root.clone(), &n.server, n.kubeconfig.clone());
+    let port = free_port();
+    server.apply(namespace("ci", json!({})));
+    server.apply(pod(
+        "ci",
+        "runner-a",
+        RUNNER_A,
+        NODE,
+        json!({"app": "runner"}),
+        "10.0.0.10",
+        json!([]),
+    ));
+    server.apply(ingress_policy(
+        "ci",
+        "clients",
+        ip_block("127.0.0.2/32"),
+        tcp_port(port),
+    ));
+    let a = pod_cgroup(&root, &format!("kubepods/pod{RUNNER_A}"));
+    let bpffs = Rc::new(Bpffs::mount("ingress-kill"));
+    // The node is an address of its own here, so loopback sources are judged by the policy.
+    let flags = ["--ingress-from-node", "127.0.0.9"];
+    let mut first = start_agent_on(&root, &kubeconfig, &flags, bpffs.clone());
+    wait_ready(&first);
+
+    let (port_file, stop_file) = (n.dir.join("port"), n.dir.join("stop"));
+    let listener = probe_command(
+        &a,
+        &[format!(
+            "tcp-accept-all 127.0.0.1:{port} {} {}",
+            port_file.display(),
+            stop_file.display()
+        )],
+    )
+    .spawn()
+    .expect("spawn the runner's listener");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !port_file.exists() {
+        assert!(Instant::now() < deadline, "the runner never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dest: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    connect_from("127.0.0.2".parse().unwrap(), dest).expect("allowed before the kill");
+    connect_from("127.0.0.3".parse().unwrap(), dest).expect_err("refused before the kill");
+
+    let hammer = IngressHammer::start("127.0.0.2", "127.0.0.3", dest);
+    std::thread::sleep(Duration::from_millis(300));
+    first.stop(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    // Changed while no agent runs: 127.0.0.4 is admitted too.
+    server.apply(runner_policy(
+        "ci",
+        "clients",
+        "Ingress",
+        json!([{"from": [{"ipBlock": {"cidr": "127.0.0.2/32"}}, {"ipBlock": {"cidr": "127.0.0.4/32"}}],
+                "ports": tcp_port(port)}]),
+    ));
+    connect_from("127.0.0.4".parse().unwrap(), dest).expect_err("the change waits for an agent");
+
+    let second = start_agent_on(&root, &kubeconfig, &flags, bpffs.clone());
+    wait_ready(&second);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(error) = connect_from("127.0.0.4".parse().unwrap(), dest) {
+        assert!(
+            Instant::now() < deadline,
+            "the new agent never applied the change: {error}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (allowed, refused) = hammer.finish();
+    println!(
+        "INGRESS HAMMER through SIGKILL and restart: {allowed} allowed connections, {refused} refused attempts"
+    );
+    assert!(allowed > 0 && refused > 0);
+
+    std::fs::write(&stop_file, "").unwrap();
+    let output = listener.wait_with_output().unwrap();
+    let accepted = |source: &str| -> u32 {
+        common::parse_outcomes(&output)
+            .iter()
+            .find_map(|o| o.action.strip_prefix(&format!("accepted-from:{source}:")))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(accepted("127.0.0.3"), 0, "a refused source reached accept()");
+    assert!(
+        accepted("127.0.0.2") >= allowed,
+        "every allowed connection reached accept(): {} of {allowed}",
+        accepted("127.0.0.2")
+    );
+    // The refusals made while no agent ran are counted and adopted with the maps.
+    let (_, scrape) = http_get(&second.listen, "/metrics").expect("metrics");
+    let denied = scrape
+        .lines()
+        .find(|l| l.starts_with("pipeguard_ingress_total{") && l.contains("verdict=\"deny\""))
+        .unwrap_or_else(|| panic!("ingress denials are counted: {scrape}"));
+    assert!(!denied.ends_with(" 0"), "{denied}");
+    drop(second);
+}

@@ -13,6 +13,28 @@ pub const WAIT: Duration = Duration::from_secs(2);
 /// A TCP connection from `source` (port chosen by the kernel) to `dest`, or the error;
 /// a refused SYN is never answered, so the attempt ends in a timeout.
 pub fn connect_from(source: IpAddr, dest: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = start_connect(source, dest)?;
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, WAIT.as_millis() as i32) };
+    super::probe::check(ready as isize)?;
+    if ready == 0 {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    if let Some(error) = stream.take_error()? {
+        return Err(error);
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Starts a TCP connection from `source` to `dest` without waiting for it: the SYN is on
+/// its way when this returns.
+pub fn start_connect(source: IpAddr, dest: SocketAddr) -> std::io::Result<TcpStream> {
     let family = if dest.is_ipv4() {
         libc::AF_INET
     } else {
@@ -36,20 +58,18 @@ pub fn connect_from(source: IpAddr, dest: SocketAddr) -> std::io::Result<TcpStre
                 return Err(error);
             }
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ready = libc::poll(&mut pfd, 1, WAIT.as_millis() as i32);
-        super::probe::check(ready as isize)?;
-        if ready == 0 {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        if let Some(error) = stream.take_error()? {
-            return Err(error);
-        }
-        stream.set_nonblocking(false)?;
         Ok(stream)
     }
+}
+
+/// True when a connection `start_connect` began has completed (the handshake got through).
+pub fn connected(stream: &TcpStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(stream),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; no wait.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready > 0 && stream.take_error().is_ok_and(|e| e.is_none())
 }

@@ -179,3 +179,31 @@ pub fn accept_one(bind: &str, port_file: &str) {
         Ok(()),
     );
 }
+
+/// `tcp-accept-all BIND PORTFILE STOPFILE`, for the ingress restart test: listens, publishes
+/// its port and accepts until STOPFILE exists, then reports how many connections came from
+/// each source as outcomes `accepted-from:<ip>:<count>` (once at the end: the test reads
+/// the output only then, and a full pipe would stop the accepting).
+pub fn accept_all(bind: &str, rest: &str) {
+    let args: Vec<&str> = rest.split_whitespace().collect();
+    let [port_file, stop_file] = args[..] else {
+        panic!("tcp-accept-all BIND PORTFILE STOPFILE, got {rest:?}");
+    };
+    let started = Instant::now();
+    let listener = TcpListener::bind(addr(bind)).expect("bind");
+    listener.set_nonblocking(true).unwrap();
+    publish_port(port_file, listener.local_addr().unwrap().port());
+    let mut sources = std::collections::BTreeMap::<IpAddr, u32>::new();
+    while !Path::new(stop_file).exists() {
+        match listener.accept() {
+            Ok((_, peer)) => *sources.entry(peer.ip()).or_default() += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    for (ip, count) in sources {
+        report(&format!("accepted-from:{ip}:{count}"), started, Ok(()));
+    }
+}
