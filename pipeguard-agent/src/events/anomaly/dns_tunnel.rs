@@ -8,6 +8,8 @@
 //!   short hashes stay below);
 //! - more than 100 distinct subdomains of one base domain in 5 minutes.
 //!
+//! Counted per pod: one job's queries never add to another's.
+//!
 //! The base domain is the last two labels, three under a two-letter country TLD whose second
 //! label is a generic one (example.co.uk). Memory: at most `MAX_DOMAINS` domains with at most
 //! `distinct_limit + 1` subdomain hashes each; O(name length) per query, names are ≤ 253.
@@ -62,7 +64,8 @@ struct DomainWindow {
 
 pub struct DnsTunnel {
     config: DnsTunnelConfig,
-    domains: HashMap<String, DomainWindow>,
+    /// (pod cgroup id, base domain) → its window.
+    domains: HashMap<(u64, String), DomainWindow>,
 }
 
 /// The registrable part of a name, approximately (see the module comment).
@@ -106,20 +109,21 @@ impl DnsTunnel {
         }
     }
 
-    /// One query for `name`; an alert the first time its base domain looks like a tunnel
-    /// in the current window.
-    pub fn observe(&mut self, name: &str, now: Instant) -> Option<TunnelAlert> {
+    /// One query for `name` by pod `pod`; an alert the first time its base domain looks
+    /// like a tunnel in the pod's current window.
+    pub fn observe(&mut self, pod: u64, name: &str, now: Instant) -> Option<TunnelAlert> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let base = base_domain(&name).to_string();
         let sub = name[..name.len() - base.len()].trim_end_matches('.');
         let window = self.config.window;
-        if !self.domains.contains_key(&base) && self.domains.len() >= MAX_DOMAINS {
+        let key = (pod, base.clone());
+        if !self.domains.contains_key(&key) && self.domains.len() >= MAX_DOMAINS {
             self.domains.retain(|_, w| now.duration_since(w.opened) < window);
             if self.domains.len() >= MAX_DOMAINS {
                 return None;
             }
         }
-        let w = self.domains.entry(base.clone()).or_insert_with(|| DomainWindow {
+        let w = self.domains.entry(key).or_insert_with(|| DomainWindow {
             opened: now,
             subdomains: HashSet::new(),
             raised: false,
@@ -191,7 +195,7 @@ mod tests {
         ];
         for round in 0..50 {
             for n in names {
-                assert_eq!(d.observe(n, t0 + Duration::from_secs(round)), None, "{n}");
+                assert_eq!(d.observe(1, n, t0 + Duration::from_secs(round)), None, "{n}");
             }
         }
     }
@@ -202,28 +206,38 @@ mod tests {
         let mut d = DnsTunnel::new(DnsTunnelConfig::default());
         let long = format!("{}.t.evil.example", "a".repeat(60));
         assert_eq!(
-            d.observe(&long, t0).map(|a| a.sign),
+            d.observe(1, &long, t0).map(|a| a.sign),
             Some(TunnelSign::LongLabel { length: 60 })
         );
-        assert_eq!(d.observe(&long, t0), None, "once per window");
+        assert_eq!(d.observe(1, &long, t0), None, "once per window");
 
         let mut d = DnsTunnel::new(DnsTunnelConfig::default());
         let alert = d
-            .observe("mzxw6ytboi2dkmrtgq3tqnzsgeydmobq.evil.example", t0)
+            .observe(1, "mzxw6ytboi2dkmrtgq3tqnzsgeydmobq.evil.example", t0)
             .unwrap();
         assert!(matches!(alert.sign, TunnelSign::HighEntropy { .. }), "{alert:?}");
         assert_eq!(alert.domain, "evil.example");
 
         let mut d = DnsTunnel::new(DnsTunnelConfig::default());
         for i in 0..100 {
-            assert_eq!(d.observe(&format!("c{i}.evil.example"), t0), None);
+            assert_eq!(d.observe(1, &format!("c{i}.evil.example"), t0), None);
         }
         assert_eq!(
-            d.observe("c100.evil.example", t0).map(|a| a.sign),
+            d.observe(1, "c100.evil.example", t0).map(|a| a.sign),
             Some(TunnelSign::ManySubdomains { distinct: 101 })
         );
+        // Another pod's queries count for that pod only.
+        let mut d = DnsTunnel::new(DnsTunnelConfig::default());
+        for i in 0..100 {
+            assert_eq!(d.observe(1, &format!("c{i}.evil.example"), t0), None);
+            assert_eq!(d.observe(2, &format!("d{i}.evil.example"), t0), None);
+        }
+        assert!(d.observe(2, "d100.evil.example", t0).is_some());
         // The window closes: a fresh count.
-        assert_eq!(d.observe("c0.evil.example", t0 + Duration::from_secs(301)), None);
+        assert_eq!(
+            d.observe(1, "c0.evil.example", t0 + Duration::from_secs(301)),
+            None
+        );
     }
 
     #[test]
@@ -232,12 +246,12 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..(MAX_DOMAINS * 3) {
             for j in 0..5 {
-                d.observe(&format!("s{j}.d{i}.example"), t0);
+                d.observe(1, &format!("s{j}.d{i}.example"), t0);
             }
         }
         assert!(d.domains.len() <= MAX_DOMAINS);
         for i in 0..1000 {
-            d.observe(&format!("x{i}.many.example"), t0 + Duration::from_secs(400));
+            d.observe(1, &format!("x{i}.many.example"), t0 + Duration::from_secs(400));
         }
         assert!(d.domains.values().all(|w| w.subdomains.len() <= 101));
     }

@@ -298,6 +298,14 @@ impl Detectors {
             a.comm = Some(v.comm.clone());
             out.push(a);
         }
+        // The queries the kernel reports: those no domain rule allows (refused, or audited).
+        if v.hook == "dns"
+            && let Some(name) = &v.query
+            && let Some(mut a) = self.on_query(v.pod_cgroup_id, name, now)
+        {
+            a.comm = Some(v.comm.clone());
+            out.push(a);
+        }
         out
     }
 
@@ -323,7 +331,7 @@ impl Detectors {
 
     /// One DNS query for `name`.
     pub fn on_query(&mut self, pod_cgroup_id: u64, name: &str, now: Instant) -> Option<Anomaly> {
-        let alert = self.dns_tunnel.as_mut()?.observe(name, now)?;
+        let alert = self.dns_tunnel.as_mut()?.observe(pod_cgroup_id, name, now)?;
         let (detail, count) = match alert.sign {
             dns_tunnel::TunnelSign::LongLabel { length } => {
                 (format!("a {length}-character label under {}", alert.domain), 1)
@@ -432,6 +440,17 @@ mod tests {
         assert!(d.on_bytes(9, &dest, 1 << 20).is_none());
         assert_eq!(d.on_bytes(9, &dest, 200 << 20).unwrap().signal, "upload_volume");
         assert!(d.on_query(9, "github.com", now).is_none());
+        // A refused query of the kernel's, fed through on_attempt like every event.
+        let query = Violation {
+            hook: "dns",
+            query: Some(format!("{}.t.example", "z".repeat(55))),
+            ..v("deny", 53)
+        };
+        let tunnel = d.on_attempt(&query, 1, now);
+        assert_eq!(
+            (tunnel[0].signal.as_str(), tunnel[0].domain.as_deref()),
+            ("dns_tunnel", Some("t.example"))
+        );
         assert_eq!(
             d.on_query(9, &format!("{}.x.example", "q".repeat(60)), now)
                 .unwrap()
