@@ -1614,7 +1614,7 @@ impl IngressHammer {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            match pending.iter().find_map(|s| breached(s)) {
+            match pending.iter().find_map(breached) {
                 Some(breach) => Err(breach),
                 None => Ok((ok, attempts)),
             }
