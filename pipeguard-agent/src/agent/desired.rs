@@ -115,10 +115,13 @@ pub fn compute(
     };
     local
         .iter()
-        .map(|pod| {
+        .map(|own| {
+            // An ARC workflow pod is guarded and selected as its runner pod is.
+            let selected = super::workflow_pod::as_selected(own, local);
+            let pod = &*selected;
             if !settings.guard.is_guarded(&pod.namespace, &pod.labels) {
                 return DesiredPod {
-                    pod: pod.clone(),
+                    pod: own.clone(),
                     entries: allow_all(),
                     mode: MODE_ENFORCE,
                     flags: 0,
@@ -156,7 +159,7 @@ pub fn compute(
                 0
             };
             DesiredPod {
-                pod: pod.clone(),
+                pod: own.clone(),
                 entries,
                 mode,
                 flags: POD_DENY_RAW_SOCKETS | isolated | if dns_filtered { POD_DNS_FILTERED } else { 0 },
@@ -288,6 +291,43 @@ mod tests {
         assert_eq!(out[0].flags, POD_DENY_RAW_SOCKETS);
         assert_eq!(out[1].status, Status::NotGuarded);
         assert_eq!(out[1].entries, allow_all());
+    }
+
+    #[test]
+    fn an_arc_workflow_pod_gets_its_runner_pods_policy() {
+        let set = parse_policies(
+            "p.yaml",
+            &REGISTRY_ONLY.replace("podSelector: {}", "podSelector: {matchLabels: {app: runner}}"),
+        );
+        let runner = LocalPod {
+            name: "runner-x".into(),
+            uid: "uid-runner".into(),
+            ..pod("ci", &[("app", "runner")])
+        };
+        let workflow = LocalPod {
+            name: "runner-x-workflow".into(),
+            uid: "uid-workflow".into(),
+            ..pod("ci", &[("runner-pod", "runner-x")])
+        };
+        let out = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[runner, workflow.clone()],
+            &HashMap::new(),
+        );
+        assert_eq!(out[1].status, Status::Enforced(vec!["ci/reg".into()]));
+        assert_eq!(out[1].entries, out[0].entries);
+        assert_eq!(out[1].pod, workflow, "the pod itself keeps its own labels");
+        // Without its runner on the node: its own labels only (no policy selects them).
+        let alone = compute(
+            &settings(false),
+            &set,
+            &Cluster::default(),
+            &[workflow],
+            &HashMap::new(),
+        );
+        assert_eq!(alone[0].status, Status::Unrestricted);
     }
 
     #[test]

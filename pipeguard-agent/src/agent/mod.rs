@@ -28,6 +28,7 @@ pub mod sync;
 mod sync_loop;
 mod triggers;
 mod watch_events;
+mod workflow_pod;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -10,8 +10,15 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Status, desired::DesiredPod};
-use crate::events::{pipeline::PodInfo, record::is_ci_key};
+use super::{
+    Status,
+    desired::DesiredPod,
+    workflow_pod::{runner_of, with_runner},
+};
+use crate::events::{
+    pipeline::PodInfo,
+    record::{CiContext, is_ci_key},
+};
 
 /// When a pod's info was built: rebuilt when any of these differ.
 #[derive(PartialEq)]
@@ -19,6 +26,8 @@ struct Stamp {
     resource_version: Option<String>,
     status: Status,
     cgroup_id: u64,
+    /// An ARC workflow pod's runner pod, whose CI context it carries.
+    runner_version: Option<String>,
 }
 
 #[derive(Default)]
@@ -37,16 +46,31 @@ impl InfoCache {
     ) -> HashMap<u64, Arc<PodInfo>> {
         let mut index = HashMap::with_capacity(desired.len());
         let mut kept = HashMap::with_capacity(desired.len());
+        // Pods by (namespace, name), for ARC workflow pods' runners: only when one is here.
+        let by_name: HashMap<(&str, &str), &Arc<Pod>> = if desired
+            .iter()
+            .any(|d| runner_of(&d.pod.labels).is_some())
+        {
+            pods.values()
+                .filter_map(|p| Some(((p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?), p)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         for d in desired {
             let pod = pods.get(&d.pod.uid);
+            let runner = runner_of(&d.pod.labels)
+                .and_then(|name| by_name.get(&(d.pod.namespace.as_str(), name)).copied())
+                .filter(|r| r.metadata.uid.as_deref() != Some(d.pod.uid.as_str()));
             let stamp = Stamp {
                 resource_version: pod.and_then(|p| p.metadata.resource_version.clone()),
                 status: d.status.clone(),
                 cgroup_id: d.pod.cgroup_id,
+                runner_version: runner.and_then(|r| r.metadata.resource_version.clone()),
             };
             let info = match self.by_uid.remove(&d.pod.uid) {
                 Some((old, info)) if old == stamp => info,
-                _ => Arc::new(build(d, pod, paths.get(&d.pod.cgroup_id))),
+                _ => Arc::new(build(d, pod, runner, paths.get(&d.pod.cgroup_id))),
             };
             index.insert(d.pod.cgroup_id, info.clone());
             kept.insert(d.pod.uid.clone(), (stamp, info));
@@ -57,7 +81,12 @@ impl InfoCache {
     }
 }
 
-fn build(d: &DesiredPod, pod: Option<&Arc<Pod>>, path: Option<&PathBuf>) -> PodInfo {
+fn build(
+    d: &DesiredPod,
+    pod: Option<&Arc<Pod>>,
+    runner: Option<&Arc<Pod>>,
+    path: Option<&PathBuf>,
+) -> PodInfo {
     let (policies, restriction) = match &d.status {
         Status::Enforced(policies) => (policies.clone(), None),
         Status::DefaultDeny => (
@@ -86,22 +115,25 @@ fn build(d: &DesiredPod, pod: Option<&Arc<Pod>>, path: Option<&PathBuf>) -> PodI
         ),
         Status::Unrestricted | Status::NotGuarded => (Vec::new(), None),
     };
-    // Only the annotations enrichment reads (the cache keeps no others anyway).
-    let annotations: BTreeMap<String, String> = pod
-        .and_then(|p| p.metadata.annotations.as_ref())
-        .map(|a| {
-            a.iter()
-                .filter(|(k, _)| is_ci_key(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let annotations = pod.map(|p| ci_annotations(p)).unwrap_or_default();
+    let ci = match runner {
+        // The runner's job, plus the workflow pod's own `runner_pod`.
+        Some(runner) => CiContext::of(
+            &with_runner(
+                &d.pod.labels,
+                runner.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            ),
+            &with_runner(&annotations, &ci_annotations(runner)),
+        ),
+        None => CiContext::of(&d.pod.labels, &annotations),
+    };
     PodInfo {
         namespace: d.pod.namespace.clone(),
         name: d.pod.name.clone(),
         uid: d.pod.uid.clone(),
         labels: d.pod.labels.clone(),
         annotations,
+        ci,
         policies,
         restriction,
         containers: match (pod, path) {
@@ -109,6 +141,17 @@ fn build(d: &DesiredPod, pod: Option<&Arc<Pod>>, path: Option<&PathBuf>) -> PodI
             _ => HashMap::new(),
         },
     }
+}
+
+/// Only the annotations enrichment reads (the cache keeps no others anyway).
+fn ci_annotations(pod: &Pod) -> BTreeMap<String, String> {
+    pod.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| is_ci_key(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Container cgroup id → container name, from the pod cgroup's children (named after the

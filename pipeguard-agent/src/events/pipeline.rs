@@ -29,6 +29,9 @@ pub struct PodInfo {
     pub uid: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// The CI job, from the labels and annotations (an ARC workflow pod's from its runner
+    /// pod's too).
+    pub ci: Option<CiContext>,
     /// Egress policies selecting the pod ("ns/name").
     pub policies: Vec<String>,
     /// Why its egress is restricted, when it is not by those policies' rules.
@@ -234,9 +237,7 @@ pub fn anomaly_record(a: Anomaly, index: &PodIndex, node: &str) -> Record {
         comm: a.comm,
         exe: None,
         node: node.to_string(),
-        ci: pod
-            .as_ref()
-            .and_then(|p| CiContext::of(&p.labels, &p.annotations)),
+        ci: pod.as_ref().and_then(|p| p.ci.clone()),
         policies: pod.as_ref().map(|p| p.policies.clone()).unwrap_or_default(),
         pod: pod.map(|p| PodRef {
             container: None,
@@ -306,9 +307,7 @@ pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
             .ok()
             .map(|p| p.display().to_string()),
         node: node.to_string(),
-        ci: pod
-            .as_ref()
-            .and_then(|p| CiContext::of(&p.labels, &p.annotations)),
+        ci: pod.as_ref().and_then(|p| p.ci.clone()),
         policies: pod.as_ref().map(|p| p.policies.clone()).unwrap_or_default(),
         pod: pod.map(|p| PodRef {
             container: p.containers.get(&v.cgroup_id).cloned(),
