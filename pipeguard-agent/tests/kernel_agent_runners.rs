@@ -1,14 +1,18 @@
 //! Runner pods of each CI system, guarded by the real agent against the list/watch test
 //! server with real eBPF enforcement: ARC's workflow pods (container mode `kubernetes`)
-//! guarded as their runner pod, with its CI context. Needs root and cgroup2; fails (never
-//! skips) without them.
+//! guarded as their runner pod, with its CI context; `pipeguard events --summary` of that
+//! workload from the agent's stream and from its events file. Needs root and cgroup2;
+//! fails (never skips) without them.
 
 mod common;
 
-use std::time::Duration;
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use common::{
-    agent::{NODE, Node, allow_only, eventually, namespace, node, start_agent, uid, wait_ready},
+    agent::{NODE, Node, allow_only, eventually, metric, namespace, node, start_agent, uid, wait_ready},
     listeners, run_probe,
 };
 use serde_json::{Value, json};
@@ -78,6 +82,18 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
         None,
     );
     wait_ready(&agent, Duration::from_secs(60));
+    // `pipeguard events --summary-markdown` follows the stream until told to stop.
+    let streamed_md = n.dir.join("stream.md");
+    let follower = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["events", "--endpoint", &format!("http://{}", agent.listen)])
+        .args(["--namespace", "arc-runners", "--summary-markdown"])
+        .arg(&streamed_md)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run pipeguard events");
+    eventually(Duration::from_secs(10), "the follower never subscribed", || {
+        metric(&agent, "pipeguard_event_subscribers") == Some(1.0)
+    });
 
     // Guarded by the runner's allowlist: the registry passes, anything else is refused.
     let outcomes = run_probe(
@@ -109,6 +125,53 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
             "scale_set": "linux", "repository": "org/app", "workflow": "ci.yml", "job": "build",
             "runner_pod": "linux-x7k2p-runner-9qz"}}),
         "{found}"
+    );
+
+    // The finished workload's table: from the stream (ended by SIGTERM) ...
+    // SAFETY: signalling the follower this test started and has not reaped.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGTERM) };
+    let streamed = follower.wait_with_output().unwrap();
+    assert!(streamed.status.success(), "{streamed:?}");
+    let table = String::from_utf8_lossy(&streamed.stdout).into_owned();
+    let row = format!("DENIED   127.0.0.1:{}/tcp ×", other.addr.port());
+    assert!(
+        table.contains("pipeguard: arc-runners/linux-x7k2p-runner-9qz-workflow [actions-runner-controller"),
+        "{table}"
+    );
+    assert!(table.contains(&row), "{table}");
+    let md = std::fs::read_to_string(&streamed_md).unwrap();
+    assert!(
+        md.contains("### pipeguard egress: `arc-runners/linux-x7k2p-runner-9qz-workflow`"),
+        "{md}"
+    );
+    let md_row = format!("| 127.0.0.1:{}/tcp | **DENIED** |", other.addr.port());
+    assert!(md.contains(&md_row), "{md}");
+    assert!(md.contains("repository=org/app"), "{md}");
+
+    // ... and from the events file, for one pod.
+    let file_md = n.dir.join("file.md");
+    let from_file = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["events", "--from"])
+        .arg(&events)
+        .args(["--pod", "linux-x7k2p-runner-9qz-workflow", "--summary-markdown"])
+        .arg(&file_md)
+        .output()
+        .unwrap();
+    assert!(from_file.status.success(), "{from_file:?}");
+    let table = String::from_utf8_lossy(&from_file.stdout);
+    assert!(table.contains(&row), "{table}");
+    let md = std::fs::read_to_string(&file_md).unwrap();
+    assert!(md.contains(&md_row), "{md}");
+    assert_eq!(md.matches("### pipeguard egress").count(), 1, "one job: {md}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["events", "--summary", "--from"])
+        .arg(n.dir.join("no-such-file"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no-such-file"),
+        "{missing:?}"
     );
     drop(agent);
 }

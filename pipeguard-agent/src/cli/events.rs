@@ -1,18 +1,25 @@
-//! `pipeguard events`: follow the agent's violation stream and print it readably.
+//! `pipeguard events`: follow the agent's violation stream and print it readably, or read a
+//! finished workload's records and print one table per job (`--summary`).
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    io::{BufRead, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use crate::{
     escape::printable,
     events::{
         client::{Request, follow},
+        job_table::JobTables,
         record::{Kind, Record},
     },
 };
 
-/// Follow the violation stream of an agent.
+/// Follow the violation stream of an agent, or summarize a workload's records.
 ///
 /// Example: pipeguard events --endpoint http://127.0.0.1:9440 --token-file /var/run/pipeguard/token --namespace ci
+/// Example: pipeguard events --from /var/log/pipeguard/events.jsonl --namespace ci --pod runner-x --summary-markdown "$GITHUB_STEP_SUMMARY"
 #[derive(clap::Args, Debug)]
 pub struct EventsArgs {
     /// The agent's HTTP listener.
@@ -24,53 +31,129 @@ pub struct EventsArgs {
     /// Only records of pods in this namespace.
     #[arg(long)]
     pub namespace: Option<String>,
-    /// Print the records as JSON lines, unchanged.
+    /// Only records of the pod with this name.
     #[arg(long)]
+    pub pod: Option<String>,
+    /// Read records from this file (the agent's --events-file, or saved --json output)
+    /// instead of the agent, up to its end.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// Print the records as JSON lines, unchanged.
+    #[arg(long, conflicts_with = "summary")]
     pub json: bool,
+    /// Instead of each record, one table per job (pod) at the end: at the end of --from,
+    /// when the stream ends, or on Ctrl-C/SIGTERM.
+    #[arg(long)]
+    pub summary: bool,
+    /// Also write the tables as Markdown, appended to FILE (e.g. $GITHUB_STEP_SUMMARY).
+    /// Implies --summary.
+    #[arg(long, value_name = "FILE")]
+    pub summary_markdown: Option<PathBuf>,
 }
 
 pub fn run(args: EventsArgs) -> ExitCode {
-    let token = match &args.token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) => Some(t.trim().to_string()),
-            Err(error) => {
-                eprintln!("pipeguard events: --token-file {}: {error}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
+    let summary = args.summary || args.summary_markdown.is_some();
+    let mut tables = JobTables::default();
+    let mut on_line = |line: &str| {
+        let record = serde_json::from_str::<Record>(line).ok();
+        if let Some(r) = &record
+            && (!wanted(r, args.namespace.as_deref(), args.pod.as_deref()))
+        {
+            return true;
+        }
+        match (&record, summary) {
+            (Some(r), true) => tables.add(r, args.pod.as_deref()),
+            (_, true) => {}
+            (Some(r), false) if !args.json => println!("{}", human(r)),
+            _ => println!("{line}"),
+        }
+        true
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
+    let result = match &args.from {
+        Some(path) => read_file(path, &mut on_line),
+        None => follow_agent(&args, &mut on_line),
+    };
+    let mut code = match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("pipeguard events: {error}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
     };
+    if summary {
+        // What was read before an error is still worth the table.
+        print!("{}", tables.text());
+        if let Some(path) = &args.summary_markdown
+            && let Err(error) = append(path, &(tables.markdown() + "\n"))
+        {
+            eprintln!("pipeguard events: --summary-markdown {}: {error}", path.display());
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
+
+/// Whether a record passes --namespace and --pod (the agent filters the namespace of a
+/// stream itself; a file is filtered here). Lost-event records concern every pod.
+fn wanted(r: &Record, namespace: Option<&str>, pod: Option<&str>) -> bool {
+    if r.kind == Kind::Drops {
+        return true;
+    }
+    let of = r.pod.as_ref();
+    namespace.is_none_or(|ns| of.is_some_and(|p| p.namespace == ns))
+        && pod.is_none_or(|name| of.is_some_and(|p| p.name == name))
+}
+
+fn read_file(path: &PathBuf, on_line: &mut impl FnMut(&str) -> bool) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("--from {}: {e}", path.display()))?;
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("--from {} line {}: {e}", path.display(), n + 1))?;
+        if !line.trim().is_empty() && !on_line(&line) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Follows the agent's stream until it ends or Ctrl-C/SIGTERM.
+fn follow_agent(args: &EventsArgs, on_line: &mut impl FnMut(&str) -> bool) -> Result<(), String> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let req = Request {
         endpoint: &args.endpoint,
         token: token.as_deref(),
         namespace: args.namespace.as_deref(),
         sse: false,
     };
-    let result = runtime.block_on(follow(&req, |line| {
-        if args.json {
-            println!("{line}");
-        } else {
-            match serde_json::from_str::<Record>(line) {
-                Ok(record) => println!("{}", human(&record)),
-                Err(_) => println!("{line}"),
-            }
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            result = follow(&req, on_line) => result.map_err(|e| e.to_string()),
+            _ = term.recv() => Ok(()),
+            _ = int.recv() => Ok(()),
         }
-        true
-    }));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("pipeguard events: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    })
+}
+
+fn append(path: &PathBuf, text: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
 
 /// One line a person can read at a glance. Every field a job or a cluster user controls

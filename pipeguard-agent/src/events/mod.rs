@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod anomaly;
 pub mod client;
 pub mod hub;
+pub mod job_table;
 pub mod kube_events;
 pub mod kube_limit;
 pub mod pipeline;

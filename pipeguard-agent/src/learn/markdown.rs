@@ -12,7 +12,7 @@ fn verdict_word(verdict: &str) -> &'static str {
 }
 
 /// Job-controlled text (process names, command) must not break out of a table cell.
-fn cell(text: &str) -> String {
+pub fn cell(text: &str) -> String {
     text.chars()
         .map(|c| match c {
             '|' => "\\|".to_string(),
