@@ -168,6 +168,10 @@ fn tcp_round(p: &mut Pod, bind: &str, dest_ip: &str, allowed: &str, refused: &st
     assert_eq!(refusal.pod_cgroup_id, p.cgroup_id);
     assert_eq!(refusal.policy_id, INGRESS);
     assert!(refusal.src_port.is_some_and(|port| port != 0), "{refusal:?}");
+    // The listening process: this one created the listener (the packet was judged in
+    // softirq, where the current task is the client's).
+    assert_eq!(refusal.pid, std::process::id(), "{refusal:?}");
+    assert!(!refusal.comm.is_empty(), "{refusal:?}");
     assert!(
         !seen.iter().any(|e| e.src_ip == Some(ip(allowed))),
         "the allowed source is no violation: {seen:#?}"
@@ -318,9 +322,11 @@ fn udp_admits_only_allowed_sources() {
         );
         let seen = p.events();
         assert!(
-            seen.iter()
-                .any(|e| e.hook == "ingress" && e.protocol == "udp" && e.src_ip == Some(ip("127.0.0.3"))),
-            "{seen:#?}"
+            seen.iter().any(|e| e.hook == "ingress"
+                && e.protocol == "udp"
+                && e.src_ip == Some(ip("127.0.0.3"))
+                && e.pid == std::process::id()),
+            "a refusal naming the receiving process: {seen:#?}"
         );
         drop(p);
     }
@@ -456,13 +462,20 @@ fn pipeguard_exec_judges_the_jobs_listeners() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(
-        events.iter().any(|e| e["direction"] == "ingress"
-            && e["verdict"] == "deny"
-            && e["src_ip"] == "127.0.0.3"
-            && e["dst_port"] == port),
-        "{events:#?}"
-    );
+    let refusal = events
+        .iter()
+        .find(|e| {
+            e["direction"] == "ingress"
+                && e["verdict"] == "deny"
+                && e["src_ip"] == "127.0.0.3"
+                && e["dst_port"] == port
+        })
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    // The job's listening process: the probe, whose listener was created by the thread
+    // libtest runs `probe_main` in (named after the test), and its pid, none of ours.
+    assert_eq!(refusal["comm"], "probe_main", "{refusal}");
+    let pid = refusal["pid"].as_u64().expect("a pid");
+    assert!(pid != 0 && pid != u64::from(std::process::id()), "{refusal}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -20,7 +20,7 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V1";
-    pub const SOCKETS: &str = "PG_SOCKETS_V1";
+    pub const SOCKETS: &str = "PG_SOCKETS_V2";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
@@ -379,8 +379,14 @@ pub struct SocketState {
     pub _pad: u8,
     /// The pod's `POD_*` flags under that generation.
     pub pod_flags: u32,
+    /// The task that created the socket (`bpf_get_current_pid_tgid`: tgid in the high half),
+    /// 0 when unknown: ingress events name it as the receiving process, since the packet is
+    /// judged in softirq where no process of the pod is current.
+    pub owner_pid_tgid: u64,
+    /// That task's comm.
+    pub owner_comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<SocketState>() == 48);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
 
 /// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
 /// pod table or an allowlist, so every remembered verdict is judged again on its next use.

@@ -65,10 +65,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[btf_map(name = "PG_ACCEPTED_V1")]
 pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
 
-/// Socket-local storage: the pod that created the socket (written by `pg_sock_create`,
-/// read by the socket hooks; see `owner`) and the verdict the socket remembers (see
-/// `fast`). Freed with the socket.
-#[btf_map(name = "PG_SOCKETS_V1")]
+/// Socket-local storage: the pod and task that created the socket (written by
+/// `pg_sock_create`, read by the socket hooks and ingress events; see `owner`) and the
+/// verdict the socket remembers (see `fast`). Freed with the socket.
+#[btf_map(name = "PG_SOCKETS_V2")]
 pub static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 
 /// Index 0: the policy generation, which user space moves after every write to the pod

@@ -12,11 +12,14 @@
 use core::ptr::null_mut;
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
+    bindings::{__sk_buff, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
+    },
     programs::SockAddrContext,
 };
-use pipeguard_common::{POLICY_GENERATION_NONE, SocketState};
+use pipeguard_common::{Event, POLICY_GENERATION_NONE, SocketState};
 
 use crate::{
     fast::sockets_map,
@@ -24,7 +27,9 @@ use crate::{
     pod::{self, Pod},
 };
 
-/// In `pg_sock_create`: `sk` (the program's context) was created by a task of `pod`.
+/// In `pg_sock_create`: `sk` (the program's context) was created by a task of `pod`, the
+/// current one, which is remembered too: a listener's creator is the process ingress
+/// events name (the listening process in the usual case; see `receiver_fields`).
 #[inline(always)]
 pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
     // aya-ebpf's `SkStorage` only offers its accessors to sock_addr programs; the helper is
@@ -46,6 +51,26 @@ pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
         (*stored).pod_cgroup_id = pod.cgroup_id;
         (*stored).cgroup_id = bpf_get_current_cgroup_id();
         (*stored).generation = POLICY_GENERATION_NONE;
+        (*stored).owner_pid_tgid = bpf_get_current_pid_tgid();
+        (*stored).owner_comm = bpf_get_current_comm().unwrap_or_default();
+    }
+}
+
+/// Event fields naming the process that created the socket receiving `skb` (for ingress
+/// events, judged in softirq where the current task is not the pod's); empty when the
+/// socket has no record (created before the programs were attached, or outside a pod).
+#[inline(always)]
+pub fn receiver_fields(skb: *mut __sk_buff) -> Event {
+    let state = crate::fast::of_skb(skb);
+    if state.is_null() {
+        return Event::default();
+    }
+    let (pid_tgid, comm) = unsafe { ((*state).owner_pid_tgid, (*state).owner_comm) };
+    Event {
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        comm,
+        ..Event::default()
     }
 }
 

@@ -259,9 +259,9 @@ pub fn emit(attempt: &Attempt, pod_cgroup_id: u64, policy_id: u32, verdict: u8, 
         name_hash,
         flags,
         // In softirq the current task is whoever was running (for loopback, the sender):
-        // an ingress event names no process rather than a wrong one.
+        // an ingress event names the process that created the receiving socket instead.
         ..if attempt.hook == Hook::Ingress {
-            Event::default()
+            crate::owner::receiver_fields(attempt.ctx.cast())
         } else {
             task_fields()
         }
