@@ -50,7 +50,8 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
         /// Run one section only: `datapath` (sections 1-4: rates, ns per program run),
-        /// `dns` (domain rules: resolve+connect, kernel cost, 10k names),
+        /// `dns` (domain rules: resolve+connect, kernel cost, 10k names), `ingress` (a
+        /// guarded server's accept rate and the ingress hook's cost),
         /// or a control-plane section (library, agent, events, agent-load, scale) without the
         /// throughput rounds. Example: `cargo xtask bench --only agent-load`
         #[arg(long, value_name = "SECTION")]

@@ -44,11 +44,33 @@ impl Rules {
     }
 }
 
+/// A NetworkPolicy whose one egress rule allows `cidrs` and `extra` as destinations.
 pub(super) fn policy_yaml(name: &str, cidrs: impl Iterator<Item = String>, extra: &[&str]) -> String {
+    ip_blocks_yaml(name, "Egress", cidrs, extra)
+}
+
+/// A NetworkPolicy whose one ingress rule admits `cidrs` and `extra` as sources, on every
+/// port; it isolates the job for ingress and leaves its egress unrestricted.
+pub(super) fn ingress_policy_yaml(name: &str, cidrs: impl Iterator<Item = String>, extra: &[&str]) -> String {
+    ip_blocks_yaml(name, "Ingress", cidrs, extra)
+}
+
+/// One rule of `direction` ("Egress": `to`, "Ingress": `from`) with one ipBlock per CIDR.
+fn ip_blocks_yaml(
+    name: &str,
+    direction: &str,
+    cidrs: impl Iterator<Item = String>,
+    extra: &[&str],
+) -> String {
+    let (rules, peers) = if direction == "Egress" {
+        ("egress", "to")
+    } else {
+        ("ingress", "from")
+    };
     let mut y = String::with_capacity(1 << 20);
     let _ = write!(
         y,
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n"
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  podSelector: {{}}\n  policyTypes: [{direction}]\n  {rules}:\n  - {peers}:\n"
     );
     for c in cidrs.chain(extra.iter().map(|s| s.to_string())) {
         let _ = writeln!(y, "    - ipBlock: {{cidr: \"{c}\"}}");
@@ -77,6 +99,9 @@ pub(super) fn label(cfg: &str) -> &'static str {
         "dns-ip" => "pipeguard IP rules only",
         "dns-names" => "pipeguard 16 domain rules",
         "dns-10k" => "pipeguard 10k domain rules",
+        "ing-none" => "pipeguard, not isolated for ingress",
+        "ing-16" => "pipeguard ingress 16 CIDRs",
+        "ing-10k" => "pipeguard ingress 10k CIDRs",
         _ => "?",
     }
 }

@@ -22,7 +22,7 @@ use super::{
     dns_worker::{NON_DNS_PORT, QUERIED_NAMES, name},
     kernel,
     net::{PORT_CRR, Sample},
-    netns::run_quiet,
+    netns::OwnNetns,
     report::{Json, summarize},
 };
 
@@ -361,30 +361,6 @@ fn dns_policy(names: usize) -> String {
     }
     let _ = writeln!(y, "    ports: [{{port: {PORT_CRR}}}]");
     y
-}
-
-/// A network namespace of this run's own (loopback up), deleted on drop.
-struct OwnNetns {
-    name: String,
-}
-
-impl OwnNetns {
-    fn create(name: &str) -> Result<Self> {
-        run_quiet(&["ip", "netns", "add", name])?;
-        let me = Self {
-            name: name.to_string(),
-        };
-        run_quiet(&["ip", "-n", name, "link", "set", "lo", "up"])?;
-        Ok(me)
-    }
-}
-
-impl Drop for OwnNetns {
-    fn drop(&mut self) {
-        if let Err(e) = run_quiet(&["ip", "netns", "del", &self.name]) {
-            eprintln!("bench: cleanup: {e:#}");
-        }
-    }
 }
 
 /// dnsmasq in the namespace on `RESOLVER`:53, answering the queried names with 127.0.0.1

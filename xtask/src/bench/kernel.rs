@@ -286,6 +286,28 @@ impl Drop for ScratchCgroup {
     }
 }
 
+/// Makes `cmd`'s process join `cgroup` between fork and exec, so it starts inside it.
+pub fn join_on_exec(cmd: &mut std::process::Command, cgroup: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+    // SAFETY: open/write/close only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Sets kernel.bpf_stats_enabled=1 and restores the previous value on drop.
 pub struct BpfStats {
     previous: String,

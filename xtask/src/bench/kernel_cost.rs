@@ -1,6 +1,6 @@
 //! Section 4: ns per program run from the kernel's run-time statistics, net of empty programs.
 
-use std::{collections::BTreeMap, os::unix::process::CommandExt as _};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 
@@ -23,28 +23,7 @@ impl Bench {
         let cgroup = kernel::ScratchCgroup::create(&format!("pgbench-{}", std::process::id()))?;
         let empty = kernel::EmptyPrograms::attach(&cgroup.path)?;
         let mut cmd = self.client(NS_CLIENT, None, None);
-        let procs = std::ffi::CString::new(
-            cgroup
-                .path
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )?;
-        // SAFETY: open/write/close only, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        kernel::join_on_exec(&mut cmd, &cgroup.path)?;
         self.spawn("empty", cmd)?;
 
         let configs = ["empty", "pg-allow", "pg-1k", "pg-10k", "pg-100k"];

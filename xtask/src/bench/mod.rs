@@ -13,6 +13,7 @@ mod dns;
 mod dns_worker;
 mod event_latency;
 mod exec_cost;
+mod ingress;
 mod kernel;
 mod kernel_cost;
 mod net;
@@ -46,11 +47,17 @@ pub fn worker(args: &[String]) -> Result<ExitCode> {
     }
     match args.first().map(String::as_str) {
         Some("server") => {
-            let bind: Ipv4Addr = args.get(1).context("server needs a bind address")?.parse()?;
-            net::server(bind)?;
+            let binds = args[1..]
+                .iter()
+                .map(|a| a.parse().with_context(|| format!("bind address {a:?}")))
+                .collect::<Result<Vec<Ipv4Addr>>>()?;
+            if binds.is_empty() {
+                bail!("server needs a bind address");
+            }
+            net::server(&binds)?;
         }
         Some("client") => net::client()?,
-        _ => bail!("bench-worker server IP | client"),
+        _ => bail!("bench-worker server IP... | client"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -161,8 +168,9 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
         None => bench.all(&p),
         Some("dns") => bench.dns(&p),
         Some("datapath") => bench.data_path(&p),
+        Some("ingress") => bench.ingress(&p),
         Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: the selectable sections are datapath, dns, {}",
+            "--only {other}: the selectable sections are datapath, dns, ingress, {}",
             CONTROL_PLANE_SECTIONS.join(", ")
         )),
     };

@@ -26,8 +26,20 @@ pub const PORT_UDP: u16 = 18804;
 
 const STREAM_BUF: usize = 64 * 1024;
 
-/// `server BIND_IP`: serves all four ports until stdin closes.
-pub fn server(bind: Ipv4Addr) -> Result<()> {
+/// `server BIND_IP...`: serves all four ports on each address until stdin closes.
+pub fn server(binds: &[Ipv4Addr]) -> Result<()> {
+    for &bind in binds {
+        serve(bind)?;
+    }
+    println!("ready");
+    io::stdout().flush()?;
+    // Serve until the orchestrator closes our stdin.
+    io::copy(&mut io::stdin().lock(), &mut io::sink())?;
+    Ok(())
+}
+
+/// Listens on the four ports of `bind`, each served by its own thread.
+fn serve(bind: Ipv4Addr) -> Result<()> {
     let crr = listen(bind, PORT_CRR)?;
     let rr = listen(bind, PORT_RR)?;
     let stream = listen(bind, PORT_STREAM)?;
@@ -72,11 +84,6 @@ pub fn server(bind: Ipv4Addr) -> Result<()> {
             let _ = udp.recv_from(&mut buf);
         }
     });
-
-    println!("ready");
-    io::stdout().flush()?;
-    // Serve until the orchestrator closes our stdin.
-    io::copy(&mut io::stdin().lock(), &mut io::sink())?;
     Ok(())
 }
 
@@ -122,6 +129,14 @@ fn command(line: &str) -> Result<Sample> {
     let words: Vec<&str> = line.split_whitespace().collect();
     if let Some(sample) = super::dns_worker::command(&words) {
         return sample;
+    }
+    if let ["syn", addr, amount, from] = words[..] {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr:?}"))?;
+        return syn(
+            from.parse().with_context(|| format!("source {from:?}"))?,
+            addr,
+            secs(amount)?,
+        );
     }
     let [verb, addr, amount] = words[..] else {
         bail!("expected VERB ADDR AMOUNT, got {line:?}");
@@ -237,6 +252,56 @@ fn udp(addr: SocketAddr, dur: Duration) -> Result<Sample> {
         ops,
         secs: start.elapsed().as_secs_f64(),
         bytes: ops * buf.len() as u64,
+    })
+}
+
+/// `syn ADDR SECS FROM_IP`: connection attempts from `from` that send their SYN and are
+/// closed at once, each from a new ephemeral port: one SYN per attempt reaches the server
+/// (a server that refuses it drops it; one that admits it answers, and the closed socket's
+/// RST follows). A closed socket in SYN-SENT sends nothing, so no TIME_WAIT builds up.
+fn syn(from: Ipv4Addr, addr: SocketAddr, dur: Duration) -> Result<Sample> {
+    let SocketAddr::V4(to) = addr else {
+        bail!("syn: {addr} is not IPv4");
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let (src, dst) = (sockaddr(from, 0), sockaddr(*to.ip(), to.port()));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let start = Instant::now();
+    let mut ops = 0;
+    while start.elapsed() < dur {
+        for _ in 0..16 {
+            // SAFETY: a socket of our own, addresses of the right size, closed before the next.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+                if fd < 0 {
+                    bail!("socket: {}", io::Error::last_os_error());
+                }
+                if libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), len) != 0 {
+                    let e = io::Error::last_os_error();
+                    libc::close(fd);
+                    bail!("bind {from}: {e}");
+                }
+                let rc = libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len);
+                let e = io::Error::last_os_error();
+                libc::close(fd);
+                if rc != 0 && e.raw_os_error() != Some(libc::EINPROGRESS) {
+                    bail!("connect {addr} from {from}: {e}");
+                }
+            }
+            ops += 1;
+        }
+    }
+    Ok(Sample {
+        ops,
+        secs: start.elapsed().as_secs_f64(),
+        bytes: 0,
     })
 }
 

@@ -68,33 +68,10 @@ impl Netns {
             run_quiet(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
         for (ns, i) in CLIENT_NETNS {
-            let (srv_if, cli_if) = (format!("pgb{i}s"), format!("pgb{i}c"));
-            run_quiet(&[
-                "ip", "-n", NS_SERVER, "link", "add", &srv_if, "type", "veth", "peer", "name", &cli_if,
-                "netns", ns,
-            ])?;
-            run_quiet(&[
-                "ip",
-                "-n",
-                NS_SERVER,
-                "addr",
-                "add",
-                &format!("10.203.{i}.1/24"),
-                "dev",
-                &srv_if,
-            ])?;
-            run_quiet(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.203.{i}.2/24"),
-                "dev",
-                &cli_if,
-            ])?;
-            run_quiet(&["ip", "-n", NS_SERVER, "link", "set", &srv_if, "up"])?;
-            run_quiet(&["ip", "-n", ns, "link", "set", &cli_if, "up"])?;
+            veth_pair(
+                (NS_SERVER, &format!("pgb{i}s"), &format!("10.203.{i}.1/24")),
+                (ns, &format!("pgb{i}c"), &format!("10.203.{i}.2/24")),
+            )?;
         }
         Ok(me)
     }
@@ -106,6 +83,43 @@ impl Drop for Netns {
             if let Err(e) = run_quiet(&["ip", "netns", "del", ns]) {
                 eprintln!("bench: cleanup: {e:#}");
             }
+        }
+    }
+}
+
+/// A veth pair between two namespaces: (namespace, interface, address/prefix) of each end,
+/// both up.
+pub(super) fn veth_pair(a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
+    run_quiet(&[
+        "ip", "-n", a.0, "link", "add", a.1, "type", "veth", "peer", "name", b.1, "netns", b.0,
+    ])?;
+    for (ns, dev, addr) in [a, b] {
+        run_quiet(&["ip", "-n", ns, "addr", "add", addr, "dev", dev])?;
+        run_quiet(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
+
+/// A network namespace of this run's own (loopback up), deleted on drop.
+pub(super) struct OwnNetns {
+    name: String,
+}
+
+impl OwnNetns {
+    pub(super) fn create(name: &str) -> Result<Self> {
+        run_quiet(&["ip", "netns", "add", name])?;
+        let me = Self {
+            name: name.to_string(),
+        };
+        run_quiet(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        Ok(me)
+    }
+}
+
+impl Drop for OwnNetns {
+    fn drop(&mut self) {
+        if let Err(e) = run_quiet(&["ip", "netns", "del", &self.name]) {
+            eprintln!("bench: cleanup: {e:#}");
         }
     }
 }

@@ -37,10 +37,21 @@ impl Bench {
     }
 
     /// A client worker in netns `ns`, under `pipeguard exec` when a policy is given.
+    pub(super) fn client(&self, ns: &str, policy: Option<&Path>, events: Option<&Path>) -> Command {
+        self.bench_worker(ns, policy, events, &["client"])
+    }
+
+    /// `xtask bench-worker ARGS` in netns `ns`, under `pipeguard exec` when a policy is given.
     /// pipeguard runs outside the namespace (`ip netns exec` remounts /sys, which hides
     /// the cgroup2 mount on hosts that have it under /sys/fs/cgroup/unified) and starts
     /// `ip netns exec NS worker` as the job; the cgroup is kept across setns.
-    pub(super) fn client(&self, ns: &str, policy: Option<&Path>, events: Option<&Path>) -> Command {
+    pub(super) fn bench_worker(
+        &self,
+        ns: &str,
+        policy: Option<&Path>,
+        events: Option<&Path>,
+        args: &[&str],
+    ) -> Command {
         let mut cmd = Command::new(&self.pipeguard);
         match policy {
             Some(policy) => {
@@ -56,7 +67,7 @@ impl Bench {
             }
             None => cmd = Self::in_netns(ns, &self.worker_bin),
         }
-        cmd.args(["bench-worker", "client"]);
+        cmd.arg("bench-worker").args(args);
         if cpus() >= 2 {
             cmd.env(PIN_ENV, (cpus() - 1).to_string());
         }
@@ -109,6 +120,7 @@ impl Bench {
         }
         self.events(p)?;
         self.dns(p)?;
+        self.ingress(p)?;
         self.stop_workers();
         drop(netns);
         Ok(())
@@ -232,17 +244,34 @@ impl Bench {
         rounds: usize,
         metric: fn(&Sample) -> f64,
     ) -> Result<BTreeMap<String, Vec<f64>>> {
+        // Each configuration's own worker, to that configuration's server.
+        let target = |cfg: &str| (cfg.to_string(), addr(path, cfg, port));
+        self.interleave_to(verb, configs, secs, rounds, metric, target)
+    }
+
+    /// `interleave` where `target` names, per configuration, the worker that runs the verb
+    /// and the address it runs it against (the ingress section drives one client against
+    /// a server per configuration).
+    pub(super) fn interleave_to(
+        &mut self,
+        verb: &str,
+        configs: &[&str],
+        secs: f64,
+        rounds: usize,
+        metric: fn(&Sample) -> f64,
+        target: impl Fn(&str) -> (String, String),
+    ) -> Result<BTreeMap<String, Vec<f64>>> {
         let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         // One warm-up round, not counted.
         for cfg in configs {
-            let a = addr(path, cfg, port);
-            self.worker(cfg)?.ask(&format!("{verb} {a} {}", secs / 2.0))?;
+            let (worker, a) = target(cfg);
+            self.worker(&worker)?.ask(&format!("{verb} {a} {}", secs / 2.0))?;
         }
         for r in 0..rounds {
             for i in 0..configs.len() {
                 let cfg = configs[(i + r) % configs.len()];
-                let a = addr(path, cfg, port);
-                let s = self.worker(cfg)?.ask(&format!("{verb} {a} {secs}"))?;
+                let (worker, a) = target(cfg);
+                let s = self.worker(&worker)?.ask(&format!("{verb} {a} {secs}"))?;
                 out.entry(cfg.to_string()).or_default().push(metric(&s));
             }
         }

@@ -1,0 +1,283 @@
+//! Sections I1–I2: ingress enforcement (issue 16), on the server side. Servers in a
+//! namespace of this run's own, each on addresses of its own: one unguarded, one guarded
+//! by `pipeguard exec` with no ingress rules (not isolated), two isolated for ingress by a
+//! policy admitting the client next to 16 or 10,000 other source CIDRs, and one in a
+//! scratch cgroup with empty programs. One unguarded client per path (veth from a second
+//! namespace, loopback inside the servers' namespace) connects to each in interleaved
+//! rounds; the kernel cost of `pg_ingress` comes from its run-time statistics on admitted
+//! connections and on SYNs from a source the rules refuse.
+
+use std::{collections::BTreeMap, fs};
+
+use anyhow::{Result, bail};
+
+use super::{
+    Bench, Params,
+    configs::{Rules, ingress_policy_yaml, label, policy_yaml},
+    kernel::{self, EmptyPrograms, RunStats},
+    net::{PORT_CRR, Sample},
+    netns::{OwnNetns, run_quiet, veth_pair},
+    report::{Json, summarize},
+};
+
+/// Server configurations: key, worker key, last byte of its veth (10.203.9.X) and loopback
+/// (127.0.9.X) addresses. 10.203.0.0/16 is outside every generated rule set.
+const SERVERS: [(&str, &str, u8); 5] = [
+    ("base", "srv-in-base", 1),
+    ("empty", "srv-in-empty", 10),
+    ("ing-none", "srv-in-none", 11),
+    ("ing-16", "srv-in-16", 12),
+    ("ing-10k", "srv-in-10k", 13),
+];
+/// The client's address on the veth, which the ingress rules admit (with 127.0.0.0/8).
+const CLIENT: &str = "10.203.9.2";
+/// A second address of the client's, which no rule admits.
+const REFUSED: &str = "10.203.9.3";
+const VETH_CLIENT: &str = "cli-in-veth";
+const LOOPBACK_CLIENT: &str = "cli-in-lo";
+
+impl Bench {
+    pub(super) fn ingress(&mut self, p: &Params) -> Result<()> {
+        let pid = std::process::id();
+        let (srv_ns, cli_ns) = (format!("pgb-insrv-{pid}"), format!("pgb-incli-{pid}"));
+        let netns = [OwnNetns::create(&srv_ns)?, OwnNetns::create(&cli_ns)?];
+        veth_pair(
+            (&srv_ns, "pgis", "10.203.9.1/24"),
+            (&cli_ns, "pgic", &format!("{CLIENT}/24")),
+        )?;
+        for (_, _, host) in &SERVERS[1..] {
+            run_quiet(&[
+                "ip",
+                "-n",
+                &srv_ns,
+                "addr",
+                "add",
+                &format!("10.203.9.{host}/24"),
+                "dev",
+                "pgis",
+            ])?;
+        }
+        run_quiet(&[
+            "ip",
+            "-n",
+            &cli_ns,
+            "addr",
+            "add",
+            &format!("{REFUSED}/24"),
+            "dev",
+            "pgic",
+        ])?;
+        self.ingress_policies()?;
+        let cgroup = kernel::ScratchCgroup::create(&format!("pgbench-in-{pid}"))?;
+        let empty = EmptyPrograms::attach(&cgroup.path)?;
+
+        let outcome = self
+            .ingress_workers(&srv_ns, &cli_ns, &cgroup.path)
+            .and_then(|()| {
+                self.ingress_rate(p)?;
+                self.ingress_kernel_cost(p, &empty)
+            });
+        for key in [VETH_CLIENT, LOOPBACK_CLIENT]
+            .into_iter()
+            .chain(SERVERS.iter().map(|(_, key, _)| *key))
+        {
+            drop(self.workers.remove(key));
+        }
+        drop(empty);
+        drop(cgroup);
+        drop(netns);
+        outcome
+    }
+
+    /// ing-none: an egress allow-all policy (guarded, not isolated for ingress); ing-16 and
+    /// ing-10k: an ingress policy (egress unrestricted) admitting the generated CIDRs, the
+    /// client and loopback.
+    fn ingress_policies(&self) -> Result<()> {
+        let rules = Rules::generate(10_000);
+        fs::write(
+            self.policy_path("ing-none"),
+            policy_yaml("bench-ing-none", std::iter::empty(), &["0.0.0.0/0", "::/0"]),
+        )?;
+        let admitted = [&format!("{CLIENT}/32") as &str, "127.0.0.0/8"];
+        for (cfg, n) in [("ing-16", 16), ("ing-10k", 10_000)] {
+            fs::write(
+                self.policy_path(cfg),
+                ingress_policy_yaml(&format!("bench-{cfg}"), rules.cidrs(n), &admitted),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn ingress_workers(&mut self, srv_ns: &str, cli_ns: &str, empty_cgroup: &std::path::Path) -> Result<()> {
+        for (cfg, key, host) in SERVERS {
+            let (veth, lo) = (format!("10.203.9.{host}"), format!("127.0.9.{host}"));
+            let args = ["server", veth.as_str(), lo.as_str()];
+            let policy = cfg.starts_with("ing-").then(|| self.policy_path(cfg));
+            let mut cmd = self.bench_worker(srv_ns, policy.as_deref(), None, &args);
+            if cfg == "empty" {
+                kernel::join_on_exec(&mut cmd, empty_cgroup)?;
+            }
+            self.spawn(key, cmd)?;
+        }
+        self.spawn(VETH_CLIENT, self.client(cli_ns, None, None))?;
+        self.spawn(LOOPBACK_CLIENT, self.client(srv_ns, None, None))?;
+        Ok(())
+    }
+
+    /// I1: the accept rate of each server, the same client connecting to each in turn.
+    fn ingress_rate(&mut self, p: &Params) -> Result<()> {
+        self.table.section(
+            "I1. Inbound TCP connections per second to a server (the client connects, 1-byte request and response, close): guarded servers vs an unguarded one",
+            &[
+                "path",
+                "server",
+                "absolute, median (min–max)",
+                "ratio to the unguarded server, median (min–max)",
+            ],
+        );
+        let configs = ["base", "ing-none", "ing-16", "ing-10k"];
+        for path in ["loopback", "veth"] {
+            let v = self.interleave_to("crr", &configs, p.secs, p.rounds, Sample::rate, |cfg| {
+                (client_of(path).to_string(), server_addr(path, cfg))
+            })?;
+            self.record(
+                "ingress_accept_rate",
+                path,
+                "/s",
+                &v,
+                &configs,
+                1.0,
+                &[("ing-16", "ing-none"), ("ing-10k", "ing-none")],
+            );
+        }
+        Ok(())
+    }
+
+    /// I2: `pg_ingress` ns/run (bpf_stats) on admitted connections over veth, and on SYNs
+    /// from the refused source, against an empty cgroup_skb ingress program.
+    fn ingress_kernel_cost(&mut self, p: &Params, empty: &EmptyPrograms) -> Result<()> {
+        let _stats = kernel::BpfStats::enable()?;
+        let configs = ["empty", "ing-none", "ing-16", "ing-10k"];
+        let inbound = ["admitted", "refused source"];
+        // (config, inbound) → per-round ns/run; run and attempt totals.
+        let mut per_round: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+        let mut totals: BTreeMap<(&str, &str), (RunStats, u64)> = BTreeMap::new();
+        for r in 0..p.kernel_rounds {
+            for i in 0..configs.len() {
+                let cfg = configs[(i + r) % configs.len()];
+                let to = server_addr("veth", cfg);
+                for kind in inbound {
+                    let command = match kind {
+                        "admitted" => format!("crr {to} {}", p.kernel_secs),
+                        _ => format!("syn {to} {} {REFUSED}", p.kernel_secs / 2.0),
+                    };
+                    let before = self.ingress_stats(cfg, empty)?;
+                    let s = self.worker(VETH_CLIENT)?.ask(&command)?;
+                    let d = self.ingress_stats(cfg, empty)?.since(before);
+                    if d.run_cnt == 0 {
+                        bail!("{cfg}: the ingress program never ran on {kind} connections");
+                    }
+                    per_round
+                        .entry((cfg, kind))
+                        .or_default()
+                        .push(d.run_time_ns as f64 / d.run_cnt as f64);
+                    let t = totals.entry((cfg, kind)).or_default();
+                    t.0.run_time_ns += d.run_time_ns;
+                    t.0.run_cnt += d.run_cnt;
+                    t.1 += s.ops;
+                }
+            }
+        }
+        self.table.section(
+            "I2. Kernel cost of the ingress hook per run (kernel.bpf_stats_enabled; veth: admitted connections as in I1, and SYNs from a source the rules refuse, each socket closed at once)",
+            &[
+                "server",
+                "inbound",
+                "runs",
+                "runs per connection",
+                "ns/run raw, median (min–max)",
+                "ns/run net of empty program",
+            ],
+        );
+        let mut arr = Json::Arr(Vec::new());
+        for kind in inbound {
+            let (empty_t, _) = totals[&("empty", kind)];
+            let empty_ns = empty_t.run_time_ns as f64 / empty_t.run_cnt as f64;
+            for cfg in configs {
+                let (t, attempts) = totals[&(cfg, kind)];
+                let raw = t.run_time_ns as f64 / t.run_cnt as f64;
+                let per_conn = t.run_cnt as f64 / attempts.max(1) as f64;
+                // A refused SYN is dropped: no SYN-ACK, so no RST from the closed socket.
+                if kind != "admitted" && cfg.starts_with("ing-1") && per_conn > 1.5 {
+                    bail!("{cfg}: {per_conn:.2} ingress runs per refused SYN: the SYNs were answered");
+                }
+                let s = summarize(&per_round[&(cfg, kind)]);
+                let net = (cfg != "empty").then_some(raw - empty_ns);
+                let mut o = Json::obj();
+                o.set("config", cfg)
+                    .set("inbound", kind)
+                    .set("run_cnt", t.run_cnt)
+                    .set("run_time_ns", t.run_time_ns)
+                    .set("attempts", attempts)
+                    .set("ns_per_run", raw)
+                    .set("ns_per_run_rounds", s)
+                    .set("ns_per_run_net_of_empty", net);
+                arr.push(o);
+                self.table.row(vec![
+                    server_label(cfg).to_string(),
+                    kind.to_string(),
+                    t.run_cnt.to_string(),
+                    format!("{per_conn:.2}"),
+                    format!("{raw:.0} ({:.0}–{:.0})", s.min, s.max),
+                    net.map_or("—".to_string(), |n| format!("{n:.0}")),
+                ]);
+            }
+        }
+        self.figures.set("ingress_kernel_ns_per_run", arr);
+        Ok(())
+    }
+
+    /// Run-time statistics of the ingress program that judges `cfg`'s server.
+    fn ingress_stats(&mut self, cfg: &str, empty: &EmptyPrograms) -> Result<RunStats> {
+        let stats = if cfg == "empty" {
+            empty.stats()?.remove("ingress")
+        } else {
+            let pid = self.worker(server_key(cfg))?.pid();
+            kernel::process_prog_stats(pid)?.remove("pg_ingress")
+        };
+        stats.ok_or_else(|| anyhow::anyhow!("{cfg}: no ingress program"))
+    }
+}
+
+fn server_key(cfg: &str) -> &'static str {
+    SERVERS
+        .iter()
+        .find(|(c, _, _)| *c == cfg)
+        .map_or("?", |(_, key, _)| key)
+}
+
+fn server_addr(path: &str, cfg: &str) -> String {
+    let host = SERVERS
+        .iter()
+        .find(|(c, _, _)| *c == cfg)
+        .map_or(0, |(_, _, host)| *host);
+    match path {
+        "loopback" => format!("127.0.9.{host}:{PORT_CRR}"),
+        _ => format!("10.203.9.{host}:{PORT_CRR}"),
+    }
+}
+
+fn client_of(path: &str) -> &'static str {
+    if path == "loopback" {
+        LOOPBACK_CLIENT
+    } else {
+        VETH_CLIENT
+    }
+}
+
+fn server_label(cfg: &str) -> &'static str {
+    match cfg {
+        "empty" => "empty program",
+        other => label(other),
+    }
+}
