@@ -169,6 +169,24 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
     let md = std::fs::read_to_string(&file_md).unwrap();
     assert!(md.contains(&md_row), "{md}");
     assert_eq!(md.matches("### pipeguard egress").count(), 1, "one job: {md}");
+    // Lines that are not agent records are said to be left out.
+    let mixed = n.dir.join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        std::fs::read_to_string(&events).unwrap() + "{\"kind\":\"anomaly\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["events", "--summary", "--from"])
+        .arg(&mixed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&row), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 lines were not agent records"),
+        "{out:?}"
+    );
     let missing = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
         .args(["events", "--summary", "--from"])
         .arg(n.dir.join("no-such-file"))

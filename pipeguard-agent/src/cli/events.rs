@@ -54,8 +54,11 @@ pub struct EventsArgs {
 pub fn run(args: EventsArgs) -> ExitCode {
     let summary = args.summary || args.summary_markdown.is_some();
     let mut tables = JobTables::default();
+    // Lines that are not agent records (exec's events, say): said, not silently dropped.
+    let mut not_records = 0u64;
     let mut on_line = |line: &str| {
         let record = serde_json::from_str::<Record>(line).ok();
+        not_records += u64::from(record.is_none());
         if let Some(r) = &record
             && (!wanted(r, args.namespace.as_deref(), args.pod.as_deref()))
         {
@@ -80,6 +83,9 @@ pub fn run(args: EventsArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    if summary && not_records > 0 {
+        eprintln!("pipeguard events: {not_records} lines were not agent records and are not in the tables");
+    }
     if summary {
         // What was read before an error is still worth the table.
         print!("{}", tables.text());
