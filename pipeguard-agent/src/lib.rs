@@ -6,12 +6,14 @@
 //! - [`cgroup`]: cgroup2 discovery and cgroups pipeguard owns.
 //! - [`job`]: one command under enforcement (`pipeguard exec`).
 //! - [`learn`]: what a job reached → the policy allowing it; runs merged into a baseline.
+//! - [`baseline`]: each CI workload's runs on the cluster (`WorkloadBaseline` objects).
 //! - [`agent`]: the DaemonSet (`pipeguard agent`): kube caches, pod cgroups, incremental sync.
 //! - [`pod`]: a pod on this node (shared by the agent and the event pipeline).
 //! - [`cli`]: one module per subcommand.
 //! - [`escape`]: job-controlled text made safe for people to read.
 
 pub mod agent;
+pub mod baseline;
 pub mod cgroup;
 pub mod cli;
 pub mod engine;

@@ -38,6 +38,8 @@ pub struct Health {
     /// Lines /readyz adds below its verdict: pods that can step around the guard.
     notes: Mutex<Vec<String>>,
     pub metrics: Metrics,
+    /// Where /v1/suggest reads the workload baselines; set once the API client exists.
+    pub baselines: std::sync::OnceLock<crate::baseline::kube_store::Store>,
 }
 
 impl Default for Health {
@@ -51,6 +53,7 @@ impl Default for Health {
             beat_ms: AtomicU64::new(0),
             connections: Arc::default(),
             metrics: Metrics::default(),
+            baselines: std::sync::OnceLock::new(),
         }
     }
 }
@@ -135,13 +138,22 @@ pub fn router(health: Arc<Health>, events: Option<StreamState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(health);
+        .with_state(health.clone());
     match events {
-        Some(state) => base.merge(
-            Router::new()
-                .route("/v1/events", get(crate::events::stream::handler))
-                .with_state(state),
-        ),
+        Some(state) => base
+            .merge(
+                Router::new()
+                    .route("/v1/suggest", get(super::suggest_http::handler))
+                    .with_state(super::suggest_http::SuggestState {
+                        health,
+                        access: state.access.clone(),
+                    }),
+            )
+            .merge(
+                Router::new()
+                    .route("/v1/events", get(crate::events::stream::handler))
+                    .with_state(state),
+            ),
         None => base,
     }
 }

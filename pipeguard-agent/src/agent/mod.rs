@@ -24,6 +24,7 @@ pub mod raw_policy;
 mod readiness;
 pub mod snapshot;
 mod start;
+pub mod suggest_http;
 pub mod sync;
 mod sync_loop;
 mod triggers;
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     /// Where links and maps are pinned, so enforcement survives the agent.
     pub pin_dir: Option<PathBuf>,
     pub events: EventsConfig,
+    /// Record each workload's runs and compare new ones with them (`--baseline`).
+    pub baseline: Option<crate::baseline::recorder::RecorderConfig>,
 }
 
 /// Where violation records go (several at once).
@@ -104,6 +107,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (client, caches) = start::caches(&config, &root, &health).await?;
     let events = start::event_pipeline(&config, &mut engine, &client, &health, &hub);
     start::live_metrics(&engine, &health, &hub, &events);
+    start::baseline(&config, &engine, &client, &health, &events);
     sync_loop::run(sync_loop::Parts {
         config: &config,
         caches: &caches,

@@ -164,6 +164,8 @@ pub(super) async fn caches(
 pub(super) struct EventParts {
     pub(super) index: PodIndex,
     pub(super) stats: Arc<pipeline::Stats>,
+    /// Where the baseline recorder raises its anomalies (None: no pipeline runs).
+    pub(super) raise: Option<tokio::sync::mpsc::Sender<crate::events::anomaly::Anomaly>>,
 }
 
 /// Starts the event pipeline on the kernel's ring buffer, with the configured sinks.
@@ -174,9 +176,10 @@ pub(super) fn event_pipeline(
     health: &Health,
     hub: &Arc<Hub>,
 ) -> EventParts {
-    let parts = EventParts {
+    let mut parts = EventParts {
         index: PodIndex::default(),
         stats: Arc::new(pipeline::Stats::default()),
+        raise: None,
     };
     let ring = match engine.take_events() {
         Ok(ring) => ring,
@@ -186,6 +189,7 @@ pub(super) fn event_pipeline(
         }
     };
     let sinks = start_sinks(&config.events, &parts.stats);
+    let (raise, raised) = tokio::sync::mpsc::channel(1024);
     let kube = config.events.kubernetes.then(|| {
         KubeEvents::start(
             client.clone(),
@@ -210,12 +214,19 @@ pub(super) fn event_pipeline(
             .per_destination_metrics
             .then(|| health.metrics.denied_destinations.clone()),
         aggregator: Aggregator::new(pipeline::WINDOW, pipeline::MAX_KEYS),
-        // No baseline on the agent yet: new_destination stays off.
+        // Per-attempt signals only: new_destination and upload_volume are judged per run
+        // by the baseline recorder, which raises them through `raised`.
         anomalies: Some(crate::events::anomaly::Detectors::new(
-            &config.events.anomalies,
+            &crate::events::anomaly::AnomalyConfig {
+                upload_volume: None,
+                new_destination: false,
+                ..config.events.anomalies.clone()
+            },
             None,
         )),
+        raised: Some(raised),
     };
+    parts.raise = Some(raise);
     tokio::spawn(pipeline.run(ring));
     parts
 }
@@ -256,4 +267,37 @@ pub(super) fn live_metrics(engine: &Engine, health: &Health, hub: &Arc<Hub>, eve
         events: events.stats.clone(),
         hub: hub.clone(),
     });
+}
+
+/// Starts the baseline recorder (`--baseline`) and lets /v1/suggest read the baselines.
+pub(super) fn baseline(
+    config: &AgentConfig,
+    engine: &Engine,
+    client: &::kube::Client,
+    health: &Health,
+    events: &EventParts,
+) {
+    let store = crate::baseline::kube_store::Store::new(client.clone());
+    let _ = health.baselines.set(store.clone());
+    let (Some(recorder), Some(raise)) = (&config.baseline, &events.raise) else {
+        return;
+    };
+    let flows = match engine.flow_reader() {
+        Ok(f) => f,
+        Err(error) => {
+            tracing::error!(%error, "no flow statistics: the workload baseline is off");
+            return;
+        }
+    };
+    let recorder = crate::baseline::recorder::Recorder::new(
+        crate::baseline::recorder::RecorderConfig {
+            anomalies: config.events.anomalies.clone(),
+            ..recorder.clone()
+        },
+        store,
+        flows,
+        events.index.clone(),
+        raise.clone(),
+    );
+    tokio::spawn(recorder.run());
 }

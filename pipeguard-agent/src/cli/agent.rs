@@ -96,10 +96,24 @@ pub struct AgentArgs {
     #[arg(long, env = "PIPEGUARD_METRICS_PER_DESTINATION")]
     pub metrics_per_destination: bool,
     /// Anomaly signal setting, repeatable: SIGNAL=off, SIGNAL=on, deny_burst=COUNT/DURATION
-    /// (default 20/10s). The agent raises deny_burst; the other signals need data it does
-    /// not have yet (per-destination bytes, a baseline, DNS query names).
+    /// (default 20/10s), upload_volume=SIZE (default 100MiB). The agent raises deny_burst;
+    /// with --baseline also new_destination (allowed traffic to a destination not in the
+    /// workload's stable baseline) and upload_volume (bytes to one destination above SIZE,
+    /// or more than 10 times the most a baseline run sent there).
     #[arg(long, value_name = "SIGNAL=SETTING", value_parser = crate::events::anomaly::parse_setting)]
     pub anomaly: Vec<crate::events::anomaly::Setting>,
+    /// Record each CI workload's runs (destinations, packets, bytes) in WorkloadBaseline
+    /// objects and compare new runs with them (new_destination, upload_volume). Turns on the
+    /// kernel's per-destination flow statistics (one map update per packet).
+    #[arg(long, env = "PIPEGUARD_BASELINE")]
+    pub baseline: bool,
+    /// How often the runs are read from the kernel and written when they changed.
+    #[arg(long, env = "PIPEGUARD_BASELINE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub baseline_interval: Duration,
+    /// Runs a destination must appear in to be in a workload's stable baseline; with fewer
+    /// earlier runs a workload has no baseline yet and raises no new_destination.
+    #[arg(long, env = "PIPEGUARD_BASELINE_STABLE_RUNS", default_value = "2", value_parser = clap::value_parser!(u64).range(1..))]
+    pub baseline_stable_runs: u64,
     /// Do not post Kubernetes Events on pods for blocked attempts.
     #[arg(long, env = "PIPEGUARD_NO_KUBE_EVENTS")]
     pub no_kube_events: bool,
@@ -164,8 +178,21 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let anomalies = crate::events::anomaly::AnomalyConfig::from_settings(&args.anomaly);
+    let node_name = args.node_name.unwrap_or_default();
+    let baseline = args.baseline.then(|| crate::baseline::recorder::RecorderConfig {
+        node: node_name.clone(),
+        mode: match args.mode {
+            Mode::Enforce => "enforce".into(),
+            Mode::Audit => "audit".into(),
+        },
+        interval: args.baseline_interval,
+        stable_runs: args.baseline_stable_runs as usize,
+        anomalies: anomalies.clone(),
+    });
     let config = AgentConfig {
-        node_name: args.node_name.unwrap_or_default(),
+        baseline,
+        node_name,
         cgroup_root: args.cgroup_root,
         kubeconfig: args.kubeconfig,
         listen: args.listen,
@@ -200,7 +227,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
             token,
             kubernetes: !args.no_kube_events,
             per_destination_metrics: args.metrics_per_destination,
-            anomalies: crate::events::anomaly::AnomalyConfig::from_settings(&args.anomaly),
+            anomalies,
         },
     };
     crate::memory::tune_for_long_running();

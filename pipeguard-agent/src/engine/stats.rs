@@ -115,7 +115,39 @@ pub struct Totals {
     pub ingress: HashMap<(u64, u8), u64>,
 }
 
+/// A second handle on the per-destination flow statistics, for the agent's baseline
+/// recorder (the sync loop owns the engine).
+pub struct FlowReader {
+    map: PerCpuHashMap<MapData, FlowKey, Counter>,
+}
+
+impl FlowReader {
+    /// Every flow of every pod, summed over CPUs: one walk of the map, bounded by its
+    /// capacity (`MAX_FLOWS`).
+    pub fn all(&self) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            let (key, values) = item.map_err(|source| EngineError::Map {
+                map: map_names::FLOWS,
+                source,
+            })?;
+            out.push((key, sum(&values)));
+        }
+        Ok(out)
+    }
+}
+
 impl Engine {
+    pub fn flow_reader(&self) -> Result<FlowReader, EngineError> {
+        let data = self.second_handle(map_names::FLOWS)?;
+        let map =
+            PerCpuHashMap::try_from(Map::PerCpuLruHashMap(data)).map_err(|source| EngineError::Map {
+                map: map_names::FLOWS,
+                source,
+            })?;
+        Ok(FlowReader { map })
+    }
+
     pub fn counter_reader(&self) -> Result<CounterReader, EngineError> {
         let err = |source| EngineError::Map {
             map: map_names::COUNTERS,

@@ -39,15 +39,50 @@ pub fn query_value(value: &str) -> String {
     out
 }
 
-/// Connects and calls `on_line` for every line of the stream until it ends (or `on_line`
-/// returns false).
-pub async fn follow(req: &Request<'_>, mut on_line: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
-    let authority = req
-        .endpoint
+/// `host:port` of `http://host:port`.
+fn authority(endpoint: &str) -> Result<&str, ClientError> {
+    endpoint
         .strip_prefix("http://")
         .map(|a| a.trim_end_matches('/'))
         .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| ClientError::Endpoint(req.endpoint.to_string()))?;
+        .ok_or_else(|| ClientError::Endpoint(endpoint.to_string()))
+}
+
+/// One plain GET of `path` (HTTP/1.0: the body ends with the connection): the body of a
+/// 200 answer.
+pub async fn get(endpoint: &str, path: &str, token: Option<&str>) -> Result<String, ClientError> {
+    let authority = authority(endpoint)?;
+    let mut stream = TcpStream::connect(authority).await?;
+    let mut head = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n");
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| ClientError::Protocol("no end of headers".into()))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::Protocol(head.lines().next().unwrap_or_default().to_string()))?;
+    if status != 200 {
+        return Err(ClientError::Status {
+            status,
+            body: body.trim().to_string(),
+        });
+    }
+    Ok(body.to_string())
+}
+
+/// Connects and calls `on_line` for every line of the stream until it ends (or `on_line`
+/// returns false).
+pub async fn follow(req: &Request<'_>, mut on_line: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+    let authority = authority(req.endpoint)?;
     let mut stream = TcpStream::connect(authority).await?;
     let mut path = String::from("/v1/events");
     if let Some(ns) = req.namespace {

@@ -48,6 +48,16 @@ impl PodIndex {
         *self.0.write().expect("pod index lock") = map;
     }
 
+    /// Every pod: (pod cgroup id, info).
+    pub fn snapshot(&self) -> Vec<(u64, Arc<PodInfo>)> {
+        self.0
+            .read()
+            .expect("pod index lock")
+            .iter()
+            .map(|(id, info)| (*id, info.clone()))
+            .collect()
+    }
+
     fn get(&self, cgroup_id: u64) -> Option<Arc<PodInfo>> {
         self.0.read().expect("pod index lock").get(&cgroup_id).cloned()
     }
@@ -87,6 +97,8 @@ pub struct Pipeline {
     pub aggregator: Aggregator,
     /// The anomaly stage (None: every signal off). Fed each attempt before aggregation.
     pub anomalies: Option<Detectors>,
+    /// Anomalies raised elsewhere (the agent's baseline recorder), published like ours.
+    pub raised: Option<tokio::sync::mpsc::Receiver<Anomaly>>,
 }
 
 /// Labels of the opt-in per-destination denial counter (`--metrics-per-destination`).
@@ -115,8 +127,16 @@ impl Pipeline {
         let clock = Clock::now();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut reported_drops = 0u64;
+        let mut raised = self.raised.take();
         loop {
+            let from_elsewhere = async {
+                match &mut raised {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                Some(a) = from_elsewhere => self.raise(a),
                 guard = ring.readable_mut() => {
                     let Ok(mut guard) = guard else { return };
                     let now = Instant::now();

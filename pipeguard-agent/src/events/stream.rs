@@ -39,6 +39,33 @@ impl Access {
     }
 }
 
+impl Access {
+    /// `Err` with the response to send when `headers` do not grant access.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), Response> {
+        match self {
+            Self::Off => Err((StatusCode::NOT_FOUND, "off: configure --events-token-file\n").into_response()),
+            Self::Loopback => Ok(()),
+            Self::Token(token) => {
+                let given = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(|t| t.trim().as_bytes());
+                if given.is_some_and(|g| constant_time_eq(g, token)) {
+                    Ok(())
+                } else {
+                    Err((
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "unauthorized\n",
+                    )
+                        .into_response())
+                }
+            }
+        }
+    }
+}
+
 /// Equal length and equal bytes, without an early exit an attacker could time.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

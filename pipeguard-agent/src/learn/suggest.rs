@@ -46,6 +46,11 @@ pub enum SuggestError {
 }
 
 pub fn suggest(runs: &[Run], min_runs: usize) -> Result<Suggestion, SuggestError> {
+    suggest_named(runs, min_runs, POLICY_NAME)
+}
+
+/// As [`suggest`], for policies named `name`.
+pub fn suggest_named(runs: &[Run], min_runs: usize, name: &str) -> Result<Suggestion, SuggestError> {
     let first = runs.first().ok_or(SuggestError::NoRuns)?;
     if min_runs > runs.len() {
         return Err(SuggestError::TooFewRuns {
@@ -108,7 +113,7 @@ pub fn suggest(runs: &[Run], min_runs: usize) -> Result<Suggestion, SuggestError
         ));
     }
     let target = render::Target {
-        name: POLICY_NAME,
+        name,
         namespace: &first.namespace,
         labels: &first.labels,
     };

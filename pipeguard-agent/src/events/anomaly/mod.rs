@@ -195,7 +195,7 @@ pub struct Anomaly {
 }
 
 impl Anomaly {
-    fn new(signal: Signal, detail: String, count: u64, pod_cgroup_id: u64) -> Self {
+    pub(crate) fn new(signal: Signal, detail: String, count: u64, pod_cgroup_id: u64) -> Self {
         Self {
             kind: "anomaly".into(),
             signal: signal.name().into(),
@@ -211,7 +211,7 @@ impl Anomaly {
         }
     }
 
-    fn to(mut self, (ip, port, protocol): &Dest) -> Self {
+    pub(crate) fn to(mut self, (ip, port, protocol): &Dest) -> Self {
         self.dst_ip = Some(*ip);
         self.dst_port = Some(*port);
         self.protocol = Some(protocol.clone());
