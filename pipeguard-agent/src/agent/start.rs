@@ -76,7 +76,8 @@ pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine
     loop {
         match Engine::load(&EngineConfig {
             unknown_pods: config.unknown_pods,
-            flow_stats: false,
+            // The baseline's source: per-destination counts (see `baseline::recorder`).
+            flow_stats: config.baseline.is_some(),
             kernel_log_level: config.kernel_log_level,
             pin_dir: config.pin_dir.clone(),
             cluster_domain: config.cluster_domain.clone(),

@@ -109,6 +109,7 @@ impl Recorder {
     }
 
     pub async fn run(mut self) {
+        tracing::info!(interval = ?self.config.interval, stable_runs = self.config.stable_runs, "recording workload baselines");
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -131,6 +132,7 @@ impl Recorder {
             by_pod.entry(key.cgroup_id).or_default().push((key, counter));
         }
         let pods = self.index.snapshot();
+        tracing::debug!(pods = pods.len(), flows_of = by_pod.len(), "baseline round");
         let live: HashSet<u64> = pods.iter().map(|(id, _)| *id).collect();
         self.watched.retain(|id, _| live.contains(id));
         let mut active: HashSet<Key> = HashSet::new();

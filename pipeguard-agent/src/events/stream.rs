@@ -40,27 +40,27 @@ impl Access {
 }
 
 impl Access {
-    /// `Err` with the response to send when `headers` do not grant access.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), Response> {
+    /// The response refusing a request with these `headers`, or `None` when they grant access.
+    pub fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
         match self {
-            Self::Off => Err((StatusCode::NOT_FOUND, "off: configure --events-token-file\n").into_response()),
-            Self::Loopback => Ok(()),
+            Self::Off => {
+                Some((StatusCode::NOT_FOUND, "off: configure --events-token-file\n").into_response())
+            }
+            Self::Loopback => None,
             Self::Token(token) => {
                 let given = headers
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .map(|t| t.trim().as_bytes());
-                if given.is_some_and(|g| constant_time_eq(g, token)) {
-                    Ok(())
-                } else {
-                    Err((
+                (!given.is_some_and(|g| constant_time_eq(g, token))).then(|| {
+                    (
                         StatusCode::UNAUTHORIZED,
                         [(header::WWW_AUTHENTICATE, "Bearer")],
                         "unauthorized\n",
                     )
-                        .into_response())
-                }
+                        .into_response()
+                })
             }
         }
     }

@@ -5,8 +5,11 @@
 //! Served: `/api/v1/pods`, `/api/v1/namespaces`, `/apis/networking.k8s.io/v1/networkpolicies`,
 //! and once [`KubeApiServer::install_crds`] is called `/apis/pipeguard.dev/v1alpha1/`
 //! `domainpolicies` and `clusterdomainpolicies` (404 before, as on a cluster without the
-//! CRDs) (cluster-wide list and watch), and POST/PATCH of core events. Label and field
-//! selectors are not evaluated (the agent asks for neither).
+//! CRDs) (cluster-wide list and watch), and POST/PATCH of core events. With the CRDs, also
+//! `workloadbaselines`: list (cluster-wide and per namespace, paginated), get, create
+//! (409 when it exists), JSON merge patch (404 when it does not) and replace (409 on a stale
+//! resourceVersion), as the API server answers them. Label and field selectors are not
+//! evaluated (the agent asks for neither).
 
 use std::{
     collections::BTreeMap,
@@ -66,6 +69,7 @@ fn list_kind(kind: &str) -> (&'static str, &'static str) {
         "Namespace" => ("NamespaceList", "v1"),
         "DomainPolicy" => ("DomainPolicyList", "pipeguard.dev/v1alpha1"),
         "ClusterDomainPolicy" => ("ClusterDomainPolicyList", "pipeguard.dev/v1alpha1"),
+        "WorkloadBaseline" => ("WorkloadBaselineList", "pipeguard.dev/v1alpha1"),
         _ => ("NetworkPolicyList", "networking.k8s.io/v1"),
     }
 }
@@ -104,27 +108,18 @@ impl KubeApiServer {
     }
 
     /// Creates or replaces an object and tells the watchers.
-    pub fn apply(&self, mut obj: Value) {
-        let kind = obj["kind"].as_str().expect("kind").to_string();
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
-        let mut st = self.state.lock().unwrap();
-        st.rv += 1;
-        obj["metadata"]["resourceVersion"] = st.rv.to_string().into();
-        if obj["metadata"]["uid"].is_null() {
-            obj["metadata"]["uid"] = format!("uid-{kind}-{ns}-{name}").to_lowercase().into();
-        }
-        let key = (kind.clone(), ns, name);
-        let kind_of_event = if st.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.objects.insert(key, obj.clone());
-        publish(&mut st, &kind, kind_of_event, obj);
+    pub fn apply(&self, obj: Value) {
+        store(&mut self.state.lock().unwrap(), obj);
+    }
+
+    /// Every stored object of `kind`.
+    pub fn objects(&self, kind: &str) -> Vec<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .iter()
+            .filter(|((k, _, _), _)| k == kind)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     pub fn delete(&self, kind: &str, namespace: Option<&str>, name: &str) {
@@ -177,6 +172,150 @@ impl KubeApiServer {
 
     pub fn events(&self) -> Vec<Value> {
         self.state.lock().unwrap().events.clone()
+    }
+}
+
+/// Stores `obj` with a new resourceVersion (and a uid when it has none), tells the watchers,
+/// and returns it as stored.
+fn store(st: &mut State, mut obj: Value) -> Value {
+    let kind = obj["kind"].as_str().expect("kind").to_string();
+    let ns = obj["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+    st.rv += 1;
+    obj["metadata"]["resourceVersion"] = st.rv.to_string().into();
+    if obj["metadata"]["uid"].is_null() {
+        obj["metadata"]["uid"] = format!("uid-{kind}-{ns}-{name}").to_lowercase().into();
+    }
+    let key = (kind.clone(), ns, name);
+    let kind_of_event = if st.objects.contains_key(&key) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    st.objects.insert(key, obj.clone());
+    publish(st, &kind, kind_of_event, obj.clone());
+    obj
+}
+
+const BASELINE_KIND: &str = "WorkloadBaseline";
+const BASELINE_GROUP: &str = "/apis/pipeguard.dev/v1alpha1/";
+
+/// `workloadbaselines` paths: (namespace, name), each when the path has it.
+fn baseline_path(path: &str) -> Option<(Option<&str>, Option<&str>)> {
+    let rest = path.strip_prefix(BASELINE_GROUP)?;
+    if rest == "workloadbaselines" {
+        return Some((None, None));
+    }
+    let rest = rest.strip_prefix("namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    match rest.split_once('/') {
+        None if rest == "workloadbaselines" => Some((Some(ns), None)),
+        Some(("workloadbaselines", name)) if !name.is_empty() && !name.contains('/') => {
+            Some((Some(ns), Some(name)))
+        }
+        _ => None,
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": message, "code": code}),
+    )
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let target = target.as_object_mut().unwrap();
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            merge_patch(target.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// One request on `workloadbaselines`: (status, body).
+fn baseline_request(
+    method: &str,
+    (ns, name): (Option<&str>, Option<&str>),
+    params: &BTreeMap<String, String>,
+    body: &[u8],
+    state: &Mutex<State>,
+) -> (u16, Value) {
+    let parsed: Result<Value, _> = serde_json::from_slice(body);
+    match (method, ns, name) {
+        ("GET", _, None) => (200, list(BASELINE_KIND, ns, params, state)),
+        ("GET", Some(ns), Some(name)) => {
+            let st = state.lock().unwrap();
+            match st.objects.get(&(BASELINE_KIND.into(), ns.into(), name.into())) {
+                Some(obj) => (200, obj.clone()),
+                None => status(404, "NotFound", format!("workloadbaselines {name:?} not found")),
+            }
+        }
+        ("POST", Some(ns), None) => {
+            let Ok(mut obj) = parsed else {
+                return status(400, "BadRequest", "body is not JSON".into());
+            };
+            let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
+                return status(422, "Invalid", "metadata.name: Required value".into());
+            };
+            let mut st = state.lock().unwrap();
+            if st
+                .objects
+                .contains_key(&(BASELINE_KIND.into(), ns.into(), name.clone()))
+            {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    format!("workloadbaselines {name:?} already exists"),
+                );
+            }
+            obj["metadata"]["namespace"] = ns.into();
+            obj["kind"] = BASELINE_KIND.into();
+            (201, store(&mut st, obj))
+        }
+        ("PATCH" | "PUT", Some(ns), Some(name)) => {
+            let Ok(patch) = parsed else {
+                return status(400, "BadRequest", "body is not JSON".into());
+            };
+            let mut st = state.lock().unwrap();
+            let key = (BASELINE_KIND.to_string(), ns.to_string(), name.to_string());
+            let Some(current) = st.objects.get(&key).cloned() else {
+                return status(404, "NotFound", format!("workloadbaselines {name:?} not found"));
+            };
+            let obj = if method == "PUT" {
+                // Custom resources allow no unconditional update.
+                let given = patch["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+                if given
+                    != current["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default()
+                {
+                    return status(409, "Conflict", format!("the object {name:?} has been modified"));
+                }
+                let mut obj = patch;
+                obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                obj
+            } else {
+                let mut obj = current;
+                merge_patch(&mut obj, &patch);
+                obj
+            };
+            (200, store(&mut st, obj))
+        }
+        _ => status(405, "MethodNotAllowed", format!("{method} is not supported here")),
     }
 }
 
@@ -245,6 +384,13 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::
             }
             continue;
         }
+        if let Some(target) = baseline_path(&path).filter(|_| state.lock().unwrap().crds) {
+            let (code, answer) = baseline_request(&method, target, &params, &body, &state);
+            if respond(&mut write, code, &answer.to_string()).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let served = kind_of_path(&path).filter(|k| !CRD_KINDS.contains(k) || state.lock().unwrap().crds);
         let Some(kind) = served else {
             let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
@@ -266,20 +412,26 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::
             watch(write, kind, &params, state, drop_rx).await;
             return;
         }
-        let list = list(kind, &params, &state);
+        let list = list(kind, None, &params, &state);
         if respond(&mut write, 200, &list.to_string()).await.is_err() {
             return;
         }
     }
 }
 
-fn list(kind: &str, params: &BTreeMap<String, String>, state: &Mutex<State>) -> Value {
+/// A page of `kind`'s objects, of one namespace or all.
+fn list(
+    kind: &str,
+    namespace: Option<&str>,
+    params: &BTreeMap<String, String>,
+    state: &Mutex<State>,
+) -> Value {
     let st = state.lock().unwrap();
     // Only the page is copied: a 50,000-pod list in pages of 500 stays linear.
     let items: Vec<&Value> = st
         .objects
         .iter()
-        .filter(|((k, _, _), _)| k == kind)
+        .filter(|((k, ns, _), _)| k == kind && namespace.is_none_or(|n| n == ns))
         .map(|(_, v)| v)
         .collect();
     let start: usize = params.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -311,6 +463,10 @@ async fn respond(
     let reason = match status {
         200 => "OK",
         201 => "Created",
+        400 => "Bad Request",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        422 => "Unprocessable Entity",
         500 => "Internal Server Error",
         _ => "Not Found",
     };
