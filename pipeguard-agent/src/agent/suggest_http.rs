@@ -27,7 +27,7 @@ pub async fn handler(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(refused) = state.access.refusal(&headers) {
+    if let Some(refused) = state.access.refusal(&headers, "/v1/suggest") {
         return refused;
     }
     let Some(namespace) = params.get("namespace").filter(|n| !n.is_empty()) else {

@@ -14,6 +14,19 @@ fn sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
     })
 }
 
+/// Every entry of a per-CPU counter map, summed over CPUs.
+fn every_entry<T: std::borrow::Borrow<MapData>, K: aya::Pod>(
+    map: &PerCpuHashMap<T, K, Counter>,
+    name: &'static str,
+) -> Result<Vec<(K, Counter)>, EngineError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, values) = item.map_err(|source| EngineError::Map { map: name, source })?;
+        out.push((key, sum(&values)));
+    }
+    Ok(out)
+}
+
 impl Engine {
     /// Every counter of one pod cgroup: (key, totals over all CPUs).
     pub fn counters(&self, pod_cgroup_id: u64) -> Result<Vec<(CounterKey, Counter)>, EngineError> {
@@ -35,15 +48,7 @@ impl Engine {
     /// pod would make reading them quadratic in pods).
     pub fn all_counters(&self) -> Result<Vec<(CounterKey, Counter)>, EngineError> {
         let map: PerCpuHashMap<&MapData, CounterKey, Counter> = self.map(map_names::COUNTERS)?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (key, values) = item.map_err(|source| EngineError::Map {
-                map: map_names::COUNTERS,
-                source,
-            })?;
-            out.push((key, sum(&values)));
-        }
-        Ok(out)
+        every_entry(&map, map_names::COUNTERS)
     }
 
     /// Per-destination statistics of one pod cgroup (only kept with `flow_stats`).
@@ -125,15 +130,7 @@ impl FlowReader {
     /// Every flow of every pod, summed over CPUs: one walk of the map, bounded by its
     /// capacity (`MAX_FLOWS`).
     pub fn all(&self) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
-        let mut out = Vec::new();
-        for item in self.map.iter() {
-            let (key, values) = item.map_err(|source| EngineError::Map {
-                map: map_names::FLOWS,
-                source,
-            })?;
-            out.push((key, sum(&values)));
-        }
-        Ok(out)
+        every_entry(&self.map, map_names::FLOWS)
     }
 }
 

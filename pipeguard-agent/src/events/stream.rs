@@ -40,12 +40,17 @@ impl Access {
 }
 
 impl Access {
-    /// The response refusing a request with these `headers`, or `None` when they grant access.
-    pub fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
+    /// The response refusing a request for `what` with these `headers`, or `None` when they
+    /// grant access.
+    pub fn refusal(&self, headers: &HeaderMap, what: &str) -> Option<Response> {
         match self {
-            Self::Off => {
-                Some((StatusCode::NOT_FOUND, "off: configure --events-token-file\n").into_response())
-            }
+            Self::Off => Some(
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("{what} is off: configure --events-token-file\n"),
+                )
+                    .into_response(),
+            ),
             Self::Loopback => None,
             Self::Token(token) => {
                 let given = headers
@@ -85,30 +90,8 @@ pub async fn handler(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    match &state.access {
-        Access::Off => {
-            return (
-                StatusCode::NOT_FOUND,
-                "the event stream is off: configure --events-token-file\n",
-            )
-                .into_response();
-        }
-        Access::Loopback => {}
-        Access::Token(token) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| t.trim().as_bytes());
-            if !given.is_some_and(|g| constant_time_eq(g, token)) {
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    [(header::WWW_AUTHENTICATE, "Bearer")],
-                    "unauthorized\n",
-                )
-                    .into_response();
-            }
-        }
+    if let Some(refused) = state.access.refusal(&headers, "the event stream") {
+        return refused;
     }
     let sse = headers
         .get(header::ACCEPT)
