@@ -96,7 +96,8 @@ pub struct AgentArgs {
     #[arg(long, env = "PIPEGUARD_METRICS_PER_DESTINATION")]
     pub metrics_per_destination: bool,
     /// Anomaly signal setting, repeatable: SIGNAL=off, SIGNAL=on, deny_burst=COUNT/DURATION
-    /// (default 20/10s), upload_volume=SIZE (default 100MiB). The agent raises deny_burst;
+    /// (default 20/10s), upload_volume=SIZE (default 100MiB). The agent raises deny_burst and
+    /// dns_tunnel (the queries of DNS-filtered pods);
     /// with --baseline also new_destination (allowed traffic to a destination not in the
     /// workload's stable baseline) and upload_volume (bytes to one destination above SIZE,
     /// or more than 10 times the most a baseline run sent there).
