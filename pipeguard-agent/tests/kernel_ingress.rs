@@ -506,3 +506,119 @@ fn the_ingress_half_is_read_back_with_its_allowlist() {
     engine.delete_policy(7, &changed).unwrap();
     assert!(engine.policies().unwrap().is_empty());
 }
+
+/// `pipeguard exec --port ... -- probe tcp-accept-all` listening on 127.0.0.1:`port`, with
+/// `policy`; returns the running exec and the file that stops the job's listener.
+fn exec_listener(
+    dir: &std::path::Path,
+    policy: &str,
+    ports: &[String],
+    port: u16,
+) -> (std::process::Child, std::path::PathBuf) {
+    let policy_file = dir.join("policy.yaml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let (port_file, stop_file) = (dir.join(format!("port-{port}")), dir.join(format!("stop-{port}")));
+    let _ = std::fs::remove_file(&port_file);
+    let _ = std::fs::remove_file(&stop_file);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["exec", "--namespace", "ci", "--policy"])
+        .arg(&policy_file)
+        .args(ports.iter().flat_map(|p| ["--port", p.as_str()]))
+        .arg("--events")
+        .arg(dir.join("events.jsonl"))
+        .arg("--")
+        .args(common::probe_argv())
+        .env(
+            common::probe::ACTIONS_ENV,
+            format!(
+                "tcp-accept-all 127.0.0.1:{port} {} {}",
+                port_file.display(),
+                stop_file.display()
+            ),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pipeguard exec");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !port_file.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the job exited before listening: {status}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, stop_file)
+}
+
+/// Stops the job's listener; how many connections it accepted from `source`.
+fn accepted_from(child: std::process::Child, stop_file: &std::path::Path, source: &str) -> u32 {
+    std::fs::write(stop_file, "").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    common::parse_outcomes(&output)
+        .iter()
+        .find_map(|o| o.action.strip_prefix(&format!("accepted-from:{source}:")))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Named ports in `exec` are the job's declared container ports (`--port NAME=PORT`): the
+/// policy's `{port: cache}` admits the allowed source on the port `cache` names and on no
+/// other; a name no `--port` declares stops the command from running, naming policy and
+/// field.
+#[test]
+fn pipeguard_exec_named_ports_are_the_jobs_declared_ports() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require_kernel();
+    let dir = std::env::temp_dir().join(format!("pg-ingress-named-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: ci}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{ipBlock: {cidr: 127.0.0.2/32}}]\n    ports: [{port: cache}]\n";
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, other) = (free(), free());
+    let at = SocketAddr::new(ip("127.0.0.1"), port);
+
+    // `cache` is the port the job listens on: the allowed source gets in.
+    let (child, stop) = exec_listener(&dir, policy, &[format!("cache={port}")], port);
+    inbound::connect_from(ip("127.0.0.2"), at).expect("the named port admits the allowed source");
+    assert_eq!(accepted_from(child, &stop, "127.0.0.2"), 1);
+
+    // `cache` names another port (and UDP's would not count): the listener is closed to it.
+    let ports = [format!("cache={other}"), format!("cache-udp={port}/UDP")];
+    let (child, stop) = exec_listener(&dir, policy, &ports, port);
+    let error = inbound::connect_from(ip("127.0.0.2"), at).expect_err("not the named port");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    assert_eq!(accepted_from(child, &stop, "127.0.0.2"), 0);
+
+    // Undeclared: fail closed before running anything.
+    let policy_file = dir.join("policy.yaml");
+    let ran = dir.join("ran");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
+        .args(["exec", "--namespace", "ci", "--policy"])
+        .arg(&policy_file)
+        .args(["--", "touch"])
+        .arg(&ran)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains(
+            "policy ci/in: spec.ingress[0].ports[0].port: named port \"cache\" (TCP) is not a port of the job"
+        ),
+        "{stderr}"
+    );
+    assert!(!ran.exists(), "the command ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -36,6 +36,11 @@ pub struct ExecArgs {
     /// Label of the job as a pod, KEY=VALUE; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A container port of the job, NAME=PORT[/PROTOCOL] (TCP when omitted): named ports in
+    /// the ingress rules of policies selecting the job mean these, as a pod's container
+    /// ports; a name no --port declares is an error. Repeatable.
+    #[arg(long = "port", value_name = "NAME=PORT[/PROTOCOL]", value_parser = parse_container_port)]
+    pub ports: Vec<(String, u8, u16)>,
     /// Cluster snapshot (Namespaces and Pods, YAML) so podSelector/namespaceSelector peers
     /// resolve to pod IPs.
     #[arg(long, value_name = "PATH")]
@@ -109,6 +114,28 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         return Err(format!("empty label key in {s:?}"));
     }
     Ok((k.to_string(), v.to_string()))
+}
+
+/// `NAME=PORT[/PROTOCOL]` → (name, protocol number, port), with Kubernetes' rules for
+/// container port names.
+fn parse_container_port(s: &str) -> Result<(String, u8, u16), String> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PORT[/PROTOCOL], got {s:?}"))?;
+    if !policy::is_port_name(name) {
+        return Err(format!(
+            "{name:?} is not a valid port name (1-15 lowercase letters, digits and '-', at least one letter)"
+        ));
+    }
+    let (port, protocol) = rest.split_once('/').unwrap_or((rest, "TCP"));
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("port {port:?} of {name:?} is not a number in 1-65535"))?;
+    let protocol = policy::protocol_number(protocol)
+        .ok_or_else(|| format!("unknown protocol {protocol:?} for {name:?}: use TCP, UDP or SCTP"))?;
+    Ok((name.to_string(), protocol, port))
 }
 
 pub(crate) fn parse_kernel_log_level(s: &str) -> Result<u8, String> {
@@ -282,5 +309,41 @@ fn compile(args: &ExecArgs, policies: &[PathBuf]) -> Result<(PolicyEntries, bool
         name: "pipeguard-exec".to_string(),
         labels: args.labels.iter().cloned().collect(),
     };
-    job::allowlist::compile(&set, &pod, &[], cluster.as_ref())
+    // A pod's port names are unique (Kubernetes validates that); so are the job's.
+    for (i, (name, _, _)) in args.ports.iter().enumerate() {
+        if args.ports[..i].iter().any(|(n, _, _)| n == name) {
+            return Err(format!(
+                "--port {name} is given twice; port names are unique, as in a pod"
+            ));
+        }
+    }
+    job::allowlist::check_own_ports(&set, &pod, &args.ports)
+        .map_err(|e| format!("{e}\nthe command was not run"))?;
+    job::allowlist::compile(&set, &pod, &args.ports, cluster.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_container_port;
+
+    #[test]
+    fn container_ports_parse_like_a_pods() {
+        assert_eq!(parse_container_port("http=8080"), Ok(("http".into(), 6, 8080)));
+        assert_eq!(parse_container_port("dns=5353/UDP"), Ok(("dns".into(), 17, 5353)));
+        assert_eq!(parse_container_port("m3=9/SCTP"), Ok(("m3".into(), 132, 9)));
+        for bad in [
+            "http",
+            "=80",
+            "HTTP=80",
+            "a--b=1",
+            "-a=1",
+            "123=1",
+            "http=0",
+            "http=65536",
+            "http=80/tcp",
+            "a-very-long-port-name=1",
+        ] {
+            assert!(parse_container_port(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 use crate::{
     engine::{IngressEntries, PolicyEntries},
-    policy::{self, Cluster, Egress, Ingress, PodIdentity, PolicySet},
+    policy::{self, Cluster, Egress, Ingress, PodIdentity, PolicySet, PortRef},
 };
 
 /// The compiled allowlist and whether the job's DNS is filtered (a domain policy selects
@@ -65,6 +65,50 @@ pub fn compile(
         },
         dns_filtered,
     ))
+}
+
+/// `exec` has no pod spec: the job's container ports are what `--port` declares. A name in
+/// an ingress rule of a policy that selects the job must be one of them; otherwise the
+/// command does not run (fail closed, where a pod would quietly admit nothing on it). The
+/// error names each policy and field.
+pub fn check_own_ports(
+    set: &PolicySet,
+    identity: &PodIdentity,
+    own_ports: &[(String, u8, u16)],
+) -> Result<(), String> {
+    let mut errors = Vec::new();
+    let selecting = set.policies.iter().filter(|p| {
+        p.namespace == identity.namespace && p.ingress.is_some() && p.pod_selector.matches(&identity.labels)
+    });
+    for policy in selecting {
+        for (i, rule) in policy.ingress.iter().flatten().enumerate() {
+            for (j, spec) in rule.ports.iter().flatten().enumerate() {
+                let PortRef::Named(name) = &spec.port else {
+                    continue;
+                };
+                if !own_ports.iter().any(|(n, p, _)| n == name && *p == spec.protocol) {
+                    let protocol = protocol_name(spec.protocol);
+                    errors.push(format!(
+                        "policy {}: spec.ingress[{i}].ports[{j}].port: named port {name:?} ({protocol}) is not a port of the job: declare it with --port {name}=PORT/{protocol}",
+                        policy.key()
+                    ));
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        pipeguard_common::PROTO_UDP => "UDP",
+        pipeguard_common::PROTO_SCTP => "SCTP",
+        _ => "TCP",
+    }
 }
 
 /// The job's listeners are judged when a policy with Ingress in its policyTypes selects it;

@@ -59,7 +59,7 @@ pub use self::{
     reach::{Destination, PortQuery, Reach, ReachError, Side, reach},
     reach_name::{NameReach, reach_name},
     selector::Selector,
-    validate::{Peer, Policy, PortRef, PortSpec, Rule},
+    validate::{Peer, Policy, PortRef, PortSpec, Rule, is_port_name},
 };
 
 /// One allowed destination range: `cidr` minus `except`, on `ports`.

@@ -285,7 +285,7 @@ fn port_number(field: &str, n: i64) -> Result<u16, FieldError> {
 }
 
 /// IANA service name rules, as Kubernetes validates container port names.
-fn is_port_name(name: &str) -> bool {
+pub fn is_port_name(name: &str) -> bool {
     (1..=15).contains(&name.len())
         && name
             .bytes()

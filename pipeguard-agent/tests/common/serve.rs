@@ -194,10 +194,16 @@ pub fn accept_all(bind: &str, rest: &str) {
     listener.set_nonblocking(true).unwrap();
     publish_port(port_file, listener.local_addr().unwrap().port());
     let mut sources = std::collections::BTreeMap::<IpAddr, u32>::new();
-    while !Path::new(stop_file).exists() {
+    loop {
+        // Read before draining: connections completed before the test wrote it are all
+        // in the queue, and are counted.
+        let stop = Path::new(stop_file).exists();
         match listener.accept() {
             Ok((_, peer)) => *sources.entry(peer.ip()).or_default() += 1,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) => panic!("accept: {e}"),
