@@ -622,3 +622,123 @@ fn pipeguard_exec_named_ports_are_the_jobs_declared_ports() {
     assert!(!ran.exists(), "the command ran");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A raw IPv4 socket for IPPROTO_SCTP (this kernel has no SCTP module, so no SCTP socket).
+fn raw_sctp() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_SCTP,
+        )
+    };
+    assert!(fd >= 0, "raw SCTP socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor we own.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// An SCTP packet (common header and an INIT chunk) from `source` to 127.0.0.1:`port`,
+/// sent through a raw socket outside the pod (the kernel adds the IP header).
+fn send_sctp(source: &str, src_port: u16, port: u16) {
+    use std::os::fd::AsRawFd;
+    let socket = raw_sctp();
+    let (from, len) = common::probe::sockaddr(&SocketAddr::new(ip(source), 0));
+    // SAFETY: a valid socket and address.
+    assert_eq!(
+        unsafe { libc::bind(socket.as_raw_fd(), (&raw const from).cast(), len) },
+        0
+    );
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&src_port.to_be_bytes());
+    packet.extend_from_slice(&port.to_be_bytes());
+    packet.extend_from_slice(&[0; 8]); // verification tag 0 (INIT), checksum
+    // INIT: type 1, flags, length 20, initiate tag, a_rwnd, streams out/in, initial TSN.
+    packet.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    let (to, len) = common::probe::sockaddr(&SocketAddr::new(ip("127.0.0.1"), 0));
+    // SAFETY: a valid socket, buffer and address.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const to).cast(),
+            len,
+        )
+    };
+    assert_eq!(sent, packet.len() as isize, "{}", std::io::Error::last_os_error());
+}
+
+/// The destination ports of the SCTP packets `socket` receives within a short wait.
+fn sctp_ports_received(socket: &std::os::fd::OwnedFd) -> Vec<u16> {
+    use std::os::fd::AsRawFd;
+    let mut ports = Vec::new();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 500) } <= 0 {
+            return ports;
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: a valid socket and buffer.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        assert!(n > 0, "{}", std::io::Error::last_os_error());
+        // A raw IPv4 socket receives the IP header too.
+        let at = usize::from(buf[0] & 0xf) * 4;
+        ports.push(u16::from_be_bytes([buf[at + 2], buf[at + 3]]));
+    }
+}
+
+/// SCTP is judged by port. This kernel has no SCTP module, so the pod's receiver is a raw
+/// IPPROTO_SCTP socket: the kernel hands it every inbound SCTP packet, through the same
+/// cgroup_skb ingress hook an SCTP socket's receive path (sctp_rcv → sk_filter) runs.
+/// Crafted SCTP packets from outside the pod: to the allowed port from the allowed source
+/// it arrives; to another port, or from another source, it is refused and reported as sctp.
+#[test]
+fn sctp_is_judged_by_port() {
+    let (allowed, other) = (3868, 3869);
+    let only = PortSet {
+        count: 1,
+        ranges: {
+            let mut r = [pipeguard_common::PortRange::default(); pipeguard_common::MAX_PORT_RANGES];
+            r[0] = pipeguard_common::PortRange {
+                start: allowed,
+                end: allowed,
+                protocol: pipeguard_common::PROTO_SCTP,
+                _pad: [0; 3],
+            };
+            r
+        },
+        ..PortSet::default()
+    };
+    let rules = entries(&[("127.0.0.2/32", only)], &[]);
+    let mut p = pod("ing-sctp", &rules, MODE_ENFORCE);
+    let receiver = p.inside(raw_sctp);
+    send_sctp("127.0.0.2", 5000, other);
+    send_sctp("127.0.0.3", 5000, allowed);
+    send_sctp("127.0.0.2", 5000, allowed);
+    assert_eq!(
+        sctp_ports_received(&receiver),
+        [allowed],
+        "only the allowed source on the allowed port"
+    );
+    let seen = p.events();
+    for (source, port) in [("127.0.0.2", other), ("127.0.0.3", allowed)] {
+        assert!(
+            seen.iter().any(|e| e.hook == "ingress"
+                && e.verdict == "deny"
+                && e.protocol == "sctp"
+                && e.src_ip == Some(ip(source))
+                && e.dst_port == Some(port)
+                && e.src_port == Some(5000)),
+            "a refusal of {source} on {port}/sctp: {seen:#?}"
+        );
+    }
+    assert_eq!(p.count(VERDICT_DENY), 2);
+}
