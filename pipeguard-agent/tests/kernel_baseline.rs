@@ -183,8 +183,10 @@ fn the_baseline_survives_an_agent_restart_and_a_new_destination_is_raised() {
     );
 }
 
+/// new_destination off, upload_volume at 4 KiB: small runs raise nothing, a large upload
+/// to a baseline destination raises upload_volume.
 #[test]
-fn new_destination_can_be_switched_off() {
+fn new_destination_can_be_switched_off_and_upload_volume_is_raised() {
     let n = node("baseline-off");
     n.server.install_crds();
     let known = listeners::tcp("127.0.0.1:0");
@@ -206,6 +208,8 @@ fn new_destination_can_be_switched_off() {
             "1",
             "--anomaly",
             "new_destination=off",
+            "--anomaly",
+            "upload_volume=4KiB",
             "--no-events-stdout",
             "--events-file",
             &events_arg,
@@ -219,9 +223,23 @@ fn new_destination_can_be_switched_off() {
     assert!(once(&cgroups[1], format!("tcp {} second", other.addr)).ok);
     wait_suggest(&agent, "(2 runs)");
     assert!(anomalies(&events, "new_destination").is_empty(), "switched off");
+    assert!(anomalies(&events, "upload_volume").is_empty(), "small runs");
+    assert!(once(&cgroups[2], format!("tcp {k} {}", "x".repeat(8000))).ok);
+    eventually(Duration::from_secs(30), "no upload_volume raised", || {
+        !anomalies(&events, "upload_volume").is_empty()
+    });
+    let raised = anomalies(&events, "upload_volume");
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(raised[0]["dst_port"], k.port(), "{raised:?}");
+    assert_eq!(raised[0]["pod"]["name"], "release-13-build-pod");
+    assert!(raised[0]["count"].as_u64().unwrap() > 8000, "{raised:?}");
     let (_, metrics) = http_get(&agent.listen, "/metrics").unwrap();
     assert!(
         metrics.contains("pipeguard_anomalies_total{signal=\"new_destination\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pipeguard_anomalies_total{signal=\"upload_volume\"} 1"),
         "{metrics}"
     );
 }
