@@ -507,12 +507,12 @@ fn the_ingress_half_is_read_back_with_its_allowlist() {
     assert!(engine.policies().unwrap().is_empty());
 }
 
-/// `pipeguard exec --port ... -- probe tcp-accept-all` listening on 127.0.0.1:`port`, with
+/// `pipeguard exec FLAGS... -- probe tcp-accept-all` listening on 127.0.0.1:`port`, with
 /// `policy`; returns the running exec and the file that stops the job's listener.
 fn exec_listener(
     dir: &std::path::Path,
     policy: &str,
-    ports: &[String],
+    flags: &[String],
     port: u16,
 ) -> (std::process::Child, std::path::PathBuf) {
     let policy_file = dir.join("policy.yaml");
@@ -523,7 +523,7 @@ fn exec_listener(
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
         .args(["exec", "--namespace", "ci", "--policy"])
         .arg(&policy_file)
-        .args(ports.iter().flat_map(|p| ["--port", p.as_str()]))
+        .args(flags)
         .arg("--events")
         .arg(dir.join("events.jsonl"))
         .arg("--")
@@ -590,13 +590,19 @@ fn pipeguard_exec_named_ports_are_the_jobs_declared_ports() {
     let at = SocketAddr::new(ip("127.0.0.1"), port);
 
     // `cache` is the port the job listens on: the allowed source gets in.
-    let (child, stop) = exec_listener(&dir, policy, &[format!("cache={port}")], port);
+    let flags = ["--port".to_string(), format!("cache={port}")];
+    let (child, stop) = exec_listener(&dir, policy, &flags, port);
     inbound::connect_from(ip("127.0.0.2"), at).expect("the named port admits the allowed source");
     assert_eq!(accepted_from(child, &stop, "127.0.0.2"), 1);
 
     // `cache` names another port (and UDP's would not count): the listener is closed to it.
-    let ports = [format!("cache={other}"), format!("cache-udp={port}/UDP")];
-    let (child, stop) = exec_listener(&dir, policy, &ports, port);
+    let flags = [
+        "--port".to_string(),
+        format!("cache={other}"),
+        "--port".to_string(),
+        format!("cache-udp={port}/UDP"),
+    ];
+    let (child, stop) = exec_listener(&dir, policy, &flags, port);
     let error = inbound::connect_from(ip("127.0.0.2"), at).expect_err("not the named port");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
     assert_eq!(accepted_from(child, &stop, "127.0.0.2"), 0);
@@ -620,6 +626,42 @@ fn pipeguard_exec_named_ports_are_the_jobs_declared_ports() {
         "{stderr}"
     );
     assert!(!ran.exists(), "the command ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `pipeguard exec --mode audit`: the job's listener is reached by the source its policy
+/// refuses, and the attempt is reported as an ingress event with verdict `audit`.
+#[test]
+fn pipeguard_exec_audits_ingress_without_refusing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require_kernel();
+    let dir = std::env::temp_dir().join(format!("pg-ingress-audit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: ci}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{ipBlock: {cidr: 127.0.0.2/32}}]\n";
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let flags = ["--mode".to_string(), "audit".to_string()];
+    let (child, stop) = exec_listener(&dir, policy, &flags, port);
+    inbound::connect_from(ip("127.0.0.3"), SocketAddr::new(ip("127.0.0.1"), port))
+        .expect("audit never refuses");
+    assert_eq!(accepted_from(child, &stop, "127.0.0.3"), 1);
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+    let audited: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["direction"] == "ingress")
+        .collect();
+    assert!(
+        audited
+            .iter()
+            .any(|e| e["verdict"] == "audit" && e["src_ip"] == "127.0.0.3" && e["dst_port"] == port),
+        "{events}"
+    );
+    assert!(!audited.iter().any(|e| e["verdict"] == "deny"), "{events}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
