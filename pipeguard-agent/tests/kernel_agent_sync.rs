@@ -77,13 +77,25 @@ fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_
         "a missing CRD's list retries woke the loop"
     );
 
-    // The pod object first (the scheduler binds before kubelet starts it): a full sync.
+    // A pod elsewhere that no guarded pod's policy can see: nothing is recomputed.
+    let unaffected = syncs(&agent, "unaffected");
+    n.server.apply(namespace("web"));
+    let mut elsewhere = pod("web", "frontend", &uid(0x5e20_0000), "10.9.0.1");
+    elsewhere["spec"]["nodeName"] = "another-node".into();
+    n.server.apply(elsewhere);
+    eventually(Duration::from_secs(30), "the pod elsewhere never arrived", || {
+        syncs(&agent, "unaffected") > unaffected
+    });
+    // The pod object first (the scheduler binds before kubelet starts it): the local pods
+    // are recomputed, no full sync.
+    let changed = syncs(&agent, "changed");
     let id = uid(0x5e10_0000);
     n.server.apply(pod("ci", "runner-new", &id, "10.3.1.1"));
     eventually(Duration::from_secs(30), "the new pod object never synced", || {
-        syncs(&agent, "full") > full
+        syncs(&agent, "changed") > changed
     });
-    let (full, incremental) = (syncs(&agent, "full"), syncs(&agent, "new_pods"));
+    assert_eq!(syncs(&agent, "full"), full, "a pod object took a full sync");
+    let incremental = syncs(&agent, "new_pods");
     // Then its cgroup: only its entry is written.
     let cg = n.pod_cgroup(&id);
     let o = once(&cg, format!("wait-denied {}", mirror.addr));
@@ -108,7 +120,9 @@ fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_
     );
     cgroups.push(cg);
 
-    // A policy change reaches every pod, the incrementally added one included.
+    // A policy change reaches every pod, the incrementally added one included, without a
+    // full sync (only the pods of the policy's namespace are recomputed).
+    let changed = syncs(&agent, "changed");
     n.server
         .apply(allow_only("ci", "registry", "127.0.0.1/32", mirror.addr.port()));
     for (i, cg) in cgroups.iter().enumerate() {
@@ -118,7 +132,8 @@ fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_
         assert!(o.denied_with_eperm(), "pod {i} kept the old policy: {o:?}");
     }
     assert!(
-        syncs(&agent, "full") > full,
-        "the policy change took no full sync"
+        syncs(&agent, "changed") > changed,
+        "the policy change was not recomputed"
     );
+    assert_eq!(syncs(&agent, "full"), full, "the policy change took a full sync");
 }

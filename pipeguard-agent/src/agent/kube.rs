@@ -1,5 +1,7 @@
-//! Reflectors on Pods, Namespaces and NetworkPolicies. All pods in the cluster are watched
-//! because selector peers need their IPs; only the fields the compiler reads are kept.
+//! Watches on Pods, Namespaces and NetworkPolicies. All pods in the cluster are watched
+//! because selector peers need their IPs; only the fields the compiler reads are kept, and
+//! for pods not in a reflector store but in the sync loop's `world` (one copy, passed with
+//! each change: 50,000 pod objects in a store were most of the agent's 443 MiB).
 //! Watch errors, 410 Gone and API server restarts are retried with backoff by the watcher;
 //! the stores keep the last known state meanwhile, so an outage never opens egress.
 
@@ -13,6 +15,7 @@ use super::{
     raw_policy::RawPolicy,
     triggers::Triggers,
     watch_events::{WatchBackoff, api_answered, changed_cache},
+    world::{PodKey, PodRecord},
 };
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -102,11 +105,12 @@ impl Watches {
     }
 }
 
-/// The caches. `triggers` fires after any change to any of them.
+/// The caches. `triggers` fires after any change to any of them, with what changed.
 #[derive(Clone)]
 pub struct Caches {
     pub watches: Arc<Watches>,
-    pub pods: Store<Pod>,
+    /// True once the pod watch's first list was passed on.
+    pub pods_listed: tokio::sync::watch::Receiver<bool>,
     pub namespaces: Store<Namespace>,
     /// Spec kept raw: an object that does not deserialize is rejected by the parser, not
     /// by the watch (see `raw_policy`).
@@ -120,8 +124,9 @@ pub struct Caches {
 impl Caches {
     /// Resolves once every cache has had its initial list.
     pub async fn ready(&self) {
+        let mut pods_listed = self.pods_listed.clone();
         let _ = tokio::join!(
-            self.pods.wait_until_ready(),
+            pods_listed.wait_for(|listed| *listed),
             self.namespaces.wait_until_ready(),
             self.policies.wait_until_ready(),
             self.domains.ready(),
@@ -130,31 +135,34 @@ impl Caches {
     }
 }
 
-/// Starts the reflectors as tasks on the current runtime.
-pub fn start(client: Client, triggers: Arc<Triggers>) -> Caches {
+/// Starts the watches as tasks on the current runtime. `node`: this node's name (its pods'
+/// objects are kept whole, for enrichment).
+pub fn start(client: Client, triggers: Arc<Triggers>, node: String) -> Caches {
     let watches = Arc::new(Watches::default());
-    let pods = reflect(
+    let pods_listed = watch_pods(
         Api::<Pod>::all(client.clone()),
-        strip_pod,
+        node,
         triggers.clone(),
         watches.clone(),
     );
     let namespaces = reflect(
         Api::<Namespace>::all(client.clone()),
         strip_meta,
+        namespace_changed,
         triggers.clone(),
         watches.clone(),
     );
     let policies = reflect(
         Api::<RawPolicy>::all(client.clone()),
         strip_meta,
+        policy_changed,
         triggers.clone(),
         watches.clone(),
     );
     let (domains, cluster_domains) = super::kube_domains::start(client, triggers.clone(), watches.clone());
     Caches {
         watches,
-        pods,
+        pods_listed,
         namespaces,
         policies,
         domains,
@@ -163,7 +171,35 @@ pub fn start(client: Client, triggers: Arc<Triggers>) -> Caches {
     }
 }
 
-fn reflect<K>(api: Api<K>, strip: fn(&mut K), triggers: Arc<Triggers>, watches: Arc<Watches>) -> Store<K>
+/// What a changed object asks of the sync loop (the store has it already).
+type OnChange<K> = fn(&Triggers, &watcher::Event<K>);
+
+fn namespace_changed(triggers: &Triggers, event: &watcher::Event<Namespace>) {
+    match event {
+        watcher::Event::Apply(ns) | watcher::Event::Delete(ns) => match &ns.metadata.name {
+            Some(name) => triggers.namespace(name.clone()),
+            None => triggers.full("Namespace"),
+        },
+        _ => triggers.full("Namespace"),
+    }
+}
+
+fn policy_changed(triggers: &Triggers, event: &watcher::Event<RawPolicy>) {
+    match event {
+        watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
+            triggers.policy(p.metadata.namespace.clone().unwrap_or_default())
+        }
+        _ => triggers.full("NetworkPolicy"),
+    }
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    strip: fn(&mut K),
+    on_change: OnChange<K>,
+    triggers: Arc<Triggers>,
+    watches: Arc<Watches>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -178,25 +214,93 @@ where
         .backoff(WatchBackoff::default())
         .modify(strip)
         .reflect(writer);
-    tokio::spawn(drive(stream, triggers, watches, K::kind(&()).into_owned()));
+    tokio::spawn(drive(
+        stream,
+        move |event| {
+            // The store has been updated before the event is yielded.
+            if changed_cache(&event) {
+                on_change(&triggers, &event);
+            }
+        },
+        watches,
+        K::kind(&()).into_owned(),
+    ));
     store
 }
 
-async fn drive<S, K>(stream: S, triggers: Arc<Triggers>, watches: Arc<Watches>, kind: String)
-where
+/// The pod watch: each pod becomes a `PodRecord` at once (the object itself is kept only
+/// for this node's pods) and goes to the loop; a relist is passed on whole at its end.
+fn watch_pods(
+    api: Api<Pod>,
+    node: String,
+    triggers: Arc<Triggers>,
+    watches: Arc<Watches>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (listed, pods_listed) = tokio::sync::watch::channel(false);
+    let stream = watcher(api, watcher::Config::default()).backoff(WatchBackoff::default());
+    let mut relist: Option<Vec<(PodKey, PodRecord)>> = None;
+    let on_event = move |event: watcher::Event<Pod>| match event {
+        watcher::Event::Init => relist = Some(Vec::new()),
+        watcher::Event::InitApply(pod) => {
+            if let (Some(list), Some((key, record))) = (relist.as_mut(), record(pod, &node)) {
+                list.push((key, record));
+            }
+        }
+        watcher::Event::InitDone => {
+            triggers.relisted_pods(relist.take().unwrap_or_default());
+            listed.send_replace(true);
+        }
+        watcher::Event::Apply(pod) => {
+            if let Some((key, record)) = record(pod, &node) {
+                triggers.pod(key, Some(record));
+            }
+        }
+        watcher::Event::Delete(pod) => {
+            if let Some(key) = pod_key(&pod) {
+                triggers.pod(key, None);
+            }
+        }
+    };
+    tokio::spawn(drive(stream, on_event, watches, "Pod".into()));
+    pods_listed
+}
+
+fn pod_key(pod: &Pod) -> Option<PodKey> {
+    Some((
+        pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        pod.metadata.name.clone()?,
+    ))
+}
+
+/// What the loop keeps of a pod: its peer data, and the slimmed object if it is on `node`.
+pub(super) fn record(mut pod: Pod, node: &str) -> Option<(PodKey, PodRecord)> {
+    let key = pod_key(&pod)?;
+    let peer = super::snapshot::cluster_pod(&pod);
+    let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+    let uid = pod.metadata.uid.clone();
+    let local = local.then(|| {
+        strip_pod(&mut pod);
+        Arc::new(pod)
+    });
+    Some((key, PodRecord { uid, peer, local }))
+}
+
+async fn drive<S, K>(
+    stream: S,
+    mut on_event: impl FnMut(watcher::Event<K>),
+    watches: Arc<Watches>,
+    kind: String,
+) where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            // The store has been updated before the event is yielded.
             Ok(event) => {
                 if api_answered(&event) {
                     watches.succeeded(&kind);
                 }
-                if changed_cache(&event) {
-                    triggers.full(&kind);
-                }
+                on_event(event);
             }
             Err(error) => {
                 tracing::warn!(%kind, %error, "watch error; retrying with backoff (caches keep their last state)");

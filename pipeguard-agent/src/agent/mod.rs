@@ -5,6 +5,7 @@
 //! ready), programs loaded and attached to the kubepods cgroups, caches synced, the event
 //! pipeline; then [`sync_loop`] keeps the maps in step. Ready after the first good sync.
 
+mod affected;
 mod api_limits;
 pub mod bypass;
 mod cgroup_watch;
@@ -30,6 +31,7 @@ mod sync_loop;
 mod triggers;
 mod watch_events;
 mod workflow_pod;
+mod world;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -76,7 +76,7 @@ pub fn cluster(namespaces: &[std::sync::Arc<Namespace>], pods: &[std::sync::Arc<
 }
 
 /// A pod without a name or IP cannot be a peer yet; it is left out until it has them.
-fn cluster_pod(pod: &Pod) -> Option<ClusterPod> {
+pub(super) fn cluster_pod(pod: &Pod) -> Option<ClusterPod> {
     let status = pod.status.as_ref()?;
     let mut ips = Vec::new();
     for text in status

@@ -132,7 +132,7 @@ pub(super) async fn caches(
 ) -> Result<(::kube::Client, kube::Caches), AgentError> {
     let client = kube::client(config.kubeconfig.as_deref()).await?;
     let triggers = Arc::new(Triggers::new(health.metrics.sync_triggers.clone()));
-    let caches = kube::start(client.clone(), triggers.clone());
+    let caches = kube::start(client.clone(), triggers.clone(), config.node_name.clone());
     cgroup_watch::start(root.to_path_buf(), triggers).map_err(AgentError::Watch)?;
     let waiting = std::time::Instant::now();
     let mut said = false;

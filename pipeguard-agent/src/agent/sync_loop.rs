@@ -10,7 +10,7 @@
 //! their last state.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -18,17 +18,22 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    AgentConfig, AgentError, Health, LocalPod, Status,
+    AgentConfig, AgentError, Health, LocalPod, Status, affected,
     desired::{self, DesiredPod},
     kube, metrics, pod_cgroups, pod_info, readiness, snapshot,
     start::EventParts,
     sync,
     triggers::Work,
+    world::{PodDelta, World},
 };
 use crate::engine::{Engine, PolicyEntries};
 
 /// How often counters and cgroups are re-read even without a change notification.
 const RESYNC: Duration = Duration::from_secs(10);
+
+/// How often every local pod is recomputed from the loop's state even when no event said
+/// it changed (at a resync).
+const RECOMPUTE: Duration = Duration::from_secs(60);
 
 /// What the loop works with, built by the start-up steps.
 pub(super) struct Parts<'a> {
@@ -76,18 +81,20 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         unmatched: Default::default(),
         rejected: Default::default(),
         last_scan: None,
-        last_full: None,
+        world: Default::default(),
+        policies: None,
+        deps: HashMap::new(),
         desired: Vec::new(),
         paths: HashMap::new(),
     };
     // The first sync has everything to do, including what the caches' first lists and the
-    // cgroup watch triggered meanwhile.
+    // cgroup watch triggered meanwhile (the pod watch's first list is in it).
     let triggers = &caches.triggers;
-    triggers.take();
     let mut wake = Wake::Work(Work {
         full: true,
-        created: Vec::new(),
+        ..triggers.take()
     });
+    let mut next_recompute = Instant::now() + RECOMPUTE;
     let mut next_resync = Instant::now() + RESYNC;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Watch)?;
@@ -104,11 +111,19 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
         };
         let outcome = match wake {
             Wake::Work(work) if work.is_empty() => None,
-            Wake::Work(Work { full: false, created }) => match state.add_pods(created, engine, &parts) {
-                Some(outcome) => Some(outcome),
-                None => Some(state.sync(true, engine, &parts)),
-            },
-            Wake::Work(_) => Some(state.sync(true, engine, &parts)),
+            Wake::Work(work) => Some(state.work(work, engine, &parts)),
+            Wake::Timer if Instant::now() >= next_recompute => {
+                // The safety net: everything recomputed from the loop's state. It writes
+                // nothing unless an incremental step missed something, which it says.
+                next_recompute = Instant::now() + RECOMPUTE;
+                let outcome = state.sync(true, engine, &parts).map(|(path, stats)| {
+                    if stats != sync::SyncStats::default() {
+                        tracing::warn!(?stats, "the periodic full recompute changed the maps");
+                    }
+                    (if path == "full" { "recompute" } else { path }, stats)
+                });
+                Some(outcome)
+            }
             Wake::Timer => Some(state.sync(false, engine, &parts)),
         };
         if let Some(outcome) = outcome {
@@ -132,7 +147,6 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
                 Err(error) => {
                     // Retried in full at the next wake-up, change or not.
                     state.last_scan = None;
-                    state.last_full = None;
                     health.metrics.sync_errors.inc();
                     health.set_not_ready(format!("writing the kernel maps failed: {error}"));
                 }
@@ -163,7 +177,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
                 // Whatever was triggered meanwhile makes it a sync after a change.
                 match triggers.take() {
                     work if work.is_empty() => Wake::Timer,
-                    _ => Wake::Work(Work { full: true, created: Vec::new() }),
+                    work => Wake::Work(Work { full: true, ..work }),
                 }
             }
             _ = sigterm.recv() => {
@@ -194,16 +208,6 @@ struct SyncParts<'a> {
     health: &'a Health,
 }
 
-/// What the last full sync computed the desired state from; the incremental path computes
-/// new pods' entries from the same, so they equal what a full sync would give them.
-struct Inputs {
-    policies: crate::policy::PolicySet,
-    cluster: crate::policy::Cluster,
-    scheduled: BTreeMap<String, snapshot::ScheduledPod>,
-    /// This node's pod objects by UID (for enrichment).
-    objects: HashMap<String, Arc<k8s_openapi::api::core::v1::Pod>>,
-}
-
 struct Loop {
     applied: sync::Applied,
     parsed: snapshot::PolicyCache,
@@ -229,8 +233,13 @@ struct Loop {
     /// The pod cgroups of the last complete sync, sorted by path (`None`: the next sync
     /// recomputes).
     last_scan: Option<Vec<pod_cgroups::PodCgroup>>,
-    /// The inputs of the last full sync (`None`: the next change takes the full path).
-    last_full: Option<Inputs>,
+    /// The cluster, kept from the watch events.
+    world: World,
+    /// The compiled policies (`None`: the next change takes the full path).
+    policies: Option<crate::policy::PolicySet>,
+    /// Per local pod UID: indices into `policies` of the policies its allowlist is compiled
+    /// from (see `affected`).
+    deps: HashMap<String, Vec<usize>>,
     /// What was applied and published, one entry per local pod.
     desired: Vec<DesiredPod>,
     /// Pod cgroup id → its directory.
@@ -238,6 +247,79 @@ struct Loop {
 }
 
 impl Loop {
+    /// What a wake-up brought: the changes go into the loop's state, then the full path
+    /// (a relist, a domain object, a pod cgroup gone, no full sync yet) or only the pods the
+    /// changes can affect, then the new pod cgroups' entries.
+    fn work(
+        &mut self,
+        work: Work,
+        engine: &mut Engine,
+        parts: &SyncParts<'_>,
+    ) -> Result<(&'static str, sync::SyncStats), crate::engine::EngineError> {
+        let Work {
+            mut full,
+            created,
+            relisted,
+            pods,
+            namespaces,
+            policy_namespaces,
+        } = work;
+        if let Some(records) = relisted {
+            self.world.replace_pods(records);
+            full = true;
+        }
+        let deltas: Vec<PodDelta> = pods
+            .into_iter()
+            .map(|(key, record)| self.world.apply_pod(key, record))
+            .collect();
+        let mut namespace_deltas = Vec::new();
+        for name in namespaces {
+            let labels = parts
+                .caches
+                .namespaces
+                .get(&::kube::runtime::reflector::ObjectRef::new(&name))
+                .map(|ns| ns.metadata.labels.clone().unwrap_or_default());
+            let (old, new) = self.world.set_namespace(&name, labels);
+            if old != new {
+                namespace_deltas.push((name, old, new) as affected::NamespaceDelta);
+            }
+        }
+        if full || self.last_scan.is_none() || self.policies.is_none() {
+            return self.sync(true, engine, parts);
+        }
+        let affected = match &self.policies {
+            Some(policies) => affected::affected(
+                &affected::Changes {
+                    pods: &deltas,
+                    namespaces: &namespace_deltas,
+                    policy_namespaces: &policy_namespaces,
+                },
+                policies,
+                &self.world.cluster,
+                self.desired.iter().map(|d| &d.pod),
+                &self.deps,
+            ),
+            None => self.desired.iter().map(|d| d.pod.uid.clone()).collect(),
+        };
+        let local_changed = deltas.iter().any(|d| !d.local.is_empty());
+        let mut outcome = Ok(("unaffected", sync::SyncStats::default()));
+        if !policy_namespaces.is_empty() {
+            self.refresh_policies(parts);
+        }
+        if !affected.is_empty() || local_changed || !policy_namespaces.is_empty() {
+            outcome = self
+                .recompute(Some(&affected), engine, parts)
+                .map(|stats| ("changed", stats));
+        }
+        if created.is_empty() || outcome.is_err() {
+            return outcome;
+        }
+        match self.add_pods(created, engine, parts) {
+            Some(added) => added,
+            None => self.sync(true, engine, parts),
+        }
+    }
+
     /// The full path: scan, recompute every local pod, apply the difference. `changed`: a
     /// cache or the cgroup tree changed (else the periodic resync, which stops after the
     /// scan when nothing moved). Returns the path taken and what was written.
@@ -248,11 +330,7 @@ impl Loop {
         parts: &SyncParts<'_>,
     ) -> Result<(&'static str, sync::SyncStats), crate::engine::EngineError> {
         let SyncParts {
-            config,
-            caches,
-            root,
-            health,
-            ..
+            caches, root, health, ..
         } = *parts;
         let cgroups = match pod_cgroups::scan(root) {
             Ok(cgroups) => {
@@ -266,7 +344,6 @@ impl Loop {
                 // the agent is not ready and says so. What changed meanwhile is applied by
                 // the next sync that scans, change notification or not.
                 self.last_scan = None;
-                self.last_full = None;
                 health.set_problem(
                     "cgroup scan",
                     Some(format!(
@@ -282,7 +359,31 @@ impl Loop {
         if !changed && self.unmatched.is_empty() && self.last_scan.as_ref() == Some(&cgroups) {
             return Ok(("unchanged", sync::SyncStats::default()));
         }
-        self.last_scan = Some(cgroups.clone());
+        self.last_scan = Some(cgroups);
+        // Namespaces are few: re-read whole (a relist of them comes as a full sync).
+        let mut namespaces = BTreeMap::new();
+        for ns in caches.namespaces.state() {
+            if let Some(name) = &ns.metadata.name {
+                namespaces.insert(name.clone(), ns.metadata.labels.clone().unwrap_or_default());
+            }
+        }
+        self.world.cluster.namespaces.clear();
+        for (name, labels) in namespaces {
+            self.world.cluster.add_namespace(&name, labels);
+        }
+        self.refresh_policies(parts);
+        let stats = self.recompute(None, engine, parts)?;
+        Ok(("full", stats))
+    }
+
+    /// Re-reads the policy objects (parsed once per version), reports them.
+    fn refresh_policies(&mut self, parts: &SyncParts<'_>) {
+        let SyncParts {
+            config,
+            caches,
+            health,
+            ..
+        } = *parts;
         let policy_objects = caches.policies.state();
         let mut policies = self.parsed.policies(&policy_objects);
         let invalid_domains = self.parsed_domains.add_to(
@@ -294,48 +395,60 @@ impl Loop {
         );
         self.report_policies(&policy_objects, &policies, health, &config.node_name);
         self.report_domains(caches, &policies, invalid_domains, &config.node_name, health);
-        let pods = caches.pods.state();
-        let cluster = snapshot::cluster(&caches.namespaces.state(), &pods);
-        let scheduled = snapshot::local_pods(&pods, &config.node_name);
-        let (local, paths, unmatched) = self.local_pods(&scheduled, cgroups);
+        // Indices into the old set mean nothing in the new one. Pods outside the changed
+        // namespaces keep their allowlists, so only their dependencies are re-read.
+        self.deps = affected::all_dependencies(&policies, self.desired.iter().map(|d| &d.pod));
+        self.policies = Some(policies);
+    }
+
+    /// Recomputes the local pods in `affected` (all with `None`; and any pod whose cgroup,
+    /// labels or object changed), keeps the others' last result, applies the difference.
+    fn recompute(
+        &mut self,
+        affected: Option<&HashSet<String>>,
+        engine: &mut Engine,
+        parts: &SyncParts<'_>,
+    ) -> Result<sync::SyncStats, crate::engine::EngineError> {
+        let SyncParts { config, health, .. } = *parts;
+        let scan = self.last_scan.clone().unwrap_or_default();
+        let (local, paths, unmatched) = local_pods(&mut self.cgroup_ids, &self.world.scheduled, scan);
         health.set_problem(
             "pod cgroups",
             self.unmatched.check(&unmatched, std::time::Instant::now()),
         );
-        let desired = desired::compute(&config.settings, &policies, &cluster, &local, &self.last_good);
+        let empty = crate::policy::PolicySet::default();
+        let policies = self.policies.as_ref().unwrap_or(&empty);
+        let (desired, recomputed) = affected::merge(
+            &config.settings,
+            policies,
+            &self.world.cluster,
+            &local,
+            |pod| affected.is_none_or(|a| a.contains(&pod.uid)),
+            std::mem::take(&mut self.desired),
+            &self.last_good,
+            &mut self.deps,
+        );
         let stats = self.applied.apply(engine, &desired)?;
         if stats != sync::SyncStats::default() {
-            tracing::info!(?stats, pods = desired.len(), "synced");
+            tracing::info!(?stats, pods = desired.len(), recomputed, "synced");
         }
-        let objects = pods
-            .iter()
-            .filter_map(|p| Some((p.metadata.uid.clone()?, p)))
-            .filter(|(uid, _)| scheduled.contains_key(uid))
-            .map(|(uid, p)| (uid, p.clone()))
-            .collect();
         self.desired = desired;
         self.paths = paths;
-        self.last_full = Some(Inputs {
-            policies,
-            cluster,
-            scheduled,
-            objects,
-        });
         self.publish(parts);
-        Ok(("full", stats))
+        Ok(stats)
     }
 
-    /// The incremental path: new pod cgroups of pods the last full sync knew get their
-    /// entries (and their allowlist, if no pod has it yet) from that sync's inputs; nothing
-    /// else is recomputed or written. `None` when it cannot (no full sync to build on, or a
-    /// pod it did not know): the caller takes the full path.
+    /// The incremental path: new pod cgroups of pods the loop knows get their entries (and
+    /// their allowlist, if no pod has it yet); nothing else is recomputed or written.
+    /// `None` when it cannot (no full sync to build on, or a pod it does not know): the
+    /// caller takes the full path.
     fn add_pods(
         &mut self,
         created: Vec<pod_cgroups::PodCgroup>,
         engine: &mut Engine,
         parts: &SyncParts<'_>,
     ) -> Option<Result<(&'static str, sync::SyncStats), crate::engine::EngineError>> {
-        let inputs = self.last_full.as_ref()?;
+        let policies = self.policies.as_ref()?;
         self.last_scan.as_ref()?;
         let mut local = Vec::new();
         let mut found = Vec::new();
@@ -343,7 +456,7 @@ impl Loop {
             if self.cgroup_ids.contains_key(&cg.path) {
                 continue; // the last scan found it already
             }
-            let pod = inputs.scheduled.get(&cg.uid)?;
+            let pod = self.world.scheduled.get(&cg.uid)?;
             let Ok(cgroup_id) = crate::cgroup::cgroup_id(&cg.path) else {
                 continue; // removed meanwhile
             };
@@ -352,11 +465,15 @@ impl Loop {
         }
         let desired = desired::compute(
             &parts.config.settings,
-            &inputs.policies,
-            &inputs.cluster,
+            policies,
+            &self.world.cluster,
             &local,
             &self.last_good,
         );
+        for pod in &local {
+            self.deps
+                .insert(pod.uid.clone(), affected::dependencies(policies, pod));
+        }
         let mut stats = sync::SyncStats::default();
         for d in &desired {
             match self.applied.add(engine, d) {
@@ -446,9 +563,7 @@ impl Loop {
                 .map(|d| (d.pod.cgroup_id, (d.pod.namespace.clone(), d.pod.name.clone())))
                 .collect(),
         );
-        let empty = HashMap::new();
-        let objects = self.last_full.as_ref().map_or(&empty, |i| &i.objects);
-        index.replace(self.infos.refresh(desired, objects, &self.paths));
+        index.replace(self.infos.refresh(desired, &self.world.objects, &self.paths));
     }
 
     /// Pods by status, allowlists and map sizes, as of this sync.
@@ -613,43 +728,43 @@ impl Loop {
                 .set(cache.crd_missing() as i64);
         }
     }
+}
 
-    /// The scheduled pods whose cgroup was found (with the cgroup's id and directory), and
-    /// the pod cgroups that match no pod scheduled here.
-    fn local_pods(
-        &mut self,
-        scheduled: &BTreeMap<String, snapshot::ScheduledPod>,
-        cgroups: Vec<pod_cgroups::PodCgroup>,
-    ) -> (
-        Vec<LocalPod>,
-        HashMap<u64, std::path::PathBuf>,
-        Vec<pod_cgroups::PodCgroup>,
-    ) {
-        let mut local = Vec::new();
-        let mut paths = HashMap::new();
-        let mut unmatched = Vec::new();
-        let mut ids = HashMap::with_capacity(cgroups.len());
-        for cg in cgroups {
-            let Some(pod) = scheduled.get(&cg.uid) else {
-                unmatched.push(cg);
-                continue;
-            };
-            let cgroup_id = match self.cgroup_ids.get(&cg.path) {
-                Some(id) => *id,
-                None => match crate::cgroup::cgroup_id(&cg.path) {
-                    Ok(id) => id,
-                    // Removed meanwhile.
-                    Err(_) => continue,
-                },
-            };
-            ids.insert(cg.path.clone(), cgroup_id);
-            local.push(local_pod(&cg.uid, pod, cgroup_id));
-            paths.insert(cgroup_id, cg.path);
-        }
-        // A directory recreated under the same name gets a new id: only present ones stay.
-        self.cgroup_ids = ids;
-        (local, paths, unmatched)
+/// The scheduled pods whose cgroup was found (with the cgroup's id and directory), and
+/// the pod cgroups that match no pod scheduled here.
+fn local_pods(
+    cgroup_ids: &mut HashMap<std::path::PathBuf, u64>,
+    scheduled: &BTreeMap<String, snapshot::ScheduledPod>,
+    cgroups: Vec<pod_cgroups::PodCgroup>,
+) -> (
+    Vec<LocalPod>,
+    HashMap<u64, std::path::PathBuf>,
+    Vec<pod_cgroups::PodCgroup>,
+) {
+    let mut local = Vec::new();
+    let mut paths = HashMap::new();
+    let mut unmatched = Vec::new();
+    let mut ids = HashMap::with_capacity(cgroups.len());
+    for cg in cgroups {
+        let Some(pod) = scheduled.get(&cg.uid) else {
+            unmatched.push(cg);
+            continue;
+        };
+        let cgroup_id = match cgroup_ids.get(&cg.path) {
+            Some(id) => *id,
+            None => match crate::cgroup::cgroup_id(&cg.path) {
+                Ok(id) => id,
+                // Removed meanwhile.
+                Err(_) => continue,
+            },
+        };
+        ids.insert(cg.path.clone(), cgroup_id);
+        local.push(local_pod(&cg.uid, pod, cgroup_id));
+        paths.insert(cgroup_id, cg.path);
     }
+    // A directory recreated under the same name gets a new id: only present ones stay.
+    *cgroup_ids = ids;
+    (local, paths, unmatched)
 }
 
 fn local_pod(uid: &str, pod: &snapshot::ScheduledPod, cgroup_id: u64) -> LocalPod {

@@ -1,14 +1,23 @@
-//! What wakes the sync loop, and for what. A cache change needs a full sync (one pod or
-//! policy can change every pod's allowlist); a new pod cgroup needs only that pod's entry,
-//! computed from the inputs of the last full sync. Each wake-up is counted per source in
+//! What wakes the sync loop, and for what. A pod or namespace event carries what changed
+//! (the loop keeps its own copy of the cluster, `world`) and a policy event its namespace,
+//! so the loop recomputes only the pods they can affect (`affected`); a relist, a domain
+//! object or a pod cgroup that went needs a full sync; a new pod cgroup needs only that
+//! pod's entry. Each wake-up is counted per source in
 //! `pipeguard_sync_triggers_total`, so a source that wakes the loop for nothing shows.
 
-use std::sync::Mutex;
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Mutex,
+};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::sync::Notify;
 
-use super::{metrics::SourceLabels, pod_cgroups::PodCgroup};
+use super::{
+    metrics::SourceLabels,
+    pod_cgroups::PodCgroup,
+    world::{PodKey, PodRecord},
+};
 
 /// New pod cgroups kept for the incremental path; beyond this a burst takes the full sync.
 const MAX_CREATED: usize = 256;
@@ -19,26 +28,36 @@ pub struct Triggers {
     counts: Family<SourceLabels, Counter>,
 }
 
-#[derive(Default)]
-struct Pending {
-    full: bool,
-    created: Vec<PodCgroup>,
-}
-
 /// What the loop has to do after a wake-up.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Work {
-    /// Recompute every pod (a cache changed, a pod cgroup went, or too many came at once).
+    /// Recompute every pod (a relist, a domain object, a pod cgroup went, or too many came
+    /// at once).
     pub full: bool,
     /// Pod cgroups created since the last wake-up (ignored when `full`).
     pub created: Vec<PodCgroup>,
+    /// Every pod, from a relist of the pod watch (the changes in `pods` came after it).
+    pub relisted: Option<Vec<(PodKey, PodRecord)>>,
+    /// The latest state of each pod that changed (`None`: deleted).
+    pub pods: HashMap<PodKey, Option<PodRecord>>,
+    /// Namespaces whose object changed.
+    pub namespaces: BTreeSet<String>,
+    /// Namespaces where a NetworkPolicy changed.
+    pub policy_namespaces: BTreeSet<String>,
 }
 
 impl Work {
     pub fn is_empty(&self) -> bool {
-        !self.full && self.created.is_empty()
+        !self.full
+            && self.created.is_empty()
+            && self.relisted.is_none()
+            && self.pods.is_empty()
+            && self.namespaces.is_empty()
+            && self.policy_namespaces.is_empty()
     }
 }
+
+type Pending = Work;
 
 impl Triggers {
     pub fn new(counts: Family<SourceLabels, Counter>) -> Self {
@@ -53,6 +72,45 @@ impl Triggers {
     pub fn full(&self, source: &str) {
         self.pending.lock().expect("triggers lock").full = true;
         self.wake(source);
+    }
+
+    /// A pod changed (`None`: deleted); a later change of the same pod replaces it.
+    pub fn pod(&self, key: PodKey, record: Option<PodRecord>) {
+        self.pending
+            .lock()
+            .expect("triggers lock")
+            .pods
+            .insert(key, record);
+        self.wake("Pod");
+    }
+
+    /// The pod watch listed every pod: what it had pending is superseded.
+    pub fn relisted_pods(&self, records: Vec<(PodKey, PodRecord)>) {
+        {
+            let mut pending = self.pending.lock().expect("triggers lock");
+            pending.pods.clear();
+            pending.relisted = Some(records);
+        }
+        self.wake("Pod");
+    }
+
+    pub fn namespace(&self, name: String) {
+        self.pending
+            .lock()
+            .expect("triggers lock")
+            .namespaces
+            .insert(name);
+        self.wake("Namespace");
+    }
+
+    /// A NetworkPolicy in `namespace` changed.
+    pub fn policy(&self, namespace: String) {
+        self.pending
+            .lock()
+            .expect("triggers lock")
+            .policy_namespaces
+            .insert(namespace);
+        self.wake("NetworkPolicy");
     }
 
     /// A pod cgroup appeared.
@@ -89,12 +147,12 @@ impl Triggers {
     }
 
     pub fn take(&self) -> Work {
-        let mut pending = self.pending.lock().expect("triggers lock");
-        let Pending { full, created } = std::mem::take(&mut *pending);
-        Work {
-            full,
-            created: if full { Vec::new() } else { created },
+        let mut work = std::mem::take(&mut *self.pending.lock().expect("triggers lock"));
+        if work.full {
+            // The full sync scans the cgroups.
+            work.created.clear();
         }
+        work
     }
 }
 
@@ -115,23 +173,15 @@ mod tests {
         assert!(t.take().is_empty());
         t.created(cg(1));
         t.created(cg(2));
-        assert_eq!(
-            t.take(),
-            Work {
-                full: false,
-                created: vec![cg(1), cg(2)]
-            }
-        );
+        let work = t.take();
+        assert!(!work.full);
+        assert_eq!(work.created, vec![cg(1), cg(2)]);
         assert!(t.take().is_empty(), "taken once");
         t.created(cg(3));
         t.full("Pod");
-        assert_eq!(
-            t.take(),
-            Work {
-                full: true,
-                created: Vec::new()
-            }
-        );
+        let work = t.take();
+        assert!(work.full);
+        assert!(work.created.is_empty());
         for i in 0..=MAX_CREATED {
             t.created(cg(i as u8));
         }
