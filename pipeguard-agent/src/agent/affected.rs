@@ -48,7 +48,15 @@ pub fn affected<'a>(
             continue;
         };
         let deps = || deps.iter().filter_map(|i| policies.policies.get(*i));
+        // An ARC workflow pod is selected with its runner pod's labels: any local pod of its
+        // namespace that changed may be (or have been) its runner.
+        let workflow = super::workflow_pod::runner_of(&pod.labels).is_some();
         let hit = changes.policy_namespaces.contains(&pod.namespace)
+            || (workflow
+                && changes
+                    .pods
+                    .iter()
+                    .any(|d| !d.local.is_empty() && d.key.0 == pod.namespace))
             || changes.namespaces.iter().any(|(name, old, new)| {
                 // Its namespace's labels select domain policies too.
                 *name == pod.namespace || deps().any(|p| namespace_touches(p, old, new))
@@ -70,8 +78,10 @@ pub fn affected<'a>(
     affected
 }
 
-/// Indices into `set.policies` of the policies that select `pod` for egress or ingress.
-pub fn dependencies(set: &PolicySet, pod: &LocalPod) -> Vec<usize> {
+/// Indices into `set.policies` of the policies that select `pod` for egress or ingress
+/// (an ARC workflow pod with its runner pod's labels, `local` being every local pod).
+pub fn dependencies(set: &PolicySet, pod: &LocalPod, local: &[LocalPod]) -> Vec<usize> {
+    let pod = super::workflow_pod::as_selected(pod, local);
     set.policies
         .iter()
         .enumerate()
@@ -84,13 +94,11 @@ pub fn dependencies(set: &PolicySet, pod: &LocalPod) -> Vec<usize> {
         .collect()
 }
 
-/// [`dependencies`] of each pod, by UID.
-pub fn all_dependencies<'a>(
-    set: &PolicySet,
-    pods: impl IntoIterator<Item = &'a LocalPod>,
-) -> HashMap<String, Vec<usize>> {
-    pods.into_iter()
-        .map(|pod| (pod.uid.clone(), dependencies(set, pod)))
+/// [`dependencies`] of each local pod, by UID.
+pub fn all_dependencies(set: &PolicySet, local: &[LocalPod]) -> HashMap<String, Vec<usize>> {
+    local
+        .iter()
+        .map(|pod| (pod.uid.clone(), dependencies(set, pod, local)))
         .collect()
 }
 
@@ -155,9 +163,9 @@ fn has_named_port(rule: &Rule) -> bool {
 }
 
 /// The desired state of `local`: the pods `recompute` names (and any pod without a previous
-/// result for the same `LocalPod`, or without dependencies) computed afresh, the others'
-/// `previous` results kept. `deps` is updated to match. Returns it and how many were
-/// computed.
+/// result for the same `LocalPod` or without dependencies, and ARC workflow pods of a
+/// namespace whose local pods changed) computed afresh, the others' `previous` results
+/// kept. `deps` is updated to match. Returns it and how many were computed.
 #[expect(clippy::too_many_arguments, reason = "the compiler's inputs, each one")]
 pub fn merge(
     settings: &Settings,
@@ -171,25 +179,41 @@ pub fn merge(
 ) -> (Vec<DesiredPod>, usize) {
     let mut previous: HashMap<String, DesiredPod> =
         previous.into_iter().map(|d| (d.pod.uid.clone(), d)).collect();
-    let todo: Vec<LocalPod> = local
+    let mut moved: HashSet<String> = local
         .iter()
-        .filter(|pod| {
-            recompute(pod)
-                || previous.get(&pod.uid).is_none_or(|d| d.pod != **pod)
-                || !deps.contains_key(&pod.uid)
-        })
-        .cloned()
+        .filter(|pod| previous.get(&pod.uid).is_none_or(|d| d.pod != **pod))
+        .map(|pod| pod.namespace.clone())
         .collect();
-    let fresh = desired::compute(settings, policies, cluster, &todo, last_good);
+    let present: HashSet<&str> = local.iter().map(|p| p.uid.as_str()).collect();
+    moved.extend(
+        previous
+            .values()
+            .filter(|d| !present.contains(d.pod.uid.as_str()))
+            .map(|d| d.pod.namespace.clone()),
+    );
+    let todo = |pod: &LocalPod| {
+        recompute(pod)
+            || previous.get(&pod.uid).is_none_or(|d| d.pod != *pod)
+            || !deps.contains_key(&pod.uid)
+            || (super::workflow_pod::runner_of(&pod.labels).is_some() && moved.contains(&pod.namespace))
+    };
+    let todo: HashSet<String> = local.iter().filter(|p| todo(p)).map(|p| p.uid.clone()).collect();
+    let fresh = desired::compute_some(
+        settings,
+        policies,
+        cluster,
+        local,
+        |pod| todo.contains(&pod.uid),
+        last_good,
+    );
     let mut fresh: HashMap<String, DesiredPod> = fresh.into_iter().map(|d| (d.pod.uid.clone(), d)).collect();
-    for pod in &todo {
-        deps.insert(pod.uid.clone(), dependencies(policies, pod));
+    for pod in local.iter().filter(|p| todo.contains(&p.uid)) {
+        deps.insert(pod.uid.clone(), dependencies(policies, pod, local));
     }
     let desired: Vec<DesiredPod> = local
         .iter()
         .filter_map(|pod| fresh.remove(&pod.uid).or_else(|| previous.remove(&pod.uid)))
         .collect();
-    let present: HashSet<&str> = desired.iter().map(|d| d.pod.uid.as_str()).collect();
     deps.retain(|uid, _| present.contains(uid.as_str()));
     (desired, todo.len())
 }

@@ -76,7 +76,7 @@ enum Event {
 
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        4 => (0..4usize, 0..6u8, 0..3u8, proptest::option::of(0..=255u8), proptest::option::of(prop_oneof![Just(8080u16), Just(9090u16)]), any::<bool>())
+        4 => (0..4usize, 0..6u8, 0..4u8, proptest::option::of(0..=255u8), proptest::option::of(prop_oneof![Just(8080u16), Just(9090u16)]), any::<bool>())
             .prop_map(|(ns, name, app, ip, http, local)| Event::Pod { ns, name, app, ip, http, local }),
         1 => (0..4usize, 0..6u8).prop_map(|(ns, name)| Event::DeletePod { ns, name }),
         1 => (0..4usize, proptest::option::of(0..2u8)).prop_map(|(ns, team)| Event::Namespace { ns, team }),
@@ -123,7 +123,11 @@ fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
 
 /// The pod as the watch gives it, and as a from-scratch snapshot has it.
 fn record(ns: &str, name: &str, app: u8, ip: Option<u8>, http: Option<u16>, local: bool) -> PodRecord {
-    let pod_labels = labels(&[("app", ["a", "b", "c"][usize::from(app)].to_string())]);
+    // app 3: an ARC workflow pod of p0 (selected with p0's labels when p0 is local).
+    let pod_labels = match app {
+        3 => labels(&[("runner-pod", "p0".to_string())]),
+        _ => labels(&[("app", ["a", "b", "c"][usize::from(app)].to_string())]),
+    };
     let uid = format!("uid-{ns}-{name}");
     let peer = ip.map(|ip| ClusterPod {
         namespace: ns.into(),
@@ -230,7 +234,8 @@ proptest! {
             );
             if !policy_namespaces.is_empty() {
                 policies = policy_set(&versions);
-                deps = all_dependencies(&policies, previous.iter().map(|d| &d.pod));
+                let pods: Vec<LocalPod> = previous.iter().map(|d| d.pod.clone()).collect();
+                deps = all_dependencies(&policies, &pods);
             }
             let local = local_pods(&world);
             let (incremental, _) = merge(

@@ -90,6 +90,19 @@ pub fn compute(
     local: &[LocalPod],
     last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
 ) -> Vec<DesiredPod> {
+    compute_some(settings, policies, cluster, local, |_| true, last_good)
+}
+
+/// [`compute`] for the pods of `local` that `which` names; `local` is every local pod (an
+/// ARC workflow pod is selected with its runner pod's labels).
+pub fn compute_some(
+    settings: &Settings,
+    policies: &PolicySet,
+    cluster: &Cluster,
+    local: &[LocalPod],
+    which: impl Fn(&LocalPod) -> bool,
+    last_good: &HashMap<String, std::sync::Arc<PolicyEntries>>,
+) -> Vec<DesiredPod> {
     // Namespace → the first invalid object there.
     let mut tainted: BTreeMap<&str, &str> = BTreeMap::new();
     for error in &policies.errors {
@@ -115,6 +128,7 @@ pub fn compute(
     };
     local
         .iter()
+        .filter(|own| which(own))
         .map(|own| {
             // An ARC workflow pod is guarded and selected as its runner pod is.
             let selected = super::workflow_pod::as_selected(own, local);

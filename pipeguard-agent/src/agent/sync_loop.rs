@@ -397,7 +397,8 @@ impl Loop {
         self.report_domains(caches, &policies, invalid_domains, &config.node_name, health);
         // Indices into the old set mean nothing in the new one. Pods outside the changed
         // namespaces keep their allowlists, so only their dependencies are re-read.
-        self.deps = affected::all_dependencies(&policies, self.desired.iter().map(|d| &d.pod));
+        let local: Vec<LocalPod> = self.desired.iter().map(|d| d.pod.clone()).collect();
+        self.deps = affected::all_dependencies(&policies, &local);
         self.policies = Some(policies);
     }
 
@@ -463,16 +464,31 @@ impl Loop {
             local.push(local_pod(&cg.uid, pod, cgroup_id));
             found.push((cg, cgroup_id));
         }
-        let desired = desired::compute(
+        // A new runner pod changes its workflow pods' selection: that takes the full path.
+        let runs_another = |new: &LocalPod| {
+            self.desired.iter().any(|d| {
+                d.pod.namespace == new.namespace
+                    && super::workflow_pod::runner_of(&d.pod.labels) == Some(new.name.as_str())
+            })
+        };
+        if local.iter().any(runs_another) {
+            return None;
+        }
+        let new: std::collections::HashSet<String> = local.iter().map(|p| p.uid.clone()).collect();
+        // Every local pod is context (a new workflow pod's runner may be among them).
+        let mut all: Vec<LocalPod> = self.desired.iter().map(|d| d.pod.clone()).collect();
+        all.extend(local);
+        let desired = desired::compute_some(
             &parts.config.settings,
             policies,
             &self.world.cluster,
-            &local,
+            &all,
+            |pod| new.contains(&pod.uid),
             &self.last_good,
         );
-        for pod in &local {
+        for pod in all.iter().filter(|p| new.contains(&p.uid)) {
             self.deps
-                .insert(pod.uid.clone(), affected::dependencies(policies, pod));
+                .insert(pod.uid.clone(), affected::dependencies(policies, pod, &all));
         }
         let mut stats = sync::SyncStats::default();
         for d in &desired {
