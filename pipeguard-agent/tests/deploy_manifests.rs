@@ -292,6 +292,11 @@ fn minimal_rbac() -> BTreeSet<(String, String, String)> {
     }
     // Core Events, created and never patched.
     expected.insert(("".into(), "events".into(), "create".into()));
+    // Workload baselines (--baseline): listed, created and merge-patched, never got,
+    // replaced or deleted.
+    for verb in ["list", "create", "patch"] {
+        expected.insert(("pipeguard.dev".into(), "workloadbaselines".into(), verb.into()));
+    }
     expected
 }
 
