@@ -9,11 +9,12 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    Config, Hook, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_ERROR,
+    Config, Hook, MODE_AUDIT, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_ERROR,
 };
 
 use crate::{
-    dns, fast, ingress_policy,
+    dns::{self, handoff::Handoff},
+    fast, ingress_policy,
     maps::DNS_EGRESS,
     packet::{self, Packet},
     pod, reply,
@@ -56,6 +57,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             Ok(packet) => {
                 let dns = dns::is_dns(pod.entry.flags, &packet);
                 let flags = pod.entry.flags;
+                let (policy_id, audit) = (pod.entry.policy_id, pod.entry.mode == MODE_AUDIT);
                 let attempt = attempt(&ctx, &packet);
                 let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
                 if judged.pass {
@@ -63,7 +65,19 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                 }
                 if judged.pass && dns {
                     // DNS of a DNS-filtered pod: judged by `pg_dns_query` (its own program,
-                    // for its own stack). Should the tail call fail, nothing leaves.
+                    // for its own stack), which is handed what was found here. Should the
+                    // tail call fail, nothing leaves.
+                    Handoff {
+                        pod_cgroup_id: judged.pod_cgroup_id,
+                        policy_id,
+                        audit,
+                        ip_allowed: judged.by_allowlist,
+                        from_dns_port: packet.src_port == dns::DNS_PORT,
+                        protocol: packet.protocol,
+                        l4: packet.l4,
+                        dst_port: packet.dst_port,
+                    }
+                    .write(ctx.skb.skb);
                     unsafe { DNS_EGRESS.tail_call(&ctx, 0) };
                     return DROP;
                 }

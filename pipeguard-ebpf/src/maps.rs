@@ -112,8 +112,10 @@ pub static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(
 pub const SCRATCH_QUERY: u32 = 0;
 pub const SCRATCH_ANSWER: u32 = 1;
 
-/// Index 0: `pg_dns_query`, tail-called by `pg_egress` for DNS of DNS-filtered pods.
-#[map(name = "PG_DNS_EGRESS_V1")]
+/// Index 0: `pg_dns_query`, tail-called by `pg_egress` for DNS of DNS-filtered pods, with
+/// what `pg_egress` found in the skb's control buffer (`dns::handoff`; V2: V1's program
+/// found it again).
+#[map(name = "PG_DNS_EGRESS_V2")]
 pub static DNS_EGRESS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Index 0: `pg_dns_answer`, tail-called by `pg_ingress` for answers to DNS-filtered pods.

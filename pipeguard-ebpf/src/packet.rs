@@ -6,7 +6,7 @@ use pipeguard_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use crate::addr::Dest;
 
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// IPv6 extension headers walked before giving up on finding the transport header.
 const MAX_EXT_HEADERS: usize = 4;

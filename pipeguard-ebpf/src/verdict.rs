@@ -50,6 +50,8 @@ pub struct Judged {
     /// `POLICY_GENERATION_NONE` when anything else decided: what the socket may remember
     /// (see `fast`).
     pub generation: u64,
+    /// The pod's static allowlist allowed the attempt (what a DNS query needs to teach).
+    pub by_allowlist: bool,
     /// The pod that judged (0 for none), and its `POD_*` flags.
     pub pod_cgroup_id: u64,
     pub pod_flags: u32,
@@ -66,6 +68,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
             return Judged {
                 pass: true,
                 generation: POLICY_GENERATION_NONE,
+                by_allowlist: false,
                 pod_cgroup_id: 0,
                 pod_flags: 0,
             };
@@ -79,6 +82,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         return Judged {
             pass: verdict == VERDICT_ALLOW,
             generation: POLICY_GENERATION_NONE,
+            by_allowlist: false,
             pod_cgroup_id: 0,
             pod_flags: 0,
         };
@@ -119,6 +123,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         } else {
             POLICY_GENERATION_NONE
         },
+        by_allowlist,
         pod_cgroup_id: pod.cgroup_id,
         pod_flags: pod.entry.flags,
     }

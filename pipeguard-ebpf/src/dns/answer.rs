@@ -24,7 +24,7 @@ const CLASS_IN: u16 = 1;
 /// fate: an answer that teaches nothing is an answer like any other.
 #[inline(always)]
 pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
-    let Some(msg) = message(ctx, t)? else {
+    let Some(msg) = message(ctx, t.protocol, t.l4)? else {
         return Ok(());
     };
     let (id, flags, questions, answers) = header(ctx, msg)?;

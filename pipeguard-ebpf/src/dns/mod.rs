@@ -4,19 +4,18 @@
 //! after the static tries (`learned`).
 
 pub mod answer;
+pub mod handoff;
 pub mod learned;
 mod name;
 mod queries;
 pub mod query;
 
-use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
-use pipeguard_common::{
-    Hook, MODE_AUDIT, POD_DNS_FILTERED, PROTO_TCP, PROTO_UDP, VERDICT_AUDIT, VERDICT_DENY,
-};
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use handoff::Handoff;
+use pipeguard_common::{Hook, POD_DNS_FILTERED, PROTO_TCP, PROTO_UDP, VERDICT_AUDIT, VERDICT_DENY};
 
 use crate::{
     packet::{self, Packet},
-    pod,
     verdict::count,
 };
 
@@ -45,24 +44,20 @@ pub fn is_dns(pod_flags: u32, packet: &Packet) -> bool {
 /// its own, on loopback or anywhere else).
 #[cgroup_skb(egress)]
 pub fn pg_dns_query(ctx: SkBuffContext) -> i32 {
-    let Some(pod) = pod::of_skb(ctx.skb.skb) else {
+    // What `pg_egress` found (pod, transport header, the resolver's IP verdict).
+    let Some(handoff) = Handoff::read(ctx.skb.skb) else {
         return DROP;
     };
-    let Ok(packet) = packet::parse(&ctx) else {
-        return DROP;
-    };
-    let audit = pod.entry.mode == MODE_AUDIT;
-    if packet.src_port == DNS_PORT {
-        let verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };
-        count(pod.cgroup_id, verdict, Hook::Dns, ctx.len() as u64);
-        return if audit { PASS } else { DROP };
+    if handoff.from_dns_port {
+        let verdict = if handoff.audit {
+            VERDICT_AUDIT
+        } else {
+            VERDICT_DENY
+        };
+        count(handoff.pod_cgroup_id, verdict, Hook::Dns, ctx.len() as u64);
+        return if handoff.audit { PASS } else { DROP };
     }
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    if query::check(&ctx, &pod, &packet, cgroup_id) {
-        PASS
-    } else {
-        DROP
-    }
+    if query::check(&ctx, &handoff) { PASS } else { DROP }
 }
 
 /// Tail-called by `pg_ingress` for a packet from port 53 to a DNS-filtered pod.
@@ -79,21 +74,21 @@ pub fn pg_dns_answer(ctx: SkBuffContext) -> i32 {
 /// segment must carry exactly one whole message, and so must a UDP packet; anything else is
 /// refused by the caller, so a query can never be split or smuggled behind another.
 #[inline(always)]
-fn message(ctx: &SkBuffContext, t: &Packet) -> Result<Option<usize>, ()> {
-    if t.protocol == PROTO_UDP {
+fn message(ctx: &SkBuffContext, protocol: u8, l4: usize) -> Result<Option<usize>, ()> {
+    if protocol == PROTO_UDP {
         // One datagram, one message: a UDP GSO buffer (UDP_SEGMENT) is split into datagrams
         // after this hook, and all but the first would leave unread.
         if unsafe { (*ctx.skb.skb).gso_size } != 0 {
             return Err(());
         }
-        return Ok(Some(t.l4 + 8));
+        return Ok(Some(l4 + 8));
     }
-    let offset_byte: u8 = ctx.load(t.l4 + 12).map_err(|_| ())?;
+    let offset_byte: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
     let doff = ((offset_byte >> 4) as usize) * 4;
     if doff < 20 {
         return Err(());
     }
-    let data = t.l4 + doff;
+    let data = l4 + doff;
     let len = ctx.len() as usize;
     if len <= data {
         return Ok(None);

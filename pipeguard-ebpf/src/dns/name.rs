@@ -21,6 +21,9 @@ pub struct Name {
     pub end: usize,
     /// `name_hash` of the whole name.
     pub hash: u64,
+    /// The question's type, when the bytes read reach past the name (they do for any
+    /// question that fits in a packet): read with the name, not by a load of its own.
+    pub qtype: Option<u16>,
 }
 
 impl Name {
@@ -127,10 +130,20 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
     if unsafe { core::ptr::read_volatile(&raw const s.labels) } == 0 {
         return Err(());
     }
+    // The type follows the name's zero byte at `end`.
+    let qtype = if end + 3 <= n {
+        Some(u16::from_be_bytes([
+            s.event.name[(end + 1) & MASK],
+            s.event.name[(end + 2) & MASK],
+        ]))
+    } else {
+        None
+    };
     Ok(Name {
         scratch,
         end,
         hash: s.hashes[0],
+        qtype,
     })
 }
 

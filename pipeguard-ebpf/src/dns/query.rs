@@ -5,21 +5,20 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id},
     },
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    DNS_EVENT_MALFORMED, DnsEvent, Hook, MODE_AUDIT, QUERY_TIMEOUT_NS, QueryKey, QueryState, VERDICT_ALLOW,
+    DNS_EVENT_MALFORMED, DnsEvent, Hook, QUERY_TIMEOUT_NS, QueryKey, QueryState, VERDICT_ALLOW,
     VERDICT_AUDIT, VERDICT_DENY, VERDICT_ERROR,
 };
 
-use super::{FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, header, message, name, queries};
+use super::{FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, handoff::Handoff, header, message, name, queries};
 use crate::{
+    addr::Dest,
     maps::{DNS_SCRATCH, EVENTS, SCRATCH_QUERY},
-    packet::Packet,
-    pod::Pod,
-    verdict::{Attempt, allowed, count, count_event_drop},
+    verdict::{count, count_event_drop},
 };
 
 enum Outcome {
@@ -35,25 +34,12 @@ enum Outcome {
 
 /// Whether a packet to port 53 of a DNS-filtered pod may leave.
 #[inline(always)]
-pub fn check(ctx: &SkBuffContext, pod: &Pod, t: &Packet, cgroup_id: u64) -> bool {
-    let audit = pod.entry.mode == MODE_AUDIT;
-    // Only a resolver the pod's IP policy allows (not merely audited, not a reply) may
-    // teach it addresses: a job's own "resolver" teaches nothing.
-    let resolver = Attempt {
-        dest: t.dst,
-        port: t.dst_port,
-        protocol: t.protocol,
-        hook: Hook::Dns,
-        bytes: 0,
-        cgroup_id,
-        ctx: ctx.skb.skb.cast(),
-    };
-    let ip_allowed = allowed(pod.entry.policy_id, &resolver);
+pub fn check(ctx: &SkBuffContext, h: &Handoff) -> bool {
     let bytes = ctx.len() as u64;
-    match inspect(ctx, pod, t, ip_allowed) {
+    match inspect(ctx, h) {
         Ok(Outcome::NoData) => true,
         Ok(Outcome::Allowed) => {
-            count(pod.cgroup_id, VERDICT_ALLOW, Hook::Dns, bytes);
+            count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Dns, bytes);
             true
         }
         outcome => {
@@ -62,17 +48,17 @@ pub fn check(ctx: &SkBuffContext, pod: &Pod, t: &Packet, cgroup_id: u64) -> bool
                 Ok(Outcome::Refused { qtype, end }) => (qtype, end, 0, None),
                 _ => (0, 0, DNS_EVENT_MALFORMED, Some(VERDICT_ERROR)),
             };
-            let verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };
-            count(pod.cgroup_id, counted.unwrap_or(verdict), Hook::Dns, bytes);
-            emit(pod, t, cgroup_id, verdict, qtype, end as u16, flags);
-            audit
+            let verdict = if h.audit { VERDICT_AUDIT } else { VERDICT_DENY };
+            count(h.pod_cgroup_id, counted.unwrap_or(verdict), Hook::Dns, bytes);
+            emit(ctx, h, verdict, qtype, end as u16, flags);
+            h.audit
         }
     }
 }
 
 #[inline(always)]
-fn inspect(ctx: &SkBuffContext, pod: &Pod, t: &Packet, ip_allowed: bool) -> Result<Outcome, ()> {
-    let Some(msg) = message(ctx, t)? else {
+fn inspect(ctx: &SkBuffContext, h: &Handoff) -> Result<Outcome, ()> {
+    let Some(msg) = message(ctx, h.protocol, h.l4)? else {
         return Ok(Outcome::NoData);
     };
     let (id, flags, questions, _) = header(ctx, msg)?;
@@ -81,21 +67,20 @@ fn inspect(ctx: &SkBuffContext, pod: &Pod, t: &Packet, ip_allowed: bool) -> Resu
     if flags & FLAG_RESPONSE != 0 || flags & OPCODE_MASK != 0 || questions != 1 {
         return Err(());
     }
-    let (name, allowed) = name::check(ctx, msg + HEADER_BYTES, pod.entry.policy_id)?;
-    let qtype = u16::from_be(
-        ctx.load::<u16>(msg + HEADER_BYTES + name.wire_len())
-            .map_err(|_| ())?,
-    );
+    let (name, allowed) = name::check(ctx, msg + HEADER_BYTES, h.policy_id)?;
+    let qtype = name.qtype.ok_or(())?;
     let Some(allowed) = allowed else {
         return Ok(Outcome::Refused { qtype, end: name.end });
     };
     // A rule without ports (the cluster domain) lets the query out but teaches nothing.
+    // Only a resolver the pod's IP policy allows (not merely audited, not a reply) may
+    // teach it addresses: a job's own "resolver" teaches nothing.
     let teaches = unsafe { (*allowed.rule).ports.flags != 0 || (*allowed.rule).ports.count != 0 };
-    if ip_allowed && teaches {
+    if h.ip_allowed && teaches {
         let key = QueryKey {
             cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
-            addr: t.dst.addr,
-            port: t.dst_port,
+            addr: h.resolver(ctx)?.addr,
+            port: h.dst_port,
             id,
             _pad: 0,
         };
@@ -115,7 +100,12 @@ fn inspect(ctx: &SkBuffContext, pod: &Pod, t: &Packet, ip_allowed: bool) -> Resu
 /// The event of a refused query, with its name (`name_len` bytes of dotted name with a
 /// leading dot, left in the scratch record by the parser; 0 when it could not be parsed).
 #[inline(always)]
-fn emit(pod: &Pod, t: &Packet, cgroup_id: u64, verdict: u8, qtype: u16, name_len: u16, flags: u32) {
+fn emit(ctx: &SkBuffContext, h: &Handoff, verdict: u8, qtype: u16, name_len: u16, flags: u32) {
+    // An unreadable address is reported as ::, not left out: the refusal is what counts.
+    let resolver = h.resolver(ctx).unwrap_or(Dest {
+        addr: [0; 16],
+        is_v4: false,
+    });
     let Some(scratch) = DNS_SCRATCH.get_ptr_mut(SCRATCH_QUERY) else {
         count_event_drop();
         return;
@@ -126,17 +116,17 @@ fn emit(pod: &Pod, t: &Packet, cgroup_id: u64, verdict: u8, qtype: u16, name_len
         let record = &raw mut (*scratch).event;
         let e = &raw mut (*record).event;
         (*e).timestamp_ns = bpf_ktime_get_ns();
-        (*e).cgroup_id = cgroup_id;
-        (*e).pod_cgroup_id = pod.cgroup_id;
-        (*e).addr = t.dst.addr;
+        (*e).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
+        (*e).pod_cgroup_id = h.pod_cgroup_id;
+        (*e).addr = resolver.addr;
         (*e).pid = pid_tgid as u32;
         (*e).tgid = (pid_tgid >> 32) as u32;
         (*e).comm = bpf_get_current_comm().unwrap_or_default();
-        (*e).policy_id = pod.entry.policy_id;
+        (*e).policy_id = h.policy_id;
         (*e).flags = flags;
-        (*e).port = t.dst_port;
-        (*e).protocol = t.protocol;
-        (*e).family = if t.dst.is_v4 { 4 } else { 6 };
+        (*e).port = h.dst_port;
+        (*e).protocol = h.protocol;
+        (*e).family = if resolver.is_v4 { 4 } else { 6 };
         (*e).hook = Hook::Dns as u8;
         (*e).verdict = verdict;
         (*e).sock_type = 0;
