@@ -13,7 +13,6 @@
 //! without the tag below: fail closed.
 
 use aya_ebpf::{bindings::__sk_buff, programs::SkBuffContext};
-use pipeguard_common::PROTO_UDP;
 
 use crate::{addr::Dest, packet::ETH_P_IP};
 
@@ -82,11 +81,6 @@ impl Handoff {
             l4: (cb[3] >> 16) as usize,
             dst_port: cb[3] as u16,
         })
-    }
-
-    #[inline(always)]
-    pub fn is_udp(&self) -> bool {
-        self.protocol == PROTO_UDP
     }
 
     /// The resolver's address, read from the IP header: only needed to remember a query
