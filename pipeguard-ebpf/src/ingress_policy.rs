@@ -28,8 +28,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    Config, Hook, MAX_CGROUP_DEPTH, MODE_AUDIT, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    ReplyKey, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    Config, Hook, MAX_CGROUP_DEPTH, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, ReplyKey,
+    VERDICT_DENY,
 };
 
 use crate::{
@@ -37,7 +37,7 @@ use crate::{
     maps::SENT,
     packet::Packet,
     pod::Pod,
-    verdict::{Attempt, allowed, report},
+    verdict::{Attempt, allowed, decide, report},
 };
 
 /// True when the packet may reach the pod's socket.
@@ -55,13 +55,10 @@ pub fn admits(ctx: &SkBuffContext, packet: &Packet, pod: &Pod, config: &Config) 
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         ctx: ctx.skb.skb.cast(),
     };
-    let verdict = if allowed(pod.entry.ingress_policy_id, &attempt) || from_same_pod(ctx, packet, pod) {
-        VERDICT_ALLOW
-    } else if pod.entry.mode == MODE_AUDIT {
-        VERDICT_AUDIT
-    } else {
-        VERDICT_DENY
-    };
+    let verdict = decide(
+        allowed(pod.entry.ingress_policy_id, &attempt) || from_same_pod(ctx, packet, pod),
+        pod.entry.mode,
+    );
     report(
         &attempt,
         pod.cgroup_id,

@@ -91,22 +91,20 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
     let generation = fast::generation();
     let by_allowlist = allowed(pod.entry.policy_id, attempt);
     let mut name_hash = 0;
-    let verdict = if by_allowlist || is_reply(&config) {
-        VERDICT_ALLOW
-    } else if pod.entry.flags & POD_DNS_FILTERED != 0 && {
-        // The addresses the pod's allowed DNS answers taught its allowlist.
-        let cookie = unsafe { bpf_get_socket_cookie(attempt.ctx) };
-        // Socket hooks start connections and datagrams; the packet hook continues them.
-        let learned = learned::check(pod.entry.policy_id, attempt, cookie, attempt.hook != Hook::Egress);
-        name_hash = learned.name_hash;
-        learned.allowed
-    } {
-        VERDICT_ALLOW
-    } else if pod.entry.mode == MODE_AUDIT {
-        VERDICT_AUDIT
-    } else {
-        VERDICT_DENY
-    };
+    let verdict = decide(
+        by_allowlist
+            || is_reply(&config)
+            || (pod.entry.flags & POD_DNS_FILTERED != 0 && {
+                // The addresses the pod's allowed DNS answers taught its allowlist.
+                let cookie = unsafe { bpf_get_socket_cookie(attempt.ctx) };
+                // Socket hooks start connections and datagrams; the packet hook continues them.
+                let learned =
+                    learned::check(pod.entry.policy_id, attempt, cookie, attempt.hook != Hook::Egress);
+                name_hash = learned.name_hash;
+                learned.allowed
+            }),
+        pod.entry.mode,
+    );
     report(
         attempt,
         pod.cgroup_id,
@@ -126,6 +124,19 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         by_allowlist,
         pod_cgroup_id: pod.cgroup_id,
         pod_flags: pod.entry.flags,
+    }
+}
+
+/// The verdict on an attempt of a pod in `mode`: allowed passes; anything else is refused,
+/// or in audit mode reported as a would-be refusal and let through.
+#[inline(always)]
+pub fn decide(allowed: bool, mode: u32) -> u8 {
+    if allowed {
+        VERDICT_ALLOW
+    } else if mode == MODE_AUDIT {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DENY
     }
 }
 
