@@ -86,7 +86,7 @@ impl KubeApiServer {
         let (s, d) = (state.clone(), drop_tx.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, s.clone(), d.subscribe()));
+                tokio::spawn(serve(stream, s.clone(), d.clone()));
             }
         });
         Self { addr, state, drop_tx }
@@ -337,7 +337,7 @@ fn query(target: &str) -> (String, BTreeMap<String, String>) {
     (path.to_string(), params)
 }
 
-async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::Receiver<()>) {
+async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_tx: broadcast::Sender<()>) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -408,8 +408,9 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_rx: broadcast::
             continue;
         }
         if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            // A watch holds the connection to its end.
-            watch(write, kind, &params, state, drop_rx).await;
+            // A watch holds the connection to its end. Subscribed now, not at accept: a
+            // pooled connection must not carry a drop sent before its watch began.
+            watch(write, kind, &params, state, drop_tx.subscribe()).await;
             return;
         }
         let list = list(kind, None, &params, &state);
