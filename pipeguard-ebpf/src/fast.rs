@@ -19,7 +19,7 @@ use core::ptr::null_mut;
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
-    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get},
+    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_tcp_sock},
 };
 use pipeguard_common::{
     CONFIG_REPORT_ALLOWED, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, SocketState,
@@ -119,8 +119,14 @@ pub fn remember(state: *mut SocketState, judged: &Judged, dest: &Dest, port: u16
     s.generation = judged.generation;
 }
 
+/// A TCP connection without state earns it once it has sent more than this many segments:
+/// a short request/response (an accepted probe, a cache lookup) pays neither the allocation
+/// nor its free, which cost more than the slow path of its few packets.
+const SEGMENTS_BEFORE_STATE: u32 = 4;
+
 /// In the packet hook: the state of the sending socket, created for pod `pod_cgroup_id`
-/// when the socket has none (accepted connections, sockets older than the programs).
+/// when the socket has none (accepted connections, sockets older than the programs) and is
+/// worth it (`SEGMENTS_BEFORE_STATE`); null when not.
 #[inline(always)]
 pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64) -> *mut SocketState {
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
@@ -129,6 +135,12 @@ pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64)
     }
     let full: *mut bpf_sock = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
+        return null_mut();
+    }
+    let tcp = unsafe { bpf_tcp_sock(full) };
+    if !tcp.is_null()
+        && unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*tcp).segs_out)) } <= SEGMENTS_BEFORE_STATE
+    {
         return null_mut();
     }
     let state: *mut SocketState = unsafe {

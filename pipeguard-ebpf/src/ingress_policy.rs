@@ -91,6 +91,13 @@ pub fn note_sent(ctx: &SkBuffContext, packet: &Packet, pod_flags: u32) {
     );
 }
 
+/// A TCP packet for a full socket that is not listening: part of a connection the pod
+/// opened or already accepted, never new inbound (see the module comment).
+#[inline(always)]
+pub fn is_connected_tcp(ctx: &SkBuffContext, packet: &Packet) -> bool {
+    packet.protocol == PROTO_TCP && socket_state(ctx).is_some_and(|s| s != BPF_TCP_LISTEN)
+}
+
 #[inline(always)]
 fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
     match packet.protocol {

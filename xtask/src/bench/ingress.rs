@@ -135,7 +135,9 @@ impl Bench {
                 "ratio to the unguarded server, median (min–max)",
             ],
         );
-        let configs = ["base", "ing-none", "ing-16", "ing-10k"];
+        // "empty": the kernel's own cost of a cgroup with programs attached, which no program
+        // of ours can take away; the guarded servers ÷ it is what pipeguard's programs cost.
+        let configs = ["base", "empty", "ing-none", "ing-16", "ing-10k"];
         for path in ["loopback", "veth"] {
             let v = self.interleave_to("crr", &configs, p.secs, p.rounds, Sample::rate, |cfg| {
                 (client_of(path).to_string(), server_addr(path, cfg))
@@ -147,7 +149,12 @@ impl Bench {
                 &v,
                 &configs,
                 1.0,
-                &[("ing-16", "ing-none"), ("ing-10k", "ing-none")],
+                &[
+                    ("ing-none", "empty"),
+                    ("ing-16", "empty"),
+                    ("ing-16", "ing-none"),
+                    ("ing-10k", "ing-none"),
+                ],
             );
         }
         Ok(())
