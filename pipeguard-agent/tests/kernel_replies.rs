@@ -338,12 +338,15 @@ spec:
     )
     .unwrap();
     let events = dir.join("events.jsonl");
+    let run = dir.join("run.json");
     let port_file = dir.join("port").display().to_string();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeguard"))
         .args(["exec", "--policy"])
         .arg(&policy)
         .args(["--namespace", "ci", "--events"])
         .arg(&events)
+        .arg("--learn-json")
+        .arg(&run)
         .arg("--")
         .args(common::probe_argv())
         .env(
@@ -399,5 +402,16 @@ spec:
             .any(|e| e["dst_port"] == third.addr.port() && e["verdict"] == "deny"),
         "the job's own connect elsewhere is still refused and reported: {events:#?}"
     );
+    // What the job learned: its own refused attempt, and not the client it answered,
+    // whose address and ephemeral port are no destination of the job's.
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&run).unwrap()).unwrap();
+    let ports: Vec<&serde_json::Value> = run["destinations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{run:#}"))
+        .iter()
+        .map(|d| &d["port"])
+        .collect();
+    assert!(!ports.contains(&&serde_json::json!(client_port)), "{run:#}");
+    assert!(ports.contains(&&serde_json::json!(third.addr.port())), "{run:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }

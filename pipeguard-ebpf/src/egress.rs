@@ -9,7 +9,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    Config, Hook, MODE_AUDIT, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_ERROR,
+    CONFIG_FLOW_STATS, Config, Hook, MODE_AUDIT, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    VERDICT_ERROR,
 };
 
 use crate::{
@@ -30,8 +31,8 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     // The sending socket's state: a remembered verdict for this very destination passes the
     // packet without the pod walk and the trie (see `fast`).
     let state = fast::of_skb(ctx.skb.skb);
+    let config = config();
     if let Ok(packet) = &parsed {
-        let config = config();
         if let Some(pod) = fast::remembered(
             state,
             &config,
@@ -43,7 +44,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             let attempt = Attempt {
                 // Only events report it, and an allowed packet here has none.
                 cgroup_id: 0,
-                ..attempt(&ctx, packet)
+                ..attempt(&ctx, packet, &config)
             };
             report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
             ingress_policy::note_sent(&ctx, packet, pod.flags);
@@ -58,7 +59,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                 let dns = dns::is_dns(pod.entry.flags, &packet);
                 let flags = pod.entry.flags;
                 let (policy_id, audit) = (pod.entry.policy_id, pod.entry.mode == MODE_AUDIT);
-                let attempt = attempt(&ctx, &packet);
+                let attempt = attempt(&ctx, &packet, &config);
                 let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
                 if judged.pass {
                     ingress_policy::note_sent(&ctx, &packet, flags);
@@ -101,7 +102,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
         // it cannot parse.
         None => match parsed {
             Ok(packet) => verdict(
-                check(&attempt(&ctx, &packet), None, |config| {
+                check(&attempt(&ctx, &packet, &config), None, |config| {
                     is_reply(&ctx, &packet, config)
                 })
                 .pass,
@@ -112,7 +113,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
 }
 
 #[inline(always)]
-fn attempt(ctx: &SkBuffContext, packet: &Packet) -> Attempt {
+fn attempt(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> Attempt {
     Attempt {
         dest: packet.dst,
         port: packet.dst_port,
@@ -121,6 +122,9 @@ fn attempt(ctx: &SkBuffContext, packet: &Packet) -> Attempt {
         bytes: ctx.len() as u64,
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         ctx: ctx.skb.skb.cast(),
+        // Asked only when flow statistics are kept: one storage lookup per TCP packet.
+        destination: config.flags & CONFIG_FLOW_STATS == 0
+            || !(packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet)),
     }
 }
 

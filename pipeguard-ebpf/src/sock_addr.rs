@@ -76,6 +76,7 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
         bytes: 0,
         cgroup_id,
         ctx: sa.cast(),
+        destination: true,
     };
     // A UDP socket may answer (sendto, or connect then send) a peer it received from.
     let is_reply = |config: &_| {

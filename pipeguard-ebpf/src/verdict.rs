@@ -36,6 +36,10 @@ pub struct Attempt {
     pub cgroup_id: u64,
     /// The program's context, for the socket cookie (asked only for DNS-filtered pods).
     pub ctx: *mut core::ffi::c_void,
+    /// The pod chose this peer. False for packets of TCP connections it accepted: their
+    /// peer is no destination of the pod's, so flow statistics (the job's destinations)
+    /// leave them out; counters still count them.
+    pub destination: bool,
 }
 
 #[inline(always)]
@@ -196,6 +200,7 @@ pub fn report(
     // an inbound source is none, its verdicts are counted and reported instead.
     if config.flags & CONFIG_FLOW_STATS != 0
         && attempt.hook != Hook::Ingress
+        && attempt.destination
         && (is_packet || verdict != VERDICT_ALLOW)
     {
         bump_flow(&flow, attempt.bytes);
