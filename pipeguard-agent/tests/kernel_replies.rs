@@ -233,6 +233,43 @@ fn udp_replies_pass_over_v4_mapped_ipv6() {
     udp_round("udp-mapped", "[::]:0", "127.0.0.1:0", "127.0.0.1", "127.0.0.2:0");
 }
 
+/// After its first reply found the pod, an accepted connection's replies are counted for
+/// it without the pod walk (`reply::counted_pod`): every answer is still counted, none
+/// refused.
+#[test]
+fn every_reply_of_an_accepted_connection_is_counted() {
+    const ROUNDS: u64 = 100;
+    let g = guard("reply-count");
+    let port_file = g.file("port");
+    let mut child = g.serve(format!("tcp-echo 127.0.0.1:0 {port_file}"));
+    let port = published_port(&port_file, &mut child);
+    let client = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("the job accepts");
+    client.set_nodelay(true).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+    for round in 0..ROUNDS {
+        let asked = format!("round {round}\n");
+        (&client).write_all(asked.as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut answer).expect("the job's answer");
+        assert_eq!(answer, asked);
+    }
+    drop((client, reader));
+    let outcomes = finish(child);
+    assert!(outcome(&outcomes, &ROUNDS.to_string()).ok, "{outcomes:#?}");
+    // One segment per answer at least, plus the handshake and the close.
+    let allowed = g.count(Hook::Egress, VERDICT_ALLOW);
+    assert!(
+        allowed > ROUNDS,
+        "{allowed} reply packets counted for {ROUNDS} answers"
+    );
+    assert_eq!(g.count(Hook::Egress, VERDICT_DENY), 0);
+}
+
 /// One TCP round: the client outside the job connects and sends a line, the job answers,
 /// and tries the abuses `tcp-serve` lists.
 fn tcp_round(name: &str, bind: &str, server_ip: &str, third_bind: &str) {

@@ -19,7 +19,7 @@ pub mod map_names {
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
-    pub const ACCEPTED: &str = "PG_ACCEPTED_V1";
+    pub const ACCEPTED: &str = "PG_ACCEPTED_V2";
     pub const SOCKETS: &str = "PG_SOCKETS_V2";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
@@ -353,8 +353,13 @@ pub struct AcceptedPeer {
     /// Host byte order.
     pub port: u16,
     pub _pad: [u8; 6],
+    /// The pod this connection's replies were last counted for, under policy `generation`
+    /// (`POLICY_GENERATION_NONE`: not yet): while the generation holds, the packet hook
+    /// counts them for it without the pod walk (a reply's verdict is always allow).
+    pub pod_cgroup_id: u64,
+    pub generation: u64,
 }
-const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 24);
+const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 40);
 
 /// Socket-local storage of a guarded pod's socket. Written when the pod creates it: the
 /// socket hooks judge the socket by the pod that created it (as the packet hook does), not

@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    CONFIG_FLOW_STATS, Config, Hook, MODE_AUDIT, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
-    VERDICT_ERROR,
+    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Hook, MODE_AUDIT, POLICY_GENERATION_NONE, PROTO_TCP,
+    PROTO_UDP, VERDICT_ALLOW, VERDICT_ERROR,
 };
 
 use crate::{
@@ -32,6 +32,8 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     // packet without the pod walk and the trie (see `fast`).
     let state = fast::of_skb(ctx.skb.skb);
     let config = config();
+    let mut accepted = core::ptr::null_mut();
+    let mut generation = POLICY_GENERATION_NONE;
     if let Ok(packet) = &parsed {
         if let Some(pod) = fast::remembered(
             state,
@@ -50,6 +52,21 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             ingress_policy::note_sent(&ctx, packet, pod.flags);
             return PASS;
         }
+        // A reply of a connection the pod accepted is always allowed: once its pod is
+        // known, it is only counted (learning wants every packet's event; DNS its program).
+        if config.flags & CONFIG_REPORT_ALLOWED == 0
+            && !fast::is_dns_port(packet.protocol, packet.dst_port, packet.src_port)
+        {
+            accepted = reply::accepted_peer(&ctx, packet);
+            if let Some(pod_cgroup_id) = reply::counted_pod(accepted) {
+                count(pod_cgroup_id, VERDICT_ALLOW, Hook::Egress, ctx.len() as u64);
+                return PASS;
+            }
+            if !accepted.is_null() {
+                // Before the pod lookup: a pod table write after it moves the generation.
+                generation = fast::generation();
+            }
+        }
     }
     // The two branches call `check` separately on purpose: passing one `Option<Pod>` down
     // lets LLVM spill the uninitialized payload of `None`, which the verifier rejects.
@@ -63,6 +80,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                 let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
                 if judged.pass {
                     ingress_policy::note_sent(&ctx, &packet, flags);
+                    reply::remember_pod(accepted, judged.pod_cgroup_id, generation);
                 }
                 if judged.pass && dns {
                     // DNS of a DNS-filtered pod: judged by `pg_dns_query` (its own program,

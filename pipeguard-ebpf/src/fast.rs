@@ -165,6 +165,6 @@ pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64)
 }
 
 #[inline(always)]
-fn is_dns_port(protocol: u8, port: u16, src_port: u16) -> bool {
+pub fn is_dns_port(protocol: u8, port: u16, src_port: u16) -> bool {
     (protocol == PROTO_UDP || protocol == PROTO_TCP) && (port == DNS_PORT || src_port == DNS_PORT)
 }

@@ -62,7 +62,7 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// Socket-local storage: the peer a TCP socket of a guarded pod was accepted from (written
 /// by `pg_sock_ops`, read by the egress hook; see `reply`). Freed with the socket. A BTF
 /// map, because the kernel wants BTF for the key and value of socket storage.
-#[btf_map(name = "PG_ACCEPTED_V1")]
+#[btf_map(name = "PG_ACCEPTED_V2")]
 pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
 
 /// Socket-local storage: the pod and task that created the socket (written by

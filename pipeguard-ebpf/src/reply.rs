@@ -19,10 +19,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_sk_storage_get},
     programs::{SkBuffContext, SockOpsContext},
 };
-use pipeguard_common::{AcceptedPeer, Config, PROTO_UDP, ReplyKey, UNKNOWN_DENY};
+use pipeguard_common::{
+    AcceptedPeer, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, ReplyKey, UNKNOWN_DENY,
+};
 
 use crate::{
     addr::Dest,
+    fast,
     maps::{ACCEPTED, REPLIES},
     packet::Packet,
     pod,
@@ -89,6 +92,8 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
     unsafe {
         (*stored).addr = peer.addr;
         (*stored).port = port;
+        (*stored).pod_cgroup_id = 0;
+        (*stored).generation = POLICY_GENERATION_NONE;
     }
 }
 
@@ -111,12 +116,53 @@ pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
         };
         return flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
     }
+    !accepted_peer(ctx, packet).is_null()
+}
+
+/// The accepted-peer record of the socket that sent this TCP packet, when the packet goes
+/// to that peer (a reply); null for anything else.
+#[inline(always)]
+pub fn accepted_peer(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() || packet.protocol != PROTO_TCP || packet.dst_port == 0 {
+        return null_mut();
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return null_mut();
+    }
     let peer =
         unsafe { bpf_sk_storage_get(accepted_map(), full.cast(), null_mut(), 0) }.cast::<AcceptedPeer>();
-    if peer.is_null() {
-        return false;
+    if peer.is_null() || unsafe { (*peer).port != packet.dst_port || (*peer).addr != packet.dst.addr } {
+        return null_mut();
     }
-    unsafe { (*peer).port == packet.dst_port && (*peer).addr == packet.dst.addr }
+    peer
+}
+
+/// The pod a reply of this accepted connection is counted for without the pod walk: the
+/// one the last reply was counted for, while the policy generation has not moved (a pod
+/// table write moves it, so a pod that left the table is looked up again).
+#[inline(always)]
+pub fn counted_pod(peer: *const AcceptedPeer) -> Option<u64> {
+    if peer.is_null() {
+        return None;
+    }
+    let p = unsafe { &*peer };
+    (p.generation != POLICY_GENERATION_NONE && p.pod_cgroup_id != 0 && p.generation == fast::generation())
+        .then_some(p.pod_cgroup_id)
+}
+
+/// After the slow path counted a reply for `pod_cgroup_id`, found under `generation` (read
+/// before the pod lookup).
+#[inline(always)]
+pub fn remember_pod(peer: *mut AcceptedPeer, pod_cgroup_id: u64, generation: u64) {
+    if peer.is_null() {
+        return;
+    }
+    unsafe {
+        (*peer).pod_cgroup_id = pod_cgroup_id;
+        (*peer).generation = generation;
+    }
 }
 
 /// Called for every packet a socket under the attached cgroup receives. Only sockets that

@@ -116,6 +116,7 @@ fn run(action: &str) {
         "tcp-serve" => return super::serve::tcp(target, rest),
         // Ingress: see tests/kernel_ingress.rs.
         "tcp-accept-one" => return super::serve::accept_one(target, rest),
+        "tcp-echo" => return super::serve::echo(target, rest),
         "tcp-accept-all" => return super::serve::accept_all(target, rest),
         // Send routes whose refusal must reach the caller: see tests/kernel_send_routes.rs.
         "ping" => super::routes::ping(target),

@@ -180,6 +180,25 @@ pub fn accept_one(bind: &str, port_file: &str) {
     );
 }
 
+/// `tcp-echo BIND PORTFILE`: listens, publishes its port, accepts one connection and
+/// answers every line with itself until the peer closes, then reports `echo:<lines>`.
+pub fn echo(bind: &str, port_file: &str) {
+    let started = Instant::now();
+    let listener = TcpListener::bind(addr(bind)).expect("bind");
+    publish_port(port_file, listener.local_addr().unwrap().port());
+    let (mut stream, _) = listener.accept().expect("accept");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone the stream"));
+    let (mut line, mut lines) = (String::new(), 0);
+    while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+        stream.write_all(line.as_bytes()).expect("answer");
+        line.clear();
+        lines += 1;
+    }
+    report(&format!("echo:{lines}"), started, Ok(()));
+}
+
 /// `tcp-accept-all BIND PORTFILE STOPFILE`, for the ingress restart test: listens, publishes
 /// its port and accepts until STOPFILE exists, then reports how many connections came from
 /// each source as outcomes `accepted-from:<ip>:<count>` (once at the end: the test reads
