@@ -36,6 +36,21 @@ fn task_pod(n: u32) -> Value {
     })
 }
 
+/// A Deployment's pod with no CI labels: its workload is its controlling owner's owner.
+fn deployment_pod(n: u32) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("web-5d8f7c6b9-x9k2{n}"), "namespace": "ci", "uid": uid(n),
+                     "labels": {"app": "web", "pod-template-hash": "5d8f7c6b9"},
+                     "ownerReferences": [
+                         {"apiVersion": "v1", "kind": "ConfigMap", "name": "not-the-controller", "uid": "u1"},
+                         {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f7c6b9",
+                          "uid": "u2", "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"nodeName": NODE, "containers": [{"name": "web", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": format!("10.0.0.{n}"), "podIPs": [{"ip": format!("10.0.0.{n}")}]}
+    })
+}
+
 /// `pipeguard suggest --endpoint` against `agent`: (exit success, stdout, stderr).
 fn suggest(agent: &Agent) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
@@ -195,7 +210,8 @@ fn new_destination_can_be_switched_off_and_upload_volume_is_raised() {
     for i in 11..=13 {
         n.server.apply(task_pod(i));
     }
-    let cgroups: Vec<_> = (11..=13).map(|i| n.pod_cgroup(&uid(i))).collect();
+    n.server.apply(deployment_pod(14));
+    let cgroups: Vec<_> = (11..=14).map(|i| n.pod_cgroup(&uid(i))).collect();
     let events = n.dir.join("events.jsonl");
     let events_arg = events.display().to_string();
     let agent = start_agent(
@@ -242,4 +258,22 @@ fn new_destination_can_be_switched_off_and_upload_volume_is_raised() {
         metrics.contains("pipeguard_anomalies_total{signal=\"upload_volume\"} 1"),
         "{metrics}"
     );
+
+    // A pod without CI labels lands under its controlling owner: the ReplicaSet's
+    // Deployment (the pod-template-hash suffix dropped), not its app label or name.
+    assert!(once(&cgroups[3], format!("tcp {k} web")).ok);
+    eventually(Duration::from_secs(30), "no baseline of Deployment/web", || {
+        n.server
+            .objects("WorkloadBaseline")
+            .iter()
+            .any(|o| o["spec"]["workload"] == "Deployment/web")
+    });
+    let workloads: Vec<Value> = n
+        .server
+        .objects("WorkloadBaseline")
+        .iter()
+        .map(|o| o["spec"]["workload"].clone())
+        .collect();
+    assert_eq!(workloads.len(), 2, "{workloads:?}");
+    assert!(workloads.contains(&json!(WORKLOAD)), "{workloads:?}");
 }

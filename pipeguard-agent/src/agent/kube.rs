@@ -18,7 +18,10 @@ use super::{
     world::{PodKey, PodRecord},
 };
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
@@ -314,8 +317,9 @@ fn strip_meta<K: Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
 }
 
-/// Keeps labels, annotations, node, container ports and pod IPs: what selection, named
-/// ports and enrichment need; and whether the pod can step around the guard.
+/// Keeps labels, annotations, node, container ports, pod IPs and the controlling owner's
+/// kind and name: what selection, named ports, enrichment and the workload baseline need;
+/// and whether the pod can step around the guard.
 fn strip_pod(pod: &mut Pod) {
     // Before anything is slimmed away: init containers count too.
     super::bypass::mark(pod);
@@ -325,7 +329,17 @@ fn strip_pod(pod: &mut Pod) {
     if let Some(annotations) = &mut pod.metadata.annotations {
         annotations.retain(|k, _| crate::events::record::is_ci_key(k) || k == super::bypass::ANNOTATION);
     }
-    pod.metadata.owner_references = None;
+    // Only the controlling owner's kind and name: the workload of a pod without CI labels
+    // (`baseline::workload::owner_of`).
+    pod.metadata.owner_references = pod.metadata.owner_references.take().and_then(|refs| {
+        let owner = refs.into_iter().find(|r| r.controller == Some(true))?;
+        Some(vec![OwnerReference {
+            kind: owner.kind,
+            name: owner.name,
+            controller: Some(true),
+            ..OwnerReference::default()
+        }])
+    });
     pod.metadata.finalizers = None;
     if let Some(spec) = &mut pod.spec {
         spec.volumes = None;

@@ -133,6 +133,7 @@ fn build(
         uid: d.pod.uid.clone(),
         labels: d.pod.labels.clone(),
         annotations,
+        owner: pod.and_then(|p| crate::baseline::workload::owner_of(p)),
         ci,
         policies,
         restriction,

@@ -141,7 +141,7 @@ impl Recorder {
             let Some(flows) = by_pod.remove(&cgroup_id) else {
                 continue;
             };
-            let workload = Workload::of(&pod.labels, &pod.annotations, &pod.name);
+            let workload = Workload::of(&pod.labels, &pod.annotations, pod.owner.as_deref(), &pod.name);
             let key = (pod.namespace.clone(), workload.0.clone());
             active.insert(key.clone());
             if !self.load(&key).await {

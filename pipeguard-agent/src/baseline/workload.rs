@@ -1,7 +1,9 @@
 //! A CI workload: what stays the same across the runs of one job, read from the labels and
-//! annotations its runner system puts on the pod.
+//! annotations its runner system puts on the pod, else from the pod's controlling owner.
 
 use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
 
 /// The job's identity, e.g. `github:org/app/ci.yml/build`, `gitlab:group/app/test`,
 /// `tekton:release/build`, `app:web`.
@@ -25,19 +27,33 @@ const SYSTEMS: [(&str, &[&str]); 3] = [
     ("tekton", &["tekton.dev/pipeline", "tekton.dev/pipelineTask"]),
 ];
 
-/// Without CI labels: the owner as its labels name it. The agent's pod cache drops owner
-/// references (memory at 50,000 pods), so these labels stand in for them.
-const OWNER_LABELS: [&str; 4] = [
-    "actions.github.com/scale-set-name",
-    "tekton.dev/task",
-    "app.kubernetes.io/name",
-    "app",
-];
+/// Without the job's labels, the runner's: ahead of the owner, which is a per-run object
+/// for these systems (an EphemeralRunner, a TaskRun).
+const RUNNER_LABELS: [&str; 2] = ["actions.github.com/scale-set-name", "tekton.dev/task"];
+
+/// A pod without a controlling owner (a bare pod): its application labels.
+const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
+
+/// Longest owner kind and name kept (an API kind is a short identifier, a name a DNS
+/// subdomain); anything longer is not an owner worth a workload and is dropped.
+const MAX_KIND: usize = 63;
+const MAX_NAME: usize = 253;
+
+/// How long after its scheduled minute a CronJob's Job may still start a pod (retries,
+/// a late controller) for the name's suffix to count as that minute.
+const CRONJOB_LATE: i64 = 7 * 24 * 3600;
+/// Clock skew allowed between the CronJob controller and the API server.
+const CRONJOB_EARLY: i64 = 300;
 
 impl Workload {
-    /// The workload of a pod; `name` is the pod's name, the last resort (without the suffix
-    /// its controller generated).
-    pub fn of(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>, name: &str) -> Self {
+    /// The workload of a pod; `owner` is its controlling owner as [`owner_of`] names it,
+    /// `name` the pod's name, the last resort (without the suffix its controller generated).
+    pub fn of(
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Self {
         let get = |key: &str| labels.get(key).or_else(|| annotations.get(key));
         for (system, keys) in SYSTEMS {
             if get(keys[0]).is_none() {
@@ -46,7 +62,15 @@ impl Workload {
             let parts: Vec<&str> = keys.iter().filter_map(|k| get(k)).map(String::as_str).collect();
             return Self(format!("{system}:{}", parts.join("/")));
         }
-        for key in OWNER_LABELS {
+        for key in RUNNER_LABELS {
+            if let Some(value) = get(key) {
+                return Self(format!("{key}={value}"));
+            }
+        }
+        if let Some(owner) = owner {
+            return Self(owner.to_string());
+        }
+        for key in APP_LABELS {
             if let Some(value) = get(key) {
                 return Self(format!("{key}={value}"));
             }
@@ -73,6 +97,70 @@ impl Workload {
         let hash = fnv1a(self.0.as_bytes()) as u32;
         format!("pipeguard-{}-{hash:08x}", slug(&self.0, 34))
     }
+}
+
+/// The pod's controlling owner as a workload, `Kind/name`, from the one owner reference the
+/// agent keeps (`agent::kube` drops the others). A Deployment's ReplicaSet and a CronJob's
+/// Job are per-rollout and per-run objects: their owner is the workload.
+pub fn owner_of(pod: &Pod) -> Option<String> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))?;
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second());
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    owner_identity(&owner.kind, &owner.name, &labels, created)
+}
+
+/// `Kind/name` of a controlling owner; `created` is the pod's creation time (Unix seconds).
+pub fn owner_identity(
+    kind: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    created: Option<i64>,
+) -> Option<String> {
+    if kind.is_empty() || name.is_empty() || kind.len() > MAX_KIND || name.len() > MAX_NAME {
+        return None;
+    }
+    match kind {
+        // A static pod's mirror: the node is no workload.
+        "Node" => None,
+        // The Deployment controller names its ReplicaSets `<deployment>-<pod-template-hash>`
+        // and labels their pods with the hash: each rollout is a new ReplicaSet.
+        "ReplicaSet" => Some(
+            match labels
+                .get("pod-template-hash")
+                .and_then(|hash| name.strip_suffix(hash.as_str())?.strip_suffix('-'))
+                .filter(|d| !d.is_empty())
+            {
+                Some(deployment) => format!("Deployment/{deployment}"),
+                None => format!("ReplicaSet/{name}"),
+            },
+        ),
+        "Job" => Some(match cronjob_of(name, created) {
+            Some(cronjob) => format!("CronJob/{cronjob}"),
+            None => format!("Job/{name}"),
+        }),
+        _ => Some(format!("{kind}/{name}")),
+    }
+}
+
+/// The CronJob that created the Job `name`, when the name says so. The CronJob controller
+/// names a Job `<cronjob>-<scheduled time in minutes since the epoch>`; any Job may end in
+/// digits (`migrate-2`), so the suffix counts only when it is the minute the pod could
+/// have been scheduled in: at most `CRONJOB_LATE` before the pod was created. Without a
+/// creation time nothing is stripped (`Job/<name>`, one workload per run, rather than two
+/// unrelated Jobs merged into one baseline).
+fn cronjob_of(name: &str, created: Option<i64>) -> Option<&str> {
+    let (cronjob, suffix) = name.rsplit_once('-')?;
+    if cronjob.is_empty() || suffix.is_empty() || !suffix.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let scheduled = suffix.parse::<i64>().ok()?.checked_mul(60)?;
+    let late = created?.checked_sub(scheduled)?;
+    (-CRONJOB_EARLY..=CRONJOB_LATE).contains(&late).then_some(cronjob)
 }
 
 /// `name` without its last `-part` when `generated(part)`.
@@ -134,6 +222,7 @@ mod tests {
                 ("actions.github.com/workflow", "ci.yml"),
                 ("actions.github.com/job", "build"),
             ]),
+            None,
             "linux-x7k2p-runner-9qz4m",
         );
         assert_eq!(arc.0, "github:org/app/ci.yml/build");
@@ -144,6 +233,7 @@ mod tests {
                 ("job.runner.gitlab.com/id", "42"),
             ]),
             &none,
+            None,
             "runner-abc-project-7-concurrent-0",
         );
         assert_eq!(gitlab.0, "gitlab:app/test", "the job id differs per run");
@@ -154,20 +244,128 @@ mod tests {
                 ("tekton.dev/taskRun", "release-run-1-build"),
             ]),
             &none,
+            None,
             "release-run-1-build-pod",
         );
         assert_eq!(tekton.0, "tekton:release/build");
-        assert_eq!(Workload::of(&map(&[("app", "web")]), &none, "web-1").0, "app=web");
+        assert_eq!(
+            Workload::of(&map(&[("app", "web")]), &none, None, "web-1").0,
+            "app=web"
+        );
         assert_eq!(
             Workload::of(
                 &map(&[("job-name", "nightly-28391234")]),
                 &none,
+                None,
                 "nightly-28391234-x9k2m"
             )
             .0,
             "job:nightly"
         );
-        assert_eq!(Workload::of(&none, &none, "build-x9k2m").0, "pod:build");
+        assert_eq!(Workload::of(&none, &none, None, "build-x9k2m").0, "pod:build");
+    }
+
+    #[test]
+    fn without_ci_labels_the_controlling_owner_is_the_workload() {
+        let none = BTreeMap::new();
+        let web = map(&[("app", "web"), ("pod-template-hash", "5d8f7c6b9")]);
+        assert_eq!(
+            Workload::of(&web, &none, Some("Deployment/web"), "web-5d8f7c6b9-x9k2m").0,
+            "Deployment/web",
+            "the owner ahead of the app label"
+        );
+        // The job's and the runner's labels stay ahead of the owner (a per-run object).
+        let arc = map(&[("actions.github.com/scale-set-name", "linux")]);
+        assert_eq!(
+            Workload::of(&arc, &none, Some("EphemeralRunner/linux-x7k2p-runner-9qz4m"), "p").0,
+            "actions.github.com/scale-set-name=linux"
+        );
+        let tekton = map(&[
+            ("tekton.dev/pipeline", "release"),
+            ("tekton.dev/pipelineTask", "build"),
+        ]);
+        assert_eq!(
+            Workload::of(&tekton, &none, Some("TaskRun/release-run-1-build"), "p").0,
+            "tekton:release/build"
+        );
+    }
+
+    #[test]
+    fn per_rollout_and_per_run_owners_name_their_owner() {
+        let hash = map(&[("pod-template-hash", "5d8f7c6b9")]);
+        let none = BTreeMap::new();
+        let id = owner_identity;
+        let long_kind = "K".repeat(64);
+        // (kind, name, pod labels, workload)
+        let cases: [(&str, &str, &BTreeMap<String, String>, Option<&str>); 8] = [
+            ("ReplicaSet", "web-5d8f7c6b9", &hash, Some("Deployment/web")),
+            // Not the Deployment controller's naming: the ReplicaSet itself.
+            ("ReplicaSet", "web", &none, Some("ReplicaSet/web")),
+            ("ReplicaSet", "web-1234", &hash, Some("ReplicaSet/web-1234")),
+            ("ReplicaSet", "5d8f7c6b9", &hash, Some("ReplicaSet/5d8f7c6b9")),
+            ("StatefulSet", "db", &none, Some("StatefulSet/db")),
+            // A static pod's mirror.
+            ("Node", "node-a", &none, None),
+            ("Job", "", &none, None),
+            (&long_kind, "x", &none, None),
+        ];
+        for (kind, name, labels, want) in cases {
+            assert_eq!(id(kind, name, labels, None).as_deref(), want, "{kind}/{name}");
+        }
+
+        // 2025-12-04T12:00:00Z is minute 29_414_160 of the epoch.
+        let scheduled: i64 = 29_414_160 * 60;
+        let nightly = "nightly-29414160";
+        assert_eq!(
+            id("Job", nightly, &none, Some(scheduled + 5)).as_deref(),
+            Some("CronJob/nightly"),
+            "a pod created just after its Job's scheduled minute"
+        );
+        assert_eq!(
+            id("Job", nightly, &none, Some(scheduled + 3 * 24 * 3600)).as_deref(),
+            Some("CronJob/nightly"),
+            "a retry days later"
+        );
+        for created in [None, Some(scheduled - 3600), Some(scheduled + 30 * 24 * 3600)] {
+            assert_eq!(
+                id("Job", nightly, &none, created).as_deref(),
+                Some("Job/nightly-29414160"),
+                "{created:?}: not its scheduled minute"
+            );
+        }
+        assert_eq!(
+            id("Job", "migrate-2", &none, Some(scheduled)).as_deref(),
+            Some("Job/migrate-2"),
+            "a hand-made Job ending in digits is no CronJob's"
+        );
+        assert_eq!(
+            id("Job", "-29414160", &none, Some(scheduled)).as_deref(),
+            Some("Job/-29414160")
+        );
+    }
+
+    #[test]
+    fn only_the_controlling_owner_counts() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-5d8f7c6b9-x9k2m",
+                "labels": {"pod-template-hash": "5d8f7c6b9"},
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "u1"},
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f7c6b9",
+                     "uid": "u2", "controller": true}
+                ]
+            }
+        }))
+        .unwrap();
+        assert_eq!(owner_of(&pod).as_deref(), Some("Deployment/web"));
+        let bare: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "b", "ownerReferences": [
+                {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "u1"}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(owner_of(&bare), None, "no controller: a bare pod");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct PodInfo {
     pub uid: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Its controlling owner, `Kind/name` (`baseline::workload::owner_of`): the workload of
+    /// a pod without CI labels.
+    pub owner: Option<String>,
     /// The CI job, from the labels and annotations (an ARC workflow pod's from its runner
     /// pod's too).
     pub ci: Option<CiContext>,
