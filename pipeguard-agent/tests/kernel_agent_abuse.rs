@@ -259,11 +259,15 @@ fn a_distinct_destination_flood_with_kubernetes_events_leaves_the_stream_prompt(
     );
     std::thread::sleep(Duration::from_secs(2));
     let cpu = agent.cpu() - cpu_before;
-    let events = n
+    let pod_events: Vec<_> = n
         .server
         .events()
         .into_iter()
         .filter(|e| e["involvedObject"]["uid"] == runner.as_str())
+        .collect();
+    let events = pod_events
+        .iter()
+        .filter(|e| e["reason"] == "EgressDenied")
         .count();
     eprintln!(
         "SCAN {PORTS} distinct ports: marker record within {lag:?} (includes polling); agent CPU {cpu:?}; {events} Kubernetes Events; RSS {} KiB",
@@ -273,6 +277,15 @@ fn a_distinct_destination_flood_with_kubernetes_events_leaves_the_stream_prompt(
     assert!(
         events <= pipeguard::events::kube_limit::PER_POD as usize,
         "{events} Events for one pod in under a minute"
+    );
+    // The scan is a deny_burst: its Event is not held back behind the pod's spent budget
+    // of denial Events.
+    assert!(
+        pod_events.iter().any(|e| e["reason"] == "PipeguardAnomaly"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("pipeguard raised deny_burst "))),
+        "no deny_burst Event: {pod_events:?}"
     );
 }
 

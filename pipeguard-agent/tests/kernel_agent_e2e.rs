@@ -994,8 +994,10 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let events = server.events();
-        if let Some(e) = events.iter().find(|e| e["involvedObject"]["uid"] == RUNNER_A) {
-            assert_eq!(e["reason"], "EgressDenied");
+        if let Some(e) = events
+            .iter()
+            .find(|e| e["involvedObject"]["uid"] == RUNNER_A && e["reason"] == "EgressDenied")
+        {
             assert!(
                 e["message"]
                     .as_str()
@@ -1011,6 +1013,19 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // And so does the deny_burst it raised, on the same pod.
+    let burst = wait_event(server, "PipeguardAnomaly", |e| {
+        e["involvedObject"]["uid"] == RUNNER_A && e["reason"] == "PipeguardAnomaly"
+    });
+    assert_eq!(burst["type"], "Warning");
+    assert_eq!(burst["involvedObject"]["kind"], "Pod");
+    assert!(
+        burst["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("pipeguard raised deny_burst "),
+        "{burst}"
+    );
     drop(agent);
 }
 

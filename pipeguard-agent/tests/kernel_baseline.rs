@@ -177,6 +177,18 @@ fn the_baseline_survives_an_agent_restart_and_a_new_destination_is_raised() {
     assert_eq!(raised[0]["dst_port"], d.port(), "{raised:?}");
     assert_eq!(raised[0]["pod"]["name"], "release-3-build-pod");
     assert_eq!(raised[0]["ci"]["system"], "tekton");
+    // The anomaly reaches the Kubernetes Event sink too, on the pod.
+    let port = format!("127.0.0.1:{}/tcp", d.port());
+    eventually(Duration::from_secs(10), "no PipeguardAnomaly Event", || {
+        n.server.events().iter().any(|e| {
+            e["reason"] == "PipeguardAnomaly"
+                && e["type"] == "Warning"
+                && e["involvedObject"]["uid"] == uid(3).as_str()
+                && e["message"].as_str().is_some_and(|m| {
+                    m.starts_with("pipeguard raised new_destination 1 time(s): ") && m.contains(&port)
+                })
+        })
+    });
     let (_, metrics) = http_get(&second.listen, "/metrics").unwrap();
     assert!(
         metrics.contains("pipeguard_anomalies_total{signal=\"new_destination\"} 1"),

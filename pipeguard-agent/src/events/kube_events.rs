@@ -1,8 +1,10 @@
-//! Kubernetes Events on the pod, so `kubectl describe pod` shows blocked attempts.
-//! Aggregated and rate-limited by [`Limiter`] (per pod and destination, per pod, per node,
-//! in a bounded table, O(1) per record); posting happens off the event path, and a slow
-//! API server costs Events, never the violation stream. Job-controlled text (the process
-//! name) is escaped before it reaches a message.
+//! Kubernetes Events on the pod, so `kubectl describe pod` shows blocked attempts and
+//! anomalies. Aggregated and rate-limited by [`Limiter`] (per pod and destination, per pod,
+//! per node, in a bounded table, O(1) per record); anomalies have a limiter of their own,
+//! so a flood of denials (a deny_burst) cannot hold back the Event that names it. Posting
+//! happens off the event path, and a slow API server costs Events, never the violation
+//! stream. Job-controlled text (the process name, names in an anomaly's detail) is escaped
+//! before it reaches a message.
 
 use std::time::Instant;
 
@@ -17,7 +19,7 @@ use tokio::sync::mpsc;
 pub use super::kube_limit::INTERVAL;
 use super::{
     kube_limit::{Due, Limiter},
-    record::Record,
+    record::{Kind, Record},
 };
 use crate::escape::printable;
 
@@ -26,6 +28,8 @@ const POST_QUEUE: usize = 256;
 
 pub struct KubeEvents {
     limiter: Limiter,
+    /// Anomaly records, apart from the violations.
+    anomalies: Limiter,
     tx: mpsc::Sender<Event>,
     /// Bumped for every Event refused by the API or dropped (queue full, table full).
     errors: prometheus_client::metrics::counter::Counter,
@@ -49,6 +53,7 @@ impl KubeEvents {
         });
         Self {
             limiter: Limiter::new(Instant::now()),
+            anomalies: Limiter::new(Instant::now()),
             tx,
             errors,
             reported_dropped: 0,
@@ -57,18 +62,22 @@ impl KubeEvents {
 
     /// Counts the record: O(1), nothing is sent from here.
     pub fn observe(&mut self, record: &Record, now: Instant) {
-        self.limiter.observe(record, now);
+        match record.kind {
+            Kind::Anomaly => self.anomalies.observe(record, now),
+            _ => self.limiter.observe(record, now),
+        }
     }
 
     /// Sends what the limits allow now (called from the pipeline's timer).
     pub fn flush_due(&mut self, now: Instant) {
-        for due in self.limiter.due(now) {
+        let due = self.anomalies.due(now).into_iter().chain(self.limiter.due(now));
+        for due in due {
             // try_send: a full queue means the API is slow; the Event is counted as lost.
             if self.tx.try_send(to_event(&due)).is_err() {
                 self.errors.inc();
             }
         }
-        let dropped = self.limiter.dropped;
+        let dropped = self.limiter.dropped + self.anomalies.dropped;
         if dropped > self.reported_dropped {
             tracing::warn!(
                 attempts = dropped - self.reported_dropped,
@@ -83,6 +92,25 @@ impl KubeEvents {
 fn to_event(due: &Due) -> Event {
     let r = &due.record;
     let pod = r.pod.clone().expect("only pod records are kept");
+    if r.kind == Kind::Anomaly {
+        return pod_event(
+            PodEvent {
+                namespace: &pod.namespace,
+                name: &pod.name,
+                uid: &pod.uid,
+            },
+            "PipeguardAnomaly",
+            "Detect",
+            format!(
+                "pipeguard raised {} {} time(s): {}",
+                printable(r.signal.as_deref().unwrap_or_default()),
+                due.count,
+                printable(r.reason.as_deref().unwrap_or_default())
+            ),
+            due.count,
+            &r.node,
+        );
+    }
     let audit = r.verdict.as_deref() == Some("audit");
     let who = r
         .comm
@@ -293,6 +321,34 @@ mod tests {
             record,
             count: 2,
         }
+    }
+
+    #[test]
+    fn an_anomaly_names_its_signal_and_detail_escaped() {
+        let mut record = due(serde_json::json!({})).record;
+        record.kind = Kind::Anomaly;
+        record.signal = Some("dns_tunnel".into());
+        record.verdict = None;
+        record.reason = Some("a 56-character label under t.evil\u{1b}[2J.example".into());
+        let mut limiter = Limiter::new(Instant::now());
+        let now = Instant::now();
+        limiter.observe(&record, now);
+        limiter.observe(&record, now);
+        let due = limiter.due(now);
+        assert_eq!(due.len(), 1, "one signal of one pod: one Event");
+        assert_eq!(
+            due[0].count, 2,
+            "counted per raise, not by what the signal counted"
+        );
+        let event = to_event(&due[0]);
+        assert_eq!(event.reason.as_deref(), Some("PipeguardAnomaly"));
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(event.involved_object.uid.as_deref(), Some("u"));
+        let message = event.message.unwrap();
+        assert_eq!(
+            message,
+            "pipeguard raised dns_tunnel 2 time(s): a 56-character label under t.evil\\u{1b}[2J.example"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Which violation records become Kubernetes Events, and when: aggregated per pod and
-//! destination, rate-limited per pod and per node, in a bounded table. Each record costs
-//! O(1) (one hash lookup); the timer does at most a bounded number of queue pops per tick.
+//! Which violation (or anomaly) records become Kubernetes Events, and when: aggregated per
+//! pod and destination, rate-limited per pod and per node, in a bounded table. Each record
+//! costs O(1) (one hash lookup); the timer does at most a bounded number of queue pops per
+//! tick.
 //! A job that scans 20,000 ports fills the table once and then only bumps counts.
 
 use std::{
@@ -8,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::record::Record;
+use super::record::{Kind, Record};
+use crate::escape::printable;
 
 /// One Event per pod and destination per this long, at most.
 pub const INTERVAL: Duration = Duration::from_secs(30);
@@ -66,11 +68,28 @@ pub struct Limiter {
 }
 
 /// The destination text of a record (escaped): address, port, protocol and learned name,
-/// the DNS question, or the hook.
+/// the DNS question, or the hook; for an anomaly, its signal first (`deny_burst`,
+/// `new_destination: 127.0.0.1:443/tcp`), so each signal is aggregated apart.
 pub fn destination(record: &Record) -> String {
+    if record.kind == Kind::Anomaly {
+        let signal = printable(record.signal.as_deref().unwrap_or_default()).into_owned();
+        return match record.destination_text() {
+            Some(target) => format!("{signal}: {target}"),
+            None => signal,
+        };
+    }
     record
         .target_text()
         .unwrap_or_else(|| record.hook.clone().unwrap_or_default())
+}
+
+/// What one record adds to its Event's count: the attempts it stands for, or one raised
+/// anomaly (whose own count is what the signal counted, e.g. bytes).
+fn occurrences(record: &Record) -> u64 {
+    match record.kind {
+        Kind::Anomaly => 1,
+        _ => record.count,
+    }
 }
 
 impl Limiter {
@@ -99,9 +118,10 @@ impl Limiter {
     /// Counts a record: O(1).
     pub fn observe(&mut self, record: &Record, now: Instant) {
         let Some(pod) = &record.pod else { return };
+        let n = occurrences(record);
         let mut key = (pod.uid.clone(), destination(record));
         if let Some(entry) = self.entries.get_mut(&key) {
-            entry.count += record.count;
+            entry.count += n;
             entry.record = record.clone();
             return;
         }
@@ -109,13 +129,13 @@ impl Limiter {
         if keys >= MAX_KEYS_PER_POD {
             key.1 = OTHER.to_string();
             if let Some(entry) = self.entries.get_mut(&key) {
-                entry.count += record.count;
+                entry.count += n;
                 entry.record = record.clone();
                 return;
             }
         }
         if self.entries.len() >= MAX_KEYS {
-            self.dropped += record.count;
+            self.dropped += n;
             return;
         }
         let budget = self.pods.entry(pod.uid.clone()).or_insert(PodBudget {
@@ -128,7 +148,7 @@ impl Limiter {
             key.clone(),
             Entry {
                 record: record.clone(),
-                count: record.count,
+                count: n,
             },
         );
         self.fresh.push_back(key);
@@ -220,7 +240,7 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::record::{Kind, PodRef};
+    use crate::events::record::PodRef;
 
     fn record(uid: &str, port: u16) -> Record {
         Record {

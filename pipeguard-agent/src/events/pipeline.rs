@@ -222,6 +222,9 @@ impl Pipeline {
             self.stats.anomalies[signal.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let record = anomaly_record(anomaly, &self.index, &self.node);
+        if let Some(kube) = &mut self.kube {
+            kube.observe(&record, Instant::now());
+        }
         self.publish(record);
     }
 
