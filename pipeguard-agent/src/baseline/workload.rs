@@ -296,8 +296,9 @@ mod tests {
         let none = BTreeMap::new();
         let id = owner_identity;
         let long_kind = "K".repeat(64);
+        type Labels = BTreeMap<String, String>;
         // (kind, name, pod labels, workload)
-        let cases: [(&str, &str, &BTreeMap<String, String>, Option<&str>); 8] = [
+        let cases: [(&str, &str, &Labels, Option<&str>); 8] = [
             ("ReplicaSet", "web-5d8f7c6b9", &hash, Some("Deployment/web")),
             // Not the Deployment controller's naming: the ReplicaSet itself.
             ("ReplicaSet", "web", &none, Some("ReplicaSet/web")),
