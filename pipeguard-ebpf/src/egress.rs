@@ -65,6 +65,12 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             if !accepted.is_null() {
                 // Before the pod lookup: a pod table write after it moves the generation.
                 generation = fast::generation();
+            } else if !state.is_null() && reply::is_listener_syn_ack(&ctx, packet) {
+                // Counted for the pod that created the listener, while it is in the table.
+                if let Some(pod) = pod::by_id(unsafe { (*state).pod_cgroup_id }) {
+                    count(pod.cgroup_id, VERDICT_ALLOW, Hook::Egress, ctx.len() as u64);
+                    return PASS;
+                }
             }
         }
     }

@@ -101,22 +101,28 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
 /// SYN-ACK, or an accepted connection sending to the peer it was accepted from.
 #[inline(always)]
 pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
+    is_listener_syn_ack(ctx, packet) || !accepted_peer(ctx, packet).is_null()
+}
+
+/// A listener's SYN-ACK: the handshake answer, the only packet a listener sends of its own.
+#[inline(always)]
+pub fn is_listener_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() || packet.dst_port == 0 {
+    if sk.is_null() || packet.protocol != PROTO_TCP || packet.dst_port == 0 {
         return false;
     }
     let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
+    !full.is_null()
+        && unsafe { read_volatile(addr_of!((*full).state)) } == BPF_TCP_LISTEN
+        && is_syn_ack(ctx, packet)
+}
+
+#[inline(always)]
+fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
+    let Ok(flags) = ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET) else {
         return false;
-    }
-    if unsafe { read_volatile(addr_of!((*full).state)) } == BPF_TCP_LISTEN {
-        // Only the handshake answer: a listener sends nothing else of its own.
-        let Ok(flags) = ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET) else {
-            return false;
-        };
-        return flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
-    }
-    !accepted_peer(ctx, packet).is_null()
+    };
+    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
 }
 
 /// The accepted-peer record of the socket that sent this TCP packet, when the packet goes
