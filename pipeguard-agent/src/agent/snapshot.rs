@@ -14,8 +14,11 @@ use crate::policy::{Cluster, ClusterPod, Policy, PolicyError, PolicySet, policy_
 /// namespace event triggers a sync, and must not re-parse a 100k-CIDR policy.
 #[derive(Default)]
 pub struct PolicyCache {
-    by_object: HashMap<(String, String), (String, Result<Policy, PolicyError>)>,
+    /// (namespace, name) → (resourceVersion, what it parsed to).
+    by_object: HashMap<(String, String), (String, Parsed)>,
 }
+
+type Parsed = Result<Arc<Policy>, PolicyError>;
 
 impl PolicyCache {
     pub fn policies(&mut self, objects: &[Arc<RawPolicy>]) -> PolicySet {
@@ -29,7 +32,7 @@ impl PolicyCache {
             let version = obj.metadata.resource_version.clone();
             let result = match (self.by_object.remove(&key), &version) {
                 (Some((cached, result)), Some(v)) if &cached == v => result,
-                _ => parse(obj),
+                _ => parse(obj).map(Arc::new),
             };
             match &result {
                 Ok(p) => set.policies.push(p.clone()),

@@ -54,6 +54,7 @@ pub fn egress_for(set: &PolicySet, pod: &PodIdentity, cluster: Option<&Cluster>)
 pub fn selecting_egress<'a>(set: &'a PolicySet, pod: &PodIdentity) -> Vec<&'a Policy> {
     set.policies
         .iter()
+        .map(|p| &**p)
         .filter(|p| p.namespace == pod.namespace && p.egress.is_some() && p.pod_selector.matches(&pod.labels))
         .collect()
 }

@@ -13,6 +13,7 @@ use super::{
 pub fn selecting_ingress<'a>(set: &'a PolicySet, pod: &ClusterPod) -> Vec<&'a Policy> {
     set.policies
         .iter()
+        .map(|p| &**p)
         .filter(|p| {
             p.namespace == pod.namespace && p.ingress.is_some() && p.pod_selector.matches(&pod.labels)
         })

@@ -39,6 +39,7 @@ pub fn ingress_for(
     let selecting: Vec<&Policy> = set
         .policies
         .iter()
+        .map(|p| &**p)
         .filter(|p| {
             p.namespace == pod.namespace && p.ingress.is_some() && p.pod_selector.matches(&pod.labels)
         })
