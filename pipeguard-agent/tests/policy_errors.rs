@@ -207,3 +207,32 @@ fn ipv4_mapped_cidrs_are_enforced_as_ipv4_with_a_warning() {
         "{warnings:?}"
     );
 }
+
+/// A NetworkPolicy document is read straight from the text: its errors name the path once
+/// and the place in the file.
+#[test]
+fn a_misspelled_field_names_its_path_once_and_its_line() {
+    let e = only_error(&egress("to:\n    - ipBlok: {cidr: 10.0.0.0/8}"));
+    assert_eq!(e.field.as_deref(), Some("spec.egress[0].to[0].ipBlok"), "{e}");
+    assert!(e.message.starts_with("unknown field `ipBlok`"), "{e}");
+    assert!(e.message.ends_with("at line 11 column 7"), "{e}");
+}
+
+/// A first document the quick pass cannot read (a scalar) and a list are still read whole,
+/// and a valid policy after them still compiles.
+#[test]
+fn documents_of_every_shape_are_read() {
+    let list = format!(
+        "apiVersion: v1\nkind: List\nitems:\n- {}",
+        policy("  podSelector: {}\n  policyTypes: [Egress]\n").replace('\n', "\n  ")
+    );
+    let text = format!(
+        "just text\n---\n{list}\n---\n{}",
+        policy("  podSelector: {}\n  policyTypes: [Egress]\n").replace("name: p", "name: q")
+    );
+    let set = parse_policies("ci.yaml", &text);
+    let names: Vec<String> = set.policies.iter().map(|p| p.key()).collect();
+    assert_eq!(names, ["ci/p", "ci/q"], "{:?}", set.errors);
+    assert_eq!(set.errors.len(), 1, "{:?}", set.errors);
+    assert_eq!(set.errors[0].document, Some(1));
+}

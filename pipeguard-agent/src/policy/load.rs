@@ -109,12 +109,32 @@ pub(super) fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
 }
 
 /// Parses YAML text from `source` (a file name or another label).
+///
+/// A NetworkPolicy document is deserialized straight into its typed form: a value tree of
+/// a 100k-CIDR policy is ten times the policy, and it set the peak of `exec` and `check`.
+/// So a first pass reads only each document's kind and metadata; lists, domain kinds and
+/// any document that pass cannot read take the value-tree path, as all documents did.
 pub fn parse_policies(source: &str, text: &str) -> PolicySet {
     let mut set = PolicySet::default();
-    let documents = serde_yaml::Deserializer::from_str(text);
     let many = text.lines().filter(|l| l.trim_end() == "---").count() > 0;
+    let heads = document_heads(text);
+    let documents = serde_yaml::Deserializer::from_str(text);
     for (i, document) in documents.enumerate() {
         let doc_no = many.then_some(i + 1);
+        match heads.get(i) {
+            Some(None) => continue,
+            Some(Some(head)) if head.kind == "NetworkPolicy" => {
+                match policy_from_document(source, document, head) {
+                    Ok(policy) => set.policies.push(Arc::new(policy)),
+                    Err(error) => set.errors.push(PolicyError {
+                        document: doc_no,
+                        ..error
+                    }),
+                }
+                continue;
+            }
+            _ => {}
+        }
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(v) => v,
             Err(e) => {
@@ -148,6 +168,58 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
         }
     }
     set
+}
+
+/// What a document is, read without building it (serde skips every other field).
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: HeadMeta,
+}
+
+#[derive(Default, Deserialize)]
+struct HeadMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+/// Each document's head (`None`: an empty document), up to the first one this cannot read
+/// (a syntax error, a scalar, a name that is not a string): from there on the value-tree
+/// path reads, and reports, as before.
+fn document_heads(text: &str) -> Vec<Option<Head>> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(Option::<Head>::deserialize)
+        .map_while(Result::ok)
+        .collect()
+}
+
+/// One NetworkPolicy document, deserialized into its typed form as it is read.
+fn policy_from_document(
+    source: &str,
+    document: serde_yaml::Deserializer<'_>,
+    head: &Head,
+) -> Result<Policy, PolicyError> {
+    let namespace = head
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = head.metadata.name.clone();
+    let object = object_label(&head.kind, &namespace, name.as_deref());
+    let parsed =
+        deserialize_doc(document, &object).and_then(|doc| finish(doc, namespace.clone(), name, object));
+    let mut policy = parsed.map_err(|(object, field, message)| PolicyError {
+        source: source.into(),
+        document: None,
+        object,
+        namespace: Some(namespace),
+        field,
+        message,
+    })?;
+    name_warnings(source, &mut policy);
+    Ok(policy)
 }
 
 /// `kubectl get … -o yaml` of several objects writes one `kind: List` (or `…List`) with
@@ -256,12 +328,18 @@ where
 {
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
-        (
-            object.clone(),
-            (path != ".").then_some(path),
-            e.into_inner().to_string(),
-        )
+        let message = without_repeated_path(e.into_inner().to_string(), &path);
+        (object.clone(), (path != ".").then_some(path), message)
     })
+}
+
+/// serde_yaml read from the text (not from a value) starts its message with the path to
+/// the parent of the field, which the error already names in full: `a.b: unknown field`.
+fn without_repeated_path(message: String, path: &str) -> String {
+    match message.split_once(": ") {
+        Some((head, rest)) if !head.is_empty() && path.starts_with(head) => rest.to_string(),
+        _ => message,
+    }
 }
 
 fn finish(
