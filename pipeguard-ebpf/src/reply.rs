@@ -15,7 +15,7 @@
 use core::ptr::{addr_of, null_mut, read_volatile};
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_LISTEN},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_LISTEN, bpf_sock},
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_sk_storage_get},
     programs::{SkBuffContext, SockOpsContext},
 };
@@ -101,20 +101,47 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
 /// SYN-ACK, or an accepted connection sending to the peer it was accepted from.
 #[inline(always)]
 pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
-    is_listener_syn_ack(ctx, packet) || !accepted_peer(ctx, packet).is_null()
+    let full = sending_tcp_socket(ctx, packet);
+    if full.is_null() {
+        return false;
+    }
+    if is_listening(full) {
+        return is_syn_ack(ctx, packet);
+    }
+    !peer_of(full, packet).is_null()
 }
 
 /// A listener's SYN-ACK: the handshake answer, the only packet a listener sends of its own.
 #[inline(always)]
 pub fn is_listener_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
+    let full = sending_tcp_socket(ctx, packet);
+    !full.is_null() && is_listening(full) && is_syn_ack(ctx, packet)
+}
+
+/// The accepted-peer record of the socket that sent this TCP packet, when the packet goes
+/// to that peer (a reply); null for anything else.
+#[inline(always)]
+pub fn accepted_peer(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
+    let full = sending_tcp_socket(ctx, packet);
+    if full.is_null() {
+        return null_mut();
+    }
+    peer_of(full, packet)
+}
+
+/// The full socket that sent a TCP packet with a port; null for anything else.
+#[inline(always)]
+fn sending_tcp_socket(ctx: &SkBuffContext, packet: &Packet) -> *mut bpf_sock {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() || packet.protocol != PROTO_TCP || packet.dst_port == 0 {
-        return false;
+        return null_mut();
     }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    !full.is_null()
-        && unsafe { read_volatile(addr_of!((*full).state)) } == BPF_TCP_LISTEN
-        && is_syn_ack(ctx, packet)
+    unsafe { bpf_sk_fullsock(sk) }
+}
+
+#[inline(always)]
+fn is_listening(full: *mut bpf_sock) -> bool {
+    (unsafe { read_volatile(addr_of!((*full).state)) }) == BPF_TCP_LISTEN
 }
 
 #[inline(always)]
@@ -125,18 +152,9 @@ fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
 }
 
-/// The accepted-peer record of the socket that sent this TCP packet, when the packet goes
-/// to that peer (a reply); null for anything else.
+/// `full`'s accepted-peer record when the packet goes to that peer; null otherwise.
 #[inline(always)]
-pub fn accepted_peer(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() || packet.protocol != PROTO_TCP || packet.dst_port == 0 {
-        return null_mut();
-    }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return null_mut();
-    }
+fn peer_of(full: *mut bpf_sock, packet: &Packet) -> *mut AcceptedPeer {
     let peer =
         unsafe { bpf_sk_storage_get(accepted_map(), full.cast(), null_mut(), 0) }.cast::<AcceptedPeer>();
     if peer.is_null() || unsafe { (*peer).port != packet.dst_port || (*peer).addr != packet.dst.addr } {

@@ -117,14 +117,14 @@ pub(super) fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
 pub fn parse_policies(source: &str, text: &str) -> PolicySet {
     let mut set = PolicySet::default();
     let many = text.lines().filter(|l| l.trim_end() == "---").count() > 0;
-    let heads = document_heads(text);
+    let mut heads = document_heads(text).into_iter();
     let documents = serde_yaml::Deserializer::from_str(text);
     for (i, document) in documents.enumerate() {
         let doc_no = many.then_some(i + 1);
-        match heads.get(i) {
+        match heads.next() {
             Some(None) => continue,
             Some(Some(head)) if head.kind == "NetworkPolicy" => {
-                match policy_from_document(source, document, head) {
+                match typed_policy(source, document, head) {
                     Ok(policy) => set.policies.push(Arc::new(policy)),
                     Err(error) => set.errors.push(PolicyError {
                         document: doc_no,
@@ -170,7 +170,7 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
     set
 }
 
-/// What a document is, read without building it (serde skips every other field).
+/// What an object is, read without building it (serde skips every other field).
 #[derive(Deserialize)]
 struct Head {
     #[serde(default)]
@@ -193,33 +193,6 @@ fn document_heads(text: &str) -> Vec<Option<Head>> {
         .map(Option::<Head>::deserialize)
         .map_while(Result::ok)
         .collect()
-}
-
-/// One NetworkPolicy document, deserialized into its typed form as it is read.
-fn policy_from_document(
-    source: &str,
-    document: serde_yaml::Deserializer<'_>,
-    head: &Head,
-) -> Result<Policy, PolicyError> {
-    let namespace = head
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = head.metadata.name.clone();
-    let object = object_label(&head.kind, &namespace, name.as_deref());
-    let parsed =
-        deserialize_doc(document, &object).and_then(|doc| finish(doc, namespace.clone(), name, object));
-    let mut policy = parsed.map_err(|(object, field, message)| PolicyError {
-        source: source.into(),
-        document: None,
-        object,
-        namespace: Some(namespace),
-        field,
-        message,
-    })?;
-    name_warnings(source, &mut policy);
-    Ok(policy)
 }
 
 /// `kubectl get … -o yaml` of several objects writes one `kind: List` (or `…List`) with
@@ -260,35 +233,35 @@ pub fn policy_from_value(source: &str, value: serde_yaml::Value) -> Result<Polic
 /// 100k CIDRs that tree is hundreds of MiB of short-lived allocations, which the allocator
 /// keeps long after the parse.
 pub fn policy_from_json(source: &str, json: &[u8]) -> Result<Policy, PolicyError> {
-    #[derive(Deserialize)]
-    struct Identity {
-        #[serde(default)]
-        kind: String,
-        #[serde(default)]
-        metadata: IdentityMeta,
-    }
-    #[derive(Default, Deserialize)]
-    struct IdentityMeta {
-        name: Option<String>,
-        namespace: Option<String>,
-    }
-    let error = |namespace: Option<String>, (object, field, message): ObjectError| PolicyError {
+    let head: Head =
+        serde_json::from_slice(json).map_err(|e| PolicyError::file(source, format!("JSON: {e}")))?;
+    typed_policy(source, &mut serde_json::Deserializer::from_slice(json), head)
+}
+
+/// One object named by its `head`, deserialized from `deserializer` straight into its typed
+/// form (no value tree) and validated.
+fn typed_policy<'de, D: serde::Deserializer<'de>>(
+    source: &str,
+    deserializer: D,
+    head: Head,
+) -> Result<Policy, PolicyError>
+where
+    D::Error: std::fmt::Display,
+{
+    let namespace = head.metadata.namespace.unwrap_or_else(|| "default".into());
+    let object = object_label(&head.kind, &namespace, head.metadata.name.as_deref());
+    let parsed = check_kind(&head.kind, &object).and_then(|()| {
+        let doc = deserialize_doc(deserializer, &object)?;
+        finish(doc, namespace.clone(), head.metadata.name, object.clone())
+    });
+    let mut policy = parsed.map_err(|(object, field, message)| PolicyError {
         source: source.into(),
         document: None,
         object,
-        namespace,
+        namespace: Some(namespace),
         field,
         message,
-    };
-    let id: Identity =
-        serde_json::from_slice(json).map_err(|e| error(None, (None, None, format!("JSON: {e}"))))?;
-    let namespace = id.metadata.namespace.unwrap_or_else(|| "default".into());
-    let object = object_label(&id.kind, &namespace, id.metadata.name.as_deref());
-    let parsed = check_kind(&id.kind, &object).and_then(|()| {
-        let doc = deserialize_doc(&mut serde_json::Deserializer::from_slice(json), &object)?;
-        finish(doc, namespace.clone(), id.metadata.name, object.clone())
-    });
-    let mut policy = parsed.map_err(|e| error(Some(namespace.clone()), e))?;
+    })?;
     name_warnings(source, &mut policy);
     Ok(policy)
 }

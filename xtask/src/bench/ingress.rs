@@ -180,11 +180,11 @@ impl Bench {
                         "admitted" => format!("crr {to} {}", p.kernel_secs),
                         _ => format!("syn {to} {} {REFUSED}", p.kernel_secs / 2.0),
                     };
-                    let (before, all_before) = (self.ingress_stats(cfg, empty)?, self.all_stats(cfg, empty)?);
+                    let before = self.server_stats(cfg, empty)?;
                     let s = self.worker(VETH_CLIENT)?.ask(&command)?;
-                    let d = self.ingress_stats(cfg, empty)?.since(before);
-                    *all_programs.entry((cfg, kind)).or_default() +=
-                        self.all_stats(cfg, empty)?.since(all_before).run_time_ns;
+                    let after = self.server_stats(cfg, empty)?;
+                    let d = after.ingress.since(before.ingress);
+                    *all_programs.entry((cfg, kind)).or_default() += after.all.since(before.all).run_time_ns;
                     if d.run_cnt == 0 {
                         bail!("{cfg}: the ingress program never ran on {kind} connections");
                     }
@@ -252,29 +252,29 @@ impl Bench {
         Ok(())
     }
 
-    /// The run time of every program `cfg`'s server runs under, summed.
-    fn all_stats(&mut self, cfg: &str, empty: &EmptyPrograms) -> Result<RunStats> {
-        let stats = if cfg == "empty" {
-            empty.stats()?
-        } else {
-            kernel::process_prog_stats(self.worker(server_key(cfg))?.pid())?
-        };
-        Ok(stats.values().fold(RunStats::default(), |sum, s| RunStats {
-            run_time_ns: sum.run_time_ns + s.run_time_ns,
-            run_cnt: sum.run_cnt + s.run_cnt,
-        }))
-    }
-
-    /// Run-time statistics of the ingress program that judges `cfg`'s server.
-    fn ingress_stats(&mut self, cfg: &str, empty: &EmptyPrograms) -> Result<RunStats> {
-        let stats = if cfg == "empty" {
-            empty.stats()?.remove("ingress")
+    /// Run-time statistics of the programs `cfg`'s server runs under: its ingress program,
+    /// and all of them summed.
+    fn server_stats(&mut self, cfg: &str, empty: &EmptyPrograms) -> Result<ServerStats> {
+        let (stats, ingress) = if cfg == "empty" {
+            (empty.stats()?, "ingress")
         } else {
             let pid = self.worker(server_key(cfg))?.pid();
-            kernel::process_prog_stats(pid)?.remove("pg_ingress")
+            (kernel::process_prog_stats(pid)?, "pg_ingress")
         };
-        stats.ok_or_else(|| anyhow::anyhow!("{cfg}: no ingress program"))
+        let ingress = *stats
+            .get(ingress)
+            .ok_or_else(|| anyhow::anyhow!("{cfg}: no ingress program"))?;
+        let all = stats.values().fold(RunStats::default(), |sum, s| RunStats {
+            run_time_ns: sum.run_time_ns + s.run_time_ns,
+            run_cnt: sum.run_cnt + s.run_cnt,
+        });
+        Ok(ServerStats { ingress, all })
     }
+}
+
+struct ServerStats {
+    ingress: RunStats,
+    all: RunStats,
 }
 
 fn server_key(cfg: &str) -> &'static str {
