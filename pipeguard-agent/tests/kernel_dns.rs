@@ -190,6 +190,36 @@ fn allowed_names_resolve_and_connect_refused_names_never_reach_the_resolver() {
 }
 
 #[test]
+fn a_query_is_counted_once_by_the_program_that_judged_it() {
+    let ip = own_ip(82);
+    let dns = Dnsmasq::start("count", &ip, "127.0.0.1 ok.pg.test\n", 60);
+    let g = guard(
+        "dns-count",
+        &dns_only(&format!("{ip}/32"), vec![rule("ok.pg.test", 80)]),
+        EngineConfig::default(),
+    );
+    let r = dns.addr;
+    let out = g.probe(&[
+        format!("dns-udp {r} ok.pg.test"),
+        format!("dns-udp {r} no.exfil.test"),
+    ]);
+    assert_ok(&out[0]);
+    assert_failed(&out[1]);
+    // One datagram each: the DNS program's verdict, not also the IP policy's allow.
+    let counters = g.engine.counters(g.cgroup_id).unwrap();
+    let packets = |hook: Hook, verdict: u8| -> u64 {
+        counters
+            .iter()
+            .filter(|(k, _)| k.hook == hook as u8 && k.verdict == verdict)
+            .map(|(_, c)| c.packets)
+            .sum()
+    };
+    assert_eq!(packets(Hook::Dns, VERDICT_ALLOW), 1, "{counters:?}");
+    assert_eq!(packets(Hook::Dns, VERDICT_DENY), 1, "{counters:?}");
+    assert_eq!(packets(Hook::Egress, VERDICT_ALLOW), 0, "{counters:?}");
+}
+
+#[test]
 fn ipv4_mapped_and_ipv6_resolvers_are_filtered_too() {
     let web = listeners::tcp("127.0.0.1:0");
     let port = web.addr.port();
@@ -679,7 +709,7 @@ fn refused_queries_are_events_with_their_question_and_learned_addresses_carry_th
 }
 
 #[test]
-fn the_sweep_removes_expired_entries_but_keeps_those_a_connection_still_uses() {
+fn the_sweep_removes_expired_entries_and_connections_opened_before_outlive_them() {
     let web = listeners::tcp("127.0.0.1:0");
     let port = web.addr.port();
     let ip = own_ip(81);
@@ -698,31 +728,47 @@ fn the_sweep_removes_expired_entries_but_keeps_those_a_connection_still_uses() {
         },
     );
     let r = dns.addr;
-    let out = g.probe(&[
-        format!("dns-udp {r} gone.pg.test"),
-        format!("dns-connect {r} held.pg.test {port} held"),
-    ]);
+    let out = g.probe(&[format!("dns-udp {r} gone.pg.test")]);
     assert_ok(&out[0]);
-    assert_ok(&out[1]);
-    assert_eq!(g.engine.learned().unwrap().len(), 2);
     let fresh = g.engine.sweep_dns().unwrap();
     assert_eq!(
         (fresh.learned_removed, fresh.learned_remaining),
-        (0, 2),
+        (0, 1),
         "nothing expired yet"
     );
-    std::thread::sleep(Duration::from_millis(1_500));
+    // In the background: resolve held.pg.test, connect, wait 4 s (its entry expires after
+    // 1 s and is swept meanwhile), send on the open connection, then try a new one.
+    let cgroup = g.cgroup.path().to_path_buf();
+    let held =
+        std::thread::spawn(move || run_probe(&cgroup, &[format!("dns-expiry {r} held.pg.test {port} 4000")]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let held_ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    loop {
+        let learned = g.engine.learned().unwrap();
+        if learned
+            .iter()
+            .any(|l| l.addr == held_ip && l.remaining == Duration::ZERO)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "held.pg.test was never learned and expired: {learned:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let sweep = g.engine.sweep_dns().unwrap();
-    assert_eq!(sweep.learned_removed, 1, "{sweep:?}");
     assert_eq!(
-        sweep.learned_kept_for_conns, 1,
-        "a connection opened while it lived still refers to it: {sweep:?}"
+        (sweep.learned_removed, sweep.learned_remaining),
+        (2, 0),
+        "both expired entries are removed: {sweep:?}"
     );
-    let left = g.engine.learned().unwrap();
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!(left[0].addr, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
-    assert_eq!(left[0].remaining, Duration::ZERO, "expired, kept");
-    // Expired means refused for new connections, swept or not.
+    assert!(g.engine.learned().unwrap().is_empty());
+    let out = held.join().unwrap();
+    // The connection opened while its entry lived still works; a new one is refused.
+    assert_ok(&out[0]);
+    assert!(web.received.wait_for(b"still-open", Duration::from_secs(3)));
+    assert!(!web.received.wait_for(b"late-connect", Duration::from_millis(200)));
     let late = g.probe(&[format!("tcp 127.0.0.2:{port} late")]);
     assert!(late[0].denied_with_eperm(), "{:?}", late[0]);
 }

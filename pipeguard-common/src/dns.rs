@@ -39,8 +39,6 @@ const _: () = assert!(QUERY_SETS.is_power_of_two());
 /// eviction only happens under real pressure: 10,000 names × 13 addresses, or 1,000
 /// addresses for each of 131 names, at once.
 pub const MAX_LEARNED: u32 = 131_072;
-/// Connections (socket, destination) opened to a learned address while it lived.
-pub const MAX_CONNS: u32 = 65_536;
 /// Question hash → name text, for events and summaries.
 pub const MAX_NAME_TEXTS: u32 = 16_384;
 
@@ -222,28 +220,27 @@ pub struct LearnedAddr {
 }
 const _: () = assert!(core::mem::size_of::<LearnedAddr>() == 32);
 
-/// Key of `PG_DNS_CONNS_V1`: a socket that reached a learned address while it lived.
+/// In a socket's `SocketState`: the learned destination the socket started a connection
+/// or datagram to while the address's entry lived, and the rule that allowed it. The socket
+/// may go on reaching it after the entry expired or was swept, while that rule (of the
+/// socket's pod's allowlist, looked up at every use) still allows the port. One per
+/// socket: the last one it started.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ConnKey {
-    pub cookie: u64,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LearnedPass {
+    /// IPv4 as ::ffff:a.b.c.d, network order.
     pub addr: [u8; 16],
+    /// Its `policy_id` is the allowlist the pass was earned under: a pod moved to another
+    /// allowlist loses it like any other revoked destination.
+    pub rule: NameKey,
+    /// `name_hash` of the question that taught the address (the name events show).
+    pub name_hash: u64,
+    /// Host byte order; 0 with protocol 0: no pass.
     pub port: u16,
     pub protocol: u8,
     pub _pad: [u8; 5],
 }
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 32);
-
-/// The allowlist the connection was opened under: a pod moved to another allowlist loses
-/// its connections to learned addresses like any other revoked destination.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct ConnPass {
-    pub policy_id: u32,
-    pub _pad: u32,
-    pub name_hash: u64,
-}
-const _: () = assert!(core::mem::size_of::<ConnPass>() == 16);
+const _: () = assert!(core::mem::size_of::<LearnedPass>() == 48);
 
 /// Value of `PG_DNS_NAME_TEXT_V1` (key: `name_hash` of the name).
 #[repr(C)]

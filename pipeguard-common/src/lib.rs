@@ -20,12 +20,11 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V2";
-    pub const SOCKETS: &str = "PG_SOCKETS_V2";
+    pub const SOCKETS: &str = "PG_SOCKETS_V3";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
     pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V1";
-    pub const DNS_CONNS: &str = "PG_DNS_CONNS_V1";
     pub const DNS_NAME_TEXT: &str = "PG_DNS_NAME_TEXT_V1";
     pub const DNS_CONFIG: &str = "PG_DNS_CONFIG_V1";
     pub const DNS_SCRATCH: &str = "PG_DNS_SCRATCH_V1";
@@ -33,7 +32,7 @@ pub mod map_names {
     pub const DNS_INGRESS: &str = "PG_DNS_INGRESS_V1";
     pub const SENT: &str = "PG_SENT_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 22] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -50,7 +49,6 @@ pub mod map_names {
         DNS_NAMES,
         DNS_QUERIES,
         DNS_LEARNED,
-        DNS_CONNS,
         DNS_NAME_TEXT,
         DNS_CONFIG,
         DNS_SCRATCH,
@@ -390,8 +388,10 @@ pub struct SocketState {
     pub owner_pid_tgid: u64,
     /// That task's comm.
     pub owner_comm: [u8; 16],
+    /// DNS-filtered pods: a learned destination this socket may keep reaching.
+    pub learned: LearnedPass,
 }
-const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 120);
 
 /// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
 /// pod table or an allowlist, so every remembered verdict is judged again on its next use.
@@ -447,8 +447,6 @@ mod user {
     unsafe impl aya::Pod for QuerySlot {}
     unsafe impl aya::Pod for LearnedKey {}
     unsafe impl aya::Pod for LearnedAddr {}
-    unsafe impl aya::Pod for ConnKey {}
-    unsafe impl aya::Pod for ConnPass {}
     unsafe impl aya::Pod for NameText {}
     unsafe impl aya::Pod for DnsConfig {}
     unsafe impl aya::Pod for DnsEvent {}

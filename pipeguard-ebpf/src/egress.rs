@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use pipeguard_common::{
     CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Hook, MODE_AUDIT, POLICY_GENERATION_NONE, PROTO_TCP,
-    PROTO_UDP, VERDICT_ALLOW, VERDICT_ERROR,
+    PROTO_UDP, SocketState, VERDICT_ALLOW, VERDICT_ERROR,
 };
 
 use crate::{
@@ -46,7 +46,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             let attempt = Attempt {
                 // Only events report it, and an allowed packet here has none.
                 cgroup_id: 0,
-                ..attempt(&ctx, packet, &config)
+                ..attempt(&ctx, packet, &config, state)
             };
             report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
             ingress_policy::note_sent(&ctx, packet, pod.flags);
@@ -82,7 +82,10 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                 let dns = dns::is_dns(pod.entry.flags, &packet);
                 let flags = pod.entry.flags;
                 let (policy_id, audit) = (pod.entry.policy_id, pod.entry.mode == MODE_AUDIT);
-                let attempt = attempt(&ctx, &packet, &config);
+                let attempt = Attempt {
+                    dns_judges: dns,
+                    ..attempt(&ctx, &packet, &config, state)
+                };
                 let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
                 if judged.pass {
                     ingress_policy::note_sent(&ctx, &packet, flags);
@@ -104,6 +107,12 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     }
                     .write(ctx.skb.skb);
                     unsafe { DNS_EGRESS.tail_call(&ctx, 0) };
+                    count(
+                        judged.pod_cgroup_id,
+                        VERDICT_ERROR,
+                        Hook::Egress,
+                        ctx.len() as u64,
+                    );
                     return DROP;
                 }
                 if judged.generation != POLICY_GENERATION_NONE {
@@ -126,7 +135,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
         // it cannot parse.
         None => match parsed {
             Ok(packet) => verdict(
-                check(&attempt(&ctx, &packet, &config), None, |config| {
+                check(&attempt(&ctx, &packet, &config, state), None, |config| {
                     is_reply(&ctx, &packet, config)
                 })
                 .pass,
@@ -137,7 +146,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
 }
 
 #[inline(always)]
-fn attempt(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> Attempt {
+fn attempt(ctx: &SkBuffContext, packet: &Packet, config: &Config, socket: *mut SocketState) -> Attempt {
     Attempt {
         dest: packet.dst,
         port: packet.dst_port,
@@ -146,9 +155,11 @@ fn attempt(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> Attempt {
         bytes: ctx.len() as u64,
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         ctx: ctx.skb.skb.cast(),
+        socket,
         // Asked only when flow statistics are kept: one storage lookup per TCP packet.
         destination: config.flags & CONFIG_FLOW_STATS == 0
             || !(packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet)),
+        dns_judges: false,
     }
 }
 

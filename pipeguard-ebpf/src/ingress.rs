@@ -55,7 +55,7 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<&Pod>) -> i32 {
-    reply::learn(ctx, packet, config);
+    reply::learn(ctx, packet, config, pod);
     // A DNS answer to a DNS-filtered pod: `pg_dns_answer` learns from it (its own program,
     // for its own stack). Should the tail call fail, nothing is learned: closed, not open.
     if packet.src_port == dns::DNS_PORT

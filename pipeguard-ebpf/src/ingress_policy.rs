@@ -54,7 +54,10 @@ pub fn admits(ctx: &SkBuffContext, packet: &Packet, pod: &Pod, config: &Config) 
         bytes: ctx.len() as u64,
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         ctx: ctx.skb.skb.cast(),
+        // Ingress is judged by addresses only: nothing learned applies.
+        socket: core::ptr::null_mut(),
         destination: true,
+        dns_judges: false,
     };
     let verdict = decide(
         allowed(pod.entry.ingress_policy_id, &attempt) || from_same_pod(ctx, packet, pod),

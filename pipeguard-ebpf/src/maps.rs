@@ -10,10 +10,10 @@ use aya_ebpf::{
     },
 };
 use pipeguard_common::{
-    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, ConnKey, ConnPass, Counter, CounterKey, DnsConfig,
-    DnsScratch, EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_CONNS,
-    MAX_COUNTERS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES,
-    NameKey, NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, SocketState,
+    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, DnsConfig, DnsScratch,
+    EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS,
+    MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, NameKey, NameRule,
+    NameText, PodEntry, PortSet, QuerySlot, ReplyKey, SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -68,7 +68,7 @@ pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
 /// Socket-local storage: the pod and task that created the socket (written by
 /// `pg_sock_create`, read by the socket hooks and ingress events; see `owner`) and the
 /// verdict the socket remembers (see `fast`). Freed with the socket.
-#[btf_map(name = "PG_SOCKETS_V2")]
+#[btf_map(name = "PG_SOCKETS_V3")]
 pub static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 
 /// Index 0: the policy generation, which user space moves after every write to the pod
@@ -90,11 +90,6 @@ pub static DNS_QUERIES: Array<QuerySlot> = Array::with_max_entries(MAX_QUERIES, 
 /// {policy id, address} → until when, through which rule, from which name.
 #[map(name = "PG_DNS_LEARNED_V1")]
 pub static DNS_LEARNED: LruHashMap<LearnedKey, LearnedAddr> = LruHashMap::with_max_entries(MAX_LEARNED, 0);
-
-/// {socket, destination} opened to a learned address while it lived: it keeps working after
-/// the entry expires.
-#[map(name = "PG_DNS_CONNS_V1")]
-pub static DNS_CONNS: LruHashMap<ConnKey, ConnPass> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 /// Question name hash → its text, for events and summaries.
 #[map(name = "PG_DNS_NAME_TEXT_V1")]

@@ -10,7 +10,8 @@
 //! UDP: the ingress hook records {receiving socket, sender address, sender port} with the
 //! time of the datagram; the egress and socket hooks let the same socket send to that peer
 //! within the reply window. Keyed by socket cookie, so no other socket gains anything, and
-//! by the exact sender, so no other address does.
+//! by the exact sender, so no other address does. A sender the pod's allowlist already
+//! allows is not recorded: should a policy change revoke it, its datagrams earn nothing.
 
 use core::ptr::{addr_of, null_mut, read_volatile};
 
@@ -28,7 +29,8 @@ use crate::{
     fast,
     maps::{ACCEPTED, REPLIES},
     packet::Packet,
-    pod,
+    pod::Pod,
+    verdict,
 };
 
 const AF_INET: u32 = 2;
@@ -189,16 +191,23 @@ pub fn remember_pod(peer: *mut AcceptedPeer, pod_cgroup_id: u64, generation: u64
     }
 }
 
-/// Called for every packet a socket under the attached cgroup receives. Only sockets that
-/// are judged at egress (guarded pods, or every socket under `--unknown-pods deny`) record
-/// anything, so unguarded traffic never churns the table.
+/// Called for every packet a socket under the attached cgroup receives, with the receiving
+/// socket's pod if it has one. Only sockets that are judged at egress (guarded pods, or
+/// every socket under `--unknown-pods deny`) record anything, so unguarded traffic never
+/// churns the table.
 #[inline(always)]
-pub fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config) {
+pub fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<&Pod>) {
     if packet.protocol != PROTO_UDP || packet.src_port == 0 {
         return;
     }
-    if config.unknown_pods != UNKNOWN_DENY && pod::of_skb(ctx.skb.skb).is_none() {
-        return;
+    match pod {
+        // Sockets outside guarded pods are only judged when unknown pods are denied.
+        None if config.unknown_pods != UNKNOWN_DENY => return,
+        // The pod's allowlist lets it send to this peer anyway (a resolver, a service it
+        // queried): nothing to learn, and a trie lookup costs far less than the LRU update
+        // every answer to a fresh socket would pay.
+        Some(pod) if verdict::allows(pod.entry.policy_id, &packet.src, PROTO_UDP, packet.src_port) => return,
+        _ => {}
     }
     let key = key(
         unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },

@@ -76,7 +76,9 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
         bytes: 0,
         cgroup_id,
         ctx: sa.cast(),
+        socket: state,
         destination: true,
+        dns_judges: false,
     };
     // A UDP socket may answer (sendto, or connect then send) a peer it received from.
     let is_reply = |config: &_| {

@@ -3,16 +3,13 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     maps::lpm_trie::Key,
 };
 use pipeguard_common::{
     AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Counter, CounterKey,
     EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POD_DNS_FILTERED, POLICY_GENERATION_NONE,
-    POLICY_ID_BITS, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    POLICY_ID_BITS, SocketState, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::{
@@ -34,12 +31,18 @@ pub struct Attempt {
     pub bytes: u64,
     /// The socket's own cgroup (reported in events).
     pub cgroup_id: u64,
-    /// The program's context, for the socket cookie (asked only for DNS-filtered pods).
+    /// The program's context (ingress events read the receiving socket's owner from it).
     pub ctx: *mut core::ffi::c_void,
+    /// The socket's state (null when it has none): where a DNS-filtered pod's socket keeps
+    /// its pass to a learned destination.
+    pub socket: *mut SocketState,
     /// The pod chose this peer. False for packets of TCP connections it accepted: their
     /// peer is no destination of the pod's, so flow statistics (the job's destinations)
     /// leave them out; counters still count them.
     pub destination: bool,
+    /// A DNS packet `pg_dns_query` judges next: allowed here, it is counted there (under
+    /// `Hook::Dns`, with that program's verdict), so each packet is counted once.
+    pub dns_judges: bool,
 }
 
 #[inline(always)]
@@ -100,10 +103,13 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
             || is_reply(&config)
             || (pod.entry.flags & POD_DNS_FILTERED != 0 && {
                 // The addresses the pod's allowed DNS answers taught its allowlist.
-                let cookie = unsafe { bpf_get_socket_cookie(attempt.ctx) };
                 // Socket hooks start connections and datagrams; the packet hook continues them.
-                let learned =
-                    learned::check(pod.entry.policy_id, attempt, cookie, attempt.hook != Hook::Egress);
+                let learned = learned::check(
+                    pod.entry.policy_id,
+                    attempt,
+                    attempt.socket,
+                    attempt.hook != Hook::Egress,
+                );
                 name_hash = learned.name_hash;
                 learned.allowed
             }),
@@ -147,13 +153,19 @@ pub fn decide(allowed: bool, mode: u32) -> u8 {
 /// The static allowlist (the tries) allows the attempt.
 #[inline(always)]
 pub fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
+    allows(policy_id, &attempt.dest, attempt.protocol, attempt.port)
+}
+
+/// Allowlist `policy_id` allows sending to `dest`:`port` over `protocol`.
+#[inline(always)]
+pub fn allows(policy_id: u32, dest: &Dest, protocol: u8, port: u16) -> bool {
     let policy_id = policy_id.to_be_bytes();
-    let ports = if attempt.dest.is_v4 {
+    let ports = if dest.is_v4 {
         let key = Key::new(
             POLICY_ID_BITS + 32,
             AllowKeyV4 {
                 policy_id,
-                addr: attempt.dest.v4_bytes(),
+                addr: dest.v4_bytes(),
             },
         );
         ALLOW_V4.get(&key)
@@ -162,13 +174,13 @@ pub fn allowed(policy_id: u32, attempt: &Attempt) -> bool {
             POLICY_ID_BITS + 128,
             AllowKeyV6 {
                 policy_id,
-                addr: attempt.dest.addr,
+                addr: dest.addr,
             },
         );
         ALLOW_V6.get(&key)
     };
     // No matching prefix: nothing allows it.
-    ports.is_some_and(|p| p.allows(attempt.protocol, attempt.port))
+    ports.is_some_and(|p| p.allows(protocol, port))
 }
 
 /// A denied (or audited) verdict may also be for a pod with no entry (`pod_cgroup_id` 0).
@@ -183,7 +195,9 @@ pub fn report(
     name_hash: u64,
     flags: u32,
 ) {
-    count(pod_cgroup_id, verdict, attempt.hook, attempt.bytes);
+    if !(verdict == VERDICT_ALLOW && attempt.dns_judges) {
+        count(pod_cgroup_id, verdict, attempt.hook, attempt.bytes);
+    }
 
     // Packet hooks see every retransmission: their events are rate-limited per flow.
     let is_packet = attempt.hook == Hook::Egress || attempt.hook == Hook::Ingress;

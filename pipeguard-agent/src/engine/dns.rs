@@ -3,14 +3,12 @@
 //! name on events. The kernel enforces from these maps alone; user space only tidies.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use pipeguard_common::{
-    ConnKey, ConnPass, LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, map_names,
-};
+use pipeguard_common::{LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, map_names};
 
 use super::{Engine, EngineError, tables::ignore_missing};
 
@@ -46,10 +44,6 @@ pub struct DnsSweep {
     /// Always 0: expired query slots are reused by the kernel, not deleted (kept for the
     /// `dns_queries` series of `pipeguard_dns_swept_total`).
     pub queries_removed: usize,
-    /// Expired entries kept because a connection opened while they lived still refers to them.
-    pub learned_kept_for_conns: usize,
-    /// Connection records whose learned entry is gone (they no longer let anything pass).
-    pub conns_removed: usize,
     /// Capacity of the learned-address map (LRU beyond it).
     pub learned_capacity: u32,
 }
@@ -133,13 +127,11 @@ impl Engine {
     pub fn sweep_dns_logged(&mut self) -> Option<DnsSweep> {
         match self.sweep_dns() {
             Ok(sweep) => {
-                if sweep.learned_removed + sweep.queries_removed + sweep.conns_removed > 0 {
+                if sweep.learned_removed + sweep.queries_removed > 0 {
                     tracing::debug!(
                         learned_removed = sweep.learned_removed,
                         queries_removed = sweep.queries_removed,
-                        conns_removed = sweep.conns_removed,
                         learned_remaining = sweep.learned_remaining,
-                        learned_kept_for_conns = sweep.learned_kept_for_conns,
                         "swept expired DNS entries"
                     );
                 }
@@ -153,34 +145,21 @@ impl Engine {
     }
 
     /// Deletes expired learned addresses, so the LRU map only evicts under real pressure.
-    /// (Unanswered queries need no sweep: the kernel reuses their slots once they expire.)
-    ///
-    /// An expired entry that a connection record still refers to is kept: the kernel lets a
-    /// connection opened while the entry lived go on only while the entry is there (expired
-    /// or not). Connection records of entries that are gone help nothing and are deleted.
+    /// (Unanswered queries need no sweep: the kernel reuses their slots once they expire.
+    /// Connections opened while an entry lived hold their own pass in the socket's storage,
+    /// so they need no entry kept for them.)
     pub fn sweep_dns(&mut self) -> Result<DnsSweep, EngineError> {
         let now = monotonic_ns();
         let mut sweep = DnsSweep {
             learned_capacity: MAX_LEARNED,
             ..DnsSweep::default()
         };
-        let conns: BpfHashMap<&MapData, ConnKey, ConnPass> = self.map(map_names::DNS_CONNS)?;
-        let mut in_use = HashSet::new();
-        for item in conns.iter() {
-            let (key, pass) = item.map_err(map_error(map_names::DNS_CONNS))?;
-            in_use.insert((pass.policy_id, key.addr));
-        }
         let mut learned: BpfHashMap<&mut MapData, LearnedKey, LearnedAddr> =
             self.map_mut(map_names::DNS_LEARNED)?;
         let mut expired = Vec::new();
-        let mut live = HashSet::new();
         for item in learned.iter() {
             let (key, value) = item.map_err(map_error(map_names::DNS_LEARNED))?;
-            live.insert((key.policy_id, key.addr));
             if value.expires_ns > now {
-                sweep.learned_remaining += 1;
-            } else if in_use.contains(&(key.policy_id, key.addr)) {
-                sweep.learned_kept_for_conns += 1;
                 sweep.learned_remaining += 1;
             } else {
                 expired.push(key);
@@ -194,20 +173,8 @@ impl Engine {
                 continue;
             }
             ignore_missing(learned.remove(key)).map_err(map_error(map_names::DNS_LEARNED))?;
-            live.remove(&(key.policy_id, key.addr));
             sweep.learned_removed += 1;
         }
-        let mut conns: BpfHashMap<&mut MapData, ConnKey, ConnPass> = self.map_mut(map_names::DNS_CONNS)?;
-        let orphans: Vec<ConnKey> = conns
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, pass)| !live.contains(&(pass.policy_id, k.addr)))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &orphans {
-            ignore_missing(conns.remove(key)).map_err(map_error(map_names::DNS_CONNS))?;
-        }
-        sweep.conns_removed = orphans.len();
         Ok(sweep)
     }
 }

@@ -1,13 +1,14 @@
 //! Enforcement with learned addresses: after the static trie, a DNS-filtered pod may reach
 //! an address an allowed answer taught its allowlist, on the ports of the rule that allowed
 //! the question, while the entry lives. A socket that reached it while it lived keeps
-//! reaching it after expiry; new ones are refused.
+//! reaching it after expiry (its `LearnedPass`, in the socket's own storage, so no table
+//! of connections to fill or evict); new ones are refused.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
-use pipeguard_common::{ConnKey, ConnPass, LearnedKey};
+use pipeguard_common::{LearnedKey, LearnedPass, NameKey, SocketState};
 
 use crate::{
-    maps::{DNS_CONNS, DNS_LEARNED, DNS_NAMES},
+    maps::{DNS_LEARNED, DNS_NAMES},
     verdict::Attempt,
 };
 
@@ -17,58 +18,69 @@ pub struct Verdict {
     pub name_hash: u64,
 }
 
-/// `cookie`: the socket (0 when unknown). `remember`: a socket hook, where a connection or
-/// datagram starts; it records the socket so its later packets outlive the entry.
+const REFUSED: Verdict = Verdict {
+    allowed: false,
+    name_hash: 0,
+};
+
+/// `socket`: the state of the attempt's socket (null when it has none). `remember`: a
+/// socket hook, where a connection or datagram starts; the socket then keeps a pass for
+/// this destination that outlives the entry.
 #[inline(always)]
-pub fn check(policy_id: u32, attempt: &Attempt, cookie: u64, remember: bool) -> Verdict {
+pub fn check(policy_id: u32, attempt: &Attempt, socket: *mut SocketState, remember: bool) -> Verdict {
     let key = LearnedKey {
         policy_id,
         addr: attempt.dest.addr,
     };
-    let Some(learned) = (unsafe { DNS_LEARNED.get(&key) }).copied() else {
-        return Verdict {
-            allowed: false,
-            name_hash: 0,
-        };
-    };
-    let refused = Verdict {
-        allowed: false,
-        name_hash: learned.name_hash,
-    };
-    // The rule is looked up at every use: a policy change that drops the name or its ports
-    // takes effect at once.
-    let Some(rule) = (unsafe { DNS_NAMES.get(&learned.rule) }) else {
-        return refused;
-    };
-    if !rule.ports.allows(attempt.protocol, attempt.port) {
-        return refused;
-    }
-    let conn = ConnKey {
-        cookie,
-        addr: attempt.dest.addr,
-        port: attempt.port,
-        protocol: attempt.protocol,
-        _pad: [0; 5],
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now < learned.expires_ns {
-        if remember && cookie != 0 {
-            let pass = ConnPass {
-                policy_id,
-                _pad: 0,
+    if let Some(learned) = unsafe { DNS_LEARNED.get(&key) }.copied() {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now < learned.expires_ns {
+            if !rule_allows(&learned.rule, attempt) {
+                return Verdict {
+                    allowed: false,
+                    name_hash: learned.name_hash,
+                };
+            }
+            if remember && !socket.is_null() {
+                unsafe {
+                    (*socket).learned = LearnedPass {
+                        addr: attempt.dest.addr,
+                        rule: learned.rule,
+                        name_hash: learned.name_hash,
+                        port: attempt.port,
+                        protocol: attempt.protocol,
+                        _pad: [0; 5],
+                    };
+                }
+            }
+            return Verdict {
+                allowed: true,
                 name_hash: learned.name_hash,
             };
-            let _ = DNS_CONNS.insert(&conn, &pass, 0);
         }
-        return Verdict {
-            allowed: true,
-            name_hash: learned.name_hash,
-        };
     }
-    let opened_while_alive =
-        cookie != 0 && unsafe { DNS_CONNS.get(&conn) }.is_some_and(|pass| pass.policy_id == policy_id);
+    // Expired or gone: only the socket's own pass, for exactly this destination.
+    if socket.is_null() {
+        return REFUSED;
+    }
+    let pass = unsafe { &(*socket).learned };
+    if pass.protocol == 0
+        || pass.rule.policy_id != policy_id
+        || pass.port != attempt.port
+        || pass.protocol != attempt.protocol
+        || pass.addr != attempt.dest.addr
+    {
+        return REFUSED;
+    }
     Verdict {
-        allowed: opened_while_alive,
-        name_hash: learned.name_hash,
+        allowed: rule_allows(&pass.rule, attempt),
+        name_hash: pass.name_hash,
     }
+}
+
+/// The rule is looked up at every use: a policy change that drops the name or its ports
+/// takes effect at once.
+#[inline(always)]
+fn rule_allows(rule: &NameKey, attempt: &Attempt) -> bool {
+    unsafe { DNS_NAMES.get(rule) }.is_some_and(|r| r.ports.allows(attempt.protocol, attempt.port))
 }

@@ -37,7 +37,11 @@ enum Outcome {
 pub fn check(ctx: &SkBuffContext, h: &Handoff) -> bool {
     let bytes = ctx.len() as u64;
     match inspect(ctx, h) {
-        Ok(Outcome::NoData) => true,
+        Ok(Outcome::NoData) => {
+            // No query in it (a TCP handshake or ACK): counted as the packet it is.
+            count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Egress, bytes);
+            true
+        }
         Ok(Outcome::Allowed) => {
             count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Dns, bytes);
             true
