@@ -134,7 +134,7 @@ const _: () = assert!(core::mem::size_of::<QueryKey>() == 32);
 pub struct QueryState {
     /// `name_hash` of the full question name.
     pub question_hash: u64,
-    /// bpf_ktime_get_ns after which the answer is no longer accepted.
+    /// `bpf_ktime_get_coarse_ns` after which the answer is no longer accepted.
     pub expires_ns: u64,
     /// The rule that allowed the question (key of `PG_DNS_NAMES_V1`).
     pub rule: NameKey,

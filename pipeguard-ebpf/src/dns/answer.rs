@@ -4,7 +4,7 @@
 //! so an address is allowed before the job can read it. CNAME chains: the question decides.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::SkBuffContext,
 };
 use pipeguard_common::{LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, QueryKey};
@@ -47,10 +47,12 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
     }
     // Consumed: a replayed or duplicated answer finds nothing.
     queries::consume(slot);
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now > query.expires_ns || flags & RCODE_MASK != 0 {
+    // Query slots live by the coarse clock (see `query`); learned addresses by the precise
+    // one, which user space's sweep compares with CLOCK_MONOTONIC.
+    if unsafe { bpf_ktime_get_coarse_ns() } > query.expires_ns || flags & RCODE_MASK != 0 {
         return Ok(());
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     remember_name(&name);
     let min_ttl = DNS_CONFIG.get(0).map(|c| c.min_ttl_s).unwrap_or(0);
     let mut offset = msg + HEADER_BYTES + name.wire_len() + 4;
