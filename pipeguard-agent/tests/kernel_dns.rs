@@ -347,6 +347,61 @@ fn learned_entries_expire_but_connections_opened_before_keep_working() {
     assert!(!web.received.wait_for(b"late-connect", Duration::from_millis(200)));
 }
 
+/// A connection to a learned address remembers its allow (the socket's pass makes it as
+/// lasting as a static one, so its packets take the fast path); dropping the name from the
+/// policy must still cut it at its next packet.
+#[test]
+fn dropping_a_name_cuts_an_established_connection_to_its_address() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let port = web.addr.port();
+    let ip = own_ip(83);
+    let dns = Dnsmasq::start("cut", &ip, "127.0.0.1 held.pg.test\n", 60);
+    let mut g = guard(
+        "dns-cut",
+        &dns_only(&format!("{ip}/32"), vec![rule("held.pg.test", port)]),
+        EngineConfig::default(),
+    );
+    let flag = std::env::temp_dir().join(format!("pg-dns-cut-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let child = common::probe_command(
+        g.cgroup.path(),
+        &[format!(
+            "dns-hold {} held.pg.test {port} {}",
+            dns.addr,
+            flag.display()
+        )],
+    )
+    .spawn()
+    .expect("spawn probe");
+    assert!(
+        web.received.wait_for(b"before", Duration::from_secs(5)),
+        "allowed while the name is"
+    );
+    g.engine
+        .replace_policy(
+            POLICY,
+            &dns_only(&format!("{ip}/32"), vec![rule("held.pg.test", port)]),
+            &dns_only(&format!("{ip}/32"), vec![rule("other.pg.test", port)]),
+        )
+        .unwrap();
+    std::fs::write(&flag, "go").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&flag);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        !web.received.wait_for(b"after", Duration::from_millis(500)),
+        "the connection outlived the name's removal"
+    );
+    assert!(
+        g.engine
+            .counters(g.cgroup_id)
+            .unwrap()
+            .iter()
+            .any(|(k, c)| k.hook == Hook::Egress as u8 && k.verdict == VERDICT_DENY && c.packets > 0),
+        "the packet hook dropped the connection's next packet"
+    );
+}
+
 #[test]
 fn getaddrinfo_of_a_refused_name_fails_fast() {
     let ip = own_ip(59);

@@ -9,8 +9,10 @@
 //! generation, which user space moves after every write to the pod table or an allowlist
 //! (so a revoked allow cuts an established connection at its next packet); the third is
 //! compared against the packet's own headers, so a raw socket or ICMP gains nothing. Only
-//! allows by the static allowlist are remembered: replies, learned DNS addresses and
-//! audited or denied attempts take the slow path every time, with their events. DNS of
+//! allows by the static allowlist, or by the socket's pass to a learned DNS destination
+//! (which outlives the address's entry and so depends on the allowlist alone, see
+//! `dns::learned`), are remembered: replies, addresses merely learned, and audited or denied
+//! attempts take the slow path every time, with their events. DNS of
 //! either direction (port 53) never takes the fast path, because the DNS program must
 //! see every query of a DNS-filtered pod. Counters are bumped exactly as the slow path does,
 //! and the ingress side's record of peers sent to (`ingress_policy::note_sent`) too.

@@ -53,9 +53,9 @@ pub fn config() -> Config {
 /// What `check` decided.
 pub struct Judged {
     pub pass: bool,
-    /// The policy generation under which the pod's static allowlist allowed the attempt,
-    /// `POLICY_GENERATION_NONE` when anything else decided: what the socket may remember
-    /// (see `fast`).
+    /// The policy generation under which the pod's static allowlist (or the socket's pass to
+    /// a learned destination) allowed the attempt, `POLICY_GENERATION_NONE` when anything
+    /// else decided: what the socket may remember (see `fast`).
     pub generation: u64,
     /// The pod's static allowlist allowed the attempt (what a DNS query needs to teach).
     pub by_allowlist: bool,
@@ -98,6 +98,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
     let generation = fast::generation();
     let by_allowlist = allowed(pod.entry.policy_id, attempt);
     let mut name_hash = 0;
+    let mut by_pass = false;
     let verdict = decide(
         by_allowlist
             || is_reply(&config)
@@ -111,6 +112,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
                     attempt.hook != Hook::Egress,
                 );
                 name_hash = learned.name_hash;
+                by_pass = learned.by_pass;
                 learned.allowed
             }),
         pod.entry.mode,
@@ -126,7 +128,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
     );
     Judged {
         pass: verdict != VERDICT_DENY,
-        generation: if by_allowlist {
+        generation: if by_allowlist || by_pass {
             generation
         } else {
             POLICY_GENERATION_NONE

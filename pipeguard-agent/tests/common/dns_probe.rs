@@ -164,7 +164,8 @@ fn connect_send(ip: IpAddr, port: u16, payload: &[u8]) -> std::io::Result<TcpStr
 /// `dns-forge OWN_RESOLVER NAME FORGED_IP PORT`, `dns-getaddrinfo RESOLV_CONF NAME`,
 /// `dns-ask RESOLVER NAME REPLIES`, `dns-replay RESOLVER NAME FORGED_IP FROM`,
 /// `dns-floor RESOLVER NAME PORT PAST_TTL_MS PAST_FLOOR_MS`,
-/// `dns-hammer RESOLVER ALLOWED REFUSED PORT STOP_FILE`, `dns-gso RESOLVER ALLOWED SMUGGLED`.
+/// `dns-hammer RESOLVER ALLOWED REFUSED PORT STOP_FILE`, `dns-gso RESOLVER ALLOWED SMUGGLED`,
+/// `dns-hold RESOLVER NAME PORT FLAG_FILE`.
 pub fn run(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
     let result = run_action(kind, target, rest);
     if let Err(e) = &result {
@@ -199,6 +200,22 @@ fn run_action(kind: &str, target: &str, rest: &str) -> std::io::Result<()> {
                     "{refused} of {n} connects refused"
                 )));
             }
+            Ok(())
+        }
+        "dns-hold" => {
+            // "before" on a connection to the name's address; once FLAG_FILE exists (the test
+            // changed the policy meanwhile), "after" on the same connection.
+            let (name, port, flag) = (args[0], args[1].parse().unwrap(), args[2]);
+            let addrs = resolve("udp", resolver(), name)?;
+            let mut stream = connect_send(addrs[0], port, b"before")?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !std::path::Path::new(flag).exists() {
+                assert!(std::time::Instant::now() < deadline, "dns-hold: no {flag}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Dropped at egress: the write itself may succeed (queued) or fail.
+            let _ = stream.write_all(b"after");
+            std::thread::sleep(Duration::from_millis(300));
             Ok(())
         }
         "dns-expiry" => {

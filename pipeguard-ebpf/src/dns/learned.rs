@@ -3,6 +3,10 @@
 //! the question, while the entry lives. A socket that reached it while it lived keeps
 //! reaching it after expiry (its `LearnedPass`, in the socket's own storage, so no table
 //! of connections to fill or evict); new ones are refused.
+//!
+//! An allow by the socket's pass depends, like a static allow, only on the allowlist (the
+//! rule's ports) and the destination: the socket may remember it for the fast path, so the
+//! packets of a connection to a named host skip the pod walk and these lookups.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use pipeguard_common::{LearnedKey, LearnedPass, NameKey, SocketState};
@@ -16,11 +20,15 @@ pub struct Verdict {
     pub allowed: bool,
     /// The name the address was learned from; 0 when it was not learned.
     pub name_hash: u64,
+    /// Allowed with the socket holding a pass for exactly this attempt: as lasting as a
+    /// static allow (see `fast`).
+    pub by_pass: bool,
 }
 
 const REFUSED: Verdict = Verdict {
     allowed: false,
     name_hash: 0,
+    by_pass: false,
 };
 
 /// `socket`: the state of the attempt's socket (null when it has none). `remember`: a
@@ -39,8 +47,10 @@ pub fn check(policy_id: u32, attempt: &Attempt, socket: *mut SocketState, rememb
                 return Verdict {
                     allowed: false,
                     name_hash: learned.name_hash,
+                    by_pass: false,
                 };
             }
+            let by_pass = !socket.is_null() && (remember || holds_pass(socket, policy_id, attempt));
             if remember && !socket.is_null() {
                 unsafe {
                     (*socket).learned = LearnedPass {
@@ -56,26 +66,32 @@ pub fn check(policy_id: u32, attempt: &Attempt, socket: *mut SocketState, rememb
             return Verdict {
                 allowed: true,
                 name_hash: learned.name_hash,
+                by_pass,
             };
         }
     }
     // Expired or gone: only the socket's own pass, for exactly this destination.
-    if socket.is_null() {
+    if socket.is_null() || !holds_pass(socket, policy_id, attempt) {
         return REFUSED;
     }
     let pass = unsafe { &(*socket).learned };
-    if pass.protocol == 0
-        || pass.rule.policy_id != policy_id
-        || pass.port != attempt.port
-        || pass.protocol != attempt.protocol
-        || pass.addr != attempt.dest.addr
-    {
-        return REFUSED;
-    }
+    let allowed = rule_allows(&pass.rule, attempt);
     Verdict {
-        allowed: rule_allows(&pass.rule, attempt),
+        allowed,
         name_hash: pass.name_hash,
+        by_pass: allowed,
     }
+}
+
+/// The non-null `socket` holds a pass of allowlist `policy_id` for exactly this attempt.
+#[inline(always)]
+fn holds_pass(socket: *const SocketState, policy_id: u32, attempt: &Attempt) -> bool {
+    let pass = unsafe { &(*socket).learned };
+    pass.protocol != 0
+        && pass.rule.policy_id == policy_id
+        && pass.port == attempt.port
+        && pass.protocol == attempt.protocol
+        && pass.addr == attempt.dest.addr
 }
 
 /// The rule is looked up at every use: a policy change that drops the name or its ports
