@@ -403,6 +403,34 @@ fn dropping_a_name_cuts_an_established_connection_to_its_address() {
 }
 
 #[test]
+fn resolving_a_name_again_renews_its_address() {
+    let ip = own_ip(84);
+    let dns = Dnsmasq::start("renew", &ip, "127.0.0.1 again.pg.test\n", 5);
+    let g = guard(
+        "dns-renew",
+        &dns_only(&format!("{ip}/32"), vec![rule("again.pg.test", 80)]),
+        EngineConfig {
+            dns_min_ttl: Duration::from_secs(1),
+            ..EngineConfig::default()
+        },
+    );
+    let remaining = || {
+        let learned = g.engine.learned().unwrap();
+        assert_eq!(learned.len(), 1, "{learned:?}");
+        learned[0].remaining
+    };
+    assert_ok(&g.probe(&[format!("dns-udp {} again.pg.test", dns.addr)])[0]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let before = remaining();
+    assert_ok(&g.probe(&[format!("dns-udp {} again.pg.test", dns.addr)])[0]);
+    let after = remaining();
+    assert!(
+        after > before,
+        "the second answer renewed the entry: {before:?} then {after:?}"
+    );
+}
+
+#[test]
 fn getaddrinfo_of_a_refused_name_fails_fast() {
     let ip = own_ip(59);
     let dns = Dnsmasq::start("gai", &ip, "127.0.0.1 ok.pg.test\n", 60);

@@ -7,7 +7,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::SkBuffContext,
 };
-use pipeguard_common::{LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, QueryKey};
+use pipeguard_common::{
+    LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, NameKey, QueryKey,
+};
 
 use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name, queries};
 use crate::{
@@ -91,17 +93,32 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
                 policy_id: query.rule.policy_id,
                 addr: dest.addr,
             };
-            // An entry that already lives longer keeps its time.
-            let longer =
-                unsafe { DNS_LEARNED.get(&key) }.is_some_and(|old| old.expires_ns > entry.expires_ns);
-            if !longer {
-                let _ = DNS_LEARNED.insert(&key, &entry, 0);
+            match DNS_LEARNED.get_ptr_mut(&key) {
+                // Taught again under the same rule (a name resolved again): only its time
+                // and name move, in place: an LRU update would take a new node per answer.
+                // Both are single stores a reader sees whole, old or new.
+                Some(old) if unsafe { same_rule(&(*old).rule, &entry.rule) } => unsafe {
+                    if (*old).expires_ns < entry.expires_ns {
+                        core::ptr::write_volatile(&raw mut (*old).name_hash, entry.name_hash);
+                        core::ptr::write_volatile(&raw mut (*old).expires_ns, entry.expires_ns);
+                    }
+                },
+                // An entry that already lives longer keeps its time.
+                Some(old) if unsafe { (*old).expires_ns } > entry.expires_ns => {}
+                _ => {
+                    let _ = DNS_LEARNED.insert(&key, &entry, 0);
+                }
             }
         }
         offset += rdlen;
         record += 1;
     }
     Ok(())
+}
+
+#[inline(always)]
+fn same_rule(a: &NameKey, b: &NameKey) -> bool {
+    a.policy_id == b.policy_id && a.kind == b.kind && a.hash == b.hash
 }
 
 /// Labels walked in an answer record's name before the pointer or the end; resolvers
