@@ -784,3 +784,71 @@ fn sctp_is_judged_by_port() {
     }
     assert_eq!(p.count(VERDICT_DENY), 2);
 }
+
+/// Restart without a gap, for ingress: the pinned programs and maps keep refusing and
+/// admitting inbound connections while no engine runs, and a second engine adopts the pod
+/// and its ingress allowlist; removing the pins opens the listener again.
+#[test]
+fn pinned_ingress_enforcement_outlives_the_engine_and_is_adopted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bpffs = common::Bpffs::mount("ingress-pins");
+    let cgroup = test_cgroup("ing-pins");
+    let cgroup_id = cgroup.id().unwrap();
+    let config = EngineConfig {
+        pin_dir: Some(bpffs.pin_dir()),
+        ..EngineConfig::default()
+    };
+    let rules = entries(&[("127.0.0.2/32", all())], &[]);
+    let isolated = PodEntry {
+        policy_id: EGRESS,
+        mode: MODE_ENFORCE,
+        flags: POD_INGRESS_ISOLATED,
+        ingress_policy_id: INGRESS,
+    };
+    {
+        let mut engine = Engine::load(&config).expect("load with pins");
+        engine
+            .put_policy(EGRESS, &entries(&[("0.0.0.0/0", all())], &[("::/0", all())]))
+            .unwrap();
+        engine.put_policy(INGRESS, &rules).unwrap();
+        engine.put_pod(cgroup_id, isolated).unwrap();
+        engine.attach(cgroup.path()).unwrap();
+    }
+    // No engine now: only the pins hold the programs and maps.
+    let listener = common::inside(cgroup.path(), || TcpListener::bind("127.0.0.1:0").unwrap());
+    let dest = listener.local_addr().unwrap();
+    let admitted_and_refused = |when: &str| {
+        inbound::connect_from(ip("127.0.0.2"), dest)
+            .unwrap_or_else(|e| panic!("{when}: the allowed source connects: {e}"));
+        assert!(
+            accepted(&listener),
+            "{when}: the allowed connection reaches accept()"
+        );
+        let error =
+            inbound::connect_from(ip("127.0.0.3"), dest).expect_err("a refused source never connects");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{when}: {error}");
+        assert!(
+            !accepted(&listener),
+            "{when}: the refused connection never reaches accept()"
+        );
+    };
+    admitted_and_refused("without an engine");
+
+    let mut engine = Engine::load(&config).expect("a second engine reuses the pinned maps");
+    assert!(
+        engine.pods().unwrap().contains(&(cgroup_id, isolated)),
+        "the pod and its ingress isolation survived"
+    );
+    assert_eq!(
+        engine.policies().unwrap().get(&INGRESS),
+        Some(&rules),
+        "the ingress allowlist survived"
+    );
+    engine.attach(cgroup.path()).expect("update the pinned links");
+    admitted_and_refused("adopted");
+    drop(engine);
+
+    pipeguard::engine::pins::remove_all(&bpffs.pin_dir()).unwrap();
+    inbound::connect_from(ip("127.0.0.3"), dest).expect("programs are detached after removal");
+    assert!(accepted(&listener));
+}
