@@ -379,7 +379,8 @@ pub struct SocketState {
     /// Host byte order.
     pub port: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// 1 when the pod's static allowlist allowed it (0: the socket's learned pass did).
+    pub by_allowlist: u8,
     /// The pod's `POD_*` flags under that generation.
     pub pod_flags: u32,
     /// The task that created the socket (`bpf_get_current_pid_tgid`: tgid in the high half),
@@ -390,8 +391,12 @@ pub struct SocketState {
     pub owner_comm: [u8; 16],
     /// DNS-filtered pods: a learned destination this socket may keep reaching.
     pub learned: LearnedPass,
+    /// The pod's allowlist and `MODE_*` under the remembered generation: what the DNS
+    /// program is handed for a remembered query.
+    pub policy_id: u32,
+    pub mode: u32,
 }
-const _: () = assert!(core::mem::size_of::<SocketState>() == 120);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 128);
 
 /// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
 /// pod table or an allowlist, so every remembered verdict is judged again on its next use.

@@ -35,21 +35,29 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     let mut accepted = core::ptr::null_mut();
     let mut generation = POLICY_GENERATION_NONE;
     if let Ok(packet) = &parsed {
-        if let Some(pod) = fast::remembered(
-            state,
-            &config,
-            &packet.dst,
-            packet.dst_port,
-            packet.protocol,
-            packet.src_port,
-        ) {
+        if let Some(pod) = fast::remembered(state, &config, &packet.dst, packet.dst_port, packet.protocol) {
+            let dns = dns::is_dns(pod.flags, packet);
             let attempt = Attempt {
                 // Only events report it, and an allowed packet here has none.
                 cgroup_id: 0,
+                dns_judges: dns,
                 ..attempt(&ctx, packet, &config, state)
             };
             report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
             ingress_policy::note_sent(&ctx, packet, pod.flags);
+            if dns {
+                let handoff = Handoff {
+                    pod_cgroup_id: pod.cgroup_id,
+                    policy_id: pod.policy_id,
+                    audit: pod.mode == MODE_AUDIT,
+                    ip_allowed: pod.by_allowlist,
+                    from_dns_port: packet.src_port == dns::DNS_PORT,
+                    protocol: packet.protocol,
+                    l4: packet.l4,
+                    dst_port: packet.dst_port,
+                };
+                return to_dns_program(&ctx, &handoff);
+            }
             return PASS;
         }
         // A reply of a connection the pod accepted is always allowed: once its pod is
@@ -81,7 +89,6 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             Ok(packet) => {
                 let dns = dns::is_dns(pod.entry.flags, &packet);
                 let flags = pod.entry.flags;
-                let (policy_id, audit) = (pod.entry.policy_id, pod.entry.mode == MODE_AUDIT);
                 let attempt = Attempt {
                     dns_judges: dns,
                     ..attempt(&ctx, &packet, &config, state)
@@ -91,30 +98,6 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     ingress_policy::note_sent(&ctx, &packet, flags);
                     reply::remember_pod(accepted, judged.pod_cgroup_id, generation);
                 }
-                if judged.pass && dns {
-                    // DNS of a DNS-filtered pod: judged by `pg_dns_query` (its own program,
-                    // for its own stack), which is handed what was found here. Should the
-                    // tail call fail, nothing leaves.
-                    Handoff {
-                        pod_cgroup_id: judged.pod_cgroup_id,
-                        policy_id,
-                        audit,
-                        ip_allowed: judged.by_allowlist,
-                        from_dns_port: packet.src_port == dns::DNS_PORT,
-                        protocol: packet.protocol,
-                        l4: packet.l4,
-                        dst_port: packet.dst_port,
-                    }
-                    .write(ctx.skb.skb);
-                    unsafe { DNS_EGRESS.tail_call(&ctx, 0) };
-                    count(
-                        judged.pod_cgroup_id,
-                        VERDICT_ERROR,
-                        Hook::Egress,
-                        ctx.len() as u64,
-                    );
-                    return DROP;
-                }
                 if judged.generation != POLICY_GENERATION_NONE {
                     let state = if state.is_null() {
                         fast::of_skb_or_create(ctx.skb.skb, judged.pod_cgroup_id, attempt.cgroup_id)
@@ -122,6 +105,19 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                         state
                     };
                     fast::remember(state, &judged, &packet.dst, packet.dst_port, packet.protocol);
+                }
+                if judged.pass && dns {
+                    let handoff = Handoff {
+                        pod_cgroup_id: judged.pod_cgroup_id,
+                        policy_id: judged.policy_id,
+                        audit: judged.mode == MODE_AUDIT,
+                        ip_allowed: judged.by_allowlist,
+                        from_dns_port: packet.src_port == dns::DNS_PORT,
+                        protocol: packet.protocol,
+                        l4: packet.l4,
+                        dst_port: packet.dst_port,
+                    };
+                    return to_dns_program(&ctx, &handoff);
                 }
                 verdict(judged.pass)
             }
@@ -143,6 +139,22 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             Err(()) => PASS,
         },
     }
+}
+
+/// DNS of a DNS-filtered pod the IP policy let through: judged by `pg_dns_query` (its own
+/// program, for its own stack), which is handed what was found here. Should the tail call
+/// fail, nothing leaves.
+#[inline(always)]
+fn to_dns_program(ctx: &SkBuffContext, handoff: &Handoff) -> i32 {
+    handoff.write(ctx.skb.skb);
+    unsafe { DNS_EGRESS.tail_call(ctx, 0) };
+    count(
+        handoff.pod_cgroup_id,
+        VERDICT_ERROR,
+        Hook::Egress,
+        ctx.len() as u64,
+    );
+    DROP
 }
 
 #[inline(always)]

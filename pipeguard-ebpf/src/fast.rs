@@ -12,10 +12,11 @@
 //! allows by the static allowlist, or by the socket's pass to a learned DNS destination
 //! (which outlives the address's entry and so depends on the allowlist alone, see
 //! `dns::learned`), are remembered: replies, addresses merely learned, and audited or denied
-//! attempts take the slow path every time, with their events. DNS of
-//! either direction (port 53) never takes the fast path, because the DNS program must
-//! see every query of a DNS-filtered pod. Counters are bumped exactly as the slow path does,
-//! and the ingress side's record of peers sent to (`ingress_policy::note_sent`) too.
+//! attempts take the slow path every time, with their events. DNS (port 53, either
+//! direction) of a DNS-filtered pod skips only the walk and the trie: the packet hook still
+//! hands it to the DNS program, with the pod's allowlist and mode the socket remembered.
+//! Counters are bumped exactly as the slow path does, and the ingress side's record of
+//! peers sent to (`ingress_policy::note_sent`) too.
 
 use core::ptr::null_mut;
 
@@ -66,14 +67,19 @@ pub fn of_skb(skb: *mut __sk_buff) -> *mut SocketState {
     unsafe { bpf_sk_storage_get(sockets_map(), full.cast(), null_mut(), 0) }.cast()
 }
 
-/// The pod a remembered verdict was judged for.
+/// The pod a remembered verdict was judged for, as it was under the remembered generation.
 pub struct Remembered {
     pub cgroup_id: u64,
-    /// Its `POD_*` flags under the remembered generation.
+    /// Its `POD_*` flags.
     pub flags: u32,
+    pub policy_id: u32,
+    pub mode: u32,
+    /// The pod's static allowlist allowed it (not the socket's learned pass).
+    pub by_allowlist: bool,
 }
 
-/// The socket's pod when its remembered verdict allows this attempt now.
+/// The socket's pod when its remembered verdict allows this attempt now. The packet hook
+/// still hands a DNS-filtered pod's DNS to its DNS program.
 #[inline(always)]
 pub fn remembered(
     state: *const SocketState,
@@ -81,9 +87,8 @@ pub fn remembered(
     dest: &Dest,
     port: u16,
     protocol: u8,
-    src_port: u16,
 ) -> Option<Remembered> {
-    if state.is_null() || config.flags & CONFIG_REPORT_ALLOWED != 0 || is_dns_port(protocol, port, src_port) {
+    if state.is_null() || config.flags & CONFIG_REPORT_ALLOWED != 0 {
         return None;
     }
     let generation = generation();
@@ -99,6 +104,9 @@ pub fn remembered(
     Some(Remembered {
         cgroup_id: s.pod_cgroup_id,
         flags: s.pod_flags,
+        policy_id: s.policy_id,
+        mode: s.mode,
+        by_allowlist: s.by_allowlist != 0,
     })
 }
 
@@ -117,7 +125,10 @@ pub fn remember(state: *mut SocketState, judged: &Judged, dest: &Dest, port: u16
     s.addr = dest.addr;
     s.port = port;
     s.protocol = protocol;
+    s.by_allowlist = judged.by_allowlist as u8;
     s.pod_flags = judged.pod_flags;
+    s.policy_id = judged.policy_id;
+    s.mode = judged.mode;
     s.generation = judged.generation;
 }
 

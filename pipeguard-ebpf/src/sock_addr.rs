@@ -62,7 +62,7 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
     let protocol = protocol as u8;
     let state = owner::state(&ctx);
     let config = verdict::config();
-    if let Some(pod) = fast::remembered(state, &config, &dest, port, protocol, 0) {
+    if let Some(pod) = fast::remembered(state, &config, &dest, port, protocol) {
         // The same destination this socket's pod was allowed under this generation.
         verdict::count(pod.cgroup_id, VERDICT_ALLOW, hook, 0);
         return ALLOW;

@@ -59,9 +59,11 @@ pub struct Judged {
     pub generation: u64,
     /// The pod's static allowlist allowed the attempt (what a DNS query needs to teach).
     pub by_allowlist: bool,
-    /// The pod that judged (0 for none), and its `POD_*` flags.
+    /// The pod that judged (0 for none), its `POD_*` flags, allowlist and mode.
     pub pod_cgroup_id: u64,
     pub pod_flags: u32,
+    pub policy_id: u32,
+    pub mode: u32,
 }
 
 /// Whether the attempt may proceed. `is_reply` says whether the attempt answers a peer
@@ -78,6 +80,8 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
                 by_allowlist: false,
                 pod_cgroup_id: 0,
                 pod_flags: 0,
+                policy_id: 0,
+                mode: 0,
             };
         }
         let verdict = if is_reply(&config) {
@@ -92,6 +96,8 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
             by_allowlist: false,
             pod_cgroup_id: 0,
             pod_flags: 0,
+            policy_id: 0,
+            mode: 0,
         };
     };
     // Read before the lookups: a write that lands after them moves it past this value.
@@ -136,6 +142,8 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         by_allowlist,
         pod_cgroup_id: pod.cgroup_id,
         pod_flags: pod.entry.flags,
+        policy_id: pod.entry.policy_id,
+        mode: pod.entry.mode,
     }
 }
 
