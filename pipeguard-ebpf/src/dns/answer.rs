@@ -44,7 +44,7 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
         return Ok(());
     };
     let name = name::read(ctx, msg + HEADER_BYTES, SCRATCH_ANSWER)?;
-    if name.hash != query.question_hash {
+    if name.hash != query.question_hash || !name::undisturbed(&name) {
         return Ok(());
     }
     // Consumed: a replayed or duplicated answer finds nothing.

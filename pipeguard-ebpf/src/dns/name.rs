@@ -24,6 +24,8 @@ pub struct Name {
     /// The question's type, when the bytes read reach past the name (they do for any
     /// question that fits in a packet): read with the name, not by a load of its own.
     pub qtype: Option<u16>,
+    /// The scratch buffer's run count when this parse began (see `undisturbed`).
+    pub run: u32,
 }
 
 impl Name {
@@ -54,6 +56,10 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
     if n == 0 {
         return Err(());
     }
+    let run = unsafe { core::ptr::read_volatile(&raw const s.run) }.wrapping_add(1);
+    unsafe { core::ptr::write_volatile(&raw mut s.run, run) };
+    // Never 0 (an unmarked byte), and never the tag of the run this one may interrupt.
+    let tag = (run % 255 + 1) as u8;
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
@@ -83,7 +89,7 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
             break;
         }
         s.starts[labels & (MAX_LABELS - 1)] = pos as u8;
-        s.marks[pos & (MAX_NAME_BYTES - 1)] = 1;
+        s.marks[pos & (MAX_NAME_BYTES - 1)] = tag;
         pos += len + 1;
         labels += 1;
     }
@@ -112,7 +118,7 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
         // end of the array (which the verifier rejects).
         let at = opaque(s, pos) & (MAX_NAME_BYTES - 1);
         let b = s.event.name[at];
-        if unsafe { core::ptr::read_volatile(&raw const s.marks[at]) } != 0 {
+        if unsafe { core::ptr::read_volatile(&raw const s.marks[at]) } == tag {
             s.marks[at] = 0;
             s.hashes[at] = hash;
             s.event.name[at] = b'.';
@@ -144,7 +150,15 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
         end,
         hash: s.hashes[0],
         qtype,
+        run,
     })
+}
+
+/// No other run parsed a name in `name`'s buffer since it was read: what the buffer holds
+/// is still this name. Asked after the last read a verdict depends on.
+#[inline(always)]
+pub fn undisturbed(name: &Name) -> bool {
+    unsafe { core::ptr::read_volatile(&raw const (*name.scratch).run) == name.run }
 }
 
 /// Reads the name at `offset` and finds the rule of `policy_id` that allows it: an exact
@@ -191,6 +205,10 @@ pub fn check(ctx: &SkBuffContext, offset: usize, policy_id: u32) -> Result<(Name
     // text differ (a hash collision), the name is refused, not tried on a broader rule.
     let from = opaque(s, from) & (MAX_NAME_BYTES - 1);
     if text_matches(s, from, name.end, unsafe { &*rule }) {
+        // Interrupted, the text compared may not be this packet's: closed, not open.
+        if !undisturbed(&name) {
+            return Err(());
+        }
         return Ok((name, Some(Allowed { key, rule })));
     }
     Ok((name, None))
