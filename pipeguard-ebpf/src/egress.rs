@@ -46,17 +46,14 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
             ingress_policy::note_sent(&ctx, packet, pod.flags);
             if dns {
-                let handoff = Handoff {
-                    pod_cgroup_id: pod.cgroup_id,
-                    policy_id: pod.policy_id,
-                    audit: pod.mode == MODE_AUDIT,
-                    ip_allowed: pod.by_allowlist,
-                    from_dns_port: packet.src_port == dns::DNS_PORT,
-                    protocol: packet.protocol,
-                    l4: packet.l4,
-                    dst_port: packet.dst_port,
-                };
-                return to_dns_program(&ctx, &handoff);
+                return to_dns_program(
+                    &ctx,
+                    packet,
+                    pod.cgroup_id,
+                    pod.policy_id,
+                    pod.mode,
+                    pod.by_allowlist,
+                );
             }
             return PASS;
         }
@@ -107,17 +104,14 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     fast::remember(state, &judged, &packet.dst, packet.dst_port, packet.protocol);
                 }
                 if judged.pass && dns {
-                    let handoff = Handoff {
-                        pod_cgroup_id: judged.pod_cgroup_id,
-                        policy_id: judged.policy_id,
-                        audit: judged.mode == MODE_AUDIT,
-                        ip_allowed: judged.by_allowlist,
-                        from_dns_port: packet.src_port == dns::DNS_PORT,
-                        protocol: packet.protocol,
-                        l4: packet.l4,
-                        dst_port: packet.dst_port,
-                    };
-                    return to_dns_program(&ctx, &handoff);
+                    return to_dns_program(
+                        &ctx,
+                        &packet,
+                        judged.pod_cgroup_id,
+                        judged.policy_id,
+                        judged.mode,
+                        judged.by_allowlist,
+                    );
                 }
                 verdict(judged.pass)
             }
@@ -141,19 +135,31 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// DNS of a DNS-filtered pod the IP policy let through: judged by `pg_dns_query` (its own
-/// program, for its own stack), which is handed what was found here. Should the tail call
-/// fail, nothing leaves.
+/// DNS of a DNS-filtered pod the IP policy let through (`ip_allowed`: by its static
+/// allowlist): judged by `pg_dns_query` (its own program, for its own stack), which is
+/// handed what was found here. Should the tail call fail, nothing leaves.
 #[inline(always)]
-fn to_dns_program(ctx: &SkBuffContext, handoff: &Handoff) -> i32 {
-    handoff.write(ctx.skb.skb);
+fn to_dns_program(
+    ctx: &SkBuffContext,
+    packet: &Packet,
+    pod_cgroup_id: u64,
+    policy_id: u32,
+    mode: u32,
+    ip_allowed: bool,
+) -> i32 {
+    Handoff {
+        pod_cgroup_id,
+        policy_id,
+        audit: mode == MODE_AUDIT,
+        ip_allowed,
+        from_dns_port: packet.src_port == dns::DNS_PORT,
+        protocol: packet.protocol,
+        l4: packet.l4,
+        dst_port: packet.dst_port,
+    }
+    .write(ctx.skb.skb);
     unsafe { DNS_EGRESS.tail_call(ctx, 0) };
-    count(
-        handoff.pod_cgroup_id,
-        VERDICT_ERROR,
-        Hook::Egress,
-        ctx.len() as u64,
-    );
+    count(pod_cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
     DROP
 }
 
