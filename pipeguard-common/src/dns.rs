@@ -306,26 +306,28 @@ pub struct DnsScratch {
     pub event: DnsEvent,
     /// Offset in `name` of each label's length byte.
     pub starts: [u8; MAX_LABELS],
-    /// The parsing run's tag (see `run`) at each label's length byte while a name is parsed
-    /// (cleared as it is read).
-    pub marks: [u8; MAX_NAME_BYTES],
+    /// The parsing run's count (see `run`) at each label's length byte while a name is
+    /// parsed (cleared as it is read). The full 64-bit count: a mark an interrupted run left
+    /// behind can never be taken for a later run's own.
+    pub marks: [u64; MAX_NAME_BYTES],
     /// At each label's length byte: the hash of the suffix after it.
     pub hashes: [u64; MAX_NAME_BYTES],
     /// Labels of the name just parsed.
     pub labels: u16,
     /// Loop bounds kept opaque to the compiler (see the parser).
     pub opaque: u16,
+    pub _pad: u32,
     /// Counts the runs that parsed a name here. A softirq can run the same program on this
     /// CPU in the middle of a run in process context and overwrite the buffer: the
-    /// interrupted run sees the count moved and fails closed, and the interrupting one
-    /// ignores marks that are not its own.
-    pub run: u32,
+    /// interrupted run sees the count moved and fails closed, and every other run ignores
+    /// marks that are not its own.
+    pub run: u64,
     /// The name as the name table stores it, assembled here (too big for the BPF stack).
     pub text: NameText,
 }
 const _: () = assert!(
     core::mem::size_of::<DnsScratch>()
-        == core::mem::size_of::<DnsEvent>() + MAX_LABELS + 9 * MAX_NAME_BYTES + 8 + 8 + MAX_NAME_BYTES
+        == core::mem::size_of::<DnsEvent>() + MAX_LABELS + 16 * MAX_NAME_BYTES + 16 + 8 + MAX_NAME_BYTES
 );
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub mod map_names {
     pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V1";
     pub const DNS_NAME_TEXT: &str = "PG_DNS_NAME_TEXT_V1";
     pub const DNS_CONFIG: &str = "PG_DNS_CONFIG_V1";
-    pub const DNS_SCRATCH: &str = "PG_DNS_SCRATCH_V1";
+    pub const DNS_SCRATCH: &str = "PG_DNS_SCRATCH_V2";
     pub const DNS_EGRESS: &str = "PG_DNS_EGRESS_V2";
     pub const DNS_INGRESS: &str = "PG_DNS_INGRESS_V1";
     pub const SENT: &str = "PG_SENT_V1";

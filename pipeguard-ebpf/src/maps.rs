@@ -102,7 +102,7 @@ pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
 /// Scratch space to parse one name: `SCRATCH_QUERY` for the egress side, `SCRATCH_ANSWER`
 /// for the ingress side, because an answer processed in softirq can interrupt a query check
 /// on the same CPU and must not overwrite the name it is checking.
-#[map(name = "PG_DNS_SCRATCH_V1")]
+#[map(name = "PG_DNS_SCRATCH_V2")]
 pub static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(2, 0);
 pub const SCRATCH_QUERY: u32 = 0;
 pub const SCRATCH_ANSWER: u32 = 1;

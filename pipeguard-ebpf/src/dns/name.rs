@@ -25,7 +25,7 @@ pub struct Name {
     /// question that fits in a packet): read with the name, not by a load of its own.
     pub qtype: Option<u16>,
     /// The scratch buffer's run count when this parse began (see `undisturbed`).
-    pub run: u32,
+    pub run: u64,
 }
 
 impl Name {
@@ -56,10 +56,9 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
     if n == 0 {
         return Err(());
     }
+    // Starts at 1 and never wraps: never 0 (an unmarked byte), never an earlier run's count.
     let run = unsafe { core::ptr::read_volatile(&raw const s.run) }.wrapping_add(1);
     unsafe { core::ptr::write_volatile(&raw mut s.run, run) };
-    // Never 0 (an unmarked byte), and never the tag of the run this one may interrupt.
-    let tag = (run % 255 + 1) as u8;
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
@@ -89,7 +88,7 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
             break;
         }
         s.starts[labels & (MAX_LABELS - 1)] = pos as u8;
-        s.marks[pos & (MAX_NAME_BYTES - 1)] = tag;
+        s.marks[pos & (MAX_NAME_BYTES - 1)] = run;
         pos += len + 1;
         labels += 1;
     }
@@ -118,7 +117,7 @@ pub fn read(ctx: &SkBuffContext, offset: usize, slot: u32) -> Result<Name, ()> {
         // end of the array (which the verifier rejects).
         let at = opaque(s, pos) & (MAX_NAME_BYTES - 1);
         let b = s.event.name[at];
-        if unsafe { core::ptr::read_volatile(&raw const s.marks[at]) } == tag {
+        if unsafe { core::ptr::read_volatile(&raw const s.marks[at]) } == run {
             s.marks[at] = 0;
             s.hashes[at] = hash;
             s.event.name[at] = b'.';
