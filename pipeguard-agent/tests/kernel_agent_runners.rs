@@ -200,9 +200,10 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
     drop(agent);
 }
 
-/// The agent feeds dns_tunnel the DNS questions its kernel refuses: a runner sending base32
-/// chunks in long labels raises one anomaly on the events file, with the pod and CI context;
-/// its ordinary refused name raises none.
+/// The agent feeds dns_tunnel the DNS questions its kernel refuses, and those a wildcard
+/// rule allows (which leave, so matter most): a runner sending base32 chunks in long labels
+/// raises one anomaly per domain on the events file, with the pod and CI context; its
+/// ordinary refused name raises none, and its allowed queries are no records.
 #[test]
 fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
     let n = node("agent-dns-tunnel");
@@ -231,7 +232,7 @@ fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
         "apiVersion": "pipeguard.dev/v1alpha1", "kind": "DomainPolicy",
         "metadata": {"name": "names", "namespace": "arc-runners"},
         "spec": {"podSelector": {"matchLabels": {"app": "runner"}},
-                 "egress": [{"domains": ["build.pg.test"], "ports": [{"port": 443}]}]}
+                 "egress": [{"domains": ["build.pg.test", "*.tunnel.test"], "ports": [{"port": 443}]}]}
     }));
     let runner = n.pod_cgroup(&runner_uid);
     let (agent, events) = agent_with_events_file(&n);
@@ -269,7 +270,7 @@ fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
         !found.is_empty()
     });
     assert_eq!(found.len(), 1, "once per domain per window: {found:?}");
-    let a = &found[0];
+    let a = found[0].clone();
     assert_eq!(a["pod"]["name"], "linux-runner-dns", "{a}");
     assert_eq!(a["ci"]["fields"]["repository"], "org/app", "{a}");
     assert!(
@@ -285,9 +286,39 @@ fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
             .any(|r| r["query"] == "telemetry.exfil.test" && r["verdict"] == "deny"),
         "the ordinary refusal is a record, not an anomaly"
     );
+
+    // Allowed by `*.tunnel.test`: the queries leave (NXDOMAIN), and are judged all the same.
+    let allowed = format!("{chunk}.0.t.tunnel.test");
+    let outcomes = run_probe(
+        &runner,
+        &[
+            format!("dns-udp {r} {allowed}"),
+            format!("dns-udp {r} {chunk}.1.t.tunnel.test"),
+        ],
+    );
+    assert!(outcomes.iter().all(|o| !o.denied_with_eperm()), "{outcomes:?}");
+    eventually(
+        Duration::from_secs(10),
+        "no dns_tunnel anomaly for tunnel.test",
+        || {
+            found = tunnel(&records(&events));
+            found.len() == 2
+        },
+    );
+    assert!(
+        found[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("56-character label under tunnel.test"),
+        "{found:?}"
+    );
+    assert!(
+        !records(&events).iter().any(|r| r["query"] == allowed.as_str()),
+        "an allowed query is not a record"
+    );
     let (_, metrics) = common::agent::http_get(&agent.listen, "/metrics").unwrap();
     assert!(
-        metrics.contains("pipeguard_anomalies_total{signal=\"dns_tunnel\"} 1"),
+        metrics.contains("pipeguard_anomalies_total{signal=\"dns_tunnel\"} 2"),
         "{metrics}"
     );
     drop(agent);

@@ -302,3 +302,116 @@ fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() 
     );
     assert!(found.is_empty(), "{found:?}");
 }
+
+/// DNS to `resolver_ip` by NetworkPolicy, every name under `pg.test` by one wildcard rule.
+fn wildcard_names(dir: &TempDir, resolver_ip: &str) -> PathBuf {
+    let path = dir.path("wildcard-policy.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: dns, namespace: ci}}
+spec:
+  podSelector: {{}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: {resolver_ip}/32}}}}]
+    ports: [{{protocol: UDP, port: 53}}]
+---
+apiVersion: pipeguard.dev/v1alpha1
+kind: DomainPolicy
+metadata: {{name: build, namespace: ci}}
+spec:
+  podSelector: {{}}
+  egress:
+  - domains: ['*.pg.test']
+    ports: [{{port: 443}}]
+"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Every record of the events file that is not an anomaly.
+fn violation_records(events: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(events)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] != "anomaly")
+        .collect()
+}
+
+/// Under `*.pg.test` the job picks the labels, and the queries leave: the kernel reports
+/// them (rate-limited) and dns_tunnel judges them like refused ones, while the allowed
+/// queries themselves are never violation records.
+#[test]
+fn dns_tunnel_is_raised_for_queries_a_wildcard_rule_allows() {
+    let pid = std::process::id();
+    let resolver_ip = format!("127.58.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns =
+        common::dnsmasq::Dnsmasq::start("anomaly-wildcard", &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
+    let dir = TempDir::new("anomaly-wildcard");
+    let policy = wildcard_names(&dir, &resolver_ip);
+    let policy = policy.to_str().unwrap();
+    let r = dns.addr;
+    let chunk = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
+    let first = format!("{chunk}.0.t.pg.test");
+    let tunnel = [
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} {first}"),
+        format!("dns-udp {r} {chunk}.1.t.pg.test"),
+    ];
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
+    assert_eq!(signals(&found), ["dns_tunnel"], "{err}");
+    assert_eq!(found[0]["domain"], "pg.test", "{found:?}");
+    assert!(
+        found[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("56-character label"),
+        "{found:?}"
+    );
+    common::agent::eventually(
+        std::time::Duration::from_secs(5),
+        "the allowed query never reached dnsmasq",
+        || dns.saw(&first),
+    );
+    let records = violation_records(&dir.path("events.jsonl"));
+    assert!(
+        records.is_empty(),
+        "allowed queries are no violations: {records:?}"
+    );
+
+    // Short labels, but a new one each time: the distinct-subdomain count.
+    let many: Vec<String> = (0..120).map(|i| format!("dns-udp {r} q{i}.pg.test")).collect();
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &many);
+    assert_eq!(signals(&found), ["dns_tunnel"], "{err}");
+    assert!(
+        found[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("distinct subdomains of pg.test"),
+        "{found:?}"
+    );
+
+    // A normal build asks for a few names, some more than once.
+    let normal = [
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} cache.pg.test"),
+        format!("dns-udp {r} build.pg.test"),
+    ];
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &normal);
+    assert!(found.is_empty(), "{err}\n{found:?}");
+
+    // Switched off, nothing is reported and nothing raised.
+    let (_, found) = exec_ok(
+        &dir,
+        &["--policy", policy, "--anomaly", "dns_tunnel=off"],
+        &tunnel,
+    );
+    assert!(found.is_empty(), "{found:?}");
+}

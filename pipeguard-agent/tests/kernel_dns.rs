@@ -855,3 +855,47 @@ fn the_sweep_removes_expired_entries_and_connections_opened_before_outlive_them(
     let late = g.probe(&[format!("tcp 127.0.0.2:{port} late")]);
     assert!(late[0].denied_with_eperm(), "{:?}", late[0]);
 }
+
+/// The queries reported for dns_tunnel: those a wildcard rule allows, each name once per
+/// pod per minute, and only when asked (`report_wildcard_queries`); never those an exact
+/// rule allows.
+#[test]
+fn queries_a_wildcard_allows_are_reported_once_per_name_when_asked() {
+    let ip = own_ip(85);
+    let hosts = "127.0.0.1 a.wild.test\n127.0.0.1 b.wild.test\n127.0.0.1 exact.pg.test\n";
+    let dns = Dnsmasq::start("reports", &ip, hosts, 60);
+    let r = dns.addr;
+    let names = vec![rule("*.wild.test", 443), rule("exact.pg.test", 443)];
+    let actions = [
+        format!("dns-udp {r} a.wild.test"),
+        format!("dns-udp {r} a.wild.test"),
+        format!("dns-udp {r} B.wild.test"),
+        format!("dns-udp {r} a.wild.test"),
+        format!("dns-udp {r} exact.pg.test"),
+    ];
+    let reported = |config: EngineConfig| -> Vec<String> {
+        let mut g = guard(
+            "dns-reports",
+            &dns_only(&format!("{ip}/32"), names.clone()),
+            config,
+        );
+        let mut ring = g.engine.take_events().unwrap();
+        let mut texts = g.engine.name_texts().unwrap();
+        for o in g.probe(&actions) {
+            assert_ok(&o);
+        }
+        drain_named(&mut ring, &mut texts)
+            .into_iter()
+            .map(|v| {
+                assert_eq!((v.hook, v.verdict), ("dns", "allow"), "{v:?}");
+                v.query.unwrap()
+            })
+            .collect()
+    };
+    let asked = EngineConfig {
+        report_wildcard_queries: true,
+        ..EngineConfig::default()
+    };
+    assert_eq!(reported(asked), ["a.wild.test", "B.wild.test"]);
+    assert!(reported(EngineConfig::default()).is_empty());
+}

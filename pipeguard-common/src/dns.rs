@@ -265,15 +265,49 @@ impl Default for NameText {
 pub struct DnsConfig {
     /// Learned entries live at least this long, whatever the answer's TTL.
     pub min_ttl_s: u32,
-    pub _pad: u32,
+    /// `DNS_REPORT_*` flags.
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
+
+/// `DnsConfig::flags`: report the queries a wildcard rule allows (verdict `ALLOW` DNS
+/// events) for user space's dns_tunnel detector. A wildcard is the only rule under which a
+/// job chooses the name it sends, so the only one whose names can carry data.
+pub const DNS_REPORT_WILDCARD_QUERIES: u32 = 1 << 0;
+
+/// A reported name is not reported again for the same pod within this long.
+pub const REPORT_AGAIN_AFTER_NS: u64 = 60_000_000_000;
+/// At most this many allowed queries reported per pod per second: a tunnel is seen (the
+/// detector needs 100 distinct names), and cannot fill the ring buffer refusals share.
+pub const REPORTS_PER_SECOND: u32 = 200;
+/// Names remembered as reported, across pods (LRU: a forgotten one is reported again).
+pub const MAX_REPORTED: u32 = 16_384;
+
+/// Key of `PG_DNS_REPORTED_V1` (value: when the name was last reported, coarse clock ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReportedKey {
+    pub pod_cgroup_id: u64,
+    pub name_hash: u64,
+}
+
+/// Value of `PG_DNS_REPORT_BUDGET_V1` (key: the pod's cgroup id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReportBudget {
+    /// Start of the current one-second window (coarse clock ns).
+    pub window_start_ns: u64,
+    /// Reports in it.
+    pub count: u32,
+    pub _pad: u32,
+}
 
 /// `Event::flags` of a DNS event: the query could not be parsed (refused, fail closed).
 pub const DNS_EVENT_MALFORMED: u32 = 1 << 0;
 
-/// Ring buffer record of a refused (or audited) DNS query: the common event (hook `Dns`,
-/// the resolver as destination) followed by the question. Longer than `Event`, which is
+/// Ring buffer record of a refused (or audited) DNS query, or of an allowed one reported
+/// for the detectors (`DNS_REPORT_WILDCARD_QUERIES`): the common event (hook `Dns`, the
+/// resolver as destination) followed by the question. Longer than `Event`, which is
 /// how the reader tells them apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]

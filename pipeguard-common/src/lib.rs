@@ -31,8 +31,10 @@ pub mod map_names {
     pub const DNS_EGRESS: &str = "PG_DNS_EGRESS_V2";
     pub const DNS_INGRESS: &str = "PG_DNS_INGRESS_V1";
     pub const SENT: &str = "PG_SENT_V1";
+    pub const DNS_REPORTED: &str = "PG_DNS_REPORTED_V1";
+    pub const DNS_REPORT_BUDGET: &str = "PG_DNS_REPORT_BUDGET_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -55,6 +57,8 @@ pub mod map_names {
         DNS_EGRESS,
         DNS_INGRESS,
         SENT,
+        DNS_REPORTED,
+        DNS_REPORT_BUDGET,
     ];
 }
 

@@ -12,8 +12,8 @@ use aya_ebpf::{
 use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, DnsConfig, DnsScratch,
     EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS,
-    MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, NameKey, NameRule,
-    NameText, PodEntry, PortSet, QuerySlot, ReplyKey, SocketState,
+    MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, NameKey,
+    NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey, SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -98,6 +98,15 @@ pub static DNS_NAME_TEXT: LruHashMap<u64, NameText> = LruHashMap::with_max_entri
 /// Index 0: `DnsConfig`.
 #[map(name = "PG_DNS_CONFIG_V1")]
 pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
+
+/// {pod, question name hash} → when a query a wildcard rule allowed was last reported
+/// (`dns::report`).
+#[map(name = "PG_DNS_REPORTED_V1")]
+pub static DNS_REPORTED: LruHashMap<ReportedKey, u64> = LruHashMap::with_max_entries(MAX_REPORTED, 0);
+
+/// Pod → its reports in the current second (`dns::report`).
+#[map(name = "PG_DNS_REPORT_BUDGET_V1")]
+pub static DNS_REPORT_BUDGET: LruHashMap<u64, ReportBudget> = LruHashMap::with_max_entries(MAX_PODS, 0);
 
 /// Scratch space to parse one name: `SCRATCH_QUERY` for the egress side, `SCRATCH_ANSWER`
 /// for the ingress side, because an answer processed in softirq can interrupt a query check

@@ -18,8 +18,8 @@ use std::{os::fd::AsFd, path::Path};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use pipeguard_common::{
-    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DnsConfig, REPLY_WINDOW_NS, UNKNOWN_ALLOW,
-    UNKNOWN_DENY, map_names,
+    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DNS_REPORT_WILDCARD_QUERIES, DnsConfig,
+    REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
 };
 
 pub use self::{
@@ -100,6 +100,9 @@ pub struct EngineConfig {
     pub cluster_domain: String,
     /// Addresses learned from DNS answers live at least this long (`--dns-min-ttl`).
     pub dns_min_ttl: std::time::Duration,
+    /// Report the queries of DNS-filtered pods that a wildcard rule allows (rate-limited
+    /// DNS events with verdict `allow`), for the dns_tunnel detector.
+    pub report_wildcard_queries: bool,
 }
 
 impl Default for EngineConfig {
@@ -122,6 +125,8 @@ impl Default for EngineConfig {
             // Resolvers and CDNs hand out TTLs of seconds; a floor keeps a build's connections
             // from outliving the entry they were resolved under.
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
+            // Only when a detector reads them.
+            report_wildcard_queries: false,
         }
     }
 }
@@ -269,7 +274,11 @@ impl Engine {
         })?;
         let dns = DnsConfig {
             min_ttl_s: config.dns_min_ttl.as_secs().min(u64::from(u32::MAX)) as u32,
-            _pad: 0,
+            flags: if config.report_wildcard_queries {
+                DNS_REPORT_WILDCARD_QUERIES
+            } else {
+                0
+            },
         };
         let mut array: aya::maps::Array<_, DnsConfig> = self.map_mut(map_names::DNS_CONFIG)?;
         array.set(0, dns, 0).map_err(|source| EngineError::Map {

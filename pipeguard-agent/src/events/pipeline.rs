@@ -146,14 +146,21 @@ impl Pipeline {
                     let mut batch = Vec::new();
                     let mut anomalies = Vec::new();
                     while let Some(item) = guard.get_inner_mut().next() {
-                        // Allowed attempts are reported only to exec's learning, never here.
-                        if let Some(v) = decode::decode_named(&item, &clock, &mut self.names).filter(|v| v.verdict != "allow") {
-                            self.stats.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(v) = decode::decode_named(&item, &clock, &mut self.names) else {
+                            continue;
+                        };
+                        // Allowed: only queries reported for dns_tunnel, never a record.
+                        if v.verdict == "allow" {
                             if let Some(detectors) = &mut self.anomalies {
-                                anomalies.extend(detectors.on_attempt(&v, 1, now));
+                                anomalies.extend(detectors.on_allowed_query(&v, now));
                             }
-                            batch.extend(self.aggregator.add(v, now));
+                            continue;
                         }
+                        self.stats.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(detectors) = &mut self.anomalies {
+                            anomalies.extend(detectors.on_attempt(&v, 1, now));
+                        }
+                        batch.extend(self.aggregator.add(v, now));
                     }
                     guard.clear_ready();
                     for e in batch {

@@ -9,6 +9,7 @@ pub mod learned;
 mod name;
 mod queries;
 pub mod query;
+mod report;
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use handoff::Handoff;

@@ -1,6 +1,7 @@
 //! Egress: a DNS query from a DNS-filtered pod leaves only if a name rule of its allowlist
 //! allows the question. Allowed queries to a resolver the pod's IP policy allows are
-//! remembered, so their answers (and only those) may teach addresses.
+//! remembered, so their answers (and only those) may teach addresses. Those a wildcard
+//! rule allows may be reported to user space (`report`).
 
 use aya_ebpf::{
     helpers::{
@@ -10,11 +11,13 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    DNS_EVENT_MALFORMED, DnsEvent, Hook, QUERY_TIMEOUT_NS, QueryKey, QueryState, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY, VERDICT_ERROR,
+    DNS_EVENT_MALFORMED, DnsEvent, Hook, NAME_WILDCARD, QUERY_TIMEOUT_NS, QueryKey, QueryState,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_ERROR,
 };
 
-use super::{FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, handoff::Handoff, header, message, name, queries};
+use super::{
+    FLAG_RESPONSE, HEADER_BYTES, OPCODE_MASK, handoff::Handoff, header, message, name, queries, report,
+};
 use crate::{
     addr::Dest,
     maps::{DNS_SCRATCH, EVENTS, SCRATCH_QUERY},
@@ -24,12 +27,10 @@ use crate::{
 enum Outcome {
     /// Not a DNS message (a TCP segment without data).
     NoData,
-    Allowed,
+    /// `report`: (qtype, the name's end in the scratch buffer) when the query is reported.
+    Allowed { report: Option<(u16, usize)> },
     /// (qtype, the name is in the scratch buffer up to `end`)
-    Refused {
-        qtype: u16,
-        end: usize,
-    },
+    Refused { qtype: u16, end: usize },
 }
 
 /// Whether a packet to port 53 of a DNS-filtered pod may leave.
@@ -42,8 +43,11 @@ pub fn check(ctx: &SkBuffContext, h: &Handoff) -> bool {
             count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Egress, bytes);
             true
         }
-        Ok(Outcome::Allowed) => {
+        Ok(Outcome::Allowed { report }) => {
             count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Dns, bytes);
+            if let Some((qtype, end)) = report {
+                emit(ctx, h, VERDICT_ALLOW, qtype, end as u16, 0);
+            }
             true
         }
         outcome => {
@@ -100,10 +104,19 @@ fn inspect(ctx: &SkBuffContext, h: &Handoff) -> Result<Outcome, ()> {
         // the answer teaches nothing and the connection is refused: closed, not open.
         queries::record(&key, &state, now);
     }
-    Ok(Outcome::Allowed)
+    // Rules without ports are the cluster domain's: its names are answered inside the
+    // cluster. The report reads the name from the scratch buffer, so only while it holds it.
+    let report = allowed.key.kind == NAME_WILDCARD
+        && teaches
+        && report::enabled()
+        && name::undisturbed(&name)
+        && report::due(h.pod_cgroup_id, name.hash);
+    Ok(Outcome::Allowed {
+        report: report.then_some((qtype, name.end)),
+    })
 }
 
-/// The event of a refused query, with its name (`name_len` bytes of dotted name with a
+/// The event of a refused (or reported) query, with its name (`name_len` bytes of dotted name with a
 /// leading dot, left in the scratch record by the parser; 0 when it could not be parsed).
 #[inline(always)]
 fn emit(ctx: &SkBuffContext, h: &Handoff, verdict: u8, qtype: u16, name_len: u16, flags: u32) {

@@ -252,6 +252,11 @@ impl Detectors {
         self.new_destination.is_some()
     }
 
+    /// Whether the kernel must report the queries wildcard rules allow (dns_tunnel).
+    pub fn wants_wildcard_queries(&self) -> bool {
+        self.dns_tunnel.is_some()
+    }
+
     /// One decoded attempt (`count` identical ones when aggregated).
     pub fn on_attempt(&mut self, v: &Violation, count: u64, now: Instant) -> Vec<Anomaly> {
         let mut out = Vec::new();
@@ -298,7 +303,8 @@ impl Detectors {
             a.comm = Some(v.comm.clone());
             out.push(a);
         }
-        // The queries the kernel reports: those no domain rule allows (refused, or audited).
+        // The queries the kernel reports: those no domain rule allows (refused, or audited),
+        // and those a wildcard rule allows (verdict allow, see `on_allowed_query`).
         if v.hook == "dns"
             && let Some(name) = &v.query
             && let Some(mut a) = self.on_query(v.pod_cgroup_id, name, now)
@@ -327,6 +333,17 @@ impl Detectors {
             )
             .to(dest)
         })
+    }
+
+    /// An allowed attempt the agent's stream does not carry: only the DNS queries the
+    /// kernel reports for dns_tunnel (`EngineConfig::report_wildcard_queries`) count.
+    pub fn on_allowed_query(&mut self, v: &Violation, now: Instant) -> Option<Anomaly> {
+        if v.hook != "dns" || v.verdict != "allow" {
+            return None;
+        }
+        let mut a = self.on_query(v.pod_cgroup_id, v.query.as_deref()?, now)?;
+        a.comm = Some(v.comm.clone());
+        Some(a)
     }
 
     /// One DNS query for `name`.
