@@ -202,14 +202,12 @@ fn new_destination_is_raised_against_a_learned_baseline_and_a_policy() {
     assert!(found.is_empty(), "{found:?}");
 }
 
-/// DNS to `resolver_ip` by NetworkPolicy, `domains` (a YAML list) on 443 by DomainPolicy:
-/// the job is DNS-filtered.
-fn names_only(dir: &TempDir, resolver_ip: &str, domains: &str) -> PathBuf {
+/// DNS to `resolver_ip` by NetworkPolicy and, when given, `domains` (a YAML list) on 443
+/// by DomainPolicy (the job is then DNS-filtered).
+fn names_only(dir: &TempDir, resolver_ip: &str, domains: Option<&str>) -> PathBuf {
     let path = dir.path("dns-policy.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: networking.k8s.io/v1
+    let mut yaml = format!(
+        "apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {{name: dns, namespace: ci}}
 spec:
@@ -218,7 +216,11 @@ spec:
   egress:
   - to: [{{ipBlock: {{cidr: {resolver_ip}/32}}}}]
     ports: [{{protocol: UDP, port: 53}}]
----
+"
+    );
+    if let Some(domains) = domains {
+        yaml.push_str(&format!(
+            "---
 apiVersion: pipeguard.dev/v1alpha1
 kind: DomainPolicy
 metadata: {{name: build, namespace: ci}}
@@ -228,23 +230,23 @@ spec:
   - domains: {domains}
     ports: [{{port: 443}}]
 "
-        ),
-    )
-    .unwrap();
+        ));
+    }
+    std::fs::write(&path, yaml).unwrap();
     path
 }
 
 /// A base32 chunk of a secret per query, as dnscat/iodine-style tools send them.
 const CHUNK: &str = "mzxw6ytboi2dkmrtgq3tqnzsgeydmobqgiztinjwg4ydembqgi3tsnzq";
 
-/// A job allowed `domains`, its resolver (dnsmasq on an address of its own, second octet
+/// A job allowed `domains` (none: IP rules only), its resolver (dnsmasq on an address of its own, second octet
 /// `block`, knowing build.pg.test) and the tunnel it runs under `suffix`: an ordinary
 /// query, then two chunks. Returns the resolver, the directory, the policy, the tunnel's
 /// queries and the first chunk's name.
 fn tunnel_job(
     tag: &str,
     block: u8,
-    domains: &str,
+    domains: Option<&str>,
     suffix: &str,
 ) -> (Dnsmasq, TempDir, String, Vec<String>, String) {
     let pid = std::process::id();
@@ -280,7 +282,8 @@ fn assert_long_label_tunnel(found: &[serde_json::Value], domain: &str, err: &str
 
 #[test]
 fn dns_tunnel_is_raised_by_long_encoded_query_names_and_not_by_a_normal_build() {
-    let (dns, dir, policy, tunnel, first) = tunnel_job("anomaly-tunnel", 56, "[build.pg.test]", "exfil.test");
+    let (dns, dir, policy, tunnel, first) =
+        tunnel_job("anomaly-tunnel", 56, Some("[build.pg.test]"), "exfil.test");
     let (policy, r) = (policy.as_str(), dns.addr);
 
     // Enforced: the queries never leave, and the attempt is still flagged.
@@ -340,7 +343,8 @@ fn violation_records(events: &Path) -> Vec<serde_json::Value> {
 /// queries themselves are never violation records.
 #[test]
 fn dns_tunnel_is_raised_for_queries_a_wildcard_rule_allows() {
-    let (dns, dir, policy, tunnel, first) = tunnel_job("anomaly-wildcard", 58, "['*.pg.test']", "pg.test");
+    let (dns, dir, policy, tunnel, first) =
+        tunnel_job("anomaly-wildcard", 58, Some("['*.pg.test']"), "pg.test");
     let (policy, r) = (policy.as_str(), dns.addr);
     let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
     assert_long_label_tunnel(&found, "pg.test", &err);
@@ -384,4 +388,32 @@ fn dns_tunnel_is_raised_for_queries_a_wildcard_rule_allows() {
         &tunnel,
     );
     assert!(found.is_empty(), "{found:?}");
+}
+
+/// A job without domain rules: its DNS is judged by address only, so every name leaves,
+/// and the kernel reads each for the detector. The tunnel is flagged; a normal build is not.
+#[test]
+fn dns_tunnel_is_raised_for_a_job_without_domain_rules() {
+    let (dns, dir, policy, tunnel, first) = tunnel_job("anomaly-ip-only", 59, None, "exfil.test");
+    let (policy, r) = (policy.as_str(), dns.addr);
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &tunnel);
+    assert_long_label_tunnel(&found, "exfil.test", &err);
+    common::agent::eventually(
+        std::time::Duration::from_secs(5),
+        "the query never reached dnsmasq",
+        || dns.saw(&first),
+    );
+    let records = violation_records(&dir.path("events.jsonl"));
+    assert!(
+        records.is_empty(),
+        "allowed queries are no violations: {records:?}"
+    );
+
+    let normal = [
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} build.pg.test"),
+        format!("dns-udp {r} registry.npmjs.org"),
+    ];
+    let (err, found) = exec_ok(&dir, &["--policy", policy], &normal);
+    assert!(found.is_empty(), "{err}\n{found:?}");
 }

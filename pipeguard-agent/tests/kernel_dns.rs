@@ -57,6 +57,10 @@ struct Guarded {
 }
 
 fn guard(name: &str, entries: &PolicyEntries, config: EngineConfig) -> Guarded {
+    guard_pod(name, entries, config, POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED)
+}
+
+fn guard_pod(name: &str, entries: &PolicyEntries, config: EngineConfig, flags: u32) -> Guarded {
     let cgroup = test_cgroup(name);
     let mut engine = Engine::load(&config).expect("load the eBPF programs");
     let cgroup_id = cgroup.id().unwrap();
@@ -67,7 +71,7 @@ fn guard(name: &str, entries: &PolicyEntries, config: EngineConfig) -> Guarded {
             PodEntry {
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
-                flags: POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED,
+                flags,
                 ingress_policy_id: 0,
             },
         )
@@ -857,12 +861,14 @@ fn the_sweep_removes_expired_entries_and_connections_opened_before_outlive_them(
 }
 
 /// The queries reported for dns_tunnel: those a wildcard rule allows, each name once per
-/// pod per minute, and only when asked (`report_wildcard_queries`); never those an exact
-/// rule allows.
+/// pod per minute, and only when asked (`report_queries`); never those an exact rule
+/// allows. A guarded pod without domain rules has every query's name reported (read, never
+/// judged: its IP rules decide).
 #[test]
-fn queries_a_wildcard_allows_are_reported_once_per_name_when_asked() {
+fn queries_whose_names_the_job_chooses_are_reported_once_per_name_when_asked() {
     let ip = own_ip(85);
-    let hosts = "127.0.0.1 a.wild.test\n127.0.0.1 b.wild.test\n127.0.0.1 exact.pg.test\n";
+    let hosts =
+        "127.0.0.1 a.wild.test\n127.0.0.1 b.wild.test\n127.0.0.1 c.wild.test\n127.0.0.1 exact.pg.test\n";
     let dns = Dnsmasq::start("reports", &ip, hosts, 60);
     let r = dns.addr;
     let names = vec![rule("*.wild.test", 443), rule("exact.pg.test", 443)];
@@ -871,14 +877,11 @@ fn queries_a_wildcard_allows_are_reported_once_per_name_when_asked() {
         format!("dns-udp {r} a.wild.test"),
         format!("dns-udp {r} B.wild.test"),
         format!("dns-udp {r} a.wild.test"),
+        format!("dns-tcp {r} c.wild.test"),
         format!("dns-udp {r} exact.pg.test"),
     ];
-    let reported = |config: EngineConfig| -> Vec<String> {
-        let mut g = guard(
-            "dns-reports",
-            &dns_only(&format!("{ip}/32"), names.clone()),
-            config,
-        );
+    let reported = |entries: PolicyEntries, config: EngineConfig, flags: u32| -> Vec<String> {
+        let mut g = guard_pod("dns-reports", &entries, config, flags);
         let mut ring = g.engine.take_events().unwrap();
         let mut texts = g.engine.name_texts().unwrap();
         for o in g.probe(&actions) {
@@ -892,10 +895,21 @@ fn queries_a_wildcard_allows_are_reported_once_per_name_when_asked() {
             })
             .collect()
     };
-    let asked = EngineConfig {
-        report_wildcard_queries: true,
+    let asked = || EngineConfig {
+        report_queries: true,
         ..EngineConfig::default()
     };
-    assert_eq!(reported(asked), ["a.wild.test", "B.wild.test"]);
-    assert!(reported(EngineConfig::default()).is_empty());
+    let filtered = POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED;
+    let with_names = || dns_only(&format!("{ip}/32"), names.clone());
+    assert_eq!(
+        reported(with_names(), asked(), filtered),
+        ["a.wild.test", "B.wild.test", "c.wild.test"]
+    );
+    assert!(reported(with_names(), EngineConfig::default(), filtered).is_empty());
+    let ip_rules_only = dns_only(&format!("{ip}/32"), Vec::new());
+    assert_eq!(
+        reported(ip_rules_only.clone(), asked(), POD_DENY_RAW_SOCKETS),
+        ["a.wild.test", "B.wild.test", "c.wild.test", "exact.pg.test"]
+    );
+    assert!(reported(ip_rules_only, EngineConfig::default(), POD_DENY_RAW_SOCKETS).is_empty());
 }

@@ -270,10 +270,11 @@ pub struct DnsConfig {
 }
 const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
 
-/// `DnsConfig::flags`: report the queries a wildcard rule allows (verdict `ALLOW` DNS
-/// events) for user space's dns_tunnel detector. A wildcard is the only rule under which a
-/// job chooses the name it sends, so the only one whose names can carry data.
-pub const DNS_REPORT_WILDCARD_QUERIES: u32 = 1 << 0;
+/// `DnsConfig::flags`: report the queries whose names a job chooses freely (verdict `ALLOW`
+/// DNS events) for user space's dns_tunnel detector: those a wildcard rule allows, the only
+/// rule under which a DNS-filtered pod picks the labels, and every query of a guarded pod
+/// that is not DNS-filtered (read, never judged).
+pub const DNS_REPORT_QUERIES: u32 = 1 << 0;
 
 /// A reported name is not reported again for the same pod within this long.
 pub const REPORT_AGAIN_AFTER_NS: u64 = 60_000_000_000;
@@ -306,7 +307,7 @@ pub struct ReportBudget {
 pub const DNS_EVENT_MALFORMED: u32 = 1 << 0;
 
 /// Ring buffer record of a refused (or audited) DNS query, or of an allowed one reported
-/// for the detectors (`DNS_REPORT_WILDCARD_QUERIES`): the common event (hook `Dns`, the
+/// for the detectors (`DNS_REPORT_QUERIES`): the common event (hook `Dns`, the
 /// resolver as destination) followed by the question. Longer than `Event`, which is
 /// how the reader tells them apart.
 #[repr(C)]

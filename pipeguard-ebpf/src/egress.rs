@@ -45,7 +45,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             };
             report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
             ingress_policy::note_sent(&ctx, packet, pod.flags);
-            if dns {
+            if dns || dns::is_observed(pod.flags, packet) {
                 return to_dns_program(
                     &ctx,
                     packet,
@@ -53,6 +53,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     pod.policy_id,
                     pod.mode,
                     pod.by_allowlist,
+                    !dns,
                 );
             }
             return PASS;
@@ -103,7 +104,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     };
                     fast::remember(state, &judged, &packet.dst, packet.dst_port, packet.protocol);
                 }
-                if judged.pass && dns {
+                if judged.pass && (dns || dns::is_observed(flags, &packet)) {
                     return to_dns_program(
                         &ctx,
                         &packet,
@@ -111,6 +112,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                         judged.policy_id,
                         judged.mode,
                         judged.by_allowlist,
+                        !dns,
                     );
                 }
                 verdict(judged.pass)
@@ -137,7 +139,9 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
 
 /// DNS of a DNS-filtered pod the IP policy let through (`ip_allowed`: by its static
 /// allowlist): judged by `pg_dns_query` (its own program, for its own stack), which is
-/// handed what was found here. Should the tail call fail, nothing leaves.
+/// handed what was found here. Should the tail call fail, nothing leaves. `observe`: a
+/// query of another pod, only read for the report (`dns::is_observed`), which passes
+/// whatever happens.
 #[inline(always)]
 fn to_dns_program(
     ctx: &SkBuffContext,
@@ -146,12 +150,14 @@ fn to_dns_program(
     policy_id: u32,
     mode: u32,
     ip_allowed: bool,
+    observe: bool,
 ) -> i32 {
     Handoff {
         pod_cgroup_id,
         policy_id,
         audit: mode == MODE_AUDIT,
         ip_allowed,
+        observe,
         from_dns_port: packet.src_port == dns::DNS_PORT,
         protocol: packet.protocol,
         l4: packet.l4,
@@ -159,6 +165,9 @@ fn to_dns_program(
     }
     .write(ctx.skb.skb);
     unsafe { DNS_EGRESS.tail_call(ctx, 0) };
+    if observe {
+        return PASS;
+    }
     count(pod_cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
     DROP
 }

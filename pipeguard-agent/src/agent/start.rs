@@ -82,7 +82,7 @@ pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine
             pin_dir: config.pin_dir.clone(),
             cluster_domain: config.cluster_domain.clone(),
             dns_min_ttl: config.dns_min_ttl,
-            report_wildcard_queries: config.events.anomalies.dns_tunnel.is_some(),
+            report_queries: config.events.anomalies.dns_tunnel.is_some(),
             ..EngineConfig::default()
         }) {
             Ok(engine) => return engine,

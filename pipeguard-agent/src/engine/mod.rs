@@ -18,8 +18,8 @@ use std::{os::fd::AsFd, path::Path};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use pipeguard_common::{
-    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DNS_REPORT_WILDCARD_QUERIES, DnsConfig,
-    REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
+    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DNS_REPORT_QUERIES, DnsConfig, REPLY_WINDOW_NS,
+    UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
 };
 
 pub use self::{
@@ -100,9 +100,10 @@ pub struct EngineConfig {
     pub cluster_domain: String,
     /// Addresses learned from DNS answers live at least this long (`--dns-min-ttl`).
     pub dns_min_ttl: std::time::Duration,
-    /// Report the queries of DNS-filtered pods that a wildcard rule allows (rate-limited
-    /// DNS events with verdict `allow`), for the dns_tunnel detector.
-    pub report_wildcard_queries: bool,
+    /// Report the queries whose names a job chooses freely (rate-limited DNS events with
+    /// verdict `allow`), for the dns_tunnel detector: those a wildcard rule allows, and all
+    /// queries of guarded pods that are not DNS-filtered. Loads the DNS programs.
+    pub report_queries: bool,
 }
 
 impl Default for EngineConfig {
@@ -126,7 +127,7 @@ impl Default for EngineConfig {
             // from outliving the entry they were resolved under.
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             // Only when a detector reads them.
-            report_wildcard_queries: false,
+            report_queries: false,
         }
     }
 }
@@ -272,10 +273,14 @@ impl Engine {
             map: map_names::CONFIG,
             source,
         })?;
+        if config.report_queries {
+            // Queries of pods without domain rules are read by the DNS program too.
+            self.ensure_dns()?;
+        }
         let dns = DnsConfig {
             min_ttl_s: config.dns_min_ttl.as_secs().min(u64::from(u32::MAX)) as u32,
-            flags: if config.report_wildcard_queries {
-                DNS_REPORT_WILDCARD_QUERIES
+            flags: if config.report_queries {
+                DNS_REPORT_QUERIES
             } else {
                 0
             },

@@ -129,7 +129,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         unknown_pods: UnknownPods::Allow,
         flow_stats: true,
         report_allowed: spec.learn || spec.detectors.wants_allowed(),
-        report_wildcard_queries: spec.detectors.wants_wildcard_queries(),
+        report_queries: spec.detectors.wants_query_reports(),
         kernel_log_level: spec.kernel_log_level,
         pin_dir: Some(state.pin_dir().to_path_buf()),
         cluster_domain: spec.cluster_domain.clone(),

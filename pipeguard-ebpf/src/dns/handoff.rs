@@ -22,16 +22,20 @@ const TAG_MASK: u32 = 0xffff << 16;
 const AUDIT: u32 = 1 << 8;
 /// The pod's static allowlist allows the resolver (so its answers may teach).
 const IP_ALLOWED: u32 = 1 << 9;
+/// The pod is not DNS-filtered: the query is read for the report, never judged.
+const OBSERVE: u32 = 1 << 10;
 /// The packet comes from port 53: an answer leaving the pod.
 const FROM_DNS_PORT: u32 = 1 << 11;
 const PROTOCOL_MASK: u32 = 0xff;
 
-/// A DNS packet of a DNS-filtered pod that the IP policy let through.
+/// A DNS packet of a DNS-filtered pod that the IP policy let through (or, `observe`, a
+/// query of another guarded pod, to be reported).
 pub struct Handoff {
     pub pod_cgroup_id: u64,
     pub policy_id: u32,
     pub audit: bool,
     pub ip_allowed: bool,
+    pub observe: bool,
     pub from_dns_port: bool,
     pub protocol: u8,
     /// Offset of the transport header.
@@ -50,6 +54,9 @@ impl Handoff {
         }
         if self.ip_allowed {
             bits |= IP_ALLOWED;
+        }
+        if self.observe {
+            bits |= OBSERVE;
         }
         if self.from_dns_port {
             bits |= FROM_DNS_PORT;
@@ -76,6 +83,7 @@ impl Handoff {
             policy_id: cb[2],
             audit: bits & AUDIT != 0,
             ip_allowed: bits & IP_ALLOWED != 0,
+            observe: bits & OBSERVE != 0,
             from_dns_port: bits & FROM_DNS_PORT != 0,
             protocol: (bits & PROTOCOL_MASK) as u8,
             l4: (cb[3] >> 16) as usize,

@@ -31,6 +31,16 @@ pub fn is_tcp_or_udp(packet: &Packet) -> bool {
     packet.protocol == PROTO_UDP || packet.protocol == PROTO_TCP
 }
 
+/// A query the DNS program reads for the report only: to port 53, from a guarded pod that is
+/// not DNS-filtered, while user space asks for reports (`report`).
+#[inline(always)]
+pub fn is_observed(pod_flags: u32, packet: &Packet) -> bool {
+    pod_flags & POD_DNS_FILTERED == 0
+        && packet.dst_port == DNS_PORT
+        && is_tcp_or_udp(packet)
+        && report::enabled()
+}
+
 /// A packet the DNS program judges: DNS to or from port 53 of a DNS-filtered pod.
 #[inline(always)]
 pub fn is_dns(pod_flags: u32, packet: &Packet) -> bool {
@@ -40,7 +50,8 @@ pub fn is_dns(pod_flags: u32, packet: &Packet) -> bool {
 }
 
 /// Tail-called by `pg_egress` for a DNS packet of a DNS-filtered pod the IP policy let
-/// through. Queries are judged by name; answers never leave such a pod, so only a resolver
+/// through, and for a query of another guarded pod to report (`is_observed`: passed,
+/// whatever it holds). Queries are judged by name; answers never leave such a pod, so only a resolver
 /// outside it can teach it addresses (a job cannot forge one from a socket or raw socket of
 /// its own, on loopback or anywhere else).
 #[cgroup_skb(egress)]
@@ -49,6 +60,10 @@ pub fn pg_dns_query(ctx: SkBuffContext) -> i32 {
     let Some(handoff) = Handoff::read(ctx.skb.skb) else {
         return DROP;
     };
+    if handoff.observe {
+        query::observe(&ctx, &handoff);
+        return PASS;
+    }
     if handoff.from_dns_port {
         let verdict = if handoff.audit {
             VERDICT_AUDIT

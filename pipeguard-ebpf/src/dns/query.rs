@@ -116,6 +116,31 @@ fn inspect(ctx: &SkBuffContext, h: &Handoff) -> Result<Outcome, ()> {
     })
 }
 
+/// A query of a guarded pod that is not DNS-filtered, which its IP policy let through: its
+/// name is reported (`report`), never judged. One the parser cannot read as one plain
+/// question goes unreported (a DNS-filtered pod's would be refused).
+#[inline(always)]
+pub fn observe(ctx: &SkBuffContext, h: &Handoff) {
+    let Ok(Some(msg)) = message(ctx, h.protocol, h.l4) else {
+        return;
+    };
+    let Ok((_, flags, questions, _)) = header(ctx, msg) else {
+        return;
+    };
+    if flags & FLAG_RESPONSE != 0 || flags & OPCODE_MASK != 0 || questions != 1 {
+        return;
+    }
+    let Ok(name) = name::read(ctx, msg + HEADER_BYTES, SCRATCH_QUERY) else {
+        return;
+    };
+    let Some(qtype) = name.qtype else {
+        return;
+    };
+    if name::undisturbed(&name) && report::due(h.pod_cgroup_id, name.hash) {
+        emit(ctx, h, VERDICT_ALLOW, qtype, name.end as u16, 0);
+    }
+}
+
 /// The event of a refused (or reported) query, with its name (`name_len` bytes of dotted name with a
 /// leading dot, left in the scratch record by the parser; 0 when it could not be parsed).
 #[inline(always)]

@@ -1,11 +1,12 @@
-//! Queries a wildcard rule allows are reported to user space (a DNS event with verdict
-//! `ALLOW`) for its dns_tunnel detector: under `*.example.com` the job picks the labels, so
-//! data can leave in them through the allowed resolver. Each name once per
+//! Queries whose names a job chooses freely are reported to user space (a DNS event with
+//! verdict `ALLOW`) for its dns_tunnel detector: those a wildcard rule allows (under
+//! `*.example.com` the job picks the labels, so data can leave in them through the allowed
+//! resolver), and every query of a guarded pod that is not DNS-filtered. Each name once per
 //! `REPORT_AGAIN_AFTER_NS` per pod, and at most `REPORTS_PER_SECOND` per pod.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use pipeguard_common::{
-    DNS_REPORT_WILDCARD_QUERIES, REPORT_AGAIN_AFTER_NS, REPORTS_PER_SECOND, ReportBudget, ReportedKey,
+    DNS_REPORT_QUERIES, REPORT_AGAIN_AFTER_NS, REPORTS_PER_SECOND, ReportBudget, ReportedKey,
 };
 
 use crate::maps::{DNS_CONFIG, DNS_REPORT_BUDGET, DNS_REPORTED};
@@ -17,7 +18,7 @@ const SECOND_NS: u64 = 1_000_000_000;
 pub fn enabled() -> bool {
     DNS_CONFIG
         .get(0)
-        .is_some_and(|c| c.flags & DNS_REPORT_WILDCARD_QUERIES != 0)
+        .is_some_and(|c| c.flags & DNS_REPORT_QUERIES != 0)
 }
 
 /// Whether pod `pod_cgroup_id`'s query for the name hashed `name_hash` is reported now;

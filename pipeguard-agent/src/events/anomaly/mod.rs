@@ -252,8 +252,8 @@ impl Detectors {
         self.new_destination.is_some()
     }
 
-    /// Whether the kernel must report the queries wildcard rules allow (dns_tunnel).
-    pub fn wants_wildcard_queries(&self) -> bool {
+    /// Whether the kernel must report the queries it lets out (dns_tunnel).
+    pub fn wants_query_reports(&self) -> bool {
         self.dns_tunnel.is_some()
     }
 
@@ -304,7 +304,7 @@ impl Detectors {
             out.push(a);
         }
         // The queries the kernel reports: those no domain rule allows (refused, or audited),
-        // and those a wildcard rule allows (verdict allow, see `on_allowed_query`).
+        // and those it lets out unjudged by name (verdict allow, see `on_allowed_query`).
         if v.hook == "dns"
             && let Some(name) = &v.query
             && let Some(mut a) = self.on_query(v.pod_cgroup_id, name, now)
@@ -336,7 +336,7 @@ impl Detectors {
     }
 
     /// An allowed attempt the agent's stream does not carry: only the DNS queries the
-    /// kernel reports for dns_tunnel (`EngineConfig::report_wildcard_queries`) count.
+    /// kernel reports for dns_tunnel (`EngineConfig::report_queries`) count.
     pub fn on_allowed_query(&mut self, v: &Violation, now: Instant) -> Option<Anomaly> {
         if v.hook != "dns" || v.verdict != "allow" {
             return None;
