@@ -18,6 +18,7 @@ fn record(ns: &str, n: u64) -> Record {
     Record {
         kind: Kind::Violation,
         signal: None,
+        domain: None,
         time: format!("t{n}"),
         first_seen: format!("t{n}"),
         last_seen: format!("t{n}"),

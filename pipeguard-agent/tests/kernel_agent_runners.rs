@@ -312,6 +312,11 @@ fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
             .contains("56-character label under tunnel.test"),
         "{found:?}"
     );
+    assert_eq!(
+        (&found[0]["domain"], &found[1]["domain"]),
+        (&json!("exfil.test"), &json!("tunnel.test")),
+        "each record names its domain"
+    );
     assert!(
         !records(&events).iter().any(|r| r["query"] == allowed.as_str()),
         "an allowed query is not a record"

@@ -286,6 +286,7 @@ mod tests {
         Record {
             kind: Kind::Violation,
             signal: None,
+            domain: None,
             time: "2026-01-01T00:00:00Z".into(),
             first_seen: "t".into(),
             last_seen: "t".into(),

@@ -69,11 +69,15 @@ pub struct Limiter {
 
 /// The destination text of a record (escaped): address, port, protocol and learned name,
 /// the DNS question, or the hook; for an anomaly, its signal first (`deny_burst`,
-/// `new_destination: 127.0.0.1:443/tcp`), so each signal is aggregated apart.
+/// `new_destination: 127.0.0.1:443/tcp`, `dns_tunnel: exfil.test`), so each signal (and
+/// each tunnel's domain) is aggregated apart.
 pub fn destination(record: &Record) -> String {
     if record.kind == Kind::Anomaly {
         let signal = printable(record.signal.as_deref().unwrap_or_default()).into_owned();
-        return match record.destination_text() {
+        let target = record
+            .destination_text()
+            .or_else(|| record.domain.as_deref().map(|d| printable(d).into_owned()));
+        return match target {
             Some(target) => format!("{signal}: {target}"),
             None => signal,
         };
@@ -246,6 +250,7 @@ mod tests {
         Record {
             kind: Kind::Violation,
             signal: None,
+            domain: None,
             time: "t".into(),
             first_seen: "t".into(),
             last_seen: "t".into(),
@@ -274,6 +279,23 @@ mod tests {
             ci: None,
             cgroup_id: 1,
         }
+    }
+
+    #[test]
+    fn each_tunnels_domain_is_an_event_of_its_own() {
+        let tunnel = |domain: &str| Record {
+            kind: Kind::Anomaly,
+            signal: Some("dns_tunnel".into()),
+            domain: Some(domain.into()),
+            dst_ip: None,
+            dst_port: None,
+            ..record("a", 1)
+        };
+        assert_eq!(destination(&tunnel("exfil.test")), "dns_tunnel: exfil.test");
+        assert_ne!(
+            destination(&tunnel("exfil.test")),
+            destination(&tunnel("other.test"))
+        );
     }
 
     #[test]

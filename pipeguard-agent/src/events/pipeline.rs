@@ -253,6 +253,7 @@ pub fn anomaly_record(a: Anomaly, index: &PodIndex, node: &str) -> Record {
     Record {
         kind: Kind::Anomaly,
         signal: Some(a.signal),
+        domain: a.domain,
         time: a.time.clone(),
         first_seen: a.time.clone(),
         last_seen: a.time,
@@ -320,6 +321,7 @@ pub fn enrich(e: &Emit, index: &PodIndex, node: &str) -> Record {
     Record {
         kind: Kind::Violation,
         signal: None,
+        domain: None,
         time: v.time.clone(),
         first_seen: e.first_seen.clone(),
         last_seen: v.time.clone(),

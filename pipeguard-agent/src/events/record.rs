@@ -25,6 +25,9 @@ pub struct Record {
     /// For anomalies: deny_burst, upload_volume, new_destination or dns_tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// For dns_tunnel anomalies: the base domain the queries went under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     /// RFC 3339, the last attempt this record stands for.
     pub time: String,
     pub first_seen: String,
@@ -80,6 +83,7 @@ impl Record {
         Self {
             kind: Kind::Drops,
             signal: None,
+            domain: None,
             time: time.clone(),
             first_seen: time.clone(),
             last_seen: time,
