@@ -29,11 +29,23 @@ use super::{
 /// The resolver's own loopback address, inside the bench's namespace.
 const RESOLVER: &str = "127.0.53.1";
 /// Guarded configurations: key, worker key, domain rules (0: IP rules allow the server).
-const GUARDED: [(&str, &str, usize); 3] = [
+/// `dns-ip` runs with dns_tunnel off (no DNS program at all), `dns-ip-seen` as exec runs by
+/// default: the same IP rules, every query's name read and reported for dns_tunnel.
+const GUARDED: [(&str, &str, usize); 4] = [
     ("dns-ip", "dns-ip", 0),
+    ("dns-ip-seen", "dns-ip-seen", 0),
     ("dns-names", "dns-names", QUERIED_NAMES),
     ("dns-10k", "dns-10k", 10_000),
 ];
+
+/// `pipeguard exec` options of a guarded configuration.
+fn exec_args(cfg: &str) -> &'static [&'static str] {
+    if cfg == "dns-ip" {
+        &["--anomaly", "dns_tunnel=off"]
+    } else {
+        &[]
+    }
+}
 const BASE_WORKER: &str = "dns-base";
 const SERVER_WORKER: &str = "srv-dns";
 
@@ -70,7 +82,7 @@ impl Bench {
         self.wait_for_resolver()?;
         for (cfg, key, _) in GUARDED {
             let policy = self.policy_path(cfg);
-            self.spawn(key, self.client(ns, Some(&policy), None))?;
+            self.spawn(key, self.client_with(ns, &policy, exec_args(cfg)))?;
         }
 
         let rounds = p.rounds.max(5);
@@ -79,7 +91,7 @@ impl Bench {
             "D1. DNS: lookups per second, interleaved rounds; each resolves a name over UDP (a fresh socket per lookup, like glibc), then connects to the answer and exchanges 1 byte, or not (resolve only)",
             &["path", "configuration", "cycles/s, median (min–max)", "ratio to no enforcement"],
         );
-        let configs = ["base", "dns-ip", "dns-names", "dns-10k"];
+        let configs = ["base", "dns-ip", "dns-ip-seen", "dns-names", "dns-10k"];
         let no_stats = |_: &mut Self, _: &str| Ok(BTreeMap::new());
         let (crr, _) = self.dns_rounds("dns-crr", &configs, rounds, secs, no_stats)?;
         self.record(
@@ -89,7 +101,11 @@ impl Bench {
             &crr,
             &configs,
             1.0,
-            &[("dns-names", "dns-ip"), ("dns-10k", "dns-ip")],
+            &[
+                ("dns-ip-seen", "dns-ip"),
+                ("dns-names", "dns-ip"),
+                ("dns-10k", "dns-ip"),
+            ],
         );
         let stats = kernel::BpfStats::enable()?;
         let (resolve, hooks) = self.dns_rounds("dns-resolve", &configs, rounds, secs, hook_stats)?;
@@ -101,7 +117,11 @@ impl Bench {
             &resolve,
             &configs,
             1.0,
-            &[("dns-names", "dns-ip"), ("dns-10k", "dns-ip")],
+            &[
+                ("dns-ip-seen", "dns-ip"),
+                ("dns-names", "dns-ip"),
+                ("dns-10k", "dns-ip"),
+            ],
         );
         self.dns_hook_table(&hooks);
         self.dns_test_run(p)?;
@@ -289,7 +309,7 @@ impl Bench {
                 "query for an allowed name, ns/run",
                 "non-DNS UDP packet, ns/run",
                 "query minus non-DNS packet",
-                "**query check**: query minus the same query under IP rules only",
+                "query minus the same query under IP rules only, dns_tunnel off: the **query check** (domain rules), the name read for dns_tunnel (IP rules only)",
             ],
         );
         // The non-DNS packet takes the socket's fast path from its second run on; a query
@@ -329,8 +349,8 @@ impl Bench {
     }
 
     /// `pipeguard exec --policy P -- true` per configuration: the DNS programs load on first
-    /// need (dns-names minus IP-only), 10,000 names compile and fill their map (dns-10k
-    /// minus dns-names).
+    /// need (IP rules with dns_tunnel on minus off), 10,000 names compile and fill their map
+    /// (dns-10k minus dns-names).
     fn dns_exec_cost(&self, reps: usize) -> Result<Vec<(&'static str, Vec<f64>)>> {
         let mut out: Vec<(&'static str, Vec<f64>)> =
             GUARDED.iter().map(|(c, _, _)| (*c, Vec::new())).collect();
@@ -340,6 +360,7 @@ impl Bench {
                 let st = Command::new(&self.pipeguard)
                     .args(["exec", "--namespace", "default", "--policy"])
                     .arg(self.policy_path(cfg))
+                    .args(exec_args(cfg))
                     .args(["--", "true"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())

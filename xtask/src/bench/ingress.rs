@@ -113,7 +113,7 @@ impl Bench {
             let (veth, lo) = (format!("10.203.9.{host}"), format!("127.0.9.{host}"));
             let args = ["server", veth.as_str(), lo.as_str()];
             let policy = cfg.starts_with("ing-").then(|| self.policy_path(cfg));
-            let mut cmd = self.bench_worker(srv_ns, policy.as_deref(), None, &args);
+            let mut cmd = self.bench_worker(srv_ns, policy.as_deref(), None, &[], &args);
             if cfg == "empty" {
                 kernel::join_on_exec(&mut cmd, empty_cgroup)?;
             }

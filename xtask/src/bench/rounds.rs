@@ -38,7 +38,12 @@ impl Bench {
 
     /// A client worker in netns `ns`, under `pipeguard exec` when a policy is given.
     pub(super) fn client(&self, ns: &str, policy: Option<&Path>, events: Option<&Path>) -> Command {
-        self.bench_worker(ns, policy, events, &["client"])
+        self.bench_worker(ns, policy, events, &[], &["client"])
+    }
+
+    /// [`Self::client`] under `pipeguard exec --policy POLICY EXEC_ARGS`.
+    pub(super) fn client_with(&self, ns: &str, policy: &Path, exec_args: &[&str]) -> Command {
+        self.bench_worker(ns, Some(policy), None, exec_args, &["client"])
     }
 
     /// `xtask bench-worker ARGS` in netns `ns`, under `pipeguard exec` when a policy is given.
@@ -50,6 +55,7 @@ impl Bench {
         ns: &str,
         policy: Option<&Path>,
         events: Option<&Path>,
+        exec_args: &[&str],
         args: &[&str],
     ) -> Command {
         let mut cmd = Command::new(&self.pipeguard);
@@ -63,6 +69,7 @@ impl Bench {
                 // `ip netns exec` needs CAP_SYS_ADMIN (setns, remounting /sys), which a job
                 // loses by default; the bench's own worker is trusted.
                 cmd.arg("--privileged-job");
+                cmd.args(exec_args);
                 cmd.args(["--", "ip", "netns", "exec", ns]).arg(&self.worker_bin);
             }
             None => cmd = Self::in_netns(ns, &self.worker_bin),
