@@ -913,3 +913,54 @@ fn queries_whose_names_the_job_chooses_are_reported_once_per_name_when_asked() {
     );
     assert!(reported(ip_rules_only, EngineConfig::default(), POD_DENY_RAW_SOCKETS).is_empty());
 }
+
+/// While names are learned (`exec --learn`), the answers to a pod without domain rules
+/// name the addresses they carry, and allow nothing: the same allowlist, once its pod is
+/// DNS-filtered, still refuses the address until a rule allows the name.
+#[test]
+fn names_learned_for_a_pod_without_domain_rules_allow_nothing() {
+    let web = listeners::tcp("127.0.0.1:0");
+    let port = web.addr.port();
+    let ip = own_ip(86);
+    let dns = Dnsmasq::start("seen", &ip, "127.0.0.1 seen.pg.test\n", 60);
+    let r = dns.addr;
+    let config = EngineConfig {
+        learn_names: true,
+        ..EngineConfig::default()
+    };
+    let mut g = guard_pod(
+        "dns-seen",
+        &dns_only(&format!("{ip}/32"), Vec::new()),
+        config,
+        POD_DENY_RAW_SOCKETS,
+    );
+    assert_ok(&g.probe(&[format!("dns-udp {r} seen.pg.test")])[0]);
+    let names = g.engine.learned_names(POLICY).unwrap();
+    assert_eq!(
+        names.get(&"127.0.0.1".parse().unwrap()).map(String::as_str),
+        Some("seen.pg.test"),
+        "{names:?}"
+    );
+
+    // DNS-filtered, with a rule for another name only: the seen entry is no allow.
+    g.engine
+        .put_policy(
+            POLICY,
+            &dns_only(&format!("{ip}/32"), vec![rule("other.pg.test", port)]),
+        )
+        .unwrap();
+    g.engine
+        .put_pod(
+            g.cgroup_id,
+            PodEntry {
+                policy_id: POLICY,
+                mode: MODE_ENFORCE,
+                flags: POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED,
+                ingress_policy_id: 0,
+            },
+        )
+        .unwrap();
+    let out = g.probe(&[format!("tcp 127.0.0.1:{port} seen")]);
+    assert!(out[0].denied_with_eperm(), "{:?}", out[0]);
+    assert!(web.received.bytes().is_empty());
+}

@@ -321,3 +321,77 @@ fn suggest_merges_runs_and_lists_unstable_destinations() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("seen in 1 of 3 runs"));
 }
+
+/// A first learning run has no policy, so no domain rules: the kernel still reads its
+/// queries' answers (naming addresses, allowing nothing), so the learned policy asks for
+/// the name the job resolved, not the address it got. Fed back, the job resolves and
+/// connects with zero denials; a name it never asked for is refused at the resolver.
+#[test]
+fn learning_without_a_policy_names_the_hosts_the_job_resolved() {
+    let registry = listeners::tcp("127.0.0.1:0");
+    let pid = std::process::id();
+    let resolver_ip = format!("127.61.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns = common::dnsmasq::Dnsmasq::start(
+        "learn-names",
+        &resolver_ip,
+        "127.0.0.1 registry.pg.test\n127.0.0.1 other.pg.test\n",
+        60,
+    );
+    let r = dns.addr;
+    let dir = TempDir::new("learn-names");
+    let learned = dir.path("learned.yaml");
+    let run_json = dir.path("run.json");
+    let port = registry.addr.port();
+    let job = [format!("dns-connect {r} registry.pg.test {port} artifact")];
+
+    let out = exec_probe(
+        &[
+            "--mode",
+            "audit",
+            "--learn",
+            learned.to_str().unwrap(),
+            "--learn-json",
+            run_json.to_str().unwrap(),
+        ],
+        &job,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(common::parse_outcomes(&out)[0].ok, "{}", stderr(&out));
+    let policy = std::fs::read_to_string(&learned).expect("learned policy written");
+    assert!(
+        policy.contains("kind: DomainPolicy") && policy.contains("- \"registry.pg.test\""),
+        "the name, not the address:\n{policy}"
+    );
+    assert!(
+        !policy.contains("ipBlock: {cidr: 127.0.0.1/32}"),
+        "the named host is not also an address rule:\n{policy}"
+    );
+    assert!(
+        policy.contains(&format!("ipBlock: {{cidr: {resolver_ip}/32}}")),
+        "the resolver stays an address rule:\n{policy}"
+    );
+    let run = read_json(&run_json);
+    let named = run["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["port"] == port)
+        .unwrap_or_else(|| panic!("registry missing from {run}"));
+    assert_eq!(named["name"], "registry.pg.test", "{run}");
+
+    let out = exec_probe(
+        &["--policy", learned.to_str().unwrap(), "--fail-on-violation"],
+        &job,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(common::parse_outcomes(&out)[0].ok, "{}", stderr(&out));
+    let out = exec_probe(
+        &["--policy", learned.to_str().unwrap()],
+        &[format!("dns-udp {r} other.pg.test")],
+    );
+    assert!(
+        common::parse_outcomes(&out)[0].denied_with_eperm(),
+        "{}",
+        stderr(&out)
+    );
+}

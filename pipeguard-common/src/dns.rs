@@ -47,6 +47,10 @@ pub const NAME_EXACT: u32 = 1;
 /// `NameKey::kind`: the pattern is a suffix; one or more labels must precede it
 /// (`*.npmjs.org` is stored as `npmjs.org`).
 pub const NAME_WILDCARD: u32 = 2;
+/// `NameKey::kind` of a learned entry taught by the answer to an observed query (a pod
+/// that is not DNS-filtered, `DNS_LEARN_NAMES`): no name rule has this kind, so it names
+/// the address and allows nothing.
+pub const NAME_SEEN: u32 = 3;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -275,6 +279,10 @@ const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
 /// rule under which a DNS-filtered pod picks the labels, and every query of a guarded pod
 /// that is not DNS-filtered (read, never judged).
 pub const DNS_REPORT_QUERIES: u32 = 1 << 0;
+/// `DnsConfig::flags`: the answers to the queries of guarded pods that are not DNS-filtered
+/// teach the learned table their addresses under a `NAME_SEEN` rule: names for learning
+/// (`exec --learn`), never an allow.
+pub const DNS_LEARN_NAMES: u32 = 1 << 1;
 
 /// A reported name is not reported again for the same pod within this long.
 pub const REPORT_AGAIN_AFTER_NS: u64 = 60_000_000_000;

@@ -5,7 +5,7 @@
 //! judged as new egress.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use pipeguard_common::{Config, Hook, POD_DNS_FILTERED, POD_INGRESS_ISOLATED, VERDICT_ERROR};
+use pipeguard_common::{Config, Hook, POD_INGRESS_ISOLATED, VERDICT_ERROR};
 
 use crate::{
     dns, ingress_policy,
@@ -56,12 +56,10 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<&Pod>) -> i32 {
     reply::learn(ctx, packet, config, pod);
-    // A DNS answer to a DNS-filtered pod: `pg_dns_answer` learns from it (its own program,
-    // for its own stack). Should the tail call fail, nothing is learned: closed, not open.
-    if packet.src_port == dns::DNS_PORT
-        && dns::is_tcp_or_udp(packet)
-        && pod.is_some_and(|pod| pod.entry.flags & POD_DNS_FILTERED != 0)
-    {
+    // A DNS answer to a DNS-filtered pod (or any guarded pod while names are learned):
+    // `pg_dns_answer` learns from it (its own program, for its own stack). Should the tail
+    // call fail, nothing is learned: closed, not open.
+    if pod.is_some_and(|pod| dns::is_answer_read(pod.entry.flags, packet)) {
         unsafe { DNS_INGRESS.tail_call(ctx, 0) };
     }
     PASS

@@ -18,8 +18,8 @@ use std::{os::fd::AsFd, path::Path};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use pipeguard_common::{
-    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DNS_REPORT_QUERIES, DnsConfig, REPLY_WINDOW_NS,
-    UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
+    CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, DNS_LEARN_NAMES, DNS_REPORT_QUERIES, DnsConfig,
+    REPLY_WINDOW_NS, UNKNOWN_ALLOW, UNKNOWN_DENY, map_names,
 };
 
 pub use self::{
@@ -104,6 +104,10 @@ pub struct EngineConfig {
     /// verdict `allow`), for the dns_tunnel detector: those a wildcard rule allows, and all
     /// queries of guarded pods that are not DNS-filtered. Loads the DNS programs.
     pub report_queries: bool,
+    /// Name the addresses in the answers to queries of guarded pods that are not
+    /// DNS-filtered (learned entries that allow nothing, `learned_names`), for learning.
+    /// Loads the DNS programs.
+    pub learn_names: bool,
 }
 
 impl Default for EngineConfig {
@@ -128,6 +132,7 @@ impl Default for EngineConfig {
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             // Only when a detector reads them.
             report_queries: false,
+            learn_names: false,
         }
     }
 }
@@ -273,8 +278,8 @@ impl Engine {
             map: map_names::CONFIG,
             source,
         })?;
-        if config.report_queries {
-            // Queries of pods without domain rules are read by the DNS program too.
+        if config.report_queries || config.learn_names {
+            // Queries (and answers) of pods without domain rules are read too.
             self.ensure_dns()?;
         }
         let dns = DnsConfig {
@@ -283,7 +288,7 @@ impl Engine {
                 DNS_REPORT_QUERIES
             } else {
                 0
-            },
+            } | if config.learn_names { DNS_LEARN_NAMES } else { 0 },
         };
         let mut array: aya::maps::Array<_, DnsConfig> = self.map_mut(map_names::DNS_CONFIG)?;
         array.set(0, dns, 0).map_err(|source| EngineError::Map {

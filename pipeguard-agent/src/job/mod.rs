@@ -130,6 +130,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         flow_stats: true,
         report_allowed: spec.learn || spec.detectors.wants_allowed(),
         report_queries: spec.detectors.wants_query_reports(),
+        // Names for the learned policy, whether or not the job has domain rules.
+        learn_names: spec.learn,
         kernel_log_level: spec.kernel_log_level,
         pin_dir: Some(state.pin_dir().to_path_buf()),
         cluster_domain: spec.cluster_domain.clone(),
@@ -206,10 +208,12 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     } else {
         confine::Confinement::default_for_job(drop_net_raw)?
     };
+    let mut swept_names = std::collections::HashMap::new();
     let exit = {
         let child = child::run(&spec.command, &cgroup, confinement);
         tokio::pin!(child);
-        // A long job resolving many names: expired entries go while it runs.
+        // A long job resolving many names: expired entries go while it runs, their names
+        // kept first for the summary and the learned policy.
         let mut sweep = tokio::time::interval_at(
             tokio::time::Instant::now() + dns::SWEEP_INTERVAL,
             dns::SWEEP_INTERVAL,
@@ -218,6 +222,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
             tokio::select! {
                 exit = &mut child => break exit?,
                 _ = sweep.tick() => {
+                    keep_learned_names(&engine, &mut swept_names);
                     engine.sweep_dns_logged();
                 }
             }
@@ -246,10 +251,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
     // Names next to addresses: what the kernel learned (still there), then what events
     // named (entries may have been swept or evicted since).
     let mut names = watch.dns.names.clone();
-    match engine.learned_names(JOB_POLICY_ID) {
-        Ok(learned) => names.extend(learned),
-        Err(error) => tracing::warn!(%error, "reading the learned names for the summary"),
-    }
+    names.extend(swept_names);
+    keep_learned_names(&engine, &mut names);
     summary.add_names(names, watch.dns.queries.clone());
     // Bytes per destination are known from the flow table: upload_volume is judged on the
     // job's totals once it has finished.
@@ -269,4 +272,12 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         processes: watch.processes,
         anomalies: watch.anomalies,
     })
+}
+
+/// Adds what the kernel learned (names of the job's destinations) to `names`.
+fn keep_learned_names(engine: &Engine, names: &mut std::collections::HashMap<std::net::IpAddr, String>) {
+    match engine.learned_names(JOB_POLICY_ID) {
+        Ok(learned) => names.extend(learned),
+        Err(error) => tracing::warn!(%error, "reading the learned names"),
+    }
 }

@@ -44,7 +44,7 @@ pub struct Run {
 /// One destination as the job used it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
-    /// The name the job resolved to reach the address, when the events carry it.
+    /// The name the job resolved to reach the address, when the kernel saw the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub ip: IpAddr,
@@ -79,7 +79,6 @@ impl Observed {
 #[derive(Debug, Default)]
 pub struct ProcessLog {
     seen: HashMap<(IpAddr, u16, String), Vec<String>>,
-    names: HashMap<IpAddr, String>,
 }
 
 impl ProcessLog {
@@ -94,13 +93,6 @@ impl ProcessLog {
         let processes = self.seen.entry(key).or_default();
         if processes.len() < MAX_PROCESSES && !processes.contains(&v.comm) {
             processes.push(v.comm.clone());
-        }
-    }
-
-    /// The name the job resolved for `ip` (from DNS-aware events, when they carry one).
-    pub fn record_name(&mut self, ip: IpAddr, name: &str) {
-        if self.names.len() < MAX_DESTINATIONS {
-            self.names.entry(ip).or_insert_with(|| name.to_string());
         }
     }
 
@@ -124,7 +116,8 @@ impl Run {
         for (verdict, table) in tables {
             for (dest, counter) in table {
                 out.push(Observed {
-                    name: processes.names.get(&dest.ip).cloned(),
+                    // What the kernel learned from the job's answers, or events named.
+                    name: summary.names.get(&dest.ip).cloned(),
                     ip: dest.ip,
                     port: dest.port,
                     protocol: dest.protocol.clone(),

@@ -13,9 +13,13 @@ mod report;
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use handoff::Handoff;
-use pipeguard_common::{Hook, POD_DNS_FILTERED, PROTO_TCP, PROTO_UDP, VERDICT_AUDIT, VERDICT_DENY};
+use pipeguard_common::{
+    DNS_LEARN_NAMES, DNS_REPORT_QUERIES, Hook, POD_DNS_FILTERED, PROTO_TCP, PROTO_UDP, VERDICT_AUDIT,
+    VERDICT_DENY,
+};
 
 use crate::{
+    maps::DNS_CONFIG,
     packet::{self, Packet},
     verdict::count,
 };
@@ -31,14 +35,29 @@ pub fn is_tcp_or_udp(packet: &Packet) -> bool {
     packet.protocol == PROTO_UDP || packet.protocol == PROTO_TCP
 }
 
-/// A query the DNS program reads for the report only: to port 53, from a guarded pod that is
-/// not DNS-filtered, while user space asks for reports (`report`).
+/// `DnsConfig::flags`: what user space asked of the DNS programs beyond filtering.
+#[inline(always)]
+pub fn config_flags() -> u32 {
+    DNS_CONFIG.get(0).map_or(0, |c| c.flags)
+}
+
+/// A query the DNS program only reads (for the report, or to learn its answer's names): to
+/// port 53, from a guarded pod that is not DNS-filtered, while user space asks for either.
 #[inline(always)]
 pub fn is_observed(pod_flags: u32, packet: &Packet) -> bool {
     pod_flags & POD_DNS_FILTERED == 0
         && packet.dst_port == DNS_PORT
         && is_tcp_or_udp(packet)
-        && report::enabled()
+        && config_flags() & (DNS_REPORT_QUERIES | DNS_LEARN_NAMES) != 0
+}
+
+/// A packet from port 53 the answer program reads: to a DNS-filtered pod (its answers
+/// teach the allowlist), or to another guarded pod while names are learned.
+#[inline(always)]
+pub fn is_answer_read(pod_flags: u32, packet: &Packet) -> bool {
+    packet.src_port == DNS_PORT
+        && is_tcp_or_udp(packet)
+        && (pod_flags & POD_DNS_FILTERED != 0 || config_flags() & DNS_LEARN_NAMES != 0)
 }
 
 /// A packet the DNS program judges: DNS to or from port 53 of a DNS-filtered pod.
@@ -76,7 +95,7 @@ pub fn pg_dns_query(ctx: SkBuffContext) -> i32 {
     if query::check(&ctx, &handoff) { PASS } else { DROP }
 }
 
-/// Tail-called by `pg_ingress` for a packet from port 53 to a DNS-filtered pod.
+/// Tail-called by `pg_ingress` for a packet from port 53 to a guarded pod (`is_answer_read`).
 #[cgroup_skb(ingress)]
 pub fn pg_dns_answer(ctx: SkBuffContext) -> i32 {
     if let Ok(packet) = packet::parse(&ctx) {

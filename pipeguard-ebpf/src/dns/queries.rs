@@ -8,9 +8,10 @@ use pipeguard_common::{QUERY_WAYS, QueryKey, QuerySlot, QueryState, query_seal, 
 use crate::maps::DNS_QUERIES;
 
 /// Remembers an allowed query: in the slot it already holds (a retransmission), else in a
-/// free or expired slot of its set, else over the query of its set closest to expiry.
+/// free or expired slot of its set, else (`overwrite`) over the query of its set closest to
+/// expiry.
 #[inline(always)]
-pub fn record(key: &QueryKey, state: &QueryState, now: u64) {
+pub fn record(key: &QueryKey, state: &QueryState, now: u64, overwrite: bool) {
     let set = query_set(key);
     let mut pick = set;
     let mut soonest = u64::MAX;
@@ -29,6 +30,9 @@ pub fn record(key: &QueryKey, state: &QueryState, now: u64) {
             pick = set + way;
         }
         way += 1;
+    }
+    if way == QUERY_WAYS && !overwrite {
+        return;
     }
     let Some(slot) = DNS_QUERIES.get_ptr_mut(pick) else {
         return;

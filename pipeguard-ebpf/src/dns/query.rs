@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    DNS_EVENT_MALFORMED, DnsEvent, Hook, NAME_WILDCARD, QUERY_TIMEOUT_NS, QueryKey, QueryState,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_ERROR,
+    DNS_EVENT_MALFORMED, DNS_LEARN_NAMES, DnsEvent, Hook, NAME_SEEN, NAME_WILDCARD, NameKey,
+    QUERY_TIMEOUT_NS, QueryKey, QueryState, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_ERROR,
 };
 
 use super::{
@@ -102,7 +102,7 @@ fn inspect(ctx: &SkBuffContext, h: &Handoff) -> Result<Outcome, ()> {
         };
         // Never fails for lack of room. Should the slot be overwritten before the answer,
         // the answer teaches nothing and the connection is refused: closed, not open.
-        queries::record(&key, &state, now);
+        queries::record(&key, &state, now, true);
     }
     // Rules without ports are the cluster domain's: its names are answered inside the
     // cluster. The report reads the name from the scratch buffer, so only while it holds it.
@@ -117,14 +117,15 @@ fn inspect(ctx: &SkBuffContext, h: &Handoff) -> Result<Outcome, ()> {
 }
 
 /// A query of a guarded pod that is not DNS-filtered, which its IP policy let through: its
-/// name is reported (`report`), never judged. One the parser cannot read as one plain
-/// question goes unreported (a DNS-filtered pod's would be refused).
+/// name is reported (`report`), never judged, and while names are learned its answer may
+/// name the addresses it carries (a `NAME_SEEN` rule: no allow). One the parser cannot read
+/// as one plain question goes unreported (a DNS-filtered pod's would be refused).
 #[inline(always)]
 pub fn observe(ctx: &SkBuffContext, h: &Handoff) {
     let Ok(Some(msg)) = message(ctx, h.protocol, h.l4) else {
         return;
     };
-    let Ok((_, flags, questions, _)) = header(ctx, msg) else {
+    let Ok((id, flags, questions, _)) = header(ctx, msg) else {
         return;
     };
     if flags & FLAG_RESPONSE != 0 || flags & OPCODE_MASK != 0 || questions != 1 {
@@ -136,7 +137,31 @@ pub fn observe(ctx: &SkBuffContext, h: &Handoff) {
     let Some(qtype) = name.qtype else {
         return;
     };
-    if name::undisturbed(&name) && report::due(h.pod_cgroup_id, name.hash) {
+    if super::config_flags() & DNS_LEARN_NAMES != 0
+        && let Ok(resolver) = h.resolver(ctx)
+    {
+        let key = QueryKey {
+            cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+            addr: resolver.addr,
+            port: h.dst_port,
+            id,
+            _pad: 0,
+        };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let state = QueryState {
+            question_hash: name.hash,
+            expires_ns: now + QUERY_TIMEOUT_NS,
+            rule: NameKey {
+                policy_id: h.policy_id,
+                kind: NAME_SEEN,
+                hash: 0,
+            },
+        };
+        // Only into a free slot: names for learning never push out a query whose answer
+        // must teach a DNS-filtered pod's allowlist.
+        queries::record(&key, &state, now, false);
+    }
+    if report::enabled() && name::undisturbed(&name) && report::due(h.pod_cgroup_id, name.hash) {
         emit(ctx, h, VERDICT_ALLOW, qtype, name.end as u16, 0);
     }
 }

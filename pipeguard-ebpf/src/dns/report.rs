@@ -9,16 +9,14 @@ use pipeguard_common::{
     DNS_REPORT_QUERIES, REPORT_AGAIN_AFTER_NS, REPORTS_PER_SECOND, ReportBudget, ReportedKey,
 };
 
-use crate::maps::{DNS_CONFIG, DNS_REPORT_BUDGET, DNS_REPORTED};
+use crate::maps::{DNS_REPORT_BUDGET, DNS_REPORTED};
 
 const SECOND_NS: u64 = 1_000_000_000;
 
 /// User space asked for the reports (its dns_tunnel detector is on).
 #[inline(always)]
 pub fn enabled() -> bool {
-    DNS_CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & DNS_REPORT_QUERIES != 0)
+    super::config_flags() & DNS_REPORT_QUERIES != 0
 }
 
 /// Whether pod `pod_cgroup_id`'s query for the name hashed `name_hash` is reported now;
