@@ -85,24 +85,9 @@ fn inspect(ctx: &SkBuffContext, h: &Handoff) -> Result<Outcome, ()> {
     // teach it addresses: a job's own "resolver" teaches nothing.
     let teaches = unsafe { (*allowed.rule).ports.flags != 0 || (*allowed.rule).ports.count != 0 };
     if h.ip_allowed && teaches {
-        let key = QueryKey {
-            cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
-            addr: h.resolver(ctx)?.addr,
-            port: h.dst_port,
-            id,
-            _pad: 0,
-        };
-        // Query slots live by the coarse clock (a tick's precision on a 30 s timeout): it
-        // costs a load where the precise one reads the TSC (~20 ns in a VM).
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        let state = QueryState {
-            question_hash: name.hash,
-            expires_ns: now + QUERY_TIMEOUT_NS,
-            rule: allowed.key,
-        };
         // Never fails for lack of room. Should the slot be overwritten before the answer,
         // the answer teaches nothing and the connection is refused: closed, not open.
-        queries::record(&key, &state, now, true);
+        remember(ctx, h, id, name.hash, allowed.key, true)?;
     }
     // Rules without ports are the cluster domain's: its names are answered inside the
     // cluster. The report reads the name from the scratch buffer, so only while it holds it.
@@ -137,33 +122,49 @@ pub fn observe(ctx: &SkBuffContext, h: &Handoff) {
     let Some(qtype) = name.qtype else {
         return;
     };
-    if super::config_flags() & DNS_LEARN_NAMES != 0
-        && let Ok(resolver) = h.resolver(ctx)
-    {
-        let key = QueryKey {
-            cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
-            addr: resolver.addr,
-            port: h.dst_port,
-            id,
-            _pad: 0,
-        };
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        let state = QueryState {
-            question_hash: name.hash,
-            expires_ns: now + QUERY_TIMEOUT_NS,
-            rule: NameKey {
-                policy_id: h.policy_id,
-                kind: NAME_SEEN,
-                hash: 0,
-            },
+    if super::config_flags() & DNS_LEARN_NAMES != 0 {
+        let seen = NameKey {
+            policy_id: h.policy_id,
+            kind: NAME_SEEN,
+            hash: 0,
         };
         // Only into a free slot: names for learning never push out a query whose answer
         // must teach a DNS-filtered pod's allowlist.
-        queries::record(&key, &state, now, false);
+        let _ = remember(ctx, h, id, name.hash, seen, false);
     }
     if report::enabled() && name::undisturbed(&name) && report::due(h.pod_cgroup_id, name.hash) {
         emit(ctx, h, VERDICT_ALLOW, qtype, name.end as u16, 0);
     }
+}
+
+/// Records the query for its answer (`queries`): the same socket, resolver, port, id and
+/// question find it, and teach under `rule`.
+#[inline(always)]
+fn remember(
+    ctx: &SkBuffContext,
+    h: &Handoff,
+    id: u16,
+    question_hash: u64,
+    rule: NameKey,
+    overwrite: bool,
+) -> Result<(), ()> {
+    let key = QueryKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+        addr: h.resolver(ctx)?.addr,
+        port: h.dst_port,
+        id,
+        _pad: 0,
+    };
+    // Query slots live by the coarse clock (a tick's precision on a 30 s timeout): it costs
+    // a load where the precise one reads the TSC (~20 ns in a VM).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let state = QueryState {
+        question_hash,
+        expires_ns: now + QUERY_TIMEOUT_NS,
+        rule,
+    };
+    queries::record(&key, &state, now, overwrite);
+    Ok(())
 }
 
 /// The event of a refused (or reported) query, with its name (`name_len` bytes of dotted name with a
