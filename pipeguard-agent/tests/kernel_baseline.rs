@@ -289,3 +289,56 @@ fn new_destination_can_be_switched_off_and_upload_volume_is_raised() {
     assert_eq!(workloads.len(), 2, "{workloads:?}");
     assert!(workloads.contains(&json!(WORKLOAD)), "{workloads:?}");
 }
+
+/// The agent's runs name what pods resolved (the kernel reads their answers while the
+/// baseline records, domain rules or not), so `suggest --endpoint` asks for the name in a
+/// DomainPolicy and keeps the resolver as an address.
+#[test]
+fn the_agents_runs_name_the_hosts_pods_resolved() {
+    let n = node("baseline-names");
+    n.server.install_crds();
+    let registry = listeners::tcp("127.0.0.1:0");
+    let port = registry.addr.port();
+    let pid = std::process::id();
+    let resolver_ip = format!("127.62.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let dns =
+        common::dnsmasq::Dnsmasq::start("baseline-names", &resolver_ip, "127.0.0.1 registry.pg.test\n", 60);
+    n.server.apply(common::agent::namespace("ci"));
+    n.server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "loopback", "namespace": "ci"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"ipBlock": {"cidr": "127.0.0.0/8"}}]}]}
+    }));
+    n.server.apply(task_pod(1));
+    let cgroup = n.pod_cgroup(&uid(1));
+    let agent = start_agent(
+        &n,
+        &["--baseline", "--baseline-interval", "200ms", "--no-events-stdout"],
+        None,
+    );
+    wait_ready(&agent, Duration::from_secs(60));
+    let r = dns.addr;
+    assert!(
+        once(
+            &cgroup,
+            format!("dns-connect {r} registry.pg.test {port} artifact")
+        )
+        .ok,
+        "{}",
+        agent.log()
+    );
+    let policy = wait_suggest(&agent, "registry.pg.test");
+    assert!(
+        policy.contains("kind: DomainPolicy") && policy.contains("- \"registry.pg.test\""),
+        "{policy}"
+    );
+    assert!(
+        !policy.contains("ipBlock: {cidr: 127.0.0.1/32}"),
+        "the named host is not an address rule:\n{policy}"
+    );
+    assert!(
+        policy.contains(&format!("ipBlock: {{cidr: {resolver_ip}/32}}")),
+        "{policy}"
+    );
+}

@@ -83,6 +83,8 @@ pub(super) async fn load_engine(config: &AgentConfig, health: &Health) -> Engine
             cluster_domain: config.cluster_domain.clone(),
             dns_min_ttl: config.dns_min_ttl,
             report_queries: config.events.anomalies.dns_tunnel.is_some(),
+            // The baseline's runs name what pods resolved, domain rules or not.
+            learn_names: config.baseline.is_some(),
             ..EngineConfig::default()
         }) {
             Ok(engine) => return engine,
@@ -298,6 +300,10 @@ pub(super) fn baseline(
         },
         store,
         flows,
+        engine
+            .pod_names()
+            .inspect_err(|error| tracing::warn!(%error, "baseline runs will carry no names"))
+            .ok(),
         events.index.clone(),
         raise.clone(),
     );

@@ -16,6 +16,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -27,7 +28,7 @@ use super::{
     object::{DestKey, Stable, merge},
 };
 use crate::{
-    engine::stats::FlowReader,
+    engine::{dns::PodNames, stats::FlowReader},
     events::{
         anomaly::{Anomaly, AnomalyConfig, Baseline, NewDestination, Signal},
         pipeline::PodIndex,
@@ -82,18 +83,27 @@ pub struct Recorder {
     pub config: RecorderConfig,
     pub store: Store,
     pub flows: FlowReader,
+    /// Names of the destinations pods resolved (None: runs carry addresses only).
+    pub names: Option<PodNames>,
     pub index: PodIndex,
     /// Into the event pipeline: sinks, stream and metrics.
     pub raise: mpsc::Sender<Anomaly>,
     known: HashMap<Key, Known>,
     watched: HashMap<u64, Watched>,
+    /// Pod cgroup id → the names its destinations were resolved from, kept across rounds:
+    /// the kernel forgets an entry once its TTL ran out, the pod's flows stay.
+    seen_names: HashMap<u64, HashMap<IpAddr, String>>,
 }
+
+/// Names kept per pod at most.
+const MAX_NAMES_PER_POD: usize = 4_096;
 
 impl Recorder {
     pub fn new(
         config: RecorderConfig,
         store: Store,
         flows: FlowReader,
+        names: Option<PodNames>,
         index: PodIndex,
         raise: mpsc::Sender<Anomaly>,
     ) -> Self {
@@ -101,10 +111,12 @@ impl Recorder {
             config,
             store,
             flows,
+            names,
             index,
             raise,
             known: HashMap::new(),
             watched: HashMap::new(),
+            seen_names: HashMap::new(),
         }
     }
 
@@ -115,6 +127,21 @@ impl Recorder {
         loop {
             tick.tick().await;
             self.step().await;
+        }
+    }
+
+    /// Adds what the kernel learned for the `live` pods to `seen_names`; forgets the rest.
+    fn keep_names(&mut self, live: &HashSet<u64>) {
+        self.seen_names.retain(|id, _| live.contains(id));
+        let Some(names) = &mut self.names else { return };
+        let ids: Vec<u64> = live.iter().copied().collect();
+        for (pod, learned) in names.of(&ids) {
+            let kept = self.seen_names.entry(pod).or_default();
+            for (ip, name) in learned {
+                if kept.len() < MAX_NAMES_PER_POD || kept.contains_key(&ip) {
+                    kept.insert(ip, name);
+                }
+            }
         }
     }
 
@@ -135,6 +162,7 @@ impl Recorder {
         tracing::debug!(pods = pods.len(), flows_of = by_pod.len(), "baseline round");
         let live: HashSet<u64> = pods.iter().map(|(id, _)| *id).collect();
         self.watched.retain(|id, _| live.contains(id));
+        self.keep_names(&live);
         let mut active: HashSet<Key> = HashSet::new();
         let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
         for (cgroup_id, pod) in pods {
@@ -147,7 +175,9 @@ impl Recorder {
             if !self.load(&key).await {
                 continue;
             }
-            let destinations = Run::observe(&Summary::new(flows, &[], 0, 0), &ProcessLog::default());
+            let mut summary = Summary::new(flows, &[], 0, 0);
+            summary.names = self.seen_names.get(&cgroup_id).cloned().unwrap_or_default();
+            let destinations = Run::observe(&summary, &ProcessLog::default());
             let run = AgentRun {
                 pod: pod.name.clone(),
                 uid: pod.uid.clone(),

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use pipeguard_common::{LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, map_names};
+use pipeguard_common::{LearnedAddr, LearnedKey, MAX_LEARNED, MAX_NAME_BYTES, NameText, PodEntry, map_names};
 
 use super::{Engine, EngineError, tables::ignore_missing};
 
@@ -101,6 +101,20 @@ impl Engine {
         Ok(NameTexts {
             map,
             cache: HashMap::new(),
+        })
+    }
+
+    /// Second handles on the pod table, the learned addresses and the name table: what the
+    /// baseline recorder names its runs' destinations with.
+    pub fn pod_names(&self) -> Result<PodNames, EngineError> {
+        let pods = BpfHashMap::try_from(Map::HashMap(self.second_handle(map_names::PODS)?))
+            .map_err(map_error(map_names::PODS))?;
+        let learned = BpfHashMap::try_from(Map::LruHashMap(self.second_handle(map_names::DNS_LEARNED)?))
+            .map_err(map_error(map_names::DNS_LEARNED))?;
+        Ok(PodNames {
+            pods,
+            learned,
+            texts: self.name_texts()?,
         })
     }
 
@@ -233,6 +247,41 @@ pub fn name_from_bytes(bytes: &[u8], len: usize) -> String {
         }
     }
     out
+}
+
+/// The names the kernel learned for pods' destinations, without the engine: learned
+/// entries are per allowlist, so a pod's are those of the allowlist it has now.
+pub struct PodNames {
+    pods: BpfHashMap<MapData, u64, PodEntry>,
+    learned: BpfHashMap<MapData, LearnedKey, LearnedAddr>,
+    texts: NameTexts,
+}
+
+impl PodNames {
+    /// Pod cgroup id → address → name, for the pods among `cgroup_ids` the kernel knows:
+    /// one walk of the learned map (bounded by `MAX_LEARNED`).
+    pub fn of(&mut self, cgroup_ids: &[u64]) -> HashMap<u64, HashMap<IpAddr, String>> {
+        use super::events::NameTable as _;
+        let mut pods_of: HashMap<u32, Vec<u64>> = HashMap::new();
+        for id in cgroup_ids {
+            if let Ok(entry) = self.pods.get(id, 0) {
+                pods_of.entry(entry.policy_id).or_default().push(*id);
+            }
+        }
+        let mut out: HashMap<u64, HashMap<IpAddr, String>> = HashMap::new();
+        for (key, value) in self.learned.iter().filter_map(Result::ok) {
+            let Some(pods) = pods_of.get(&key.policy_id) else {
+                continue;
+            };
+            let Some(name) = self.texts.name(value.name_hash) else {
+                continue;
+            };
+            for pod in pods {
+                out.entry(*pod).or_default().insert(ip_of(key.addr), name.clone());
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
