@@ -5,7 +5,9 @@
 //! The source is the flow table (`CONFIG_FLOW_STATS`): one per-CPU LRU update per packet,
 //! on the fast path too, which keeps working. Allowed-attempt events
 //! (`CONFIG_REPORT_ALLOWED`) would name the processes, but they switch the per-socket fast
-//! path off, so the agent's runs carry no processes.
+//! path off, so the agent's runs carry no processes. They carry names: the kernel learns
+//! them from every guarded pod's answers while the baseline records (`learn_names`), and
+//! each pod's are kept here across rounds.
 //!
 //! Objects are read lazily: the first time a workload has a pod on this node, the agent
 //! lists that namespace's objects (this node's to continue writing, every node's for the
