@@ -941,6 +941,11 @@ fn names_learned_for_a_pod_without_domain_rules_allow_nothing() {
         Some("seen.pg.test"),
         "{names:?}"
     );
+    assert_eq!(g.engine.seen().unwrap().len(), 1);
+    assert!(
+        g.engine.learned().unwrap().is_empty(),
+        "names for learning stay out of the allowlists' table"
+    );
 
     // DNS-filtered, with a rule for another name only: the seen entry is no allow.
     g.engine

@@ -47,9 +47,9 @@ pub const NAME_EXACT: u32 = 1;
 /// `NameKey::kind`: the pattern is a suffix; one or more labels must precede it
 /// (`*.npmjs.org` is stored as `npmjs.org`).
 pub const NAME_WILDCARD: u32 = 2;
-/// `NameKey::kind` of a learned entry taught by the answer to an observed query (a pod
-/// that is not DNS-filtered, `DNS_LEARN_NAMES`): no name rule has this kind, so it names
-/// the address and allows nothing.
+/// `NameKey::kind` of a query slot of an observed query (a pod that is not DNS-filtered,
+/// `DNS_LEARN_NAMES`): its answer names addresses in `PG_DNS_SEEN_V1`, never in the
+/// learned table, and no name rule has this kind: it allows nothing.
 pub const NAME_SEEN: u32 = 3;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -280,8 +280,8 @@ const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
 /// that is not DNS-filtered (read, never judged).
 pub const DNS_REPORT_QUERIES: u32 = 1 << 0;
 /// `DnsConfig::flags`: the answers to the queries of guarded pods that are not DNS-filtered
-/// teach the learned table their addresses under a `NAME_SEEN` rule: names for learning
-/// (`exec --learn`), never an allow.
+/// name their addresses in `PG_DNS_SEEN_V1` (a table of its own, so these never push out
+/// an entry enforcement needs): names for learning, never an allow.
 pub const DNS_LEARN_NAMES: u32 = 1 << 1;
 
 /// A reported name is not reported again for the same pod within this long.
@@ -289,6 +289,8 @@ pub const REPORT_AGAIN_AFTER_NS: u64 = 60_000_000_000;
 /// At most this many allowed queries reported per pod per second: a tunnel is seen (the
 /// detector needs 100 distinct names), and cannot fill the ring buffer refusals share.
 pub const REPORTS_PER_SECOND: u32 = 200;
+/// Addresses named for learning, across pods (LRU: a forgotten one goes unnamed).
+pub const MAX_SEEN: u32 = 65_536;
 /// Names remembered as reported, across pods (LRU: a forgotten one is reported again).
 pub const MAX_REPORTED: u32 = 16_384;
 

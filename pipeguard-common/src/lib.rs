@@ -33,8 +33,9 @@ pub mod map_names {
     pub const SENT: &str = "PG_SENT_V1";
     pub const DNS_REPORTED: &str = "PG_DNS_REPORTED_V1";
     pub const DNS_REPORT_BUDGET: &str = "PG_DNS_REPORT_BUDGET_V1";
+    pub const DNS_SEEN: &str = "PG_DNS_SEEN_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -59,6 +60,7 @@ pub mod map_names {
         SENT,
         DNS_REPORTED,
         DNS_REPORT_BUDGET,
+        DNS_SEEN,
     ];
 }
 

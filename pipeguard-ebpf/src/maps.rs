@@ -12,8 +12,9 @@ use aya_ebpf::{
 use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, DnsConfig, DnsScratch,
     EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS,
-    MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, NameKey,
-    NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey, SocketState,
+    MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN,
+    NameKey, NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey,
+    SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -98,6 +99,11 @@ pub static DNS_NAME_TEXT: LruHashMap<u64, NameText> = LruHashMap::with_max_entri
 /// Index 0: `DnsConfig`.
 #[map(name = "PG_DNS_CONFIG_V1")]
 pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
+
+/// {policy id, address} → until when, from which name: the answers to observed queries
+/// (`DNS_LEARN_NAMES`), for learning. Shaped like `DNS_LEARNED`; never consulted to allow.
+#[map(name = "PG_DNS_SEEN_V1")]
+pub static DNS_SEEN: LruHashMap<LearnedKey, LearnedAddr> = LruHashMap::with_max_entries(MAX_SEEN, 0);
 
 /// {pod, question name hash} → when a query a wildcard rule allowed was last reported
 /// (`dns::report`).

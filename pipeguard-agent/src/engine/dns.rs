@@ -69,13 +69,22 @@ fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> EngineError {
 }
 
 impl Engine {
-    /// Every learned address.
+    /// Every learned address (the allowlists' entries).
     pub fn learned(&self) -> Result<Vec<Learned>, EngineError> {
+        self.entries_of(map_names::DNS_LEARNED)
+    }
+
+    /// Every address named for learning (`learn_names`); they allow nothing.
+    pub fn seen(&self) -> Result<Vec<Learned>, EngineError> {
+        self.entries_of(map_names::DNS_SEEN)
+    }
+
+    fn entries_of(&self, name: &'static str) -> Result<Vec<Learned>, EngineError> {
         let now = monotonic_ns();
-        let map: BpfHashMap<&MapData, LearnedKey, LearnedAddr> = self.map(map_names::DNS_LEARNED)?;
+        let map: BpfHashMap<&MapData, LearnedKey, LearnedAddr> = self.map(name)?;
         let mut out = Vec::new();
         for item in map.iter() {
-            let (key, value) = item.map_err(map_error(map_names::DNS_LEARNED))?;
+            let (key, value) = item.map_err(map_error(name))?;
             out.push(Learned {
                 policy_id: key.policy_id,
                 addr: ip_of(key.addr),
@@ -109,11 +118,11 @@ impl Engine {
     pub fn pod_names(&self) -> Result<PodNames, EngineError> {
         let pods = BpfHashMap::try_from(Map::HashMap(self.second_handle(map_names::PODS)?))
             .map_err(map_error(map_names::PODS))?;
-        let learned = BpfHashMap::try_from(Map::LruHashMap(self.second_handle(map_names::DNS_LEARNED)?))
-            .map_err(map_error(map_names::DNS_LEARNED))?;
+        let table =
+            |name| BpfHashMap::try_from(Map::LruHashMap(self.second_handle(name)?)).map_err(map_error(name));
         Ok(PodNames {
             pods,
-            learned,
+            tables: [table(map_names::DNS_LEARNED)?, table(map_names::DNS_SEEN)?],
             texts: self.name_texts()?,
         })
     }
@@ -125,10 +134,12 @@ impl Engine {
         Ok(LearnedReader { map })
     }
 
-    /// Learned addresses of one allowlist with their names (for `exec`'s summary).
+    /// Learned (and seen) addresses of one allowlist with their names (for `exec`'s summary
+    /// and learned policy).
     pub fn learned_names(&self, policy_id: u32) -> Result<HashMap<IpAddr, String>, EngineError> {
         let mut out = HashMap::new();
-        for l in self.learned()?.into_iter().filter(|l| l.policy_id == policy_id) {
+        let entries = self.seen()?.into_iter().chain(self.learned()?);
+        for l in entries.filter(|l| l.policy_id == policy_id) {
             if let Some(name) = self.name_text(l.name_hash) {
                 out.insert(l.addr, name);
             }
@@ -158,23 +169,31 @@ impl Engine {
         }
     }
 
-    /// Deletes expired learned addresses, so the LRU map only evicts under real pressure.
-    /// (Unanswered queries need no sweep: the kernel reuses their slots once they expire.
-    /// Connections opened while an entry lived hold their own pass in the socket's storage,
-    /// so they need no entry kept for them.)
+    /// Deletes expired learned (and seen) addresses, so the LRU maps only evict under real
+    /// pressure. (Unanswered queries need no sweep: the kernel reuses their slots once they
+    /// expire. Connections opened while an entry lived hold their own pass in the socket's
+    /// storage, so they need no entry kept for them.)
     pub fn sweep_dns(&mut self) -> Result<DnsSweep, EngineError> {
-        let now = monotonic_ns();
-        let mut sweep = DnsSweep {
+        let (learned_removed, learned_remaining) = self.sweep_expired(map_names::DNS_LEARNED)?;
+        self.sweep_expired(map_names::DNS_SEEN)?;
+        Ok(DnsSweep {
+            learned_removed,
+            learned_remaining,
             learned_capacity: MAX_LEARNED,
             ..DnsSweep::default()
-        };
-        let mut learned: BpfHashMap<&mut MapData, LearnedKey, LearnedAddr> =
-            self.map_mut(map_names::DNS_LEARNED)?;
+        })
+    }
+
+    /// (removed, remaining) of one table shaped like the learned one.
+    fn sweep_expired(&mut self, name: &'static str) -> Result<(usize, usize), EngineError> {
+        let now = monotonic_ns();
+        let (mut removed, mut remaining) = (0, 0);
+        let mut table: BpfHashMap<&mut MapData, LearnedKey, LearnedAddr> = self.map_mut(name)?;
         let mut expired = Vec::new();
-        for item in learned.iter() {
-            let (key, value) = item.map_err(map_error(map_names::DNS_LEARNED))?;
+        for item in table.iter() {
+            let (key, value) = item.map_err(map_error(name))?;
             if value.expires_ns > now {
-                sweep.learned_remaining += 1;
+                remaining += 1;
             } else {
                 expired.push(key);
             }
@@ -182,14 +201,14 @@ impl Engine {
         for key in &expired {
             // Read again right before the delete: an answer may have taught the address
             // again since the walk (the window left is the two syscalls in between).
-            if learned.get(key, 0).is_ok_and(|v| v.expires_ns > monotonic_ns()) {
-                sweep.learned_remaining += 1;
+            if table.get(key, 0).is_ok_and(|v| v.expires_ns > monotonic_ns()) {
+                remaining += 1;
                 continue;
             }
-            ignore_missing(learned.remove(key)).map_err(map_error(map_names::DNS_LEARNED))?;
-            sweep.learned_removed += 1;
+            ignore_missing(table.remove(key)).map_err(map_error(name))?;
+            removed += 1;
         }
-        Ok(sweep)
+        Ok((removed, remaining))
     }
 }
 
@@ -253,13 +272,14 @@ pub fn name_from_bytes(bytes: &[u8], len: usize) -> String {
 /// entries are per allowlist, so a pod's are those of the allowlist it has now.
 pub struct PodNames {
     pods: BpfHashMap<MapData, u64, PodEntry>,
-    learned: BpfHashMap<MapData, LearnedKey, LearnedAddr>,
+    /// The learned and the seen addresses.
+    tables: [BpfHashMap<MapData, LearnedKey, LearnedAddr>; 2],
     texts: NameTexts,
 }
 
 impl PodNames {
     /// Pod cgroup id → address → name, for the pods among `cgroup_ids` the kernel knows:
-    /// one walk of the learned map (bounded by `MAX_LEARNED`).
+    /// one walk of the learned and the seen tables (bounded by their capacities).
     pub fn of(&mut self, cgroup_ids: &[u64]) -> HashMap<u64, HashMap<IpAddr, String>> {
         use super::events::NameTable as _;
         let mut pods_of: HashMap<u32, Vec<u64>> = HashMap::new();
@@ -269,7 +289,8 @@ impl PodNames {
             }
         }
         let mut out: HashMap<u64, HashMap<IpAddr, String>> = HashMap::new();
-        for (key, value) in self.learned.iter().filter_map(Result::ok) {
+        let entries = self.tables.iter().flat_map(|t| t.iter().filter_map(Result::ok));
+        for (key, value) in entries {
             let Some(pods) = pods_of.get(&key.policy_id) else {
                 continue;
             };

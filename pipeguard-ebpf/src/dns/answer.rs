@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, NameKey, QueryKey,
+    LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, NAME_SEEN, NameKey, QueryKey,
 };
 
 use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name, queries};
 use crate::{
     addr::Dest,
-    maps::{DNS_CONFIG, DNS_LEARNED, DNS_NAME_TEXT, SCRATCH_ANSWER},
+    maps::{DNS_CONFIG, DNS_LEARNED, DNS_NAME_TEXT, DNS_SEEN, SCRATCH_ANSWER},
     packet::Packet,
 };
 
@@ -93,7 +93,14 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
                 policy_id: query.rule.policy_id,
                 addr: dest.addr,
             };
-            match DNS_LEARNED.get_ptr_mut(&key) {
+            // Names for learning go to a table of their own: they allow nothing, and never
+            // push out an entry enforcement needs.
+            let table = if query.rule.kind == NAME_SEEN {
+                &DNS_SEEN
+            } else {
+                &DNS_LEARNED
+            };
+            match table.get_ptr_mut(&key) {
                 // Taught again under the same rule (a name resolved again): only its time
                 // and name move, in place: an LRU update would take a new node per answer.
                 // Both are single stores a reader sees whole, old or new.
@@ -106,7 +113,7 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
                 // An entry that already lives longer keeps its time.
                 Some(old) if unsafe { (*old).expires_ns } > entry.expires_ns => {}
                 _ => {
-                    let _ = DNS_LEARNED.insert(&key, &entry, 0);
+                    let _ = table.insert(&key, &entry, 0);
                 }
             }
         }

@@ -22,14 +22,14 @@ const TAG_MASK: u32 = 0xffff << 16;
 const AUDIT: u32 = 1 << 8;
 /// The pod's static allowlist allows the resolver (so its answers may teach).
 const IP_ALLOWED: u32 = 1 << 9;
-/// The pod is not DNS-filtered: the query is read for the report, never judged.
+/// The pod is not DNS-filtered: the query is only read (report, names), never judged.
 const OBSERVE: u32 = 1 << 10;
 /// The packet comes from port 53: an answer leaving the pod.
 const FROM_DNS_PORT: u32 = 1 << 11;
 const PROTOCOL_MASK: u32 = 0xff;
 
 /// A DNS packet of a DNS-filtered pod that the IP policy let through (or, `observe`, a
-/// query of another guarded pod, to be reported).
+/// query of another guarded pod, to be read).
 pub struct Handoff {
     pub pod_cgroup_id: u64,
     pub policy_id: u32,

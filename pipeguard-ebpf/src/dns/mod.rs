@@ -69,10 +69,10 @@ pub fn is_dns(pod_flags: u32, packet: &Packet) -> bool {
 }
 
 /// Tail-called by `pg_egress` for a DNS packet of a DNS-filtered pod the IP policy let
-/// through, and for a query of another guarded pod to report (`is_observed`: passed,
-/// whatever it holds). Queries are judged by name; answers never leave such a pod, so only a resolver
-/// outside it can teach it addresses (a job cannot forge one from a socket or raw socket of
-/// its own, on loopback or anywhere else).
+/// through, and for a query of another guarded pod to read (`is_observed`: passed, whatever
+/// it holds). Queries are judged by name; answers never leave a DNS-filtered pod, so only a
+/// resolver outside it can teach it addresses (a job cannot forge one from a socket or raw
+/// socket of its own, on loopback or anywhere else).
 #[cgroup_skb(egress)]
 pub fn pg_dns_query(ctx: SkBuffContext) -> i32 {
     // What `pg_egress` found (pod, transport header, the resolver's IP verdict).

@@ -1,7 +1,8 @@
 //! Egress: a DNS query from a DNS-filtered pod leaves only if a name rule of its allowlist
 //! allows the question. Allowed queries to a resolver the pod's IP policy allows are
 //! remembered, so their answers (and only those) may teach addresses. Those a wildcard
-//! rule allows may be reported to user space (`report`).
+//! rule allows may be reported to user space (`report`). Queries of other guarded pods are
+//! only read (`observe`): reported, and recorded so their answers name addresses.
 
 use aya_ebpf::{
     helpers::{
@@ -167,8 +168,9 @@ fn remember(
     Ok(())
 }
 
-/// The event of a refused (or reported) query, with its name (`name_len` bytes of dotted name with a
-/// leading dot, left in the scratch record by the parser; 0 when it could not be parsed).
+/// The event of a refused (or reported) query, with its name (`name_len` bytes of dotted
+/// name with a leading dot, left in the scratch record by the parser; 0 when it could not
+/// be parsed).
 #[inline(always)]
 fn emit(ctx: &SkBuffContext, h: &Handoff, verdict: u8, qtype: u16, name_len: u16, flags: u32) {
     // An unreadable address is reported as ::, not left out: the refusal is what counts.
