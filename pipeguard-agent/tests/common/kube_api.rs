@@ -42,6 +42,8 @@ struct State {
     crds: bool,
     /// Kinds whose list and watch requests answer 500 (an API server that lost etcd).
     failing: std::collections::BTreeSet<String>,
+    /// Kind → when its first complete list (last page) was written to a client.
+    lists_served: BTreeMap<String, std::time::Instant>,
 }
 
 const CRD_KINDS: [&str; 2] = ["DomainPolicy", "ClusterDomainPolicy"];
@@ -172,6 +174,11 @@ impl KubeApiServer {
 
     pub fn events(&self) -> Vec<Value> {
         self.state.lock().unwrap().events.clone()
+    }
+
+    /// When the last page of the first complete list of `kind` was written to a client.
+    pub fn list_served(&self, kind: &str) -> Option<std::time::Instant> {
+        self.state.lock().unwrap().lists_served.get(kind).copied()
     }
 }
 
@@ -416,6 +423,12 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>, drop_tx: broadcast::
         let list = list(kind, None, &params, &state);
         if respond(&mut write, 200, &list.to_string()).await.is_err() {
             return;
+        }
+        if list["metadata"].get("continue").is_none() {
+            let mut st = state.lock().unwrap();
+            st.lists_served
+                .entry(kind.to_string())
+                .or_insert_with(std::time::Instant::now);
         }
     }
 }
