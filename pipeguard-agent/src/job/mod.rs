@@ -248,8 +248,8 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
         delivered,
         engine.event_drops()?,
     );
-    // Names next to addresses: what the kernel learned (still there), then what events
-    // named (entries may have been swept or evicted since).
+    // Names next to addresses: what events named, then what the kernel learned (kept at
+    // each sweep, and what is still there), the later winning.
     let mut names = watch.dns.names.clone();
     names.extend(swept_names);
     keep_learned_names(&engine, &mut names);
