@@ -1186,8 +1186,7 @@ fn domain_policies_are_watched_reach_the_kernel_and_invalid_ones_fail_closed() {
     let other = listeners::tcp("127.0.0.1:0");
     let (w, o) = (web.addr, other.addr);
     // The cluster's resolver: a real dnsmasq on a loopback address of this test's own.
-    let pid = std::process::id();
-    let resolver_ip = format!("127.54.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = common::own_ip(54);
     let dns = common::dnsmasq::Dnsmasq::start(
         "agent-domains",
         &resolver_ip,
@@ -1413,8 +1412,7 @@ fn names_policy(domains: Value, port: u16) -> Value {
 #[test]
 fn dns_keeps_working_and_filtered_through_sigkill_and_restart() {
     let n = node("agent-dns-kill");
-    let pid = std::process::id();
-    let at = |block: u32| format!("127.{block}.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let at = common::own_ip;
     let resolver_ip = at(71);
     let (before, after, restarted) = (at(72), at(73), at(74));
     let web = listeners::tcp(&format!("{before}:0"));

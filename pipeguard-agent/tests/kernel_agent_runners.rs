@@ -207,8 +207,7 @@ fn an_arc_workflow_pod_is_guarded_by_its_runners_policy_with_its_runners_ci_cont
 #[test]
 fn the_agent_raises_dns_tunnel_for_a_runners_encoded_queries() {
     let n = node("agent-dns-tunnel");
-    let pid = std::process::id();
-    let resolver_ip = format!("127.57.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = common::own_ip(57);
     let dns = common::dnsmasq::Dnsmasq::start("agent-tunnel", &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
     let r = dns.addr;
     let runner_uid = uid(0xd5a1);

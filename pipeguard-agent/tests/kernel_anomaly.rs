@@ -249,8 +249,7 @@ fn tunnel_job(
     domains: Option<&str>,
     suffix: &str,
 ) -> (Dnsmasq, TempDir, String, Vec<String>, String) {
-    let pid = std::process::id();
-    let resolver_ip = format!("127.{block}.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = common::own_ip(block);
     let dns = Dnsmasq::start(tag, &resolver_ip, "127.0.0.1 build.pg.test\n", 60);
     let dir = TempDir::new(tag);
     let policy = names_only(&dir, &resolver_ip, domains)

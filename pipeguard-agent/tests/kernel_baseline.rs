@@ -51,6 +51,16 @@ fn deployment_pod(n: u32) -> Value {
     })
 }
 
+/// The runners may reach all of 127.0.0.0/8.
+fn loopback_policy() -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "loopback", "namespace": "ci"},
+        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"ipBlock": {"cidr": "127.0.0.0/8"}}]}]}
+    })
+}
+
 /// `pipeguard suggest --endpoint` against `agent`: (exit success, stdout, stderr).
 fn suggest(agent: &Agent) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pipeguard"))
@@ -107,12 +117,7 @@ fn the_baseline_survives_an_agent_restart_and_a_new_destination_is_raised() {
     let new = listeners::tcp("127.0.0.1:0");
     let (k, d) = (known.addr, new.addr);
     n.server.apply(common::agent::namespace("ci"));
-    n.server.apply(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "loopback", "namespace": "ci"},
-        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
-                 "egress": [{"to": [{"ipBlock": {"cidr": "127.0.0.0/8"}}]}]}
-    }));
+    n.server.apply(loopback_policy());
     for i in 1..=3 {
         n.server.apply(task_pod(i));
     }
@@ -299,17 +304,11 @@ fn the_agents_runs_name_the_hosts_pods_resolved() {
     n.server.install_crds();
     let registry = listeners::tcp("127.0.0.1:0");
     let port = registry.addr.port();
-    let pid = std::process::id();
-    let resolver_ip = format!("127.62.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = common::own_ip(62);
     let dns =
         common::dnsmasq::Dnsmasq::start("baseline-names", &resolver_ip, "127.0.0.1 registry.pg.test\n", 60);
     n.server.apply(common::agent::namespace("ci"));
-    n.server.apply(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "loopback", "namespace": "ci"},
-        "spec": {"podSelector": {"matchLabels": {"app": "runner"}}, "policyTypes": ["Egress"],
-                 "egress": [{"to": [{"ipBlock": {"cidr": "127.0.0.0/8"}}]}]}
-    }));
+    n.server.apply(loopback_policy());
     n.server.apply(task_pod(1));
     let cgroup = n.pod_cgroup(&uid(1));
     let agent = start_agent(

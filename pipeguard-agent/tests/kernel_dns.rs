@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dnsmasq::Dnsmasq, listeners, probe::Outcome, run_probe, test_cgroup};
+use common::{dnsmasq::Dnsmasq, listeners, own_ip, probe::Outcome, run_probe, test_cgroup};
 use pipeguard::{
     cgroup::OwnedCgroup,
     engine::{Engine, EngineConfig, PolicyEntries},
@@ -26,12 +26,6 @@ fn probe_main() {
 }
 
 const POLICY: u32 = 9;
-
-/// A loopback address of this test process's own, for its resolver.
-fn own_ip(block: u8) -> String {
-    let pid = std::process::id();
-    format!("127.{block}.{}.{}", (pid / 250) % 250, pid % 250 + 1)
-}
 
 fn rule(pattern: &str, port: u16) -> DomainRule {
     DomainRule {

@@ -418,8 +418,7 @@ fn without_root_exec_refuses_at_once_and_says_why() {
 fn a_domain_policy_lets_the_job_reach_its_names_and_nothing_else() {
     let web = listeners::tcp("127.0.0.1:0");
     let other = listeners::tcp("127.0.0.1:0");
-    let pid = std::process::id();
-    let resolver_ip = format!("127.55.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = common::own_ip(55);
     let dns = common::dnsmasq::Dnsmasq::start(
         "exec-domains",
         &resolver_ip,

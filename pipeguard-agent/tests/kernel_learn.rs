@@ -329,8 +329,7 @@ fn suggest_merges_runs_and_lists_unstable_destinations() {
 #[test]
 fn learning_without_a_policy_names_the_hosts_the_job_resolved() {
     let registry = listeners::tcp("127.0.0.1:0");
-    let pid = std::process::id();
-    let resolver_ip = format!("127.61.{}.{}", (pid / 250) % 250, pid % 250 + 1);
+    let resolver_ip = common::own_ip(61);
     let dns = common::dnsmasq::Dnsmasq::start(
         "learn-names",
         &resolver_ip,

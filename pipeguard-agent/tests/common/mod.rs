@@ -196,6 +196,13 @@ impl Drop for Bpffs {
 }
 pub mod kube_api;
 
+/// A loopback address of this test process's own in block `block` (127.BLOCK.x.y, from
+/// the pid), so parallel test binaries never share a resolver or listener address.
+pub fn own_ip(block: u8) -> String {
+    let pid = std::process::id();
+    format!("127.{block}.{}.{}", (pid / 250) % 250, pid % 250 + 1)
+}
+
 /// An allowlist of one prefix on one port, over the given protocols.
 pub fn allow_only(cidr: &str, port: u16, protocols: &[u8]) -> pipeguard::engine::PolicyEntries {
     let mut ports = pipeguard_common::PortSet {
