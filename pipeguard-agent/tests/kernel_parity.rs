@@ -4,7 +4,9 @@
 //! `pipeguard exec` compiles it (`job::allowlist::compile`) for the guarded runner pod.
 //!
 //! Everything runs in a network namespace of this test's own, where the world's pods are
-//! addresses of 127.0.0.0/8 and ports are small numbers. Egress: a socket of the runner's
+//! addresses of 127.0.0.0/8 and ports are small numbers; about half the worlds are the same
+//! kind of world in IPv6 (every address and ipBlock moved into `V6_PREFIX`, a local route
+//! of the namespace), so both families' tries, sockets and hooks are compared. Egress: a socket of the runner's
 //! cgroup connects (TCP) or sends (UDP) to a pod or an address outside the cluster; EPERM
 //! is a refusal, anything that reached the network stack (a reset, a sent datagram) a pass.
 //! Ingress: a client bound to a pod's address connects or sends to the runner's listener;
@@ -15,7 +17,7 @@
 mod common;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
@@ -39,14 +41,16 @@ use proptest::{
 const CASES: u32 = 256;
 /// An attempt that neither passes nor is refused within this long is a failure.
 const DECIDE_WITHIN: Duration = Duration::from_secs(10);
-const RUNNER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+/// IPv6 worlds: 127.b.c.d is `fd7f::7f` followed by b.c.d (the last 32 bits), and a /n
+/// ipBlock a /96+n one.
+const V6_PREFIX: &str = "fd7f::/96";
 
 #[derive(Clone, Debug)]
 struct World {
     policies: String,
     cluster: Cluster,
     /// Addresses outside the cluster (egress destinations only: `check` takes pods as sources).
-    strangers: Vec<Ipv4Addr>,
+    strangers: Vec<IpAddr>,
     probes: Vec<Probe>,
 }
 
@@ -85,8 +89,9 @@ fn world() -> impl Strategy<Value = World> {
         prop::collection::vec(visitor, 0..4),
         prop::collection::vec(address(127), 0..3),
         prop::collection::vec(probe, 1..12),
+        any::<bool>(),
     )
-        .prop_map(|(policies, visitors, strangers, probes)| {
+        .prop_map(|(policies, visitors, strangers, probes, v6)| {
             let policies = policies
                 .iter()
                 .enumerate()
@@ -103,14 +108,90 @@ fn world() -> impl Strategy<Value = World> {
             let strangers = strangers
                 .into_iter()
                 .filter(|ip| usable(*ip) && !cluster.pods.iter().any(|p| p.ips.contains(&IpAddr::V4(*ip))))
+                .map(IpAddr::V4)
                 .collect();
-            World {
+            let world = World {
                 policies,
                 cluster,
                 strangers,
                 probes,
-            }
+            };
+            if v6 { world.in_v6() } else { world }
         })
+}
+
+impl World {
+    /// The same world with every address and ipBlock in `V6_PREFIX`.
+    fn in_v6(mut self) -> Self {
+        for pod in &mut self.cluster.pods {
+            for ip in &mut pod.ips {
+                *ip = v6(*ip);
+            }
+        }
+        for ip in &mut self.strangers {
+            *ip = v6(*ip);
+        }
+        self.policies = v6_cidrs(&self.policies);
+        self
+    }
+}
+
+fn v6(ip: IpAddr) -> IpAddr {
+    let IpAddr::V4(ip) = ip else { return ip };
+    let [a, b, c, d] = ip.octets();
+    let prefix = V6_PREFIX
+        .split('/')
+        .next()
+        .unwrap()
+        .parse::<Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let mut octets = prefix;
+    octets[12..].copy_from_slice(&[a, b, c, d]);
+    IpAddr::V6(Ipv6Addr::from(octets))
+}
+
+/// Every IPv4 CIDR of the policy text (ipBlock `cidr` and `except`) as its IPv6 image.
+fn v6_cidrs(policies: &str) -> String {
+    let mut out = String::with_capacity(policies.len() * 2);
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        match token.parse::<ipnet::Ipv4Net>() {
+            Ok(net) => {
+                let IpAddr::V6(addr) = v6(IpAddr::V4(net.addr())) else {
+                    unreachable!()
+                };
+                *out += &ipnet::Ipv6Net::new(addr, net.prefix_len() + 96)
+                    .unwrap()
+                    .to_string();
+            }
+            Err(_) => *out += token,
+        }
+        token.clear();
+    };
+    for ch in policies.chars() {
+        if ch.is_ascii_digit() || ch == '.' || ch == '/' {
+            token.push(ch);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
+}
+
+#[test]
+fn ipv6_worlds_are_the_ipv4_worlds_moved() {
+    let IpAddr::V6(runner) = v6("127.0.0.1".parse().unwrap()) else {
+        panic!()
+    };
+    assert_eq!(runner, "fd7f::7f00:1".parse::<Ipv6Addr>().unwrap());
+    let policy = "  - {to: [{ipBlock: {cidr: 127.1.2.0/23, except: [127.1.2.8/29]}}], ports: [{port: 3, endPort: 5}]}\n";
+    assert_eq!(
+        v6_cidrs(policy),
+        "  - {to: [{ipBlock: {cidr: fd7f::7f01:200/119, except: [fd7f::7f01:208/125]}}], ports: [{port: 3, endPort: 5}]}\n"
+    );
 }
 
 /// The network address of 127.0.0.0/8 is no host's.
@@ -123,8 +204,8 @@ struct Kernel {
     engine: Engine,
     cgroup: OwnedCgroup,
     worlds: u32,
-    /// Verdicts seen, [egress, ingress] × [refused, passed]: both kinds must occur.
-    seen: [[u32; 2]; 2],
+    /// Verdicts seen, [IPv4, IPv6] × [egress, ingress] × [refused, passed]: all must occur.
+    seen: [[[u32; 2]; 2]; 2],
 }
 
 #[test]
@@ -132,10 +213,28 @@ fn kernel_verdicts_equal_check_for_generated_worlds() {
     common::require_kernel();
     let netns = Netns::add("pg-ingress-kernel-parity");
     netns.ip(&["link", "set", "lo", "up"]);
+    // The IPv6 worlds: the runner's address is the namespace's own (the source of its
+    // connections); the rest of the prefix is local, bound by the test's clients.
+    let IpAddr::V6(runner) = v6(cluster(127).pods[0].ips[0]) else {
+        unreachable!()
+    };
+    netns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{runner}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    netns.ip(&["-6", "route", "add", "local", V6_PREFIX, "dev", "lo"]);
     // One thread of our own, in the namespace: its sockets live there, nobody else's do.
     std::thread::scope(|s| {
         s.spawn(|| {
             netns.enter_this_thread();
+            // Opened by this thread, so the namespace's own sysctl: clients bind addresses
+            // the local route holds, which IPv6 (unlike 127.0.0.0/8) does not count as local.
+            std::fs::write("/proc/sys/net/ipv6/ip_nonlocal_bind", "1").expect("ip_nonlocal_bind");
             let cgroup = common::test_cgroup("parity");
             let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
             engine.attach(cgroup.path()).expect("attach to the test cgroup");
@@ -143,7 +242,7 @@ fn kernel_verdicts_equal_check_for_generated_worlds() {
                 engine,
                 cgroup,
                 worlds: 0,
-                seen: [[0; 2]; 2],
+                seen: [[[0; 2]; 2]; 2],
             });
             let config = Config {
                 cases: CASES,
@@ -157,12 +256,9 @@ fn kernel_verdicts_equal_check_for_generated_worlds() {
                 panic!("{failure}");
             }
             let seen = kernel.borrow().seen;
-            eprintln!(
-                "verdicts [refused, passed]: egress {:?}, ingress {:?}",
-                seen[0], seen[1]
-            );
+            eprintln!("verdicts [refused, passed] by [IPv4, IPv6] × [egress, ingress]: {seen:?}");
             assert!(
-                seen.iter().flatten().all(|&n| n > 0),
+                seen.iter().flatten().flatten().all(|&n| n > 0),
                 "the worlds never produced some verdict: {seen:?}"
             );
         })
@@ -208,7 +304,9 @@ impl Kernel {
             engine: &self.engine,
             cgroup: &self.cgroup,
             cgroup_id,
+            address: runner.ips[0],
         };
+        let seen = &mut self.seen[usize::from(runner.ips[0].is_ipv6())];
         let result = (|| {
             let others: Vec<&ClusterPod> = world.cluster.pods[1..].iter().collect();
             let targets = others.len() + world.strangers.len();
@@ -219,13 +317,13 @@ impl Kernel {
                 let (ip, destination) = match others.get(i) {
                     Some(p) => (p.ips[0], Destination::Pod(p)),
                     None => {
-                        let ip = IpAddr::V4(world.strangers[i - others.len()]);
+                        let ip = world.strangers[i - others.len()];
                         (ip, Destination::Ip(ip))
                     }
                 };
                 let check = reach(&set, &world.cluster, runner, &destination, &port, protocol).unwrap();
                 let kernel = pod.egress(SocketAddr::new(ip, probe.port), probe.udp);
-                self.seen[0][usize::from(kernel)] += 1;
+                seen[0][usize::from(kernel)] += 1;
                 prop_assert_eq!(
                     kernel,
                     check.egress == Side::Allow,
@@ -249,7 +347,7 @@ impl Kernel {
                 )
                 .unwrap();
                 let kernel = pod.ingress(ip, probe.port, probe.udp);
-                self.seen[1][usize::from(kernel)] += 1;
+                seen[1][usize::from(kernel)] += 1;
                 prop_assert_eq!(
                     kernel,
                     check.ingress == Side::Allow,
@@ -273,12 +371,14 @@ struct PodCgroup<'a> {
     engine: &'a Engine,
     cgroup: &'a OwnedCgroup,
     cgroup_id: u64,
+    /// The runner's address; its family is the world's.
+    address: IpAddr,
 }
 
 impl PodCgroup<'_> {
     /// The runner's attempt to `dest`: true when it passed the hooks.
     fn egress(&self, dest: SocketAddr, udp: bool) -> bool {
-        let socket = common::inside(self.cgroup.path(), || new_socket(udp));
+        let socket = common::inside(self.cgroup.path(), || new_socket(udp, dest.is_ipv6()));
         let (addr, len) = common::probe::sockaddr(&dest);
         if udp {
             // SAFETY: a valid socket, buffer and address.
@@ -318,10 +418,10 @@ impl PodCgroup<'_> {
 
     /// An attempt from `source` to the runner's listener on `port`: true when it got through.
     fn ingress(&self, source: IpAddr, port: u16, udp: bool) -> bool {
-        let listener = common::inside(self.cgroup.path(), || Listener::bind(port, udp));
+        let listener = common::inside(self.cgroup.path(), || Listener::bind(port, udp, source.is_ipv6()));
         let before = self.denied();
-        let dest = SocketAddr::new(IpAddr::V4(RUNNER), port);
-        let client = new_socket(udp);
+        let dest = SocketAddr::new(self.address, port);
+        let client = new_socket(udp, source.is_ipv6());
         let (from, len) = common::probe::sockaddr(&SocketAddr::new(source, 0));
         // SAFETY: a valid socket and address.
         let bound = unsafe { libc::bind(client.as_raw_fd(), (&raw const from).cast(), len) };
@@ -379,8 +479,13 @@ enum Listener {
 }
 
 impl Listener {
-    fn bind(port: u16, udp: bool) -> Self {
-        let at = (Ipv4Addr::UNSPECIFIED, port);
+    fn bind(port: u16, udp: bool, v6: bool) -> Self {
+        let any = if v6 {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let at = SocketAddr::new(any, port);
         let listener = if udp {
             Self::Udp(UdpSocket::bind(at).unwrap_or_else(|e| panic!("bind udp {port}: {e}")))
         } else {
@@ -407,14 +512,15 @@ impl Listener {
     }
 }
 
-fn new_socket(udp: bool) -> OwnedFd {
+fn new_socket(udp: bool, v6: bool) -> OwnedFd {
     let kind = if udp {
         libc::SOCK_DGRAM
     } else {
         libc::SOCK_STREAM | libc::SOCK_NONBLOCK
     };
     // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0) };
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh descriptor we own.
     unsafe { OwnedFd::from_raw_fd(fd) }
