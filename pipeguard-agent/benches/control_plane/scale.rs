@@ -161,6 +161,7 @@ pub fn run(quick: bool, report: &mut Report) {
     let mut next = pods;
     let mut new_lags = Vec::new();
     let mut rss_by_minute = vec![churn_rss0];
+    let mut previous_local = None;
     for s in 0..churn_secs {
         if s > 0 && s % 60 == 0 {
             rss_by_minute.push(agent.rss_kib());
@@ -181,14 +182,21 @@ pub fn run(quick: bool, report: &mut Report) {
             "ci",
             &format!("churn-{s}"),
             &id,
-            &format!("10.5.{}.{}", s / 250, s % 250 + 1),
+            &format!("10.5.{}.{}", s / 250 % 250, s % 250 + 1),
         ));
         std::thread::sleep(Duration::from_millis(300));
         let created = Instant::now();
-        let (prober, verdicts) = spawn_prober(&n.pod_cgroup(&id));
+        let container = n.pod_cgroup(&id);
+        let (prober, verdicts) = spawn_prober(&container);
         let (_, denied_at) = first_denial(&verdicts, &agent);
         new_lags.push(denied_at.saturating_duration_since(created));
         drop(prober);
+        // The node keeps LOCAL + 1 pods: last second's local pod goes, as kubelet removes
+        // a finished job's pod and cgroup, so growth in RSS is the agent's, not the node's.
+        if let Some((name, cgroup)) = previous_local.replace((format!("churn-{s}"), container)) {
+            n.server.delete("Pod", Some("ci"), &name);
+            remove_pod_cgroup(&cgroup);
+        }
         if let Some(rest) = Duration::from_secs(1).checked_sub(second.elapsed()) {
             std::thread::sleep(rest);
         }
@@ -297,5 +305,14 @@ fn wait_verdict(
                 agent.log()
             ),
         }
+    }
+}
+
+/// A container cgroup and its pod cgroup, once their processes are gone.
+fn remove_pod_cgroup(container: &std::path::Path) {
+    let removed = std::fs::remove_dir(container)
+        .and_then(|()| std::fs::remove_dir(container.parent().expect("the pod cgroup")));
+    if let Err(e) = removed {
+        eprintln!("scale: remove {}: {e}", container.display());
     }
 }
