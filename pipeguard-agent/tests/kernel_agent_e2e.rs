@@ -973,6 +973,12 @@ fn a_flood_of_denied_connects_is_aggregated_counted_exactly_and_the_agent_stays_
         metrics.contains("pipeguard_map_capacity{map=\"allow_v4\"} 262144"),
         "{metrics}"
     );
+    // The socket table: how full it is, against its capacity.
+    assert!(
+        metrics.contains("pipeguard_map_capacity{map=\"sockets\"} 65536")
+            && metrics.contains("pipeguard_map_entries{map=\"sockets\"} "),
+        "{metrics}"
+    );
 
     // The follower printed the first record readably.
     let mut first = String::new();

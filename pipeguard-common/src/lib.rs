@@ -20,7 +20,7 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V2";
-    pub const SOCKETS: &str = "PG_SOCKETS_V3";
+    pub const SOCKETS: &str = "PG_SOCKETS_V4";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
@@ -77,12 +77,17 @@ pub mod program_names {
     pub const DNS_ANSWER: &str = "pg_dns_answer";
     pub const SOCK_OPS: &str = "pg_sock_ops";
     pub const SOCK_CREATE: &str = "pg_sock_create";
+    pub const SOCK_RELEASE: &str = "pg_sock_release";
     pub const SOCKET_CREATE_LSM: &str = "pg_socket_create_lsm";
 }
 
 /// Capacity of the allow tries (per family). 100k CIDRs is the benchmark target.
 pub const MAX_ALLOW_ENTRIES: u32 = 262_144;
 pub const MAX_PODS: u32 = 65_536;
+/// Capacity of the socket table (`SocketState` by socket cookie): live sockets of guarded
+/// pods on one node. LRU: past it, the least recently used socket loses its record and is
+/// judged like a socket older than the programs.
+pub const MAX_SOCKETS: u32 = 65_536;
 pub const MAX_COUNTERS: u32 = 65_536;
 pub const MAX_FLOWS: u32 = 16_384;
 pub const EVENT_RING_BYTES: u32 = 1 << 22;

@@ -1,7 +1,7 @@
 //! The per-socket fast path: a socket remembers the last destination its pod's static
 //! allowlist allowed it, with the policy generation of that verdict (`SocketState`). The
 //! next connect/sendmsg or packet of that socket to the same destination, port and protocol
-//! is allowed with one socket-storage lookup and a generation compare: no ancestor walk,
+//! is allowed with one socket-table lookup and a generation compare: no ancestor walk,
 //! no pod lookup, no trie.
 //!
 //! Why it is the same verdict: the slow path's allow depends only on the pod's entry, the
@@ -21,8 +21,8 @@
 use core::ptr::null_mut;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
-    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_tcp_sock},
+    bindings::{__sk_buff, BPF_NOEXIST, BPF_TCP_CLOSE, bpf_sock},
+    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
 };
 use pipeguard_common::{
     CONFIG_REPORT_ALLOWED, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, SocketState,
@@ -45,26 +45,30 @@ pub fn generation() -> u64 {
         .unwrap_or(POLICY_GENERATION_NONE)
 }
 
-/// The socket storage map as the helpers want it (aya-ebpf's `SkStorage` only offers its
-/// accessors to sock_addr programs).
+/// The state of the socket whose cookie is `cookie`; null when it has none.
 #[inline(always)]
-pub fn sockets_map() -> *mut core::ffi::c_void {
-    core::ptr::from_ref(&SOCKETS).cast_mut().cast()
+pub fn by_cookie(cookie: u64) -> *mut SocketState {
+    SOCKETS.get_ptr_mut(&cookie).unwrap_or(null_mut())
 }
 
 /// The state of the full socket that sent `skb`; null when it has none (or is a request or
 /// time-wait socket).
 #[inline(always)]
 pub fn of_skb(skb: *mut __sk_buff) -> *mut SocketState {
+    if full_socket(skb).is_null() {
+        return null_mut();
+    }
+    // The cookie of the socket `skb` belongs to: the full socket just checked.
+    by_cookie(unsafe { bpf_get_socket_cookie(skb.cast()) })
+}
+
+#[inline(always)]
+fn full_socket(skb: *mut __sk_buff) -> *mut bpf_sock {
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return null_mut();
     }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return null_mut();
-    }
-    unsafe { bpf_sk_storage_get(sockets_map(), full.cast(), null_mut(), 0) }.cast()
+    unsafe { bpf_sk_fullsock(sk) }
 }
 
 /// The pod a remembered verdict was judged for, as it was under the remembered generation.
@@ -142,39 +146,29 @@ const SEGMENTS_BEFORE_STATE: u32 = 4;
 /// worth it (`SEGMENTS_BEFORE_STATE`); null when not.
 #[inline(always)]
 pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64) -> *mut SocketState {
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return null_mut();
-    }
-    let full: *mut bpf_sock = unsafe { bpf_sk_fullsock(sk) };
+    let full = full_socket(skb);
     if full.is_null() {
         return null_mut();
     }
     let tcp = unsafe { bpf_tcp_sock(full) };
     if !tcp.is_null()
-        && unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*tcp).segs_out)) } <= SEGMENTS_BEFORE_STATE
+        && (unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*tcp).segs_out)) } <= SEGMENTS_BEFORE_STATE
+            // Its last packets (a reset after close): sock_ops already removed its record
+            // at CLOSE, and nothing would remove a new one.
+            || unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).state)) } == BPF_TCP_CLOSE)
     {
         return null_mut();
     }
-    let state: *mut SocketState = unsafe {
-        bpf_sk_storage_get(
-            sockets_map(),
-            full.cast(),
-            null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    }
-    .cast();
-    if state.is_null() {
-        return state;
-    }
-    let s = unsafe { &mut *state };
-    if s.pod_cgroup_id == 0 {
-        // Just created (zeroed): it belongs to the pod the packet hook found.
-        s.pod_cgroup_id = pod_cgroup_id;
-        s.cgroup_id = cgroup_id;
-    }
-    state
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    // It belongs to the pod the packet hook found; the creator is unknown (0).
+    let state = SocketState {
+        pod_cgroup_id,
+        cgroup_id,
+        ..SocketState::default()
+    };
+    // NOEXIST: a record written meanwhile (another CPU) is kept.
+    let _ = SOCKETS.insert(&cookie, &state, BPF_NOEXIST as u64);
+    by_cookie(cookie)
 }
 
 #[inline(always)]

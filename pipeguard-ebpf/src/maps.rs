@@ -13,8 +13,8 @@ use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, DnsConfig, DnsScratch,
     EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS,
     MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN,
-    NameKey, NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey,
-    SocketState,
+    MAX_SOCKETS, NameKey, NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget,
+    ReportedKey, SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -66,11 +66,14 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[btf_map(name = "PG_ACCEPTED_V2")]
 pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
 
-/// Socket-local storage: the pod and task that created the socket (written by
-/// `pg_sock_create`, read by the socket hooks and ingress events; see `owner`) and the
-/// verdict the socket remembers (see `fast`). Freed with the socket.
-#[btf_map(name = "PG_SOCKETS_V3")]
-pub static SOCKETS: SkStorage<SocketState> = SkStorage::new();
+/// Socket cookie → the pod and task that created the socket (written by `pg_sock_create`,
+/// read by the socket hooks and ingress events; see `owner`) and the verdict the socket
+/// remembers (see `fast`). Removed by `pg_sock_release`. A preallocated table rather than
+/// socket storage: a socket's storage costs two accounted allocations and an RCU free,
+/// more than the rest of the socket's hooks together; a table entry is taken from a free
+/// list. LRU, so records of sockets released while the programs were detached age out.
+#[map(name = "PG_SOCKETS_V4")]
+pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Index 0: the policy generation, which user space moves after every write to the pod
 /// table or an allowlist; a remembered verdict of another generation is judged again.

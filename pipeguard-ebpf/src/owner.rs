@@ -7,53 +7,76 @@
 //! socket's local storage, and the socket hooks judge by that: a task in another cgroup
 //! acting on a guarded pod's socket (a thread moved elsewhere, a process the fd was handed
 //! to) is judged as the pod, like the packet hook does. Sockets created before the programs
-//! were attached have no record and are judged by the calling task, as before.
+//! were attached have no record and are judged by the calling task, as before; so are
+//! sockets whose record the full socket table pushed out (`MAX_SOCKETS`).
+//!
+//! The record lives in the socket table under the socket's cookie from `pg_sock_create`
+//! to `pg_sock_release`.
 
-use core::ptr::null_mut;
+use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    bindings::{__sk_buff, BPF_ANY, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
-    programs::SockAddrContext,
+    macros::cgroup_sock,
+    programs::{SockAddrContext, SockContext},
 };
 use pipeguard_common::{Event, POLICY_GENERATION_NONE, SocketState};
 
 use crate::{
-    fast::sockets_map,
+    fast,
     maps::SOCKETS,
     pod::{self, Pod},
 };
+
+const IPPROTO_TCP: u32 = 6;
 
 /// In `pg_sock_create`: `sk` (the program's context) was created by a task of `pod`, the
 /// current one, which is remembered too: a listener's creator is the process ingress
 /// events name (the listening process in the usual case; see `receiver_fields`).
 #[inline(always)]
 pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
-    // aya-ebpf's `SkStorage` only offers its accessors to sock_addr programs; the helper is
-    // called with the map's address directly.
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            sockets_map(),
-            sk.cast(),
-            null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let record = SocketState {
+        pod_cgroup_id: pod.cgroup_id,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        generation: POLICY_GENERATION_NONE,
+        owner_pid_tgid: bpf_get_current_pid_tgid(),
+        owner_comm: bpf_get_current_comm().unwrap_or_default(),
+        ..SocketState::default()
+    };
+    // A failure leaves no record: the socket hooks fall back to the calling task's pod.
+    let _ = SOCKETS.insert(&cookie, &record, BPF_ANY as u64);
+}
+
+/// The socket's record goes with it when close() releases it, unless it is a TCP
+/// connection still to send its close (FIN, retransmissions): those packets are the
+/// socket's own and keep its state (a learned destination's pass) until TCP reaches
+/// CLOSE, where `pg_sock_ops` removes it (`forget`).
+#[cgroup_sock(sock_release)]
+pub fn pg_sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (protocol, state) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).protocol)),
+            read_volatile(addr_of!((*sk).state)),
         )
+    };
+    let closing =
+        protocol == IPPROTO_TCP && !matches!(state, BPF_TCP_CLOSE | BPF_TCP_LISTEN | BPF_TCP_SYN_SENT);
+    if !closing {
+        forget(unsafe { bpf_get_socket_cookie(sk.cast()) });
     }
-    .cast::<SocketState>();
-    if stored.is_null() {
-        // No memory: the socket hooks fall back to the calling task's pod.
-        return;
-    }
-    unsafe {
-        (*stored).pod_cgroup_id = pod.cgroup_id;
-        (*stored).cgroup_id = bpf_get_current_cgroup_id();
-        (*stored).generation = POLICY_GENERATION_NONE;
-        (*stored).owner_pid_tgid = bpf_get_current_pid_tgid();
-        (*stored).owner_comm = bpf_get_current_comm().unwrap_or_default();
-    }
+    1
+}
+
+/// Removes the record of the socket with `cookie`.
+#[inline(always)]
+pub fn forget(cookie: u64) {
+    let _ = SOCKETS.remove(&cookie);
 }
 
 /// Event fields naming the process that created the socket receiving `skb` (for ingress
@@ -77,7 +100,7 @@ pub fn receiver_fields(skb: *mut __sk_buff) -> Event {
 /// The socket's state in a socket hook; null when `pg_sock_create` recorded nothing.
 #[inline(always)]
 pub fn state(ctx: &SockAddrContext) -> *mut SocketState {
-    unsafe { SOCKETS.get_ptr_mut(ctx) }
+    fast::by_cookie(unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) })
 }
 
 /// The pod whose policy judges this socket-hook call, and the cgroup to report.

@@ -1,20 +1,45 @@
 //! sock_ops: marks TCP connections the pod accepted, so their packets are replies (see
-//! `reply`). Only the passive-established callback matters; it runs on the new child
-//! socket, which inherits the listener's cgroup, once the handshake completes.
+//! `reply`): the passive-established callback runs on the new child socket, which inherits
+//! the listener's cgroup, once the handshake completes. And ends a connection's record
+//! (`owner`) when TCP reaches CLOSE: established connections ask for state callbacks, since
+//! close() (`pg_sock_release`) comes before their last packets.
 
-use aya_ebpf::{bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, macros::sock_ops, programs::SockOpsContext};
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
 
-use crate::reply;
+use crate::{owner, reply};
 
 /// sock_ops programs return 1 for "ok"; the value is not a verdict for these callbacks.
 const OK: u32 = 1;
 
 #[sock_ops]
 pub fn pg_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // Failing to mark (no memory for the storage) only means this connection's packets
-        // are judged as egress: closed, never opened.
-        reply::mark_accepted(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // Failing to mark (no memory for the storage) only means this connection's
+            // packets are judged as egress: closed, never opened.
+            reply::mark_accepted(&ctx);
+            ask_for_state_changes(&ctx);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => ask_for_state_changes(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            owner::forget(unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
+        }
+        _ => {}
     }
     OK
+}
+
+/// Keeps whatever callbacks another program asked for on this socket. Failing leaves the
+/// record to the table's LRU.
+#[inline(always)]
+fn ask_for_state_changes(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }

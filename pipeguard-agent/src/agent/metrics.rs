@@ -75,6 +75,8 @@ pub struct VersionLabels {
 
 /// The `map` label of the learned-address map in `map_entries`, `map_capacity`, `dns_swept`.
 pub const DNS_LEARNED_MAP: &str = "dns_learned";
+/// The `map` label of the socket table (records of guarded pods' live sockets).
+pub const SOCKETS_MAP: &str = "sockets";
 /// The `map` label of the outstanding-query map in `dns_swept`.
 pub const DNS_QUERIES_MAP: &str = "dns_queries";
 
@@ -145,6 +147,8 @@ pub struct LiveSources {
     pub counters: Option<crate::engine::stats::CounterReader>,
     /// Counts the learned-address map's entries.
     pub learned: Option<crate::engine::dns::LearnedReader>,
+    /// Counts the socket table's records.
+    pub sockets: Option<crate::engine::stats::SocketsReader>,
     pub events: Arc<crate::events::pipeline::Stats>,
     pub hub: Arc<crate::events::hub::Hub>,
 }
@@ -351,6 +355,7 @@ impl Default for Metrics {
             ("counters", pipeguard_common::MAX_COUNTERS),
             ("flows", pipeguard_common::MAX_FLOWS),
             (DNS_LEARNED_MAP, pipeguard_common::MAX_LEARNED),
+            (SOCKETS_MAP, pipeguard_common::MAX_SOCKETS),
         ] {
             m.map_capacity
                 .get_or_create(&MapLabels { map: map.into() })
@@ -398,6 +403,13 @@ impl Metrics {
                     map: DNS_LEARNED_MAP.into(),
                 })
                 .set(learned.count() as i64);
+        }
+        if let Some(sockets) = &sources.sockets {
+            self.map_entries
+                .get_or_create(&MapLabels {
+                    map: SOCKETS_MAP.into(),
+                })
+                .set(sockets.count() as i64);
         }
         let Some(reader) = &sources.counters else {
             return;

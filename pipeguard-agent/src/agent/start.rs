@@ -265,9 +265,14 @@ pub(super) fn live_metrics(engine: &Engine, health: &Health, hub: &Arc<Hub>, eve
         .learned_reader()
         .inspect_err(|error| tracing::error!(%error, "no learned-address count in /metrics"))
         .ok();
+    let sockets = engine
+        .sockets_reader()
+        .inspect_err(|error| tracing::error!(%error, "no socket-table count in /metrics"))
+        .ok();
     health.metrics.set_live_sources(LiveSources {
         counters,
         learned,
+        sockets,
         events: events.stats.clone(),
         hub: hub.clone(),
     });

@@ -17,10 +17,12 @@ use super::{EngineError, pins};
 /// hooks are being attached, no packet leaves unjudged. The ingress hook only learns (reply
 /// state), and so does sock_ops (accepted connections); until they are attached, replies
 /// are judged as egress, which never opens anything.
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 9] = [
     names::EGRESS,
     names::INGRESS,
     names::SOCK_OPS,
+    // Before sock_create: no socket recorded while attaching outlives its record.
+    names::SOCK_RELEASE,
     names::SOCK_CREATE,
     names::CONNECT4,
     names::CONNECT6,

@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
-use pipeguard_common::{Counter, CounterKey, FlowKey, Hook, map_names};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use pipeguard_common::{Counter, CounterKey, FlowKey, Hook, SocketState, map_names};
 
 use super::{Engine, EngineError};
 
@@ -78,6 +78,18 @@ impl Engine {
     }
 }
 
+/// A second handle on the socket table.
+pub struct SocketsReader {
+    map: BpfHashMap<MapData, u64, SocketState>,
+}
+
+impl SocketsReader {
+    /// Records in the table: one walk of its keys, bounded by `MAX_SOCKETS`.
+    pub fn count(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+}
+
 /// A second handle on the counters map, so /metrics can read it at scrape time while the
 /// sync loop owns the engine.
 pub struct CounterReader {
@@ -143,6 +155,16 @@ impl Engine {
                 source,
             })?;
         Ok(FlowReader { map })
+    }
+
+    /// Counts the socket table's records (sockets of guarded pods the kernel remembers).
+    pub fn sockets_reader(&self) -> Result<SocketsReader, EngineError> {
+        let data = self.second_handle(map_names::SOCKETS)?;
+        let map = BpfHashMap::try_from(Map::LruHashMap(data)).map_err(|source| EngineError::Map {
+            map: map_names::SOCKETS,
+            source,
+        })?;
+        Ok(SocketsReader { map })
     }
 
     pub fn counter_reader(&self) -> Result<CounterReader, EngineError> {

@@ -28,6 +28,7 @@ const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
 const ATTACH_INET_SOCK_CREATE: u32 = 2;
 const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
+const ATTACH_INET_SOCK_RELEASE: u32 = 34;
 
 pub(super) fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<i32> {
     // SAFETY: attr is a zero-initialised buffer at least as large as the union members we use.
@@ -67,6 +68,7 @@ impl EmptyPrograms {
             ("ingress", PROG_TYPE_CGROUP_SKB, ATTACH_INET_INGRESS),
             ("sock_ops", PROG_TYPE_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS),
             ("sock_create", PROG_TYPE_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE),
+            ("sock_release", PROG_TYPE_CGROUP_SOCK, ATTACH_INET_SOCK_RELEASE),
         ] {
             let prog = load_empty(prog_type, attach, name)?;
             let mut attr = [0u8; 64];
@@ -331,7 +333,7 @@ impl Drop for BpfStats {
 
 /// Program names as the kernel keeps them (15 characters), for matching hooks.
 pub fn hook_of(prog_name: &str) -> Option<&'static str> {
-    const HOOKS: [(&str, &str); 9] = [
+    const HOOKS: [(&str, &str); 10] = [
         ("pg_connect4", "connect4"),
         ("pg_connect6", "connect6"),
         ("pg_sendmsg4", "sendmsg4"),
@@ -340,6 +342,7 @@ pub fn hook_of(prog_name: &str) -> Option<&'static str> {
         ("pg_ingress", "ingress"),
         ("pg_sock_ops", "sock_ops"),
         ("pg_sock_create", "sock_create"),
+        ("pg_sock_release", "sock_release"),
         ("pg_socket_creat", "socket_create_lsm"),
     ];
     HOOKS.iter().find(|(p, _)| prog_name == *p).map(|(_, h)| *h)

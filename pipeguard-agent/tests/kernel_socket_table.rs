@@ -1,0 +1,124 @@
+//! The socket table (`PG_SOCKETS_V4`): a guarded pod's socket has a record (its creating
+//! pod, its remembered verdict) from socket() until it is done, and none after: released
+//! at close() for UDP and listeners, at TCP's CLOSE for connections (after their FIN or
+//! reset left). A record that outlived its socket would fill the table. The engine against
+//! the real kernel; needs root and cgroup2, fails (never skips) without them.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use common::test_cgroup;
+use pipeguard::engine::{Engine, EngineConfig};
+use pipeguard_common::{MODE_ENFORCE, PROTO_TCP, PROTO_UDP, PodEntry};
+
+const POLICY: u32 = 3;
+const CONNECTIONS: usize = 12;
+
+#[test]
+fn socket_records_live_exactly_as_long_as_the_sockets() {
+    common::require_kernel();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let sink = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let cgroup = test_cgroup("socket-table");
+    let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
+    let cgroup_id = cgroup.id().unwrap();
+    let entries = common::allow_only("127.0.0.1/32", port, &[PROTO_TCP, PROTO_UDP]);
+    engine.put_policy(POLICY, &entries).unwrap();
+    let pod = PodEntry {
+        policy_id: POLICY,
+        mode: MODE_ENFORCE,
+        flags: 0,
+        ingress_policy_id: 0,
+    };
+    engine.put_pod(cgroup_id, pod).unwrap();
+    engine.attach(cgroup.path()).expect("attach to the test cgroup");
+    let table = engine.sockets_reader().unwrap();
+    let before = table.count();
+
+    // The pod's sockets: TCP clients (each sends and is answered), UDP senders, a listener.
+    let (clients, senders, listener) = common::inside(cgroup.path(), || {
+        let clients: Vec<TcpStream> = (0..CONNECTIONS)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("an allowed connection"))
+            .collect();
+        let senders: Vec<UdpSocket> = (0..CONNECTIONS)
+            .map(|_| {
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(b"d", ("127.0.0.1", port)).expect("an allowed datagram");
+                s
+            })
+            .collect();
+        (clients, senders, TcpListener::bind("127.0.0.1:0").unwrap())
+    });
+    let served: Vec<TcpStream> = clients
+        .iter()
+        .map(|mut c| {
+            c.write_all(b"q").unwrap();
+            let (mut s, _) = server.accept().unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(b"a").unwrap();
+            c.read_exact(&mut b).unwrap();
+            s
+        })
+        .collect();
+    // A connection the pod's listener accepted: its replies are marked by sock_ops (see
+    // `reply`), and whatever it records goes with it too.
+    let mut visitor = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    for _ in 0..8 {
+        let mut b = [0u8; 1];
+        visitor.write_all(b"q").unwrap();
+        accepted.read_exact(&mut b).unwrap();
+        accepted.write_all(b"a").unwrap();
+        visitor.read_exact(&mut b).unwrap();
+    }
+    let live = table.count() - before;
+    let sockets = 2 * CONNECTIONS + 1;
+    assert!(
+        live >= sockets,
+        "{live} records for {sockets} live sockets of the pod"
+    );
+
+    // Half the clients close normally (FIN), half abort (linger 0: a reset after CLOSE).
+    for (i, client) in clients.into_iter().enumerate() {
+        if i % 2 == 1 {
+            linger_zero(&client);
+        }
+        drop(client);
+    }
+    drop(served);
+    drop((senders, listener, accepted, visitor));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = table.count() - before;
+    while left > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = table.count().saturating_sub(before);
+    }
+    assert_eq!(left, 0, "records outlived their closed sockets");
+    drop(sink);
+}
+
+fn linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of_val(&linger) as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
