@@ -1,8 +1,9 @@
-//! The socket table (`PG_SOCKETS_V4`): a guarded pod's socket has a record (its creating
-//! pod, its remembered verdict) from socket() until it is done, and none after: released
-//! at close() for UDP and listeners, at TCP's CLOSE for connections (after their FIN or
-//! reset left). A record that outlived its socket would fill the table. The engine against
-//! the real kernel; needs root and cgroup2, fails (never skips) without them.
+//! The socket tables (`PG_SOCKETS_V4`, `PG_ACCEPTED_V3`): a guarded pod's socket has a
+//! record (its creating pod, its remembered verdict; an accepted connection's peer) from
+//! socket() or accept until it is done, and none after: released at close() for UDP and
+//! listeners, at TCP's CLOSE for connections (after their FIN or reset left). A record
+//! that outlived its socket would fill the table. The engine against the real kernel;
+//! needs root and cgroup2, fails (never skips) without them.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::{
 
 use common::test_cgroup;
 use pipeguard::engine::{Engine, EngineConfig};
-use pipeguard_common::{MODE_ENFORCE, PROTO_TCP, PROTO_UDP, PodEntry};
+use pipeguard_common::{Hook, MODE_ENFORCE, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_DENY};
 
 const POLICY: u32 = 3;
 const CONNECTIONS: usize = 12;
@@ -41,6 +42,7 @@ fn socket_records_live_exactly_as_long_as_the_sockets() {
     engine.attach(cgroup.path()).expect("attach to the test cgroup");
     let table = engine.sockets_reader().unwrap();
     let before = table.count();
+    let accepted_before = table.accepted();
 
     // The pod's sockets: TCP clients (each sends and is answered), UDP senders, a listener.
     let (clients, senders, listener) = common::inside(cgroup.path(), || {
@@ -85,6 +87,27 @@ fn socket_records_live_exactly_as_long_as_the_sockets() {
         live >= sockets,
         "{live} records for {sockets} live sockets of the pod"
     );
+    assert_eq!(
+        table.accepted() - accepted_before,
+        1,
+        "the accepted connection's peer"
+    );
+
+    // The pod aborts the accepted connection (linger 0): its records go at CLOSE, and the
+    // reset TCP sends after that still reaches the peer it was accepted from.
+    linger_zero(&accepted);
+    drop(accepted);
+    visitor.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reset = visitor.read(&mut [0u8; 1]).map_err(|e| e.kind());
+    assert_eq!(reset, Err(std::io::ErrorKind::ConnectionReset), "the pod's reset");
+    let refused: u64 = engine
+        .counters(cgroup_id)
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.hook == Hook::Egress as u8 && k.verdict == VERDICT_DENY)
+        .map(|(_, c)| c.packets)
+        .sum();
+    assert_eq!(refused, 0, "nothing the pod sent was refused");
 
     // Half the clients close normally (FIN), half abort (linger 0: a reset after CLOSE).
     for (i, client) in clients.into_iter().enumerate() {
@@ -94,14 +117,22 @@ fn socket_records_live_exactly_as_long_as_the_sockets() {
         drop(client);
     }
     drop(served);
-    drop((senders, listener, accepted, visitor));
+    drop((senders, listener, visitor));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut left = table.count() - before;
-    while left > 0 && Instant::now() < deadline {
+    let left = || {
+        (
+            table.count().saturating_sub(before),
+            table.accepted().saturating_sub(accepted_before),
+        )
+    };
+    while left() != (0, 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        left = table.count().saturating_sub(before);
     }
-    assert_eq!(left, 0, "records outlived their closed sockets");
+    assert_eq!(
+        left(),
+        (0, 0),
+        "records (states, accepted peers) outlived their closed sockets"
+    );
     drop(sink);
 }
 

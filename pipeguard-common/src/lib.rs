@@ -19,7 +19,7 @@ pub mod map_names {
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
-    pub const ACCEPTED: &str = "PG_ACCEPTED_V2";
+    pub const ACCEPTED: &str = "PG_ACCEPTED_V3";
     pub const SOCKETS: &str = "PG_SOCKETS_V4";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";

@@ -2,8 +2,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::SkStorage,
-    macros::{btf_map, map},
+    macros::map,
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
         RingBuf,
@@ -60,11 +59,11 @@ pub static REPLIES: LruHashMap<ReplyKey, u64> = LruHashMap::with_max_entries(MAX
 #[map(name = "PG_CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Socket-local storage: the peer a TCP socket of a guarded pod was accepted from (written
-/// by `pg_sock_ops`, read by the egress hook; see `reply`). Freed with the socket. A BTF
-/// map, because the kernel wants BTF for the key and value of socket storage.
-#[btf_map(name = "PG_ACCEPTED_V2")]
-pub static ACCEPTED: SkStorage<AcceptedPeer> = SkStorage::new();
+/// Socket cookie → the peer a TCP socket of a guarded pod was accepted from (written by
+/// `pg_sock_ops`, read by the egress hook; see `reply`), removed with the socket's state
+/// (see `owner`). A table, not socket storage, for the reason `SOCKETS` gives.
+#[map(name = "PG_ACCEPTED_V3")]
+pub static ACCEPTED: LruHashMap<u64, AcceptedPeer> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Socket cookie → the pod and task that created the socket (written by `pg_sock_create`,
 /// read by the socket hooks and ingress events; see `owner`) and the verdict the socket

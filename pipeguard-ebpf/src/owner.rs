@@ -28,7 +28,7 @@ use pipeguard_common::{Event, POLICY_GENERATION_NONE, SocketState};
 
 use crate::{
     fast,
-    maps::SOCKETS,
+    maps::{ACCEPTED, SOCKETS},
     pod::{self, Pod},
 };
 
@@ -73,10 +73,12 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
     1
 }
 
-/// Removes the record of the socket with `cookie`.
+/// Removes the records of the socket with `cookie`: its state and, for a connection the
+/// pod accepted, its peer (see `reply`).
 #[inline(always)]
 pub fn forget(cookie: u64) {
     let _ = SOCKETS.remove(&cookie);
+    let _ = ACCEPTED.remove(&cookie);
 }
 
 /// Event fields naming the process that created the socket receiving `skb` (for ingress

@@ -1,11 +1,14 @@
 //! Replies pass, like NetworkPolicy's stateful semantics: what a guarded socket sends back to
 //! a peer that talked to it first is not new egress.
 //!
-//! TCP: `pg_sock_ops` stores the peer of every connection the pod accepted in the child
-//! socket's local storage; packets of that socket to that peer are replies. A listener's
-//! SYN-ACKs are replies too: the kernel hands the egress hook the listener (the full socket
-//! of the request socket), in state LISTEN. Sockets the pod opened with connect() carry no
-//! mark, so their packets stay judged (revocation keeps working).
+//! TCP: `pg_sock_ops` records the peer of every connection the pod accepted under the child
+//! socket's cookie (`ACCEPTED`, removed with the socket's other records, see `owner`);
+//! packets of that socket to that peer are replies. A listener's SYN-ACKs are replies too:
+//! the kernel hands the egress hook the listener (the full socket of the request socket),
+//! in state LISTEN. Sockets the pod opened with connect() carry no mark, so their packets
+//! stay judged (revocation keeps working). Last, the reset a connection sends when close()
+//! aborts it (linger 0, unread data) after its records are gone: TCP sends one only from a
+//! connection that was established, and only to its peer.
 //!
 //! UDP: the ingress hook records {receiving socket, sender address, sender port} with the
 //! time of the datagram; the egress and socket hooks let the same socket send to that peer
@@ -16,8 +19,8 @@
 use core::ptr::{addr_of, null_mut, read_volatile};
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_LISTEN, bpf_sock},
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_sk_storage_get},
+    bindings::{BPF_ANY, BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock},
     programs::{SkBuffContext, SockOpsContext},
 };
 use pipeguard_common::{
@@ -38,14 +41,6 @@ const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-
-/// The socket storage map as the helpers want it. aya-ebpf's `SkStorage` only offers its
-/// accessors for sock_addr programs (and keeps `as_ptr` crate-private), so the sock_ops and
-/// cgroup_skb programs call the helper with the map's address themselves.
-#[inline(always)]
-fn accepted_map() -> *mut core::ffi::c_void {
-    core::ptr::from_ref(&ACCEPTED).cast_mut().cast()
-}
 
 /// In `pg_sock_ops`, on BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: the child socket of an accepted
 /// connection remembers its peer.
@@ -79,38 +74,31 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            accepted_map(),
-            sk.cast(),
-            null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    }
-    .cast::<AcceptedPeer>();
-    if stored.is_null() {
-        return;
-    }
-    unsafe {
-        (*stored).addr = peer.addr;
-        (*stored).port = port;
-        (*stored).pod_cgroup_id = 0;
-        (*stored).generation = POLICY_GENERATION_NONE;
-    }
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+    let record = AcceptedPeer {
+        addr: peer.addr,
+        port,
+        pod_cgroup_id: 0,
+        generation: POLICY_GENERATION_NONE,
+        ..AcceptedPeer::default()
+    };
+    let _ = ACCEPTED.insert(&cookie, &record, BPF_ANY as u64);
 }
 
 /// A TCP packet at the egress hook is a reply when its socket is a listener sending a
-/// SYN-ACK, or an accepted connection sending to the peer it was accepted from.
+/// SYN-ACK, an accepted connection sending to the peer it was accepted from, or a closed
+/// connection's reset.
 #[inline(always)]
 pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
     let full = sending_tcp_socket(ctx, packet);
     if full.is_null() {
         return false;
     }
-    if is_listening(full) {
-        return is_syn_ack(ctx, packet);
+    match unsafe { read_volatile(addr_of!((*full).state)) } {
+        BPF_TCP_LISTEN => is_syn_ack(ctx, packet),
+        BPF_TCP_CLOSE => is_reset(ctx, packet),
+        _ => !peer_of(ctx, packet).is_null(),
     }
-    !peer_of(full, packet).is_null()
 }
 
 /// A listener's SYN-ACK: the handshake answer, the only packet a listener sends of its own.
@@ -124,11 +112,10 @@ pub fn is_listener_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
 /// to that peer (a reply); null for anything else.
 #[inline(always)]
 pub fn accepted_peer(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
-    let full = sending_tcp_socket(ctx, packet);
-    if full.is_null() {
+    if sending_tcp_socket(ctx, packet).is_null() {
         return null_mut();
     }
-    peer_of(full, packet)
+    peer_of(ctx, packet)
 }
 
 /// The full socket that sent a TCP packet with a port; null for anything else.
@@ -147,6 +134,12 @@ fn is_listening(full: *mut bpf_sock) -> bool {
 }
 
 #[inline(always)]
+fn is_reset(ctx: &SkBuffContext, packet: &Packet) -> bool {
+    ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET)
+        .is_ok_and(|flags| flags & TCP_RST != 0)
+}
+
+#[inline(always)]
 fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
     let Ok(flags) = ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET) else {
         return false;
@@ -154,11 +147,12 @@ fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
 }
 
-/// `full`'s accepted-peer record when the packet goes to that peer; null otherwise.
+/// The sending (full) socket's accepted-peer record when the packet goes to that peer;
+/// null otherwise.
 #[inline(always)]
-fn peer_of(full: *mut bpf_sock, packet: &Packet) -> *mut AcceptedPeer {
-    let peer =
-        unsafe { bpf_sk_storage_get(accepted_map(), full.cast(), null_mut(), 0) }.cast::<AcceptedPeer>();
+fn peer_of(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let peer = ACCEPTED.get_ptr_mut(&cookie).unwrap_or(null_mut());
     if peer.is_null() || unsafe { (*peer).port != packet.dst_port || (*peer).addr != packet.dst.addr } {
         return null_mut();
     }

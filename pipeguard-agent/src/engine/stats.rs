@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
-use pipeguard_common::{Counter, CounterKey, FlowKey, Hook, SocketState, map_names};
+use pipeguard_common::{AcceptedPeer, Counter, CounterKey, FlowKey, Hook, SocketState, map_names};
 
 use super::{Engine, EngineError};
 
@@ -78,15 +78,22 @@ impl Engine {
     }
 }
 
-/// A second handle on the socket table.
+/// Second handles on the socket tables.
 pub struct SocketsReader {
-    map: BpfHashMap<MapData, u64, SocketState>,
+    states: BpfHashMap<MapData, u64, SocketState>,
+    accepted: BpfHashMap<MapData, u64, AcceptedPeer>,
 }
 
 impl SocketsReader {
-    /// Records in the table: one walk of its keys, bounded by `MAX_SOCKETS`.
+    /// Sockets with a record (their pod, their remembered verdict): one walk of the keys,
+    /// bounded by `MAX_SOCKETS`.
     pub fn count(&self) -> usize {
-        self.map.keys().filter(Result::is_ok).count()
+        self.states.keys().filter(Result::is_ok).count()
+    }
+
+    /// Accepted connections with their peer's record; bounded the same way.
+    pub fn accepted(&self) -> usize {
+        self.accepted.keys().filter(Result::is_ok).count()
     }
 }
 
@@ -157,14 +164,17 @@ impl Engine {
         Ok(FlowReader { map })
     }
 
-    /// Counts the socket table's records (sockets of guarded pods the kernel remembers).
+    /// Counts the socket tables' records (sockets of guarded pods the kernel remembers).
     pub fn sockets_reader(&self) -> Result<SocketsReader, EngineError> {
-        let data = self.second_handle(map_names::SOCKETS)?;
-        let map = BpfHashMap::try_from(Map::LruHashMap(data)).map_err(|source| EngineError::Map {
-            map: map_names::SOCKETS,
-            source,
-        })?;
-        Ok(SocketsReader { map })
+        let open = |name| {
+            let data = self.second_handle(name)?;
+            Ok::<_, EngineError>(Map::LruHashMap(data))
+        };
+        let err = |map| move |source| EngineError::Map { map, source };
+        Ok(SocketsReader {
+            states: BpfHashMap::try_from(open(map_names::SOCKETS)?).map_err(err(map_names::SOCKETS))?,
+            accepted: BpfHashMap::try_from(open(map_names::ACCEPTED)?).map_err(err(map_names::ACCEPTED))?,
+        })
     }
 
     pub fn counter_reader(&self) -> Result<CounterReader, EngineError> {
