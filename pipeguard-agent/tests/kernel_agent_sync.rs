@@ -1,6 +1,7 @@
 //! The sync loop's paths (issue 12): a new pod cgroup is enforced by the incremental path
-//! (its entry alone, from the last full sync's inputs), a policy change still reaches every
-//! pod by the full path, and an idle agent does not sync at all. Real agent binary, real
+//! (its entry alone, from the last full sync's inputs), and so is a finished pod's removed
+//! cgroup (its entry goes, nothing is recomputed); a policy change still reaches every pod,
+//! and an idle agent does not sync at all. Real agent binary, real
 //! cgroups and eBPF, the list/watch test server (without the domain policy CRDs, whose
 //! missing lists once woke the loop several times a second).
 
@@ -136,4 +137,45 @@ fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_
         "the policy change was not recomputed"
     );
     assert_eq!(syncs(&agent, "full"), full, "the policy change took a full sync");
+}
+
+#[test]
+fn a_finished_pods_cgroup_takes_the_incremental_path() {
+    let n = node("sync-removed");
+    let registry = listeners::tcp("127.0.0.1:0");
+    n.server.apply(namespace("ci"));
+    n.server
+        .apply(allow_only("ci", "registry", "127.0.0.1/32", registry.addr.port()));
+    let cgroups = runners(&n);
+    let agent = start_agent(&n, &["--no-events-stdout"], None);
+    wait_ready(&agent, Duration::from_secs(60));
+    let enforced = || metric(&agent, "pipeguard_pods{state=\"enforced\"}");
+    eventually(
+        Duration::from_secs(30),
+        "the runners were never all enforced",
+        || enforced() == Some(f64::from(PODS)),
+    );
+    let (full, removed) = (syncs(&agent, "full"), syncs(&agent, "removed_pods"));
+
+    // Kubelet removes a finished pod's cgroup, then the API its object.
+    let gone = &cgroups[0];
+    std::fs::remove_dir(gone).unwrap();
+    std::fs::remove_dir(gone.parent().unwrap()).unwrap();
+    eventually(Duration::from_secs(10), "the finished pod's entry stayed", || {
+        enforced() == Some(f64::from(PODS - 1))
+    });
+    n.server.delete("Pod", Some("ci"), "runner-0");
+    assert_eq!(
+        syncs(&agent, "removed_pods"),
+        removed + 1.0,
+        "the removed pod cgroup did not take the incremental path"
+    );
+    assert_eq!(
+        syncs(&agent, "full"),
+        full,
+        "a full sync ran for the removed pod cgroup"
+    );
+    // The others keep their policy.
+    let o = once(&cgroups[1], format!("tcp {} ok", registry.addr));
+    assert!(o.ok, "{o:?}");
 }

@@ -4,14 +4,14 @@
 //! offers cgroup/connect and cgroup/sendmsg programs are about the calling task
 //! (bpf_sk_ancestor_cgroup_id is refused for this program type on Linux 6.18). So
 //! `pg_sock_create`, which runs in the creating task, records the creator's pod in the
-//! socket's local storage, and the socket hooks judge by that: a task in another cgroup
+//! socket table, and the socket hooks judge by that: a task in another cgroup
 //! acting on a guarded pod's socket (a thread moved elsewhere, a process the fd was handed
 //! to) is judged as the pod, like the packet hook does. Sockets created before the programs
 //! were attached have no record and are judged by the calling task, as before; so are
 //! sockets whose record the full socket table pushed out (`MAX_SOCKETS`).
 //!
-//! The record lives in the socket table under the socket's cookie from `pg_sock_create`
-//! to `pg_sock_release`.
+//! The record lives under the socket's cookie from `pg_sock_create` to `pg_sock_release`
+//! (close()), or for a TCP connection to its CLOSE (`pg_sock_ops`).
 
 use core::ptr::{addr_of, read_volatile};
 

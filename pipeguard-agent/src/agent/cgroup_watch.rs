@@ -1,7 +1,7 @@
 //! inotify on the kubelet cgroup tree: a new pod cgroup triggers a sync within milliseconds
 //! of its mkdir. Watched: the cgroup root (for kubepods to appear), the kubepods cgroups and
-//! their QoS children. A new pod cgroup is passed on by itself (the loop writes only its
-//! entry); anything else (a pod cgroup removed, kubepods or a QoS cgroup appearing, lost
+//! their QoS children. A new or removed pod cgroup is passed on by itself (the loop writes
+//! or deletes only its entry); anything else (kubepods or a QoS cgroup appearing, lost
 //! events) makes the loop re-scan the tree.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
@@ -69,6 +69,7 @@ pub fn start(root: PathBuf, triggers: Arc<Triggers>) -> std::io::Result<tokio::t
             match pod_uid(&name) {
                 // Pod cgroups live in kubepods or a QoS cgroup (what the scan finds).
                 Some(uid) if created && depth >= 1 => triggers.created(PodCgroup { uid, path }),
+                Some(uid) if depth >= 1 => triggers.removed(PodCgroup { uid, path }),
                 Some(_) => triggers.full("cgroups_changed"),
                 None if depth < 2 => triggers.full("cgroups_changed"),
                 None => {}

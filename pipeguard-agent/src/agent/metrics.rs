@@ -61,8 +61,9 @@ pub struct SourceLabels {
     pub source: String,
 }
 
-/// How a sync ran: `full`, `new_pods` (only new pod cgroups' entries), `unchanged` (the
-/// periodic resync found nothing moved and stopped after the scan), or `scan_failed`.
+/// How a sync ran: `full`, `new_pods` (only new pod cgroups' entries), `removed_pods`
+/// (only removed pod cgroups' entries), `unchanged` (the periodic resync found nothing
+/// moved and stopped after the scan), or `scan_failed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub path: &'static str,
@@ -101,7 +102,7 @@ pub struct Metrics {
     pub sync_errors: Counter,
     /// Wake-ups of the sync loop per source.
     pub sync_triggers: Family<SourceLabels, Counter>,
-    /// Syncs per path (full, new_pods, unchanged).
+    /// Syncs per path (full, new_pods, removed_pods, unchanged).
     pub syncs: Family<PathLabels, Counter>,
     pub packets: Family<TrafficLabels, Counter>,
     /// Denied (or audited) attempts the event pipeline received.
@@ -261,7 +262,7 @@ impl Default for Metrics {
         );
         registry.register(
             "syncs",
-            "Syncs per path: full, new_pods (only new pod cgroups), unchanged (periodic resync, nothing moved), scan_failed",
+            "Syncs per path: full, new_pods (only new pod cgroups), removed_pods (only removed pod cgroups), unchanged (periodic resync, nothing moved), scan_failed",
             m.syncs.clone(),
         );
         registry.register(

@@ -135,7 +135,7 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
                         .syncs
                         .get_or_create(&metrics::PathLabels { path })
                         .inc();
-                    if path != NEW_PODS {
+                    if path != NEW_PODS && path != REMOVED_PODS {
                         next_resync = Instant::now() + RESYNC;
                     }
                     if stats != sync::SyncStats::default() {
@@ -198,6 +198,8 @@ enum Wake {
 
 /// The `path` label of `pipeguard_syncs_total` for the incremental path.
 const NEW_PODS: &str = "new_pods";
+/// The `path` label of `pipeguard_syncs_total` for pod cgroups that went.
+const REMOVED_PODS: &str = "removed_pods";
 
 /// What a sync reads besides its own state.
 struct SyncParts<'a> {
@@ -248,8 +250,8 @@ struct Loop {
 
 impl Loop {
     /// What a wake-up brought: the changes go into the loop's state, then the full path
-    /// (a relist, a domain object, a pod cgroup gone, no full sync yet) or only the pods the
-    /// changes can affect, then the new pod cgroups' entries.
+    /// (a relist, a domain object, no full sync yet) or only the pods the changes can
+    /// affect, then the removed pod cgroups' entries, then the new ones'.
     fn work(
         &mut self,
         work: Work,
@@ -259,6 +261,7 @@ impl Loop {
         let Work {
             mut full,
             created,
+            removed,
             relisted,
             pods,
             namespaces,
@@ -302,17 +305,21 @@ impl Loop {
             None => self.desired.iter().map(|d| d.pod.uid.clone()).collect(),
         };
         let local_changed = deltas.iter().any(|d| !d.local.is_empty());
-        let mut outcome = Ok(("unaffected", sync::SyncStats::default()));
+        let mut done = ("unaffected", sync::SyncStats::default());
         if !policy_namespaces.is_empty() {
             self.refresh_policies(parts);
         }
         if !affected.is_empty() || local_changed || !policy_namespaces.is_empty() {
-            outcome = self
-                .recompute(Some(&affected), engine, parts)
-                .map(|stats| ("changed", stats));
+            done = ("changed", self.recompute(Some(&affected), engine, parts)?);
         }
-        if created.is_empty() || outcome.is_err() {
-            return outcome;
+        if !removed.is_empty() {
+            done = match self.remove_pods(&removed, engine, parts) {
+                Some(removed) => removed?,
+                None => return self.sync(true, engine, parts),
+            };
+        }
+        if created.is_empty() {
+            return Ok(done);
         }
         match self.add_pods(created, engine, parts) {
             Some(added) => added,
@@ -509,6 +516,56 @@ impl Loop {
         self.desired.extend(desired);
         self.publish(parts);
         Some(Ok((NEW_PODS, stats)))
+    }
+
+    /// The incremental path for pod cgroups that went (finished pods): their entries go,
+    /// and allowlists no pod uses any more; nothing is recomputed. `None` when it cannot (no
+    /// full sync to build on, a cgroup back under the same path, one no pod was matched to,
+    /// or a runner whose workflow pods' selection changes): the caller takes the full path.
+    fn remove_pods(
+        &mut self,
+        removed: &[pod_cgroups::PodCgroup],
+        engine: &mut Engine,
+        parts: &SyncParts<'_>,
+    ) -> Option<Result<(&'static str, sync::SyncStats), crate::engine::EngineError>> {
+        self.policies.as_ref()?;
+        self.last_scan.as_ref()?;
+        let mut gone = HashMap::new();
+        for cg in removed {
+            // Unknown: created and removed between two wake-ups, or never scanned.
+            let Some(&cgroup_id) = self.cgroup_ids.get(&cg.path) else {
+                continue;
+            };
+            let pod = self.desired.iter().find(|d| d.pod.cgroup_id == cgroup_id)?;
+            if cg.path.exists() {
+                return None;
+            }
+            gone.insert(cgroup_id, (cg.path.clone(), pod.pod.clone()));
+        }
+        let runs_a_gone_pod = |d: &DesiredPod| {
+            let runner = super::workflow_pod::runner_of(&d.pod.labels);
+            gone.values()
+                .any(|(_, p)| p.namespace == d.pod.namespace && runner == Some(p.name.as_str()))
+        };
+        if self.desired.iter().any(runs_a_gone_pod) {
+            return None;
+        }
+        for (cgroup_id, (path, pod)) in &gone {
+            self.cgroup_ids.remove(path);
+            self.paths.remove(cgroup_id);
+            self.deps.remove(&pod.uid);
+        }
+        if let Some(scan) = self.last_scan.as_mut() {
+            scan.retain(|c| !gone.values().any(|(path, _)| *path == c.path));
+        }
+        self.desired.retain(|d| !gone.contains_key(&d.pod.cgroup_id));
+        let stats = match self.applied.apply(engine, &self.desired) {
+            Ok(stats) => stats,
+            Err(error) => return Some(Err(error)),
+        };
+        tracing::debug!(?stats, pods = gone.len(), "removed pods synced");
+        self.publish(parts);
+        Some(Ok((REMOVED_PODS, stats)))
     }
 
     /// Everything after the maps are written: status gauges, fail-closed reports, last

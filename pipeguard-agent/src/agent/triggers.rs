@@ -1,8 +1,8 @@
 //! What wakes the sync loop, and for what. A pod or namespace event carries what changed
 //! (the loop keeps its own copy of the cluster, `world`) and a policy event its namespace,
-//! so the loop recomputes only the pods they can affect (`affected`); a relist, a domain
-//! object or a pod cgroup that went needs a full sync; a new pod cgroup needs only that
-//! pod's entry. Each wake-up is counted per source in
+//! so the loop recomputes only the pods they can affect (`affected`); a relist or a domain
+//! object needs a full sync; a new pod cgroup needs only that pod's entry, and one that went
+//! only the removal of its entry. Each wake-up is counted per source in
 //! `pipeguard_sync_triggers_total`, so a source that wakes the loop for nothing shows.
 
 use std::{
@@ -19,7 +19,8 @@ use super::{
     world::{PodKey, PodRecord},
 };
 
-/// New pod cgroups kept for the incremental path; beyond this a burst takes the full sync.
+/// New (or removed) pod cgroups kept for the incremental path; beyond this a burst takes
+/// the full sync.
 const MAX_CREATED: usize = 256;
 
 pub struct Triggers {
@@ -31,11 +32,13 @@ pub struct Triggers {
 /// What the loop has to do after a wake-up.
 #[derive(Debug, Default)]
 pub struct Work {
-    /// Recompute every pod (a relist, a domain object, a pod cgroup went, or too many came
-    /// at once).
+    /// Recompute every pod (a relist, a domain object, or too many pod cgroups came or
+    /// went at once).
     pub full: bool,
     /// Pod cgroups created since the last wake-up (ignored when `full`).
     pub created: Vec<PodCgroup>,
+    /// Pod cgroups removed since the last wake-up (ignored when `full`).
+    pub removed: Vec<PodCgroup>,
     /// Every pod, from a relist of the pod watch (the changes in `pods` came after it).
     pub relisted: Option<Vec<(PodKey, PodRecord)>>,
     /// The latest state of each pod that changed (`None`: deleted).
@@ -50,6 +53,7 @@ impl Work {
     pub fn is_empty(&self) -> bool {
         !self.full
             && self.created.is_empty()
+            && self.removed.is_empty()
             && self.relisted.is_none()
             && self.pods.is_empty()
             && self.namespaces.is_empty()
@@ -126,6 +130,19 @@ impl Triggers {
         self.wake("pod_cgroup_created");
     }
 
+    /// A pod cgroup was removed (its pod finished).
+    pub fn removed(&self, cgroup: PodCgroup) {
+        {
+            let mut pending = self.pending.lock().expect("triggers lock");
+            if pending.removed.len() < MAX_CREATED {
+                pending.removed.push(cgroup);
+            } else {
+                pending.full = true;
+            }
+        }
+        self.wake("pod_cgroup_removed");
+    }
+
     /// Counts a wake-up of the loop by its own timer.
     pub fn count(&self, source: &str) {
         self.counts
@@ -151,6 +168,7 @@ impl Triggers {
         if work.full {
             // The full sync scans the cgroups.
             work.created.clear();
+            work.removed.clear();
         }
         work
     }
@@ -195,5 +213,22 @@ mod tests {
         };
         assert_eq!(counted("pod_cgroup_created"), 3 + MAX_CREATED as u64 + 1);
         assert_eq!(counted("Pod"), 1);
+    }
+
+    #[test]
+    fn removed_cgroups_stay_incremental_up_to_the_bound() {
+        let t = Triggers::new(Family::default());
+        t.removed(cg(1));
+        t.created(cg(2));
+        let work = t.take();
+        assert!(!work.full && !work.is_empty());
+        assert_eq!((work.removed, work.created), (vec![cg(1)], vec![cg(2)]));
+        t.removed(cg(3));
+        t.full("Namespace");
+        assert!(t.take().removed.is_empty(), "the full sync scans instead");
+        for i in 0..=MAX_CREATED {
+            t.removed(cg(i as u8));
+        }
+        assert!(t.take().full, "a burst beyond the bound takes the full sync");
     }
 }
