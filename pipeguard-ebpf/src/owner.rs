@@ -65,16 +65,20 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
             read_volatile(addr_of!((*sk).state)),
         )
     };
-    let closing =
-        protocol == IPPROTO_TCP && !matches!(state, BPF_TCP_CLOSE | BPF_TCP_LISTEN | BPF_TCP_SYN_SENT);
-    if !closing {
-        forget(unsafe { bpf_get_socket_cookie(sk.cast()) });
+    let tcp = protocol == IPPROTO_TCP;
+    if tcp && !matches!(state, BPF_TCP_CLOSE | BPF_TCP_LISTEN | BPF_TCP_SYN_SENT) {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let _ = SOCKETS.remove(&cookie);
+    if tcp {
+        let _ = ACCEPTED.remove(&cookie);
     }
     1
 }
 
-/// Removes the records of the socket with `cookie`: its state and, for a connection the
-/// pod accepted, its peer (see `reply`).
+/// Removes the records of the TCP socket with `cookie`: its state and, for a connection
+/// the pod accepted, its peer (see `reply`).
 #[inline(always)]
 pub fn forget(cookie: u64) {
     let _ = SOCKETS.remove(&cookie);
