@@ -119,28 +119,25 @@ impl Triggers {
 
     /// A pod cgroup appeared.
     pub fn created(&self, cgroup: PodCgroup) {
-        {
-            let mut pending = self.pending.lock().expect("triggers lock");
-            if pending.created.len() < MAX_CREATED {
-                pending.created.push(cgroup);
-            } else {
-                pending.full = true;
-            }
-        }
+        self.keep(cgroup, |work| &mut work.created);
         self.wake("pod_cgroup_created");
     }
 
     /// A pod cgroup was removed (its pod finished).
     pub fn removed(&self, cgroup: PodCgroup) {
-        {
-            let mut pending = self.pending.lock().expect("triggers lock");
-            if pending.removed.len() < MAX_CREATED {
-                pending.removed.push(cgroup);
-            } else {
-                pending.full = true;
-            }
-        }
+        self.keep(cgroup, |work| &mut work.removed);
         self.wake("pod_cgroup_removed");
+    }
+
+    /// Into `list` of the pending work, or a full sync once it holds `MAX_CREATED`.
+    fn keep(&self, cgroup: PodCgroup, list: impl FnOnce(&mut Work) -> &mut Vec<PodCgroup>) {
+        let mut pending = self.pending.lock().expect("triggers lock");
+        let list = list(&mut pending);
+        if list.len() < MAX_CREATED {
+            list.push(cgroup);
+        } else {
+            pending.full = true;
+        }
     }
 
     /// Counts a wake-up of the loop by its own timer.
