@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 
-use crate::{owner, reply};
+use crate::{fast, owner, reply};
 
 /// sock_ops programs return 1 for "ok"; the value is not a verdict for these callbacks.
 const OK: u32 = 1;
@@ -23,12 +23,18 @@ const OK: u32 = 1;
 pub fn pg_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // Failing to mark (no memory for the storage) only means this connection's
-            // packets are judged as egress: closed, never opened.
+            // Failing to mark (a full table) only means this connection's packets are
+            // judged as egress: closed, never opened.
             reply::mark_accepted(&ctx);
             ask_for_state_changes(&ctx);
         }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => ask_for_state_changes(&ctx),
+        // Only a guarded pod's connection has a record to remove: other pods' connections
+        // (the agent attaches above every pod) are spared the callbacks.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            if !fast::by_cookie(unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }).is_null() =>
+        {
+            ask_for_state_changes(&ctx)
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             owner::forget(unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
         }
