@@ -1,8 +1,9 @@
 //! sock_ops: marks TCP connections the pod accepted, so their packets are replies (see
 //! `reply`): the passive-established callback runs on the new child socket, which inherits
-//! the listener's cgroup, once the handshake completes. And ends a connection's record
-//! (`owner`) when TCP reaches CLOSE: established connections ask for state callbacks, since
-//! close() (`pg_sock_release`) comes before their last packets.
+//! the listener's cgroup, once the handshake completes. And ends a connection's records
+//! (`owner`) when TCP reaches CLOSE: accepted connections and a guarded pod's established
+//! ones ask for state callbacks, since close() (`pg_sock_release`) comes before their last
+//! packets.
 
 use aya_ebpf::{
     bindings::{
