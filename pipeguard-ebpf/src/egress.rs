@@ -183,7 +183,7 @@ fn attempt(ctx: &SkBuffContext, packet: &Packet, config: &Config, socket: *mut S
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         ctx: ctx.skb.skb.cast(),
         socket,
-        // Asked only when flow statistics are kept: one storage lookup per TCP packet.
+        // Asked only when flow statistics are kept: one table lookup per TCP packet.
         destination: config.flags & CONFIG_FLOW_STATS == 0
             || !(packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet)),
         dns_judges: false,

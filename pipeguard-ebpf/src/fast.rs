@@ -137,8 +137,8 @@ pub fn remember(state: *mut SocketState, judged: &Judged, dest: &Dest, port: u16
 }
 
 /// A TCP connection without state earns it once it has sent more than this many segments:
-/// a short request/response (an accepted probe, a cache lookup) pays neither the allocation
-/// nor its free, which cost more than the slow path of its few packets.
+/// a short request/response (an accepted probe, a cache lookup) pays neither the record's
+/// insert nor its removal, which cost more than the slow path of its few packets.
 const SEGMENTS_BEFORE_STATE: u32 = 4;
 
 /// In the packet hook: the state of the sending socket, created for pod `pod_cgroup_id`

@@ -70,9 +70,10 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-    let _ = SOCKETS.remove(&cookie);
     if tcp {
-        let _ = ACCEPTED.remove(&cookie);
+        forget(cookie);
+    } else {
+        let _ = SOCKETS.remove(&cookie);
     }
     1
 }

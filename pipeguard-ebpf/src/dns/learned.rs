@@ -1,8 +1,8 @@
 //! Enforcement with learned addresses: after the static trie, a DNS-filtered pod may reach
 //! an address an allowed answer taught its allowlist, on the ports of the rule that allowed
 //! the question, while the entry lives. A socket that reached it while it lived keeps
-//! reaching it after expiry (its `LearnedPass`, in the socket's own storage, so no table
-//! of connections to fill or evict); new ones are refused.
+//! reaching it after expiry (its `LearnedPass`, in the socket's own record, which lives
+//! and goes with the socket: see `owner`); new ones are refused.
 //!
 //! An allow by the socket's pass depends, like a static allow, only on the allowlist (the
 //! rule's ports) and the destination: the socket may remember it for the fast path, so the
