@@ -50,22 +50,27 @@ fn runners(n: &Node) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-#[test]
-fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_pod() {
-    let n = node("sync-incremental");
-    let registry = listeners::tcp("127.0.0.1:0");
-    let mirror = listeners::tcp("127.0.0.1:0");
+/// The runners, allowed only `127.0.0.1:port`, and an agent that enforces them all.
+fn enforced_runners(n: &Node, port: u16) -> (Vec<std::path::PathBuf>, agent::Agent) {
     n.server.apply(namespace("ci"));
-    n.server
-        .apply(allow_only("ci", "registry", "127.0.0.1/32", registry.addr.port()));
-    let mut cgroups = runners(&n);
-    let agent = start_agent(&n, &["--no-events-stdout"], None);
+    n.server.apply(allow_only("ci", "registry", "127.0.0.1/32", port));
+    let cgroups = runners(n);
+    let agent = start_agent(n, &["--no-events-stdout"], None);
     wait_ready(&agent, Duration::from_secs(60));
     eventually(
         Duration::from_secs(30),
         "the runners were never all enforced",
         || metric(&agent, "pipeguard_pods{state=\"enforced\"}") == Some(f64::from(PODS)),
     );
+    (cgroups, agent)
+}
+
+#[test]
+fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_pod() {
+    let n = node("sync-incremental");
+    let registry = listeners::tcp("127.0.0.1:0");
+    let mirror = listeners::tcp("127.0.0.1:0");
+    let (mut cgroups, agent) = enforced_runners(&n, registry.addr.port());
 
     // Idle: nothing changes, so nothing syncs (the periodic resync, if it falls in here,
     // stops after its scan). The missing CRDs' retries wake nothing.
@@ -143,18 +148,8 @@ fn a_new_pod_takes_the_incremental_path_and_a_policy_change_still_reaches_every_
 fn a_finished_pods_cgroup_takes_the_incremental_path() {
     let n = node("sync-removed");
     let registry = listeners::tcp("127.0.0.1:0");
-    n.server.apply(namespace("ci"));
-    n.server
-        .apply(allow_only("ci", "registry", "127.0.0.1/32", registry.addr.port()));
-    let cgroups = runners(&n);
-    let agent = start_agent(&n, &["--no-events-stdout"], None);
-    wait_ready(&agent, Duration::from_secs(60));
+    let (cgroups, agent) = enforced_runners(&n, registry.addr.port());
     let enforced = || metric(&agent, "pipeguard_pods{state=\"enforced\"}");
-    eventually(
-        Duration::from_secs(30),
-        "the runners were never all enforced",
-        || enforced() == Some(f64::from(PODS)),
-    );
     let (full, removed) = (syncs(&agent, "full"), syncs(&agent, "removed_pods"));
 
     // Kubelet removes a finished pod's cgroup, then the API its object.
