@@ -149,7 +149,7 @@ fn unknown_fields_and_wrong_types_name_the_path() {
     assert_error(
         &egress("to: {ipBlock: {cidr: 10.0.0.0/8}}"),
         "spec.egress[0].to",
-        "invalid type",
+        "expected sequence",
     );
 }
 
@@ -194,6 +194,20 @@ fn one_bad_object_leaves_the_others_compiling() {
     );
 }
 
+/// Documents are cut at their markers and read one by one: a syntax error ends its own
+/// document, not the policies after it.
+#[test]
+fn a_yaml_syntax_error_leaves_the_next_documents_compiling() {
+    let good = egress("to: [{ipBlock: {cidr: 10.0.0.0/8}}]").replace("name: p", "name: good");
+    let text = format!("apiVersion: [unclosed\n---\n{good}");
+    let set = parse_policies("three.yaml", &text);
+    assert_eq!(set.policies.len(), 1, "{:?}", set.errors);
+    assert_eq!(set.policies[0].name, "good");
+    assert_eq!(set.errors.len(), 1);
+    assert_eq!(set.errors[0].document, Some(1));
+    assert!(set.errors[0].to_string().contains("YAML"), "{}", set.errors[0]);
+}
+
 #[test]
 fn ipv4_mapped_cidrs_are_enforced_as_ipv4_with_a_warning() {
     let set = parse_policies(
@@ -215,7 +229,7 @@ fn a_misspelled_field_names_its_path_once_and_its_line() {
     let e = only_error(&egress("to:\n    - ipBlok: {cidr: 10.0.0.0/8}"));
     assert_eq!(e.field.as_deref(), Some("spec.egress[0].to[0].ipBlok"), "{e}");
     assert!(e.message.starts_with("unknown field `ipBlok`"), "{e}");
-    assert!(e.message.ends_with("at line 11 column 7"), "{e}");
+    assert!(e.message.ends_with("at line 11, column 7"), "{e}");
 }
 
 /// A first document the quick pass cannot read (a scalar) and a list are still read whole,

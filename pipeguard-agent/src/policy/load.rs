@@ -14,6 +14,7 @@ use super::{
     error::PolicyError,
     model::NetworkPolicyDoc,
     validate::{Policy, validate},
+    yaml_stream,
 };
 
 /// Larger files are refused whole: a policy file is never legitimately this big, and
@@ -110,40 +111,42 @@ pub(super) fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
 
 /// Parses YAML text from `source` (a file name or another label).
 ///
-/// A NetworkPolicy document is deserialized straight into its typed form: a value tree of
-/// a 100k-CIDR policy is ten times the policy, and it set the peak of `exec` and `check`.
-/// So a first pass reads only each document's kind and metadata; lists, domain kinds and
-/// any document that pass cannot read take the value-tree path, as all documents did.
+/// A NetworkPolicy document is deserialized straight into its typed form by a streaming
+/// parser: a value tree of a 100k-CIDR policy is ten times the policy, and serde_yaml's
+/// buffer of a document's events five times, and either set the peak of `exec` and
+/// `check`. A valid one takes that one pass; a faulty one is read again, its kind and name
+/// first, so that its error names the object. Lists, domain kinds and documents the
+/// streaming parser cannot read take serde_yaml's value-tree path.
 pub fn parse_policies(source: &str, text: &str) -> PolicySet {
     let mut set = PolicySet::default();
-    let many = text.lines().filter(|l| l.trim_end() == "---").count() > 0;
-    let mut heads = document_heads(text).into_iter();
-    let documents = serde_yaml::Deserializer::from_str(text);
-    for (i, document) in documents.enumerate() {
+    let many = text.lines().any(|l| l.trim_end() == "---");
+    for (i, document) in yaml_stream::documents(text).into_iter().enumerate() {
         let doc_no = many.then_some(i + 1);
-        match heads.next() {
+        let numbered = |error: PolicyError| PolicyError {
+            document: doc_no,
+            ..error
+        };
+        if let Some(policy) = well_formed_policy(source, document) {
+            set.policies.push(Arc::new(policy));
+            continue;
+        }
+        match document_head(document) {
             Some(None) => continue,
             Some(Some(head)) if head.kind == "NetworkPolicy" => {
-                match typed_policy(source, document, head) {
+                match streamed_policy(source, document, head) {
                     Ok(policy) => set.policies.push(Arc::new(policy)),
-                    Err(error) => set.errors.push(PolicyError {
-                        document: doc_no,
-                        ..error
-                    }),
+                    Err(error) => set.errors.push(numbered(error)),
                 }
                 continue;
             }
             _ => {}
         }
-        let value = match serde_yaml::Value::deserialize(document) {
+        let value: serde_yaml::Value = match serde_yaml::from_str(document) {
             Ok(v) => v,
             Err(e) => {
-                set.errors.push(PolicyError {
-                    document: doc_no,
-                    ..PolicyError::file(source, format!("YAML: {e}"))
-                });
-                // The stream cannot be trusted past a syntax error.
-                break;
+                set.errors
+                    .push(numbered(PolicyError::file(source, format!("YAML: {e}"))));
+                continue;
             }
         };
         if value.is_null() {
@@ -160,10 +163,7 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
             }
             match policy_from_value(source, object) {
                 Ok(policy) => set.policies.push(Arc::new(policy)),
-                Err(error) => set.errors.push(PolicyError {
-                    document: doc_no,
-                    ..error
-                }),
+                Err(error) => set.errors.push(numbered(error)),
             }
         }
     }
@@ -185,14 +185,52 @@ struct HeadMeta {
     namespace: Option<String>,
 }
 
-/// Each document's head (`None`: an empty document), up to the first one this cannot read
-/// (a syntax error, a scalar, a name that is not a string): from there on the value-tree
-/// path reads, and reports, as before.
-fn document_heads(text: &str) -> Vec<Option<Head>> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(Option::<Head>::deserialize)
-        .map_while(Result::ok)
-        .collect()
+/// The document as a valid NetworkPolicy, in one streaming pass; `None` for any other
+/// document and any fault (the passes below name the object and field of the fault).
+fn well_formed_policy(source: &str, document: &str) -> Option<Policy> {
+    let doc: NetworkPolicyDoc = serde_saphyr::from_str_with_options(document, streaming_options()).ok()?;
+    if doc.kind != "NetworkPolicy" {
+        return None;
+    }
+    let namespace = doc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = doc.metadata.name.clone();
+    let object = object_label(&doc.kind, &namespace, name.as_deref());
+    with_source(source, namespace.clone(), finish(doc, namespace, name, object)).ok()
+}
+
+/// The document's head (`Some(None)`: an empty document), or `None` when this cannot read
+/// it (a syntax error, a scalar, a name that is not a string): the value-tree path then
+/// reads, and reports, it.
+fn document_head(document: &str) -> Option<Option<Head>> {
+    serde_saphyr::from_str_with_options(document, streaming_options()).ok()
+}
+
+/// One NetworkPolicy document, streamed into its typed form.
+fn streamed_policy(source: &str, document: &str, head: Head) -> Result<Policy, PolicyError> {
+    // Kept outside: after a field error the parser reports the unread rest of the document
+    // too, which would hide the error that names the field.
+    let mut typed = None;
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(document, streaming_options(), |de| {
+        typed = Some(typed_policy(source, de, head));
+        Ok(())
+    });
+    typed.unwrap_or_else(|| {
+        let e = parsed.err().map_or("not read".to_string(), |e| e.to_string());
+        Err(PolicyError::file(source, format!("YAML: {e}")))
+    })
+}
+
+/// Limits sized by the file limit rather than the parser's defaults (a million events is
+/// less than a 4 MiB policy may hold); messages without a source snippet, as the other
+/// paths write them.
+fn streaming_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = MAX_FILE_BYTES as usize;
+    budget.max_nodes = MAX_FILE_BYTES as usize;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.with_snippet = false;
+    options
 }
 
 /// `kubectl get … -o yaml` of several objects writes one `kind: List` (or `…List`) with
@@ -217,16 +255,7 @@ pub fn policy_from_value(source: &str, value: serde_yaml::Value) -> Result<Polic
         .and_then(|n| n.as_str())
         .unwrap_or("default")
         .to_string();
-    let mut policy = parse_object(value).map_err(|(object, field, message)| PolicyError {
-        source: source.into(),
-        document: None,
-        object,
-        namespace: Some(namespace),
-        field,
-        message,
-    })?;
-    name_warnings(source, &mut policy);
-    Ok(policy)
+    with_source(source, namespace, parse_object(value))
 }
 
 /// One object as JSON bytes (the agent's path). No intermediate value tree: for a policy of
@@ -254,6 +283,15 @@ where
         let doc = deserialize_doc(deserializer, &object)?;
         finish(doc, namespace.clone(), head.metadata.name, object.clone())
     });
+    with_source(source, namespace, parsed)
+}
+
+/// A policy of `source`, or the error naming its file, object and field.
+fn with_source(
+    source: &str,
+    namespace: String,
+    parsed: Result<Policy, ObjectError>,
+) -> Result<Policy, PolicyError> {
     let mut policy = parsed.map_err(|(object, field, message)| PolicyError {
         source: source.into(),
         document: None,
@@ -349,4 +387,25 @@ fn parse_object(value: serde_yaml::Value) -> Result<Policy, ObjectError> {
     check_kind(&kind, &object)?;
     let doc = deserialize_doc(value, &object)?;
     finish(doc, namespace, name, object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::well_formed_policy;
+
+    /// The streaming parser's default budget (250,000 nodes; these are 300,000) would send it
+    /// to serde_yaml's value tree, the peak this path exists to avoid.
+    #[test]
+    fn a_policy_of_60k_ipblocks_takes_the_streaming_path() {
+        let mut text = String::from(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: big}\n\
+             spec:\n  podSelector: {}\n  egress:\n  - to:\n",
+        );
+        for i in 0..60_000u32 {
+            let [_, a, b, c] = i.to_be_bytes();
+            text += &format!("    - ipBlock: {{cidr: 10.{a}.{b}.{c}/32}}\n");
+        }
+        let policy = well_formed_policy("big.yaml", &text).expect("streamed");
+        assert_eq!(policy.name, "big");
+    }
 }

@@ -39,6 +39,7 @@ mod reach;
 mod reach_name;
 mod selector;
 mod validate;
+mod yaml_stream;
 
 pub use self::{
     cluster::{Cluster, ClusterPod, MAX_CLUSTER_BYTES, NAMESPACE_NAME_LABEL, cluster_from_str, load_cluster},

@@ -6,10 +6,6 @@ use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[expect(
-    dead_code,
-    reason = "kind and metadata are checked on the raw document, before this parse"
-)]
 pub struct NetworkPolicyDoc {
     pub api_version: String,
     pub kind: String,
@@ -67,8 +63,10 @@ pub struct IngressRule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerDoc {
-    pub pod_selector: Option<LabelSelector>,
-    pub namespace_selector: Option<LabelSelector>,
+    // Boxed: a policy may list 100k peers, nearly all ipBlocks, and a selector inline is
+    // 48 bytes each, read or not.
+    pub pod_selector: Option<Box<LabelSelector>>,
+    pub namespace_selector: Option<Box<LabelSelector>>,
     pub ip_block: Option<IpBlockDoc>,
 }
 

@@ -187,12 +187,12 @@ fn peer(at: &str, doc: &PeerDoc, warnings: &mut Vec<String>) -> Result<Peer, Fie
         )),
         (None, pods, namespaces) => Ok(Peer::Pods {
             pods: pods
-                .as_ref()
+                .as_deref()
                 .map(Selector::parse)
                 .transpose()
                 .map_err(|(f, m)| (format!("{at}.podSelector.{f}"), m))?,
             namespaces: namespaces
-                .as_ref()
+                .as_deref()
                 .map(Selector::parse)
                 .transpose()
                 .map_err(|(f, m)| (format!("{at}.namespaceSelector.{f}"), m))?,
