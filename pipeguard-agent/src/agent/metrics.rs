@@ -2,7 +2,7 @@
 //! per pod and per policy, never per destination.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -387,9 +387,34 @@ impl Metrics {
         self.live.lock().expect("metrics lock").sources = Some(sources);
     }
 
-    /// The pods whose kernel counters are reported, replaced by every sync.
+    /// The pods whose kernel counters are reported, replaced by every sync. The series of
+    /// pods no longer here go with them: a node that runs a job a minute would otherwise
+    /// keep every job's series for as long as the agent runs.
     pub fn set_pods(&self, pods: HashMap<u64, (String, String)>) {
-        self.live.lock().expect("metrics lock").pods = pods;
+        // `live` first, as in `refresh`, which takes the `last_*` locks under it.
+        let mut live = self.live.lock().expect("metrics lock");
+        let here: HashSet<(&str, &str)> = pods
+            .values()
+            .map(|(namespace, name)| (namespace.as_str(), name.as_str()))
+            .collect();
+        let gone =
+            |labels: &TrafficLabels| !here.contains(&(labels.namespace.0.as_str(), labels.pod.0.as_str()));
+        self.last_traffic
+            .lock()
+            .expect("metrics lock")
+            .retain(|(labels, is_bytes), _| {
+                let family = if *is_bytes { &self.bytes } else { &self.packets };
+                keep_series(family, labels, gone(labels))
+            });
+        for (family, last) in [
+            (&self.dns_queries, &self.last_dns),
+            (&self.ingress, &self.last_ingress),
+        ] {
+            last.lock()
+                .expect("metrics lock")
+                .retain(|labels, _| keep_series(family, labels, gone(labels)));
+        }
+        live.pods = pods;
     }
 
     /// Brings the traffic and event counters up to the kernel's and the pipeline's values.
@@ -522,6 +547,14 @@ fn verdict_name(verdict: u8) -> &'static str {
     }
 }
 
+/// Whether a pod's series stays; when it goes, it leaves `family` too.
+fn keep_series(family: &Family<TrafficLabels, Counter>, labels: &TrafficLabels, gone: bool) -> bool {
+    if gone {
+        family.remove(labels);
+    }
+    !gone
+}
+
 /// Records an absolute kernel count as a counter increment since the `last` one seen.
 fn observe_count(
     family: &Family<TrafficLabels, Counter>,
@@ -538,4 +571,49 @@ fn observe_count(
     family
         .get_or_create(&labels)
         .inc_by(count.checked_sub(prev).unwrap_or(count));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::{Metrics, TrafficLabels, observe_count};
+
+    fn labels(pod: &str) -> TrafficLabels {
+        TrafficLabels {
+            namespace: "ci".into(),
+            pod: pod.into(),
+            verdict: "deny".into(),
+        }
+    }
+
+    fn series_of(metrics: &Metrics, pod: &str) -> usize {
+        let wanted = format!("pod=\"{pod}\"");
+        metrics.encode().lines().filter(|l| l.contains(&wanted)).count()
+    }
+
+    #[test]
+    fn a_pod_that_left_takes_its_series_with_it() {
+        let metrics = Metrics::default();
+        let pods = |names: &[&str]| -> HashMap<u64, (String, String)> {
+            (0u64..)
+                .zip(names)
+                .map(|(id, name)| (id, ("ci".to_string(), name.to_string())))
+                .collect()
+        };
+        metrics.set_pods(pods(&["job-1", "job-2"]));
+        for pod in ["job-1", "job-2"] {
+            metrics.observe_traffic(labels(pod), 3, 300);
+            observe_count(&metrics.dns_queries, &metrics.last_dns, labels(pod), 2);
+            observe_count(&metrics.ingress, &metrics.last_ingress, labels(pod), 1);
+        }
+        assert_eq!(series_of(&metrics, "job-1"), 4);
+
+        metrics.set_pods(pods(&["job-2"]));
+        assert_eq!(series_of(&metrics, "job-1"), 0, "{}", metrics.encode());
+        assert_eq!(series_of(&metrics, "job-2"), 4);
+        assert_eq!(metrics.last_traffic.lock().unwrap().len(), 2);
+        assert_eq!(metrics.last_dns.lock().unwrap().len(), 1);
+        assert_eq!(metrics.last_ingress.lock().unwrap().len(), 1);
+    }
 }
