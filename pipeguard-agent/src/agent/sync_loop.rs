@@ -629,6 +629,7 @@ impl Loop {
         health.set_notes(notes);
         let present: std::collections::HashSet<&str> = desired.iter().map(|d| d.pod.uid.as_str()).collect();
         self.last_good.retain(|uid, _| present.contains(uid.as_str()));
+        self.failing_closed.retain(|uid| present.contains(uid.as_str()));
         self.publish_gauges(&by_status, health);
         health.metrics.set_pods(
             desired
@@ -678,12 +679,16 @@ impl Loop {
         health: &Health,
         node: &str,
     ) {
+        let mut errors = std::collections::HashSet::new();
         for error in &set.errors {
             let text = error.to_string();
             if self.reported.insert(text.clone()) {
                 tracing::error!(error = %text, "policy rejected; the guarded pods it could select fail closed");
             }
+            errors.insert(text);
         }
+        // Errors that are gone are forgotten: fixed and broken again is a new episode.
+        self.reported.retain(|text| errors.contains(text));
         let compiled: std::collections::HashSet<(&str, &str)> = set
             .policies
             .iter()
