@@ -14,6 +14,7 @@ mod domain_objects;
 mod guard;
 pub mod http;
 mod ingress_desired;
+mod json_text;
 mod kube;
 mod kube_domains;
 pub mod listener;

@@ -23,14 +23,18 @@ pub struct RawPolicy {
     pub spec: Option<Box<RawValue>>,
 }
 
-/// Any JSON value, kept as its compact text. Through a value, not `RawValue` directly:
-/// serde buffers an object whose keys come in an unexpected order (a watch event with
-/// "object" before "type"), and a buffered value cannot become a `RawValue`.
+/// Any JSON value, kept as its compact text, written while it is read (`json_text`): not
+/// `RawValue` directly, since serde buffers an object whose keys come in an unexpected
+/// order (a watch event with "object" before "type") and a buffered value cannot become
+/// a `RawValue`; and not through a `serde_json::Value`, whose tree is 30 times the text.
 fn spec_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    let value = Option::<serde_json::Value>::deserialize(d)?;
-    value
-        .map(|v| RawValue::from_string(v.to_string()).map_err(serde::de::Error::custom))
-        .transpose()
+    let text = super::json_text::read(d)?;
+    if text == "null" {
+        return Ok(None);
+    }
+    RawValue::from_string(text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 impl RawPolicy {
