@@ -194,6 +194,22 @@ fn one_bad_object_leaves_the_others_compiling() {
     );
 }
 
+/// An alias bomb where a string belongs is named by its field, not only refused as YAML.
+#[test]
+fn an_alias_bomb_is_named_by_its_field() {
+    let mut text = String::from(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: bomb\n  namespace: ci\n  annotations:\n    a: &l0 [x,x,x,x,x,x,x,x,x,x]\n",
+    );
+    for i in 1..9 {
+        let alias = format!("*l{}", i - 1);
+        text += &format!("    a{i}: &l{i} [{}]\n", vec![alias; 10].join(","));
+    }
+    text += "spec:\n  podSelector: {}\n";
+    let e = only_error(&text);
+    assert_eq!(e.object.as_deref(), Some("networkpolicy ci/bomb"), "{e}");
+    assert_eq!(e.field.as_deref(), Some("metadata.annotations.a"), "{e}");
+}
+
 /// Documents are cut at their markers and read one by one: a syntax error ends its own
 /// document, not the policies after it.
 #[test]

@@ -200,9 +200,12 @@ fn well_formed_policy(source: &str, document: &str) -> Option<Policy> {
 
 /// The document's head (`Some(None)`: an empty document), or `None` when this cannot read
 /// it (a syntax error, a scalar, a name that is not a string): the value-tree path then
-/// reads, and reports, it.
+/// reads, and reports, it. serde_yaml reads what the streaming parser's budget refuses (an
+/// alias bomb in a field the head skips), so that the typed pass can name the field.
 fn document_head(document: &str) -> Option<Option<Head>> {
-    serde_saphyr::from_str_with_options(document, streaming_options()).ok()
+    serde_saphyr::from_str_with_options(document, streaming_options())
+        .ok()
+        .or_else(|| serde_yaml::from_str(document).ok())
 }
 
 /// One NetworkPolicy document, streamed into its typed form.
@@ -221,14 +224,16 @@ fn streamed_policy(source: &str, document: &str, head: Head) -> Result<Policy, P
 }
 
 /// Limits sized by the file limit rather than the parser's defaults (a million events is
-/// less than a 4 MiB policy may hold); messages without a source snippet, as the other
-/// paths write them.
+/// less than a 4 MiB policy may hold), and aliases replayed a tenth as often (an alias bomb
+/// within the default held ~100 MB); messages without a source snippet, as the other paths
+/// write them.
 fn streaming_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_events = MAX_FILE_BYTES as usize;
     budget.max_nodes = MAX_FILE_BYTES as usize;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = 100_000;
     options.with_snippet = false;
     options
 }
