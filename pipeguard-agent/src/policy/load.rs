@@ -34,6 +34,13 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    fn add_policy(&mut self, result: Result<Policy, PolicyError>) {
+        match result {
+            Ok(policy) => self.policies.push(Arc::new(policy)),
+            Err(error) => self.errors.push(error),
+        }
+    }
+
     pub fn add_domain(&mut self, result: Result<DomainPolicy, DomainFailure>) {
         match result {
             Ok(policy) => self.domains.push(policy),
@@ -114,8 +121,8 @@ pub(super) fn read_limited(path: &Path, limit: u64) -> Result<String, String> {
 /// A NetworkPolicy document is deserialized straight into its typed form by a streaming
 /// parser: a value tree of a 100k-CIDR policy is ten times the policy, and serde_yaml's
 /// buffer of a document's events five times, and either set the peak of `exec` and
-/// `check`. A valid one takes that one pass; a faulty one is read again, its kind and name
-/// first, so that its error names the object. Lists, domain kinds and documents the
+/// `check`. One that deserializes takes that one pass, valid or not; one that does not is
+/// read again, its kind and name first, so that its error names the object. Lists, domain kinds and documents the
 /// streaming parser cannot read take serde_yaml's value-tree path.
 pub fn parse_policies(source: &str, text: &str) -> PolicySet {
     let mut set = PolicySet::default();
@@ -126,17 +133,14 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
             document: doc_no,
             ..error
         };
-        if let Some(policy) = well_formed_policy(source, document) {
-            set.policies.push(Arc::new(policy));
+        if let Some(result) = one_pass_policy(source, document) {
+            set.add_policy(result.map_err(numbered));
             continue;
         }
         match document_head(document) {
             Some(None) => continue,
             Some(Some(head)) if head.kind == "NetworkPolicy" => {
-                match streamed_policy(source, document, head) {
-                    Ok(policy) => set.policies.push(Arc::new(policy)),
-                    Err(error) => set.errors.push(numbered(error)),
-                }
+                set.add_policy(streamed_policy(source, document, head).map_err(numbered));
                 continue;
             }
             _ => {}
@@ -161,10 +165,7 @@ pub fn parse_policies(source: &str, text: &str) -> PolicySet {
                 }));
                 continue;
             }
-            match policy_from_value(source, object) {
-                Ok(policy) => set.policies.push(Arc::new(policy)),
-                Err(error) => set.errors.push(numbered(error)),
-            }
+            set.add_policy(policy_from_value(source, object).map_err(numbered));
         }
     }
     set
@@ -185,9 +186,10 @@ struct HeadMeta {
     namespace: Option<String>,
 }
 
-/// The document as a valid NetworkPolicy, in one streaming pass; `None` for any other
-/// document and any fault (the passes below name the object and field of the fault).
-fn well_formed_policy(source: &str, document: &str) -> Option<Policy> {
+/// A NetworkPolicy document deserialized in one streaming pass, then validated; `None` for
+/// another kind or a document that does not deserialize (the passes below then name the
+/// object and field of the fault).
+fn one_pass_policy(source: &str, document: &str) -> Option<Result<Policy, PolicyError>> {
     let doc: NetworkPolicyDoc = serde_saphyr::from_str_with_options(document, streaming_options()).ok()?;
     if doc.kind != "NetworkPolicy" {
         return None;
@@ -195,7 +197,11 @@ fn well_formed_policy(source: &str, document: &str) -> Option<Policy> {
     let namespace = doc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = doc.metadata.name.clone();
     let object = object_label(&doc.kind, &namespace, name.as_deref());
-    with_source(source, namespace.clone(), finish(doc, namespace, name, object)).ok()
+    Some(with_source(
+        source,
+        namespace.clone(),
+        finish(doc, namespace, name, object),
+    ))
 }
 
 /// The document's head (`Some(None)`: an empty document), or `None` when this cannot read
@@ -396,7 +402,7 @@ fn parse_object(value: serde_yaml::Value) -> Result<Policy, ObjectError> {
 
 #[cfg(test)]
 mod tests {
-    use super::well_formed_policy;
+    use super::one_pass_policy;
 
     /// The streaming parser's default budget (250,000 nodes; these are 300,000) would send it
     /// to serde_yaml's value tree, the peak this path exists to avoid.
@@ -410,7 +416,9 @@ mod tests {
             let [_, a, b, c] = i.to_be_bytes();
             text += &format!("    - ipBlock: {{cidr: 10.{a}.{b}.{c}/32}}\n");
         }
-        let policy = well_formed_policy("big.yaml", &text).expect("streamed");
+        let policy = one_pass_policy("big.yaml", &text)
+            .expect("streamed")
+            .expect("valid");
         assert_eq!(policy.name, "big");
     }
 }
