@@ -13,6 +13,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::Path,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -20,7 +21,7 @@ use std::{
 use serde_json::json;
 
 use super::{
-    agent::{bpf_map_kib, spawn_prober},
+    agent::{Owned, bpf_map_kib, spawn_prober},
     report::{Report, mib, ms, summarize},
 };
 use crate::common::{
@@ -139,13 +140,7 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
         let id = uid(0x2000_0000 + i);
         // The first half starts a prober in the new pod cgroup (its fork and exec count);
         // the second moves one that already runs, so only the agent's part counts.
-        let moved = (i >= new_pods).then(|| {
-            let (prober, verdicts) = spawn_prober(&staging);
-            match verdicts.recv_timeout(Duration::from_secs(60)) {
-                Ok((_, true)) => (prober, verdicts),
-                other => panic!("the staged prober said {other:?}"),
-            }
-        });
+        let moved = (i >= new_pods).then(|| staged_prober(&staging));
         n.server.apply(pod(
             "ci",
             &format!("new-{i}"),
@@ -157,7 +152,7 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
         let cg = n.pod_cgroup(&id);
         let (prober, verdicts) = match moved {
             Some((prober, verdicts)) => {
-                std::fs::write(cg.join("cgroup.procs"), prober.pid().to_string()).expect("move the prober");
+                move_prober(&prober, &cg);
                 (prober, verdicts)
             }
             None => spawn_prober(&cg),
@@ -215,6 +210,21 @@ fn many_pods(pods: u32, new_pods: u32, idle_secs: u64, report: &mut Report) -> s
 }
 
 /// Waits for the prober's first `denied`: (whether it was its first report, when).
+/// A prober running in `staging` (unguarded), once it has said so: moved into a new pod
+/// cgroup (`move_prober`), it probes from there within microseconds, so the time to its
+/// first refusal is the agent's alone, without a fork and exec.
+pub fn staged_prober(staging: &Path) -> (Owned, mpsc::Receiver<(Instant, bool)>) {
+    let (prober, verdicts) = spawn_prober(staging);
+    match verdicts.recv_timeout(Duration::from_secs(60)) {
+        Ok((_, true)) => (prober, verdicts),
+        other => panic!("the staged prober said {other:?}"),
+    }
+}
+
+pub fn move_prober(prober: &Owned, cgroup: &Path) {
+    std::fs::write(cgroup.join("cgroup.procs"), prober.pid().to_string()).expect("move the prober");
+}
+
 pub fn first_denial(verdicts: &mpsc::Receiver<(Instant, bool)>, agent: &Agent) -> (bool, Instant) {
     let mut first = true;
     loop {
