@@ -158,16 +158,18 @@ pub fn run(quick: bool, report: &mut Report) {
         n.server.apply(probe_policy(false));
     }
 
-    // Churn elsewhere at 100 creations/s (and as many deletions), a new local pod each second.
+    // Outside kubepods: unguarded. A running prober waits here to be moved into a new pod.
+    // Made first: a new directory at the cgroup root makes the agent rescan (a full sync).
+    let staging = n.root.join("bench-staging");
+    std::fs::create_dir_all(&staging).expect("a staging cgroup");
+    std::thread::sleep(Duration::from_secs(2));
+    // Churn elsewhere at 100 creations/s (and as many deletions), two new local pods a second.
     let (churn_cpu0, churn_rss0, churn_t0) = (agent.cpu(), agent.rss_kib(), Instant::now());
     let full0 = syncs(&agent, "full");
     let mut next = pods;
     let (mut moved_lags, mut started_lags, mut refused_at_first_try) = (Vec::new(), Vec::new(), 0);
     let mut rss_by_minute = vec![churn_rss0];
     let mut previous_local = Vec::new();
-    // Outside kubepods: unguarded. A running prober waits here to be moved into a new pod.
-    let staging = n.root.join("bench-staging");
-    std::fs::create_dir_all(&staging).expect("a staging cgroup");
     for s in 0..churn_secs {
         if s > 0 && s % 60 == 0 {
             rss_by_minute.push(agent.rss_kib());
@@ -221,7 +223,6 @@ pub fn run(quick: bool, report: &mut Report) {
             std::thread::sleep(rest);
         }
     }
-    let _ = std::fs::remove_dir(&staging);
     let churn_elapsed = churn_t0.elapsed();
     let churn_cpu = agent.cpu() - churn_cpu0;
     let churn_full = syncs(&agent, "full") - full0;
@@ -230,6 +231,7 @@ pub fn run(quick: bool, report: &mut Report) {
     let rss_per_min = (churn_rss1 as f64 - churn_rss0 as f64) * 60.0 / churn_elapsed.as_secs_f64();
     let (moved, started) = (summarize(&moved_lags), summarize(&started_lags));
     let hwm_end = agent.hwm_kib();
+    let _ = std::fs::remove_dir(&staging);
 
     report.section(
         "5i. `pipeguard agent` at control-plane scale: a cluster of N pods, namespaces and NetworkPolicies, 110 guarded pods on the node",
