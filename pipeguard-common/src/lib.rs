@@ -20,7 +20,7 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V3";
-    pub const SOCKETS: &str = "PG_SOCKETS_V4";
+    pub const SOCKETS: &str = "PG_SOCKETS_V5";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
@@ -370,7 +370,7 @@ pub struct AcceptedPeer {
 }
 const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 40);
 
-/// Socket-local storage of a guarded pod's socket. Written when the pod creates it: the
+/// The socket table's record of a guarded pod's socket. Written when the pod creates it: the
 /// socket hooks judge the socket by the pod that created it (as the packet hook does), not
 /// by whichever task happens to call connect() or sendmsg() on it. Then the fast path: the
 /// last destination the static allowlist allowed for this socket, under which policy
@@ -390,8 +390,8 @@ pub struct SocketState {
     /// Host byte order.
     pub port: u16,
     pub protocol: u8,
-    /// 1 when the pod's static allowlist allowed it (0: the socket's learned pass did).
-    pub by_allowlist: u8,
+    /// `REMEMBERED_*` flags of that verdict.
+    pub remembered: u8,
     /// The pod's `POD_*` flags under that generation.
     pub pod_flags: u32,
     /// The task that created the socket (`bpf_get_current_pid_tgid`: tgid in the high half),
@@ -408,6 +408,13 @@ pub struct SocketState {
     pub mode: u32,
 }
 const _: () = assert!(core::mem::size_of::<SocketState>() == 128);
+
+/// `SocketState::remembered`: the pod's static allowlist allowed the destination (else the
+/// socket's learned pass did).
+pub const REMEMBERED_BY_ALLOWLIST: u8 = 1 << 0;
+/// `SocketState::remembered`: the destination chosen by the pod (flow statistics count it);
+/// unset for the peer of a connection the pod accepted, whose packets are replies.
+pub const REMEMBERED_DESTINATION: u8 = 1 << 1;
 
 /// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
 /// pod table or an allowlist, so every remembered verdict is judged again on its next use.

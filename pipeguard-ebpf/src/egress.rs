@@ -37,11 +37,19 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     if let Ok(packet) = &parsed {
         if let Some(pod) = fast::remembered(state, &config, &packet.dst, packet.dst_port, packet.protocol) {
             let dns = dns::is_dns(pod.flags, packet);
+            // Built here, not by `attempt`: what that asks the kernel is remembered.
             let attempt = Attempt {
+                dest: packet.dst,
+                port: packet.dst_port,
+                protocol: packet.protocol,
+                hook: Hook::Egress,
+                bytes: ctx.len() as u64,
                 // Only events report it, and an allowed packet here has none.
                 cgroup_id: 0,
+                ctx: ctx.skb.skb.cast(),
+                socket: state,
+                destination: pod.destination,
                 dns_judges: dns,
-                ..attempt(&ctx, packet, &config, state)
             };
             report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
             ingress_policy::note_sent(&ctx, packet, pod.flags);
@@ -102,7 +110,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     } else {
                         state
                     };
-                    fast::remember(state, &judged, &packet.dst, packet.dst_port, packet.protocol);
+                    fast::remember(state, &judged, &attempt);
                 }
                 if judged.pass && (dns || dns::is_observed(flags, &packet)) {
                     return to_dns_program(

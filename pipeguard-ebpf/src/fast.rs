@@ -16,7 +16,9 @@
 //! direction) of a DNS-filtered pod skips only the walk and the trie: the packet hook still
 //! hands it to the DNS program, with the pod's allowlist and mode the socket remembered.
 //! Counters are bumped exactly as the slow path does, and the ingress side's record of
-//! peers sent to (`ingress_policy::note_sent`) too.
+//! peers sent to (`ingress_policy::note_sent`) too. What the slow path learned about the
+//! packets besides the verdict (whether the peer is a destination of the pod's, for flow
+//! statistics) is remembered with it, so a remembered packet asks no other table.
 
 use core::ptr::null_mut;
 
@@ -25,13 +27,14 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
 };
 use pipeguard_common::{
-    CONFIG_REPORT_ALLOWED, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, SocketState,
+    CONFIG_REPORT_ALLOWED, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, REMEMBERED_BY_ALLOWLIST,
+    REMEMBERED_DESTINATION, SocketState,
 };
 
 use crate::{
     addr::Dest,
     maps::{POLICY_GENERATION, SOCKETS},
-    verdict::Judged,
+    verdict::{Attempt, Judged},
 };
 
 const DNS_PORT: u16 = 53;
@@ -80,6 +83,8 @@ pub struct Remembered {
     pub mode: u32,
     /// The pod's static allowlist allowed it (not the socket's learned pass).
     pub by_allowlist: bool,
+    /// The peer is a destination of the pod's (see `Attempt::destination`).
+    pub destination: bool,
 }
 
 /// The socket's pod when its remembered verdict allows this attempt now. The packet hook
@@ -110,15 +115,16 @@ pub fn remembered(
         flags: s.pod_flags,
         policy_id: s.policy_id,
         mode: s.mode,
-        by_allowlist: s.by_allowlist != 0,
+        by_allowlist: s.remembered & REMEMBERED_BY_ALLOWLIST != 0,
+        destination: s.remembered & REMEMBERED_DESTINATION != 0,
     })
 }
 
-/// After the slow path judged an attempt: when the pod's static allowlist allowed it,
+/// After the slow path judged `attempt`: when the pod's static allowlist allowed it,
 /// remember that in `state` (null: nothing to write into), unless the state belongs to
 /// another pod.
 #[inline(always)]
-pub fn remember(state: *mut SocketState, judged: &Judged, dest: &Dest, port: u16, protocol: u8) {
+pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
     if state.is_null() || judged.generation == POLICY_GENERATION_NONE {
         return;
     }
@@ -126,10 +132,18 @@ pub fn remember(state: *mut SocketState, judged: &Judged, dest: &Dest, port: u16
     if s.pod_cgroup_id != judged.pod_cgroup_id {
         return;
     }
-    s.addr = dest.addr;
-    s.port = port;
-    s.protocol = protocol;
-    s.by_allowlist = judged.by_allowlist as u8;
+    s.addr = attempt.dest.addr;
+    s.port = attempt.port;
+    s.protocol = attempt.protocol;
+    s.remembered = if judged.by_allowlist {
+        REMEMBERED_BY_ALLOWLIST
+    } else {
+        0
+    } | if attempt.destination {
+        REMEMBERED_DESTINATION
+    } else {
+        0
+    };
     s.pod_flags = judged.pod_flags;
     s.policy_id = judged.policy_id;
     s.mode = judged.mode;

@@ -71,7 +71,7 @@ pub static ACCEPTED: LruHashMap<u64, AcceptedPeer> = LruHashMap::with_max_entrie
 /// socket storage: a socket's storage costs two accounted allocations and an RCU free,
 /// more than the rest of the socket's hooks together; a table entry is taken from a free
 /// list. LRU, so records of sockets released while the programs were detached age out.
-#[map(name = "PG_SOCKETS_V4")]
+#[map(name = "PG_SOCKETS_V5")]
 pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Index 0: the policy generation, which user space moves after every write to the pod

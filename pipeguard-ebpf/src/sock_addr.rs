@@ -92,7 +92,7 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
     };
     let judged = check(&attempt, pod, is_reply);
     // Only a socket `pg_sock_create` recorded remembers: its state names the pod that judged.
-    fast::remember(state, &judged, &attempt.dest, port, protocol);
+    fast::remember(state, &judged, &attempt);
     if judged.pass { ALLOW } else { DENY }
 }
 
