@@ -6,9 +6,9 @@
 //!   leaves out the lists' transfer), → all 110 enforced, RSS, VmHWM, idle CPU;
 //! - policy change → enforced (watch event emitted → a prober in a local pod sees the verdict);
 //! - churn: pods elsewhere created (and as many older ones deleted) at 100/s; meanwhile two
-//!   new local pods every second: new pod → enforced, agent CPU, RSS at each minute. 60 s
-//!   by default; `PIPEGUARD_BENCH_CHURN_SECS=1800` for the 30-minute run. New pod →
-//!   enforced is measured from the pod cgroup's mkdir twice: to the first refusal of a
+//!   new local pods every second: new pod → enforced, agent CPU per step and RSS at each
+//!   minute. 60 s by default; `PIPEGUARD_BENCH_CHURN_SECS=1800` for the 30-minute run. New
+//!   pod → enforced is measured from the pod cgroup's mkdir twice: to the first refusal of a
 //!   running prober moved into it (the agent's part), and to that of a prober started in it
 //!   (fork and exec included, and whether its very first probe was already refused).
 //!
@@ -169,10 +169,15 @@ pub fn run(quick: bool, report: &mut Report) {
     let mut next = pods;
     let (mut moved_lags, mut started_lags, mut refused_at_first_try) = (Vec::new(), Vec::new(), 0);
     let mut rss_by_minute = vec![churn_rss0];
+    // Agent CPU per churn step in each minute: a slope means something the churn feeds grows.
+    let (mut cpu_by_minute, mut minute_cpu0) = (Vec::new(), churn_cpu0);
     let mut previous_local = Vec::new();
     for s in 0..churn_secs {
         if s > 0 && s % 60 == 0 {
             rss_by_minute.push(agent.rss_kib());
+            let cpu = agent.cpu();
+            cpu_by_minute.push((cpu - minute_cpu0) / 60);
+            minute_cpu0 = cpu;
         }
         let second = Instant::now();
         let staged = staged_prober(&staging);
@@ -225,6 +230,10 @@ pub fn run(quick: bool, report: &mut Report) {
     }
     let churn_elapsed = churn_t0.elapsed();
     let churn_cpu = agent.cpu() - churn_cpu0;
+    let last_secs = churn_secs - cpu_by_minute.len() as u64 * 60;
+    if last_secs > 0 {
+        cpu_by_minute.push((agent.cpu() - minute_cpu0) / last_secs as u32);
+    }
     let churn_full = syncs(&agent, "full") - full0;
     let churn_rss1 = agent.rss_kib();
     rss_by_minute.push(churn_rss1);
@@ -273,6 +282,7 @@ pub fn run(quick: bool, report: &mut Report) {
             "p99",
             "its first probe refused",
             "agent CPU per churn step (100 + 100 pods, two local pods)",
+            "the same, each minute (ms)",
             "full syncs",
             "RSS before → after",
             "RSS growth per minute",
@@ -289,6 +299,11 @@ pub fn run(quick: bool, report: &mut Report) {
         ms(started.p99),
         format!("{refused_at_first_try} of {churn_secs}"),
         cpu_ms(churn_cpu / churn_secs as u32),
+        cpu_by_minute
+            .iter()
+            .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(" "),
         format!("{churn_full}"),
         format!("{} → {}", mib(churn_rss0), mib(churn_rss1)),
         format!("{:+.1} MiB", rss_per_min / 1024.0),
@@ -317,6 +332,8 @@ pub fn run(quick: bool, report: &mut Report) {
             "churn_rss_kib_before": churn_rss0, "churn_rss_kib_after": churn_rss1,
             "churn_rss_kib_per_minute": rss_per_min, "hwm_kib_end": hwm_end,
             "churn_rss_kib_each_minute": rss_by_minute,
+            "churn_cpu_ms_per_step_each_minute":
+                cpu_by_minute.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
         }),
     );
 }
