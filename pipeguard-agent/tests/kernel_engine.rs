@@ -378,6 +378,71 @@ fn counters_equal_the_datagrams_sent_when_the_socket_remembers_its_verdict() {
     assert_eq!(g.counter(Hook::Egress, VERDICT_ALLOW), (SENT, SENT * 29));
 }
 
+/// The counters map is not LRU: a finished pod's counters must go with its entry, or a
+/// node running a job a minute fills it and new pods go uncounted.
+#[test]
+fn deleting_a_pod_deletes_its_counters_and_no_one_elses() {
+    let (tcp, udp) = listeners::tcp_and_udp("127.0.0.1");
+    let mut g = guard("counters-go", &only(tcp.addr.port()), MODE_ENFORCE);
+    let other = test_cgroup("counters-stay");
+    let other_id = other.id().unwrap();
+    g.engine
+        .put_pod(
+            other_id,
+            PodEntry {
+                policy_id: POLICY,
+                mode: MODE_ENFORCE,
+                flags: POD_DENY_RAW_SOCKETS,
+                ingress_policy_id: 0,
+            },
+        )
+        .unwrap();
+    g.engine
+        .attach(other.path())
+        .expect("attach to the other pod's cgroup");
+    let routes = [
+        format!("tcp {} a", tcp.addr),
+        format!("udp-sendto {} b", udp.addr),
+        format!("tcp [::1]:{} c", tcp.addr.port()),
+    ];
+    g.probe(&routes);
+    run_probe(other.path(), &routes);
+    // (hook, verdict, packets, bytes), sorted: the map's walk order is not a contract.
+    let counters = |engine: &Engine, cgroup_id| {
+        let mut all: Vec<_> = engine
+            .counters(cgroup_id)
+            .unwrap()
+            .into_iter()
+            .map(|(k, c)| (k.hook, k.verdict, c.packets, c.bytes))
+            .collect();
+        all.sort();
+        all
+    };
+    let before = counters(&g.engine, g.cgroup_id);
+    assert!(
+        before.len() >= 4,
+        "several hooks and verdicts counted: {before:?}"
+    );
+    let others = counters(&g.engine, other_id);
+    assert_eq!(
+        others.len(),
+        before.len(),
+        "the other pod was counted alike: {others:?}"
+    );
+
+    g.engine.delete_pod(g.cgroup_id).unwrap();
+    assert_eq!(
+        counters(&g.engine, g.cgroup_id),
+        vec![],
+        "its counters went with it"
+    );
+    assert_eq!(
+        counters(&g.engine, other_id),
+        others,
+        "the other pod's are untouched"
+    );
+}
+
 /// Audited attempts are never remembered: each datagram is judged, counted and reported.
 #[test]
 fn audit_mode_counts_every_datagram_to_a_denied_destination() {

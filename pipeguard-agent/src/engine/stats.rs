@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
-use pipeguard_common::{AcceptedPeer, Counter, CounterKey, FlowKey, Hook, SocketState, map_names};
+use pipeguard_common::{
+    AcceptedPeer, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook, SocketState, VERDICT_ERROR, map_names,
+};
 
 use super::{Engine, EngineError};
 
@@ -65,6 +67,29 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// Deletes every counter of one pod cgroup, for each hook and verdict it could have. The
+    /// map is not LRU (a running pod's counts must never be evicted), so a finished pod's
+    /// counters would otherwise stay for good: the map would fill, new pods would go
+    /// uncounted, and every walk of it (each /metrics refresh) would cost more.
+    pub(super) fn delete_counters(&mut self, pod_cgroup_id: u64) -> Result<(), EngineError> {
+        let mut map: PerCpuHashMap<&mut MapData, CounterKey, Counter> = self.map_mut(map_names::COUNTERS)?;
+        for hook in 0..HOOK_COUNT as u8 {
+            for verdict in 0..=VERDICT_ERROR {
+                let key = CounterKey {
+                    cgroup_id: pod_cgroup_id,
+                    verdict,
+                    hook,
+                    _pad: [0; 6],
+                };
+                super::tables::ignore_missing(map.remove(&key)).map_err(|source| EngineError::Map {
+                    map: map_names::COUNTERS,
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Events the kernel could not put into the full ring buffer.

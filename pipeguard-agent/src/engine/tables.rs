@@ -200,13 +200,15 @@ impl Engine {
         self.after_write(written)
     }
 
+    /// The pod's entry, then its counters: a pod without an entry is no longer counted.
     pub fn delete_pod(&mut self, cgroup_id: u64) -> Result<(), EngineError> {
         let written =
             self.map_mut(map_names::PODS)
                 .and_then(|mut pods: HashMap<&mut MapData, u64, PodEntry>| {
                     ignore_missing(pods.remove(&cgroup_id)).map_err(map_error(map_names::PODS))
                 });
-        self.after_write(written)
+        self.after_write(written)?;
+        self.delete_counters(cgroup_id)
     }
 }
 
