@@ -106,11 +106,11 @@ impl Engine {
         self.after_write(written)
     }
 
-    fn put_addresses(
+    fn put_addresses<'e>(
         &mut self,
         policy_id: u32,
-        entries_v4: &[(Ipv4Net, PortSet)],
-        entries_v6: &[(Ipv6Net, PortSet)],
+        entries_v4: impl IntoIterator<Item = &'e (Ipv4Net, PortSet)>,
+        entries_v6: impl IntoIterator<Item = &'e (Ipv6Net, PortSet)>,
     ) -> Result<(), EngineError> {
         let mut v4: LpmTrie<&mut MapData, AllowKeyV4, PortSet> = self.map_mut(map_names::ALLOW_V4)?;
         for (net, ports) in entries_v4 {
@@ -142,12 +142,32 @@ impl Engine {
         );
         let ingress = PolicyDiff::between_tries(&old_in.v4, &old_in.v6, &new_in.v4, &new_in.v6);
         let written = self
-            .put_addresses(policy_id, &diff.put.v4, &diff.put.v6)
-            .and_then(|()| self.delete_addresses(policy_id, &diff.delete.v4, &diff.delete.v6))
-            .and_then(|()| self.replace_names(policy_id, &old.names, &new.names))
-            .and_then(|()| self.put_addresses(ingress_id(policy_id), &ingress.put.v4, &ingress.put.v6))
+            .put_addresses(
+                policy_id,
+                diff.put.v4.iter().copied(),
+                diff.put.v6.iter().copied(),
+            )
             .and_then(|()| {
-                self.delete_addresses(ingress_id(policy_id), &ingress.delete.v4, &ingress.delete.v6)
+                self.delete_addresses(
+                    policy_id,
+                    diff.delete.v4.iter().copied(),
+                    diff.delete.v6.iter().copied(),
+                )
+            })
+            .and_then(|()| self.replace_names(policy_id, &old.names, &new.names))
+            .and_then(|()| {
+                self.put_addresses(
+                    ingress_id(policy_id),
+                    ingress.put.v4.iter().copied(),
+                    ingress.put.v6.iter().copied(),
+                )
+            })
+            .and_then(|()| {
+                self.delete_addresses(
+                    ingress_id(policy_id),
+                    ingress.delete.v4.iter().copied(),
+                    ingress.delete.v6.iter().copied(),
+                )
             });
         self.after_write(written)?;
         Ok((
@@ -169,11 +189,11 @@ impl Engine {
         self.after_write(written)
     }
 
-    fn delete_addresses(
+    fn delete_addresses<'e>(
         &mut self,
         policy_id: u32,
-        entries_v4: &[(Ipv4Net, PortSet)],
-        entries_v6: &[(Ipv6Net, PortSet)],
+        entries_v4: impl IntoIterator<Item = &'e (Ipv4Net, PortSet)>,
+        entries_v6: impl IntoIterator<Item = &'e (Ipv6Net, PortSet)>,
     ) -> Result<(), EngineError> {
         let mut v4: LpmTrie<&mut MapData, AllowKeyV4, PortSet> = self.map_mut(map_names::ALLOW_V4)?;
         for (net, _) in entries_v4 {
@@ -317,35 +337,42 @@ pub(super) fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<
     }
 }
 
-/// The keys an in-place change writes and deletes, each in its safe order.
-struct PolicyDiff {
-    put: IngressEntries,
-    delete: IngressEntries,
+/// The keys an in-place change writes and deletes, each in its safe order. It borrows the
+/// entries of the two allowlists: at 100k entries a copy of one side is 14 MB, and a full
+/// rebuild would hold four of them at once.
+struct PolicyDiff<'a> {
+    put: Keys<'a>,
+    delete: Keys<'a>,
 }
 
-impl IngressEntries {
+struct Keys<'a> {
+    v4: Vec<&'a (Ipv4Net, PortSet)>,
+    v6: Vec<&'a (Ipv6Net, PortSet)>,
+}
+
+impl Keys<'_> {
     fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }
 }
 
-impl PolicyDiff {
+impl<'a> PolicyDiff<'a> {
     /// The egress halves of two allowlists.
-    fn between(old: &PolicyEntries, new: &PolicyEntries) -> Self {
+    fn between(old: &'a PolicyEntries, new: &'a PolicyEntries) -> Self {
         Self::between_tries(&old.v4, &old.v6, &new.v4, &new.v6)
     }
 
     fn between_tries(
-        old4: &[(Ipv4Net, PortSet)],
-        old6: &[(Ipv6Net, PortSet)],
-        new4: &[(Ipv4Net, PortSet)],
-        new6: &[(Ipv6Net, PortSet)],
+        old4: &'a [(Ipv4Net, PortSet)],
+        old6: &'a [(Ipv6Net, PortSet)],
+        new4: &'a [(Ipv4Net, PortSet)],
+        new6: &'a [(Ipv6Net, PortSet)],
     ) -> Self {
         let (put4, delete4) = diff_family(old4, new4, |n| n.prefix_len());
         let (put6, delete6) = diff_family(old6, new6, |n| n.prefix_len());
         Self {
-            put: IngressEntries { v4: put4, v6: put6 },
-            delete: IngressEntries {
+            put: Keys { v4: put4, v6: put6 },
+            delete: Keys {
                 v4: delete4,
                 v6: delete6,
             },
@@ -353,18 +380,18 @@ impl PolicyDiff {
     }
 }
 
-type Entries<N> = Vec<(N, PortSet)>;
+type EntryRefs<'a, N> = Vec<&'a (N, PortSet)>;
 
 /// (new or changed entries, longest prefix first; vanished entries, shortest first).
 /// A merge of the two sides sorted by prefix: at 100k entries, hash maps of both sides
 /// cost several times more than the one key that usually changes.
-fn diff_family<N: Copy + Ord>(
-    old: &[(N, PortSet)],
-    new: &[(N, PortSet)],
+fn diff_family<'a, N: Copy + Ord>(
+    old: &'a [(N, PortSet)],
+    new: &'a [(N, PortSet)],
     prefix_len: impl Fn(&N) -> u8,
-) -> (Entries<N>, Entries<N>) {
-    let sorted = |entries: &[(N, PortSet)]| {
-        let mut v = entries.to_vec();
+) -> (EntryRefs<'a, N>, EntryRefs<'a, N>) {
+    let sorted = |entries: &'a [(N, PortSet)]| {
+        let mut v: EntryRefs<'a, N> = entries.iter().collect();
         v.sort_unstable_by_key(|e| e.0);
         v
     };
@@ -506,8 +533,8 @@ mod tests {
                 .put
                 .v4
                 .iter()
-                .map(|&(n, p)| (n, Some(p)))
-                .chain(diff.delete.v4.iter().map(|&(n, _)| (n, None)));
+                .map(|&&(n, p)| (n, Some(p)))
+                .chain(diff.delete.v4.iter().map(|&&(n, _)| (n, None)));
             for (net, ports) in steps {
                 match ports {
                     Some(p) => trie.insert(net, p),

@@ -114,7 +114,15 @@ pub fn lpm_entries(rules: &[AllowRule]) -> Result<LpmEntries, CompileError> {
             prefixes.get_mut(&key).expect("collected above").add(&rule.ports);
         }
     }
-    let mut entries = LpmEntries::default();
+    // Sized exactly: grown by doubling, 100k entries would hold 131k slots (4.5 MB) for good.
+    let v4 = prefixes
+        .keys()
+        .filter(|(net, _)| matches!(net, IpNet::V4(_)))
+        .count();
+    let mut entries = LpmEntries {
+        v4: Vec::with_capacity(v4),
+        v6: Vec::with_capacity(prefixes.len() - v4),
+    };
     for ((net, _), union) in prefixes {
         let ports = union.pack(net)?;
         match net {
