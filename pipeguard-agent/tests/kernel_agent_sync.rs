@@ -150,6 +150,14 @@ fn a_finished_pods_cgroup_takes_the_incremental_path() {
     let registry = listeners::tcp("127.0.0.1:0");
     let (cgroups, agent) = enforced_runners(&n, registry.addr.port());
     let enforced = || metric(&agent, "pipeguard_pods{state=\"enforced\"}");
+    let counters = || metric(&agent, "pipeguard_map_entries{map=\"counters\"}").unwrap_or(0.0);
+    // Two of the pods are counted (an allowed and a refused connection each).
+    for cg in &cgroups[..2] {
+        assert!(once(cg, format!("tcp {} ok", registry.addr)).ok);
+        assert!(once(cg, "tcp 127.0.0.1:9 refused".to_string()).denied_with_eperm());
+    }
+    let counted = counters();
+    assert!(counted >= 4.0, "{counted} counter entries for two counted pods");
     let (full, removed) = (syncs(&agent, "full"), syncs(&agent, "removed_pods"));
 
     // Kubelet removes a finished pod's cgroup, then the API its object.
@@ -169,6 +177,12 @@ fn a_finished_pods_cgroup_takes_the_incremental_path() {
         syncs(&agent, "full"),
         full,
         "a full sync ran for the removed pod cgroup"
+    );
+    // Its counters went with it (the map is not LRU), the other pod's stayed.
+    let left = counters();
+    assert!(
+        left > 0.0 && left <= counted / 2.0,
+        "{left} counter entries left of {counted}"
     );
     // The others keep their policy.
     let o = once(&cgroups[1], format!("tcp {} ok", registry.addr));

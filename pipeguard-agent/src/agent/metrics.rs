@@ -450,6 +450,11 @@ impl Metrics {
                 return;
             }
         };
+        self.map_entries
+            .get_or_create(&MapLabels {
+                map: "counters".into(),
+            })
+            .set(totals.entries as i64);
         let labels = |cgroup_id: u64, verdict: u8| {
             live.pods.get(&cgroup_id).map(|(namespace, pod)| TrafficLabels {
                 namespace: namespace.clone().into(),

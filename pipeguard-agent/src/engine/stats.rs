@@ -139,6 +139,7 @@ impl CounterReader {
                 map: map_names::COUNTERS,
                 source,
             })?;
+            out.entries += 1;
             let c = sum(&values);
             let t = out.traffic.entry((key.cgroup_id, key.verdict)).or_default();
             t.packets += c.packets;
@@ -162,6 +163,8 @@ pub struct Totals {
     pub dns_queries: HashMap<(u64, u8), u64>,
     /// (pod cgroup, verdict) → inbound attempts judged (hook `Ingress`).
     pub ingress: HashMap<(u64, u8), u64>,
+    /// Entries in the map (it is not LRU: when full, new pods go uncounted).
+    pub entries: usize,
 }
 
 /// A second handle on the per-destination flow statistics, for the agent's baseline
