@@ -188,3 +188,48 @@ fn a_finished_pods_cgroup_takes_the_incremental_path() {
     let o = once(&cgroups[1], format!("tcp {} ok", registry.addr));
     assert!(o.ok, "{o:?}");
 }
+
+/// The API can delete a pod's object before kubelet removes its cgroup: the cgroup is then
+/// unmatched when it goes. It must leave with it, also when pod events keep the loop busy
+/// (under churn no periodic scan runs to drop it; it was rechecked on every sync, so each
+/// sync of a busy node cost more than the last).
+#[test]
+fn a_pod_cgroup_removed_after_its_object_is_not_checked_again() {
+    let n = node("sync-object-first");
+    let registry = listeners::tcp("127.0.0.1:0");
+    let (cgroups, agent) = enforced_runners(&n, registry.addr.port());
+    let unmatched = || metric(&agent, "pipeguard_unmatched_pod_cgroups");
+    assert_eq!(unmatched(), Some(0.0));
+
+    n.server.delete("Pod", Some("ci"), "runner-0");
+    eventually(
+        Duration::from_secs(10),
+        "the cgroup never became unmatched",
+        || unmatched() == Some(1.0),
+    );
+    let gone = &cgroups[0];
+    std::fs::remove_dir(gone).unwrap();
+    std::fs::remove_dir(gone.parent().unwrap()).unwrap();
+    // Pod events elsewhere, each sooner than the recheck interval: as on a busy cluster.
+    let mut left = unmatched();
+    for i in 0..20 {
+        n.server.apply(pod(
+            "elsewhere",
+            &format!("busy-{i}"),
+            &uid(0x5000_0000 + i),
+            &format!("10.9.0.{}", i + 1),
+        ));
+        std::thread::sleep(Duration::from_millis(200));
+        left = unmatched();
+        if left == Some(0.0) {
+            break;
+        }
+    }
+    assert_eq!(
+        left,
+        Some(0.0),
+        "the removed cgroup is still waiting to be matched"
+    );
+    let o = once(&cgroups[1], format!("tcp {} ok", registry.addr));
+    assert!(o.ok, "{o:?}");
+}

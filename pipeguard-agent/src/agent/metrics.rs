@@ -98,6 +98,7 @@ pub struct Metrics {
     pub pods: Family<StateLabels, Gauge>,
     pub allow_entries: Gauge,
     pub allowlists: Gauge,
+    pub unmatched_pod_cgroups: Gauge,
     pub sync_seconds: Histogram,
     pub sync_errors: Counter,
     /// Wake-ups of the sync loop per source.
@@ -182,6 +183,7 @@ impl Default for Metrics {
             domain_crd_missing: Family::default(),
             allow_entries: Gauge::default(),
             allowlists: Gauge::default(),
+            unmatched_pod_cgroups: Gauge::default(),
             sync_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
             ]),
@@ -235,6 +237,11 @@ impl Default for Metrics {
             m.domain_crd_missing.clone(),
         );
         registry.register("pods", "Pods on this node by enforcement status", m.pods.clone());
+        registry.register(
+            "unmatched_pod_cgroups",
+            "Pod cgroups that match no pod scheduled on this node yet",
+            m.unmatched_pod_cgroups.clone(),
+        );
         registry.register(
             "allow_entries",
             "Entries in the allow tries",

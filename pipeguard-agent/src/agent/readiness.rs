@@ -31,6 +31,15 @@ impl Unmatched {
         self.since.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.since.len()
+    }
+
+    /// A pod cgroup that went before it was matched (its pod object was deleted first).
+    pub fn forget(&mut self, uid: &str) {
+        self.since.remove(uid);
+    }
+
     /// Records this scan's unmatched cgroups; the problem, if one with processes has waited
     /// longer than [`WINDOW`].
     pub fn check(&mut self, unmatched: &[PodCgroup], now: Instant) -> Option<String> {

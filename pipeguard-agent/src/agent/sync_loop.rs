@@ -162,6 +162,10 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
             next_dns_sweep = Instant::now() + crate::engine::dns::SWEEP_INTERVAL;
         }
         health.metrics.refresh();
+        health
+            .metrics
+            .unmatched_pod_cgroups
+            .set(state.unmatched.len() as i64);
         health.set_problem("watch", caches.watches.failing(config.watch_failure_bound));
         engine.drain_kernel_logs();
         // While a pod cgroup waits to be matched, look again soon: the window is short.
@@ -532,7 +536,8 @@ impl Loop {
         self.last_scan.as_ref()?;
         let mut gone = HashMap::new();
         for cg in removed {
-            // Unknown: created and removed between two wake-ups, or never scanned.
+            // Unknown: created and removed between two wake-ups, never scanned, or its pod
+            // object went first (then it is unmatched, and only the scan holds it).
             let Some(&cgroup_id) = self.cgroup_ids.get(&cg.path) else {
                 continue;
             };
@@ -555,8 +560,19 @@ impl Loop {
             self.paths.remove(cgroup_id);
             self.deps.remove(&pod.uid);
         }
+        // Every removed directory leaves the scan, matched or not: an unmatched one left
+        // behind would be rechecked on every sync for as long as no full scan runs, and
+        // under steady pod churn none does.
+        let vanished: HashSet<&std::path::Path> = removed
+            .iter()
+            .filter(|cg| !cg.path.exists())
+            .map(|cg| cg.path.as_path())
+            .collect();
+        for cg in removed.iter().filter(|cg| vanished.contains(cg.path.as_path())) {
+            self.unmatched.forget(&cg.uid);
+        }
         if let Some(scan) = self.last_scan.as_mut() {
-            scan.retain(|c| !gone.values().any(|(path, _)| *path == c.path));
+            scan.retain(|c| !vanished.contains(c.path.as_path()));
         }
         self.desired.retain(|d| !gone.contains_key(&d.pod.cgroup_id));
         let stats = match self.applied.apply(engine, &self.desired) {
