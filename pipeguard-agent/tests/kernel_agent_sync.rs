@@ -32,6 +32,12 @@ fn triggers(agent: &agent::Agent, source: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// What kubelet does with a finished pod's cgroups: the container's, then the pod's.
+fn kubelet_removes(container: &std::path::Path) {
+    std::fs::remove_dir(container).unwrap();
+    std::fs::remove_dir(container.parent().unwrap()).unwrap();
+}
+
 /// Pods already on the node when the agent starts.
 const PODS: u32 = 12;
 
@@ -162,8 +168,7 @@ fn a_finished_pods_cgroup_takes_the_incremental_path() {
 
     // Kubelet removes a finished pod's cgroup, then the API its object.
     let gone = &cgroups[0];
-    std::fs::remove_dir(gone).unwrap();
-    std::fs::remove_dir(gone.parent().unwrap()).unwrap();
+    kubelet_removes(gone);
     eventually(Duration::from_secs(10), "the finished pod's entry stayed", || {
         enforced() == Some(f64::from(PODS - 1))
     });
@@ -208,8 +213,7 @@ fn a_pod_cgroup_removed_after_its_object_is_not_checked_again() {
         || unmatched() == Some(1.0),
     );
     let gone = &cgroups[0];
-    std::fs::remove_dir(gone).unwrap();
-    std::fs::remove_dir(gone.parent().unwrap()).unwrap();
+    kubelet_removes(gone);
     // Pod events elsewhere, each sooner than the recheck interval: as on a busy cluster.
     let mut left = unmatched();
     for i in 0..20 {

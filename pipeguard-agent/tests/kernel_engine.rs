@@ -44,22 +44,22 @@ fn guard_with_flags(name: &str, entries: &PolicyEntries, mode: u32, flags: u32) 
     let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
     let cgroup_id = cgroup.id().unwrap();
     engine.put_policy(POLICY, entries).unwrap();
-    engine
-        .put_pod(
-            cgroup_id,
-            PodEntry {
-                policy_id: POLICY,
-                mode,
-                flags,
-                ingress_policy_id: 0,
-            },
-        )
-        .unwrap();
+    engine.put_pod(cgroup_id, entry(mode, flags)).unwrap();
     engine.attach(cgroup.path()).expect("attach to the test cgroup");
     Guarded {
         engine,
         cgroup,
         cgroup_id,
+    }
+}
+
+/// A pod entry pointing at [`POLICY`].
+fn entry(mode: u32, flags: u32) -> PodEntry {
+    PodEntry {
+        policy_id: POLICY,
+        mode,
+        flags,
+        ingress_policy_id: 0,
     }
 }
 
@@ -387,15 +387,7 @@ fn deleting_a_pod_deletes_its_counters_and_no_one_elses() {
     let other = test_cgroup("counters-stay");
     let other_id = other.id().unwrap();
     g.engine
-        .put_pod(
-            other_id,
-            PodEntry {
-                policy_id: POLICY,
-                mode: MODE_ENFORCE,
-                flags: POD_DENY_RAW_SOCKETS,
-                ingress_policy_id: 0,
-            },
-        )
+        .put_pod(other_id, entry(MODE_ENFORCE, POD_DENY_RAW_SOCKETS))
         .unwrap();
     g.engine
         .attach(other.path())
@@ -548,17 +540,7 @@ fn pinned_enforcement_outlives_the_engine_and_is_adopted_then_removed() {
     {
         let mut engine = Engine::load(&config).expect("load with pins");
         engine.put_policy(POLICY, &only(allowed.addr.port())).unwrap();
-        engine
-            .put_pod(
-                cgroup_id,
-                PodEntry {
-                    policy_id: POLICY,
-                    mode: MODE_ENFORCE,
-                    flags: 0,
-                    ingress_policy_id: 0,
-                },
-            )
-            .unwrap();
+        engine.put_pod(cgroup_id, entry(MODE_ENFORCE, 0)).unwrap();
         engine.attach(cgroup.path()).unwrap();
         assert_eperm(&run_probe(cgroup.path(), &[format!("tcp {} x", denied.addr)]));
     }
@@ -568,15 +550,10 @@ fn pinned_enforcement_outlives_the_engine_and_is_adopted_then_removed() {
 
     let mut engine = Engine::load(&config).expect("a second engine reuses the pinned maps");
     assert!(
-        engine.pods().unwrap().contains(&(
-            cgroup_id,
-            PodEntry {
-                policy_id: POLICY,
-                mode: MODE_ENFORCE,
-                flags: 0,
-                ingress_policy_id: 0
-            }
-        )),
+        engine
+            .pods()
+            .unwrap()
+            .contains(&(cgroup_id, entry(MODE_ENFORCE, 0))),
         "the pod table survived"
     );
     assert_eq!(

@@ -563,13 +563,10 @@ impl Loop {
         // Every removed directory leaves the scan, matched or not: an unmatched one left
         // behind would be rechecked on every sync for as long as no full scan runs, and
         // under steady pod churn none does.
-        let vanished: HashSet<&std::path::Path> = removed
-            .iter()
-            .filter(|cg| !cg.path.exists())
-            .map(|cg| cg.path.as_path())
-            .collect();
-        for cg in removed.iter().filter(|cg| vanished.contains(cg.path.as_path())) {
+        let mut vanished: HashSet<&std::path::Path> = HashSet::new();
+        for cg in removed.iter().filter(|cg| !cg.path.exists()) {
             self.unmatched.forget(&cg.uid);
+            vanished.insert(cg.path.as_path());
         }
         if let Some(scan) = self.last_scan.as_mut() {
             scan.retain(|c| !vanished.contains(c.path.as_path()));

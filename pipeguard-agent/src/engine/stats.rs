@@ -83,10 +83,8 @@ impl Engine {
                     hook,
                     _pad: [0; 6],
                 };
-                super::tables::ignore_missing(map.remove(&key)).map_err(|source| EngineError::Map {
-                    map: map_names::COUNTERS,
-                    source,
-                })?;
+                super::tables::ignore_missing(map.remove(&key))
+                    .map_err(super::tables::map_error(map_names::COUNTERS))?;
             }
         }
         Ok(())
