@@ -163,7 +163,7 @@ fn a_finished_pods_cgroup_takes_the_incremental_path() {
         assert!(once(cg, "tcp 127.0.0.1:9 refused".to_string()).denied_with_eperm());
     }
     let counted = counters();
-    assert!(counted >= 4.0, "{counted} counter entries for two counted pods");
+    assert_eq!(counted, f64::from(PODS), "one counter slot per enforced pod");
     let (full, removed) = (syncs(&agent, "full"), syncs(&agent, "removed_pods"));
 
     // Kubelet removes a finished pod's cgroup, then the API its object.
@@ -183,12 +183,9 @@ fn a_finished_pods_cgroup_takes_the_incremental_path() {
         full,
         "a full sync ran for the removed pod cgroup"
     );
-    // Its counters went with it (the map is not LRU), the other pod's stayed.
+    // Its pod entry went, and with it its counter slot (zeroed for the next pod that gets it).
     let left = counters();
-    assert!(
-        left > 0.0 && left <= counted / 2.0,
-        "{left} counter entries left of {counted}"
-    );
+    assert_eq!(left, counted - 1.0, "counter slots left of {counted}");
     // The others keep their policy.
     let o = once(&cgroups[1], format!("tcp {} ok", registry.addr));
     assert!(o.ok, "{o:?}");

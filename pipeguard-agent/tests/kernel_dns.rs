@@ -67,6 +67,7 @@ fn guard_pod(name: &str, entries: &PolicyEntries, config: EngineConfig, flags: u
                 mode: MODE_ENFORCE,
                 flags,
                 ingress_policy_id: 0,
+                ..PodEntry::default()
             },
         )
         .unwrap();
@@ -956,6 +957,7 @@ fn names_learned_for_a_pod_without_domain_rules_allow_nothing() {
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED,
                 ingress_policy_id: 0,
+                ..PodEntry::default()
             },
         )
         .unwrap();

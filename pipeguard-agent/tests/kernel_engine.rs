@@ -13,8 +13,8 @@ use pipeguard::{
     engine::{Engine, EngineConfig, PolicyEntries, events},
 };
 use pipeguard_common::{
-    Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, PortRange,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 #[test]
@@ -40,8 +40,18 @@ fn guard(name: &str, entries: &PolicyEntries, mode: u32) -> Guarded {
 }
 
 fn guard_with_flags(name: &str, entries: &PolicyEntries, mode: u32, flags: u32) -> Guarded {
+    guard_with_config(name, entries, mode, flags, &EngineConfig::default())
+}
+
+fn guard_with_config(
+    name: &str,
+    entries: &PolicyEntries,
+    mode: u32,
+    flags: u32,
+    config: &EngineConfig,
+) -> Guarded {
     let cgroup = test_cgroup(name);
-    let mut engine = Engine::load(&EngineConfig::default()).expect("load the eBPF programs");
+    let mut engine = Engine::load(config).expect("load the eBPF programs");
     let cgroup_id = cgroup.id().unwrap();
     engine.put_policy(POLICY, entries).unwrap();
     engine.put_pod(cgroup_id, entry(mode, flags)).unwrap();
@@ -60,6 +70,7 @@ fn entry(mode: u32, flags: u32) -> PodEntry {
         mode,
         flags,
         ingress_policy_id: 0,
+        ..PodEntry::default()
     }
 }
 
@@ -293,6 +304,7 @@ fn moving_the_pod_to_another_allowlist_cuts_an_established_connection() {
                     mode: MODE_ENFORCE,
                     flags: POD_DENY_RAW_SOCKETS,
                     ingress_policy_id: 0,
+                    ..PodEntry::default()
                 },
             )
             .unwrap();
@@ -378,8 +390,120 @@ fn counters_equal_the_datagrams_sent_when_the_socket_remembers_its_verdict() {
     assert_eq!(g.counter(Hook::Egress, VERDICT_ALLOW), (SENT, SENT * 29));
 }
 
-/// The counters map is not LRU: a finished pod's counters must go with its entry, or a
-/// node running a job a minute fills it and new pods go uncounted.
+/// With flow statistics on (`exec`), the datagrams the fast path lets through reach the
+/// per-destination statistics exactly once: read while the socket is still open (what it
+/// has not moved to the table yet), after it moved to another destination and back, and
+/// after it closed.
+#[test]
+fn flow_statistics_count_each_fast_path_datagram_once() {
+    const EACH: u64 = 40;
+    let a = listeners::udp("127.0.0.1:0");
+    let b = listeners::udp("127.0.0.1:0");
+    let mut entries = common::allow_only("127.0.0.1/32", a.addr.port(), &[PROTO_UDP]);
+    let ports = &mut entries.v4[0].1;
+    ports.ranges[1] = PortRange {
+        start: b.addr.port(),
+        end: b.addr.port(),
+        protocol: PROTO_UDP,
+        _pad: [0; 3],
+    };
+    ports.count = 2;
+    let config = EngineConfig {
+        flow_stats: true,
+        ..EngineConfig::default()
+    };
+    let g = guard_with_config("flows", &entries, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, &config);
+    let flow = |port: u16| {
+        g.engine
+            .flows(g.cgroup_id)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k.port == port && k.protocol == PROTO_UDP && k.verdict == VERDICT_ALLOW)
+            .fold((0, 0), |(p, b), (_, c)| (p + c.packets, b + c.bytes))
+    };
+    let flag = std::env::temp_dir().join(format!("pg-flows-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let child = common::probe_command(
+        g.cgroup.path(),
+        &[format!(
+            "udp-alternate {} {} {EACH} {}",
+            a.addr,
+            b.addr,
+            flag.display()
+        )],
+    )
+    .spawn()
+    .expect("spawn probe");
+    assert!(
+        a.received
+            .wait_for(&[b'x'; 2 * EACH as usize], Duration::from_secs(5))
+            && b.received
+                .wait_for(&[b'x'; EACH as usize], Duration::from_secs(5)),
+        "every datagram arrived"
+    );
+    // IPv4 header, UDP header, one byte.
+    let expected = |n: u64| (n, n * 29);
+    assert_eq!(
+        flow(a.addr.port()),
+        expected(2 * EACH),
+        "while the socket is open"
+    );
+    assert_eq!(flow(b.addr.port()), expected(EACH), "while the socket is open");
+    std::fs::write(&flag, "go").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&flag);
+    assert_ok(&common::parse_outcomes(&output));
+    assert_eq!(flow(a.addr.port()), expected(2 * EACH), "after the socket closed");
+    assert_eq!(flow(b.addr.port()), expected(EACH), "after the socket closed");
+    assert_eq!(g.counter(Hook::Egress, VERDICT_ALLOW), expected(3 * EACH));
+}
+
+/// A counter slot a finished pod gave back reaches another pod zeroed: that pod's counters
+/// are its own from its first packet.
+#[test]
+fn a_counter_slot_handed_out_again_starts_at_zero() {
+    let udp = listeners::udp("127.0.0.1:0");
+    let mut g = guard("slot-first", &only(udp.addr.port()), MODE_ENFORCE);
+    g.probe(&[format!("udp-burst {} 5", udp.addr)]);
+    assert_eq!(g.count(Hook::Sendmsg4, VERDICT_ALLOW), 5);
+    g.engine.delete_pod(g.cgroup_id).unwrap();
+    // Released slots come back last: take every other one (ids no cgroup has) first.
+    let placeholders: Vec<u64> = (1..u64::from(pipeguard_common::COUNTER_SLOT_OVERFLOW) - 1)
+        .map(|i| u64::MAX - i)
+        .collect();
+    for id in &placeholders {
+        g.engine.put_pod(*id, entry(MODE_ENFORCE, 0)).unwrap();
+    }
+    let next = test_cgroup("slot-next");
+    let next_id = next.id().unwrap();
+    g.engine
+        .put_pod(next_id, entry(MODE_ENFORCE, POD_DENY_RAW_SOCKETS))
+        .unwrap();
+    g.engine
+        .attach(next.path())
+        .expect("attach to the next pod's cgroup");
+    assert_eq!(
+        g.engine.counters(next_id).unwrap(),
+        vec![],
+        "the first pod's counts stayed in the slot"
+    );
+    run_probe(next.path(), &[format!("udp-burst {} 3", udp.addr)]);
+    let sent: u64 = g
+        .engine
+        .counters(next_id)
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.hook == Hook::Sendmsg4 as u8 && k.verdict == VERDICT_ALLOW)
+        .map(|(_, c)| c.packets)
+        .sum();
+    assert_eq!(sent, 3);
+    for id in placeholders {
+        g.engine.delete_pod(id).unwrap();
+    }
+}
+
+/// A finished pod's counters must go with its entry, or a node running a job a minute
+/// would keep counting (and reporting) every pod it ever ran.
 #[test]
 fn deleting_a_pod_deletes_its_counters_and_no_one_elses() {
     let (tcp, udp) = listeners::tcp_and_udp("127.0.0.1");

@@ -80,6 +80,7 @@ fn pod(name: &str, ingress: &PolicyEntries, mode: u32) -> Pod {
                 mode,
                 flags: POD_INGRESS_ISOLATED,
                 ingress_policy_id: INGRESS,
+                ..PodEntry::default()
             },
         )
         .unwrap();
@@ -387,6 +388,7 @@ fn pods_not_isolated_for_ingress_are_unaffected() {
                 mode: MODE_ENFORCE,
                 flags: 0,
                 ingress_policy_id: INGRESS,
+                ..PodEntry::default()
             },
         )
         .unwrap();
@@ -804,6 +806,7 @@ fn pinned_ingress_enforcement_outlives_the_engine_and_is_adopted() {
         mode: MODE_ENFORCE,
         flags: POD_INGRESS_ISOLATED,
         ingress_policy_id: INGRESS,
+        ..PodEntry::default()
     };
     {
         let mut engine = Engine::load(&config).expect("load with pins");

@@ -297,6 +297,7 @@ impl Kernel {
                         0
                     },
                     ingress_policy_id: ingress_id(policy_id),
+                    ..PodEntry::default()
                 },
             )
             .unwrap();

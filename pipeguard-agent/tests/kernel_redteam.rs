@@ -71,6 +71,7 @@ fn every_known_route_is_blocked_or_documented() {
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS,
                 ingress_policy_id: 0,
+                ..PodEntry::default()
             },
         )
         .unwrap();

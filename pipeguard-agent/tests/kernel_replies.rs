@@ -59,6 +59,7 @@ fn guard(name: &str) -> Guarded {
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS,
                 ingress_policy_id: 0,
+                ..PodEntry::default()
             },
         )
         .unwrap();

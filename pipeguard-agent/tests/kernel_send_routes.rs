@@ -52,6 +52,7 @@ fn guard(name: &str, port: u16) -> Guarded {
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS,
                 ingress_policy_id: 0,
+                ..PodEntry::default()
             },
         )
         .unwrap();

@@ -37,6 +37,7 @@ fn socket_records_live_exactly_as_long_as_the_sockets() {
         mode: MODE_ENFORCE,
         flags: 0,
         ingress_policy_id: 0,
+        ..PodEntry::default()
     };
     engine.put_pod(cgroup_id, pod).unwrap();
     engine.attach(cgroup.path()).expect("attach to the test cgroup");

@@ -9,10 +9,10 @@ use bytemuck::{Pod, Zeroable};
 /// Map names are versioned: a new layout gets a new name, so an upgraded agent never
 /// reads a pinned map with the old layout.
 pub mod map_names {
-    pub const PODS: &str = "PG_PODS_V1";
+    pub const PODS: &str = "PG_PODS_V2";
     pub const ALLOW_V4: &str = "PG_ALLOW4_V1";
     pub const ALLOW_V6: &str = "PG_ALLOW6_V1";
-    pub const COUNTERS: &str = "PG_COUNTERS_V1";
+    pub const COUNTERS: &str = "PG_COUNTERS_V2";
     pub const FLOWS: &str = "PG_FLOWS_V1";
     pub const EVENTS: &str = "PG_EVENTS_V1";
     pub const EVENT_DROPS: &str = "PG_EVENT_DROPS_V1";
@@ -20,7 +20,7 @@ pub mod map_names {
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
     pub const ACCEPTED: &str = "PG_ACCEPTED_V3";
-    pub const SOCKETS: &str = "PG_SOCKETS_V5";
+    pub const SOCKETS: &str = "PG_SOCKETS_V6";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
@@ -88,7 +88,14 @@ pub const MAX_PODS: u32 = 65_536;
 /// pods on one node. LRU: past it, the least recently used socket loses its record and is
 /// judged like a socket older than the programs.
 pub const MAX_SOCKETS: u32 = 65_536;
-pub const MAX_COUNTERS: u32 = 65_536;
+/// Pods a node can count at once: slots of the per-CPU counter array (`PodCounters`), which
+/// the engine hands out to pods. A node runs a few hundred pods at most (kubelet's default
+/// is 110); slot 0 counts what no pod owns and the last slot takes pods past the rest.
+pub const MAX_COUNTER_SLOTS: u32 = 1024;
+/// `PodEntry::counter_slot` of attempts judged for no pod (unknown pods under `deny`).
+pub const COUNTER_SLOT_NONE: u32 = 0;
+/// Shared by the pods that found every other slot taken: counted, never attributed.
+pub const COUNTER_SLOT_OVERFLOW: u32 = MAX_COUNTER_SLOTS - 1;
 pub const MAX_FLOWS: u32 = 16_384;
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
 /// Capacity of the UDP reply table (LRU: under pressure the oldest reply state goes, and
@@ -132,8 +139,12 @@ pub struct PodEntry {
     /// the pod's own); only read when `POD_INGRESS_ISOLATED` is set. Was padding before
     /// ingress enforcement: entries of older agents hold 0 and no flag.
     pub ingress_policy_id: u32,
+    /// The pod's row in the counter array (`PodCounters`). Assigned by the engine: callers
+    /// leave it 0 and never see it.
+    pub counter_slot: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<PodEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<PodEntry>() == 24);
 
 /// Data of the IPv4 LPM trie key (the map key is `{u32 prefix_len, AllowKeyV4}`, as in
 /// `struct bpf_lpm_trie_key_u8`). The prefix length counts the 32 bits of `policy_id` plus
@@ -270,7 +281,21 @@ pub const VERDICT_AUDIT: u8 = 2;
 /// in a guarded pod and an error counted.
 pub const VERDICT_ERROR: u8 = 3;
 
-/// Per-CPU counter key: per pod cgroup, verdict and hook.
+/// Verdicts a counter is kept for: `VERDICT_ALLOW` to `VERDICT_ERROR`.
+pub const VERDICT_COUNT: usize = 4;
+
+/// One pod's row of the per-CPU counter array (`PG_COUNTERS_V2`, indexed by
+/// `PodEntry::counter_slot`): packets and bytes by hook and verdict (connect/sendmsg count
+/// attempts). An array, not a hash keyed by pod: every packet counts with an inlined
+/// lookup and no hashing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PodCounters {
+    pub by_hook: [[Counter; VERDICT_COUNT]; HOOK_COUNT],
+}
+const _: () = assert!(core::mem::size_of::<PodCounters>() == 512);
+
+/// A counter as user space reports it: per pod cgroup, verdict and hook.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CounterKey {
@@ -361,7 +386,10 @@ pub struct AcceptedPeer {
     pub addr: [u8; 16],
     /// Host byte order.
     pub port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `counter_slot` of `pod_cgroup_id` (was padding: a record of an older agent holds 0,
+    /// and its generation is stale, so it is never read).
+    pub counter_slot: u32,
     /// The pod this connection's replies were last counted for, under policy `generation`
     /// (`POLICY_GENERATION_NONE`: not yet): while the generation holds, the packet hook
     /// counts them for it without the pod walk (a reply's verdict is always allow).
@@ -406,8 +434,17 @@ pub struct SocketState {
     /// program is handed for a remembered query.
     pub policy_id: u32,
     pub mode: u32,
+    /// The pod's `counter_slot` under the remembered generation.
+    pub counter_slot: u32,
+    pub _pad: u32,
+    /// Packets and bytes the fast path let through to the remembered destination and has
+    /// not yet added to the flow statistics (`CONFIG_FLOW_STATS` only): they are added when
+    /// the socket remembers another destination or goes, and user space adds what is still
+    /// here when it reads the flows. Updated atomically (a UDP socket may send from two
+    /// CPUs at once).
+    pub flow_pending: Counter,
 }
-const _: () = assert!(core::mem::size_of::<SocketState>() == 128);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 152);
 
 /// `SocketState::remembered`: the pod's static allowlist allowed the destination (else the
 /// socket's learned pass did).
@@ -437,7 +474,8 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 pub const UNKNOWN_ALLOW: u32 = 0;
 pub const UNKNOWN_DENY: u32 = 1;
-/// Keep per-destination flow statistics (costs one LRU update per packet).
+/// Keep per-destination flow statistics (the slow path updates the LRU flow table; the fast
+/// path adds to the socket's record, see `SocketState::flow_pending`).
 pub const CONFIG_FLOW_STATS: u32 = 1 << 0;
 /// Also report allowed attempts (verdict `VERDICT_ALLOW`), one event per flow per
 /// `EVENT_INTERVAL_NS`: `exec --learn` needs the process behind every destination.
@@ -457,6 +495,7 @@ mod user {
     unsafe impl aya::Pod for PortSet {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for PodCounters {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Config {}

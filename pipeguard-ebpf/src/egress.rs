@@ -19,7 +19,7 @@ use crate::{
     maps::DNS_EGRESS,
     packet::{self, Packet},
     pod, reply,
-    verdict::{Attempt, check, config, count, report},
+    verdict::{Attempt, check, config, count},
 };
 
 const PASS: i32 = 1;
@@ -37,27 +37,21 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     if let Ok(packet) = &parsed {
         if let Some(pod) = fast::remembered(state, &config, &packet.dst, packet.dst_port, packet.protocol) {
             let dns = dns::is_dns(pod.flags, packet);
-            // Built here, not by `attempt`: what that asks the kernel is remembered.
-            let attempt = Attempt {
-                dest: packet.dst,
-                port: packet.dst_port,
-                protocol: packet.protocol,
-                hook: Hook::Egress,
-                bytes: ctx.len() as u64,
-                // Only events report it, and an allowed packet here has none.
-                cgroup_id: 0,
-                ctx: ctx.skb.skb.cast(),
-                socket: state,
-                destination: pod.destination,
-                dns_judges: dns,
-            };
-            report(&attempt, pod.cgroup_id, 0, VERDICT_ALLOW, &config, 0, 0);
+            let bytes = ctx.len() as u64;
+            // A query the DNS program judges is counted there, with its verdict.
+            if !dns {
+                count(pod.counter_slot, VERDICT_ALLOW, Hook::Egress, bytes);
+            }
+            if config.flags & CONFIG_FLOW_STATS != 0 && pod.destination {
+                fast::add_flow_pending(state, bytes);
+            }
             ingress_policy::note_sent(&ctx, packet, pod.flags);
             if dns || dns::is_observed(pod.flags, packet) {
                 return to_dns_program(
                     &ctx,
                     packet,
                     pod.cgroup_id,
+                    pod.counter_slot,
                     pod.policy_id,
                     pod.mode,
                     pod.by_allowlist,
@@ -72,8 +66,8 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             && !fast::is_dns_port(packet.protocol, packet.dst_port, packet.src_port)
         {
             accepted = reply::accepted_peer(&ctx, packet);
-            if let Some(pod_cgroup_id) = reply::counted_pod(accepted) {
-                count(pod_cgroup_id, VERDICT_ALLOW, Hook::Egress, ctx.len() as u64);
+            if let Some(counter_slot) = reply::counted_pod(accepted) {
+                count(counter_slot, VERDICT_ALLOW, Hook::Egress, ctx.len() as u64);
                 return PASS;
             }
             if !accepted.is_null() {
@@ -82,7 +76,12 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             } else if !state.is_null() && reply::is_listener_syn_ack(&ctx, packet) {
                 // Counted for the pod that created the listener, while it is in the table.
                 if let Some(pod) = pod::by_id(unsafe { (*state).pod_cgroup_id }) {
-                    count(pod.cgroup_id, VERDICT_ALLOW, Hook::Egress, ctx.len() as u64);
+                    count(
+                        pod.entry.counter_slot,
+                        VERDICT_ALLOW,
+                        Hook::Egress,
+                        ctx.len() as u64,
+                    );
                     return PASS;
                 }
             }
@@ -102,7 +101,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                 let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
                 if judged.pass {
                     ingress_policy::note_sent(&ctx, &packet, flags);
-                    reply::remember_pod(accepted, judged.pod_cgroup_id, generation);
+                    reply::remember_pod(accepted, judged.pod_cgroup_id, judged.counter_slot, generation);
                 }
                 if judged.generation != POLICY_GENERATION_NONE {
                     let state = if state.is_null() {
@@ -117,6 +116,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                         &ctx,
                         &packet,
                         judged.pod_cgroup_id,
+                        judged.counter_slot,
                         judged.policy_id,
                         judged.mode,
                         judged.by_allowlist,
@@ -127,7 +127,12 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             }
             Err(()) => {
                 // Unparseable packet from a guarded pod: never let "something broke" mean allow.
-                count(pod.cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
+                count(
+                    pod.entry.counter_slot,
+                    VERDICT_ERROR,
+                    Hook::Egress,
+                    ctx.len() as u64,
+                );
                 DROP
             }
         },
@@ -150,11 +155,13 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
 /// handed what was found here. Should the tail call fail, nothing leaves. `observe`: a
 /// query of another pod, only read for the report (`dns::is_observed`), which passes
 /// whatever happens.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_dns_program(
     ctx: &SkBuffContext,
     packet: &Packet,
     pod_cgroup_id: u64,
+    counter_slot: u32,
     policy_id: u32,
     mode: u32,
     ip_allowed: bool,
@@ -176,7 +183,7 @@ fn to_dns_program(
     if observe {
         return PASS;
     }
-    count(pod_cgroup_id, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
+    count(counter_slot, VERDICT_ERROR, Hook::Egress, ctx.len() as u64);
     DROP
 }
 

@@ -15,26 +15,31 @@
 //! attempts take the slow path every time, with their events. DNS (port 53, either
 //! direction) of a DNS-filtered pod skips only the walk and the trie: the packet hook still
 //! hands it to the DNS program, with the pod's allowlist and mode the socket remembered.
-//! Counters are bumped exactly as the slow path does, and the ingress side's record of
-//! peers sent to (`ingress_policy::note_sent`) too. What the slow path learned about the
+//! Counters are bumped exactly as the slow path does (the pod's row of the counter array),
+//! flow statistics go into the socket's record until it changes destination or goes
+//! (`settle_flow`), and the ingress side's record of peers sent to
+//! (`ingress_policy::note_sent`) is written too. What the slow path learned about the
 //! packets besides the verdict (whether the peer is a destination of the pod's, for flow
 //! statistics) is remembered with it, so a remembered packet asks no other table.
 
-use core::ptr::null_mut;
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::null_mut,
+};
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST, BPF_TCP_CLOSE, bpf_sock},
     helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
 };
 use pipeguard_common::{
-    CONFIG_REPORT_ALLOWED, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, REMEMBERED_BY_ALLOWLIST,
-    REMEMBERED_DESTINATION, SocketState,
+    CONFIG_REPORT_ALLOWED, Config, Counter, FlowKey, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP,
+    REMEMBERED_BY_ALLOWLIST, REMEMBERED_DESTINATION, SocketState, VERDICT_ALLOW,
 };
 
 use crate::{
     addr::Dest,
     maps::{POLICY_GENERATION, SOCKETS},
-    verdict::{Attempt, Judged},
+    verdict::{self, Attempt, Judged},
 };
 
 const DNS_PORT: u16 = 53;
@@ -77,6 +82,7 @@ fn full_socket(skb: *mut __sk_buff) -> *mut bpf_sock {
 /// The pod a remembered verdict was judged for, as it was under the remembered generation.
 pub struct Remembered {
     pub cgroup_id: u64,
+    pub counter_slot: u32,
     /// Its `POD_*` flags.
     pub flags: u32,
     pub policy_id: u32,
@@ -112,6 +118,7 @@ pub fn remembered(
     }
     Some(Remembered {
         cgroup_id: s.pod_cgroup_id,
+        counter_slot: s.counter_slot,
         flags: s.pod_flags,
         policy_id: s.policy_id,
         mode: s.mode,
@@ -132,6 +139,9 @@ pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
     if s.pod_cgroup_id != judged.pod_cgroup_id {
         return;
     }
+    if s.addr != attempt.dest.addr || s.port != attempt.port || s.protocol != attempt.protocol {
+        settle_flow(s);
+    }
     s.addr = attempt.dest.addr;
     s.port = attempt.port;
     s.protocol = attempt.protocol;
@@ -145,9 +155,50 @@ pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
         0
     };
     s.pod_flags = judged.pod_flags;
+    s.counter_slot = judged.counter_slot;
     s.policy_id = judged.policy_id;
     s.mode = judged.mode;
     s.generation = judged.generation;
+}
+
+/// A remembered packet's share of the flow statistics (`CONFIG_FLOW_STATS`), kept in the
+/// socket's record instead of a per-packet update of the flow table.
+#[inline(always)]
+pub fn add_flow_pending(state: *mut SocketState, bytes: u64) {
+    let pending = unsafe { &mut (*state).flow_pending };
+    atomic_add(&mut pending.packets, 1);
+    atomic_add(&mut pending.bytes, bytes);
+}
+
+/// An atomic add whose result is unused: one BPF_ATOMIC instruction. `core`'s atomics
+/// offer no `fetch_add` on this target (it has no compare-and-swap).
+#[inline(always)]
+fn atomic_add(counter: &mut u64, value: u64) {
+    // SAFETY: `counter` is a valid, aligned u64 in a map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, value) };
+}
+
+/// Moves what the fast path counted for the remembered destination into the flow table:
+/// before the socket remembers another destination, and before its record goes.
+#[inline(always)]
+pub fn settle_flow(s: &mut SocketState) {
+    let packets = unsafe { core::ptr::read_volatile(&s.flow_pending.packets) };
+    if packets == 0 {
+        return;
+    }
+    let bytes = unsafe { core::ptr::read_volatile(&s.flow_pending.bytes) };
+    // Taken out by subtraction, so what another CPU adds meanwhile stays.
+    atomic_add(&mut s.flow_pending.packets, packets.wrapping_neg());
+    atomic_add(&mut s.flow_pending.bytes, bytes.wrapping_neg());
+    let key = FlowKey {
+        cgroup_id: s.pod_cgroup_id,
+        addr: s.addr,
+        port: s.port,
+        protocol: s.protocol,
+        verdict: VERDICT_ALLOW,
+        _pad: [0; 4],
+    };
+    verdict::add_flow(&key, Counter { packets, bytes });
 }
 
 /// A TCP connection without state earns it once it has sent more than this many segments:

@@ -41,7 +41,12 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
             }
             Err(()) if pod.entry.flags & POD_INGRESS_ISOLATED != 0 => {
                 // What cannot be read cannot be admitted to an isolated pod.
-                count(pod.cgroup_id, VERDICT_ERROR, Hook::Ingress, ctx.len() as u64);
+                count(
+                    pod.entry.counter_slot,
+                    VERDICT_ERROR,
+                    Hook::Ingress,
+                    ctx.len() as u64,
+                );
                 DROP
             }
             Err(()) => PASS,

@@ -66,6 +66,7 @@ pub fn admits(ctx: &SkBuffContext, packet: &Packet, pod: &Pod, config: &Config) 
     report(
         &attempt,
         pod.cgroup_id,
+        pod.entry.counter_slot,
         pod.entry.ingress_policy_id,
         verdict,
         config,

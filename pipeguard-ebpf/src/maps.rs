@@ -3,21 +3,18 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{
-        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
-        RingBuf,
-    },
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use pipeguard_common::{
-    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, CounterKey, DnsConfig, DnsScratch,
-    EVENT_RING_BYTES, FlowKey, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTERS, MAX_FLOWS,
-    MAX_LEARNED, MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN,
-    MAX_SOCKETS, NameKey, NameRule, NameText, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget,
-    ReportedKey, SocketState,
+    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, DnsConfig, DnsScratch, EVENT_RING_BYTES, FlowKey,
+    LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES,
+    MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN, MAX_SOCKETS, NameKey,
+    NameRule, NameText, PodCounters, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey,
+    SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
-#[map(name = "PG_PODS_V1")]
+#[map(name = "PG_PODS_V2")]
 pub static PODS: HashMap<u64, PodEntry> = HashMap::with_max_entries(MAX_PODS, 0);
 
 /// {policy id, IPv4 prefix} → ports allowed there. An empty port set is a hole (an except).
@@ -28,9 +25,9 @@ pub static ALLOW_V4: LpmTrie<AllowKeyV4, PortSet> = LpmTrie::with_max_entries(MA
 #[map(name = "PG_ALLOW6_V1")]
 pub static ALLOW_V6: LpmTrie<AllowKeyV6, PortSet> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
 
-/// {pod cgroup, verdict, hook} → packets and bytes (connect/sendmsg count attempts).
-#[map(name = "PG_COUNTERS_V1")]
-pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> = PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+/// Pod counter slot (`PodEntry::counter_slot`) → packets and bytes by hook and verdict.
+#[map(name = "PG_COUNTERS_V2")]
+pub static COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::with_max_entries(MAX_COUNTER_SLOTS, 0);
 
 /// {pod cgroup, destination, port, protocol, verdict} → packets and bytes; only written when
 /// `CONFIG_FLOW_STATS` is set. LRU, so it can never fill up and fail an update.
@@ -71,7 +68,7 @@ pub static ACCEPTED: LruHashMap<u64, AcceptedPeer> = LruHashMap::with_max_entrie
 /// socket storage: a socket's storage costs two accounted allocations and an RCU free,
 /// more than the rest of the socket's hooks together; a table entry is taken from a free
 /// list. LRU, so records of sockets released while the programs were detached age out.
-#[map(name = "PG_SOCKETS_V5")]
+#[map(name = "PG_SOCKETS_V6")]
 pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Index 0: the policy generation, which user space moves after every write to the pod

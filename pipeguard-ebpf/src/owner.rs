@@ -24,7 +24,7 @@ use aya_ebpf::{
     macros::cgroup_sock,
     programs::{SockAddrContext, SockContext},
 };
-use pipeguard_common::{Event, POLICY_GENERATION_NONE, SocketState};
+use pipeguard_common::{CONFIG_FLOW_STATS, Event, POLICY_GENERATION_NONE, SocketState};
 
 use crate::{
     fast,
@@ -73,7 +73,7 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
     if tcp {
         forget(cookie);
     } else {
-        let _ = SOCKETS.remove(&cookie);
+        remove_state(cookie);
     }
     1
 }
@@ -82,8 +82,21 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
 /// the pod accepted, its peer (see `reply`).
 #[inline(always)]
 pub fn forget(cookie: u64) {
-    let _ = SOCKETS.remove(&cookie);
+    remove_state(cookie);
     let _ = ACCEPTED.remove(&cookie);
+}
+
+/// Removes the socket's record, after moving what its fast path counted into the flow
+/// statistics (when they are kept).
+#[inline(always)]
+fn remove_state(cookie: u64) {
+    if crate::verdict::config().flags & CONFIG_FLOW_STATS != 0 {
+        let state = fast::by_cookie(cookie);
+        if !state.is_null() {
+            fast::settle_flow(unsafe { &mut *state });
+        }
+    }
+    let _ = SOCKETS.remove(&cookie);
 }
 
 /// Event fields naming the process that created the socket receiving `skb` (for ingress

@@ -33,11 +33,11 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
         _ => return Err(()),
     };
     let (src_port, dst_port) = if first_fragment && matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
-        let ports: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
-        (
-            u16::from_be_bytes([ports[0], ports[1]]),
-            u16::from_be_bytes([ports[2], ports[3]]),
-        )
+        let ports = match direct::<Ports>(ctx, l4) {
+            Some(ports) => unsafe { *ports },
+            None => ctx.load(l4).map_err(|_| ())?,
+        };
+        (u16::from_be(ports.src), u16::from_be(ports.dst))
     } else {
         (0, 0)
     };
@@ -54,25 +54,33 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
 /// (source, destination, protocol, transport header offset, is first fragment)
 #[inline(always)]
 fn parse_v4(ctx: &SkBuffContext) -> Result<(Dest, Dest, u8, usize, bool), ()> {
-    let hdr: [u8; 20] = ctx.load(0).map_err(|_| ())?;
-    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    let hdr = match direct::<Ipv4Header>(ctx, 0) {
+        Some(hdr) => unsafe { *hdr },
+        None => ctx.load(0).map_err(|_| ())?,
+    };
+    let ihl = ((hdr.version_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return Err(());
     }
-    let frag_offset = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
-    let saddr = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    let daddr = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    Ok((Dest::v4(saddr), Dest::v4(daddr), hdr[9], ihl, frag_offset == 0))
+    let frag_offset = u16::from_be(hdr.frag) & 0x1fff;
+    Ok((
+        Dest::v4(hdr.saddr),
+        Dest::v4(hdr.daddr),
+        hdr.protocol,
+        ihl,
+        frag_offset == 0,
+    ))
 }
 
 #[inline(always)]
 fn parse_v6(ctx: &SkBuffContext) -> Result<(Dest, Dest, u8, usize, bool), ()> {
-    let hdr: [u8; 40] = ctx.load(0).map_err(|_| ())?;
-    let mut saddr = [0u8; 16];
-    saddr.copy_from_slice(&hdr[8..24]);
-    let mut daddr = [0u8; 16];
-    daddr.copy_from_slice(&hdr[24..40]);
-    let mut next = hdr[6];
+    let hdr = match direct::<Ipv6Header>(ctx, 0) {
+        Some(hdr) => unsafe { *hdr },
+        None => ctx.load(0).map_err(|_| ())?,
+    };
+    let saddr = Dest::v6(hdr.saddr);
+    let daddr = Dest::v6(hdr.daddr);
+    let mut next = hdr.next_header;
     let mut offset = 40usize;
     let mut first_fragment = true;
     let mut i = 0;
@@ -95,11 +103,53 @@ fn parse_v6(ctx: &SkBuffContext) -> Result<(Dest, Dest, u8, usize, bool), ()> {
         }
         i += 1;
     }
-    Ok((
-        Dest::from_v6_bytes(saddr),
-        Dest::from_v6_bytes(daddr),
-        next,
-        offset,
-        first_fragment,
-    ))
+    Ok((saddr, daddr, next, offset, first_fragment))
+}
+
+/// The header at `offset`, read in place (direct packet access: no helper call, no copy)
+/// when the skb's linear part holds it; `None` sends the caller to `bpf_skb_load_bytes`.
+#[inline(always)]
+fn direct<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
+    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    let start = data + offset;
+    if start + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some(start as *const T)
+}
+
+/// The fields of an IPv4 header the hooks read; the rest is padding. Fields in network
+/// order, as the packet holds them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    version_ihl: u8,
+    _tos: u8,
+    _total_len: u16,
+    _id: u16,
+    frag: u16,
+    _ttl: u8,
+    protocol: u8,
+    _check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    _version_flow: u32,
+    _payload_len: u16,
+    next_header: u8,
+    _hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// The first four bytes of a TCP, UDP or SCTP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ports {
+    src: u16,
+    dst: u16,
 }

@@ -159,28 +159,29 @@ fn peer_of(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
     peer
 }
 
-/// The pod a reply of this accepted connection is counted for without the pod walk: the
-/// one the last reply was counted for, while the policy generation has not moved (a pod
-/// table write moves it, so a pod that left the table is looked up again).
+/// The counter slot of the pod a reply of this accepted connection is counted for without
+/// the pod walk: the one the last reply was counted for, while the policy generation has
+/// not moved (a pod table write moves it, so a pod that left the table is looked up again).
 #[inline(always)]
-pub fn counted_pod(peer: *const AcceptedPeer) -> Option<u64> {
+pub fn counted_pod(peer: *const AcceptedPeer) -> Option<u32> {
     if peer.is_null() {
         return None;
     }
     let p = unsafe { &*peer };
     (p.generation != POLICY_GENERATION_NONE && p.pod_cgroup_id != 0 && p.generation == fast::generation())
-        .then_some(p.pod_cgroup_id)
+        .then_some(p.counter_slot)
 }
 
 /// After the slow path counted a reply for `pod_cgroup_id`, found under `generation` (read
 /// before the pod lookup).
 #[inline(always)]
-pub fn remember_pod(peer: *mut AcceptedPeer, pod_cgroup_id: u64, generation: u64) {
+pub fn remember_pod(peer: *mut AcceptedPeer, pod_cgroup_id: u64, counter_slot: u32, generation: u64) {
     if peer.is_null() {
         return;
     }
     unsafe {
         (*peer).pod_cgroup_id = pod_cgroup_id;
+        (*peer).counter_slot = counter_slot;
         (*peer).generation = generation;
     }
 }

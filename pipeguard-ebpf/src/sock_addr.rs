@@ -64,7 +64,7 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
     let config = verdict::config();
     if let Some(pod) = fast::remembered(state, &config, &dest, port, protocol) {
         // The same destination this socket's pod was allowed under this generation.
-        verdict::count(pod.cgroup_id, VERDICT_ALLOW, hook, 0);
+        verdict::count(pod.counter_slot, VERDICT_ALLOW, hook, 0);
         return ALLOW;
     }
     let (pod, cgroup_id) = owner::of_state(state);

@@ -84,7 +84,7 @@ fn judge(pod: &Pod, family: u32, sock_type: u32, protocol: u32) -> i32 {
     } else {
         VERDICT_DENY
     };
-    count(pod.cgroup_id, verdict, Hook::SockCreate, 0);
+    count(pod.entry.counter_slot, verdict, Hook::SockCreate, 0);
     emit_event(Event {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },

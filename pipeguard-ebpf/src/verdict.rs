@@ -7,9 +7,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use pipeguard_common::{
-    AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, Config, Counter, CounterKey,
-    EVENT_INTERVAL_NS, Event, FlowKey, Hook, MODE_AUDIT, POD_DNS_FILTERED, POLICY_GENERATION_NONE,
-    POLICY_ID_BITS, SocketState, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    AllowKeyV4, AllowKeyV6, CONFIG_FLOW_STATS, CONFIG_REPORT_ALLOWED, COUNTER_SLOT_NONE, Config, Counter,
+    EVENT_INTERVAL_NS, Event, FlowKey, HOOK_COUNT, Hook, MODE_AUDIT, POD_DNS_FILTERED,
+    POLICY_GENERATION_NONE, POLICY_ID_BITS, SocketState, UNKNOWN_DENY, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_COUNT, VERDICT_DENY,
 };
 
 use crate::{
@@ -59,8 +60,9 @@ pub struct Judged {
     pub generation: u64,
     /// The pod's static allowlist allowed the attempt (what a DNS query needs to teach).
     pub by_allowlist: bool,
-    /// The pod that judged (0 for none), its `POD_*` flags, allowlist and mode.
+    /// The pod that judged (0 for none), its counter slot, `POD_*` flags, allowlist and mode.
     pub pod_cgroup_id: u64,
+    pub counter_slot: u32,
     pub pod_flags: u32,
     pub policy_id: u32,
     pub mode: u32,
@@ -79,6 +81,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
                 generation: POLICY_GENERATION_NONE,
                 by_allowlist: false,
                 pod_cgroup_id: 0,
+                counter_slot: COUNTER_SLOT_NONE,
                 pod_flags: 0,
                 policy_id: 0,
                 mode: 0,
@@ -89,12 +92,13 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         } else {
             VERDICT_DENY
         };
-        report(attempt, 0, 0, verdict, &config, 0, 0);
+        report(attempt, 0, COUNTER_SLOT_NONE, 0, verdict, &config, 0, 0);
         return Judged {
             pass: verdict == VERDICT_ALLOW,
             generation: POLICY_GENERATION_NONE,
             by_allowlist: false,
             pod_cgroup_id: 0,
+            counter_slot: COUNTER_SLOT_NONE,
             pod_flags: 0,
             policy_id: 0,
             mode: 0,
@@ -126,6 +130,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
     report(
         attempt,
         pod.cgroup_id,
+        pod.entry.counter_slot,
         pod.entry.policy_id,
         verdict,
         &config,
@@ -141,6 +146,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
         },
         by_allowlist,
         pod_cgroup_id: pod.cgroup_id,
+        counter_slot: pod.entry.counter_slot,
         pod_flags: pod.entry.flags,
         policy_id: pod.entry.policy_id,
         mode: pod.entry.mode,
@@ -193,12 +199,14 @@ pub fn allows(policy_id: u32, dest: &Dest, protocol: u8, port: u16) -> bool {
     ports.is_some_and(|p| p.allows(protocol, port))
 }
 
-/// A denied (or audited) verdict may also be for a pod with no entry (`pod_cgroup_id` 0).
-/// `flags` goes to `Event::flags` (the source port for `Hook::Ingress`).
+/// A denied (or audited) verdict may also be for a pod with no entry (`pod_cgroup_id` 0,
+/// `COUNTER_SLOT_NONE`). `flags` goes to `Event::flags` (the source port for `Hook::Ingress`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn report(
     attempt: &Attempt,
     pod_cgroup_id: u64,
+    counter_slot: u32,
     policy_id: u32,
     verdict: u8,
     config: &Config,
@@ -206,7 +214,7 @@ pub fn report(
     flags: u32,
 ) {
     if !(verdict == VERDICT_ALLOW && attempt.dns_judges) {
-        count(pod_cgroup_id, verdict, attempt.hook, attempt.bytes);
+        count(counter_slot, verdict, attempt.hook, attempt.bytes);
     }
 
     // Packet hooks see every retransmission: their events are rate-limited per flow.
@@ -227,7 +235,13 @@ pub fn report(
         && attempt.destination
         && (is_packet || verdict != VERDICT_ALLOW)
     {
-        bump_flow(&flow, attempt.bytes);
+        add_flow(
+            &flow,
+            Counter {
+                packets: 1,
+                bytes: attempt.bytes,
+            },
+        );
     }
     if verdict == VERDICT_ALLOW {
         // Learning only (never set by the agent): rate-limited like packet events.
@@ -242,35 +256,42 @@ pub fn report(
     emit(attempt, pod_cgroup_id, policy_id, verdict, name_hash, flags);
 }
 
+/// Counts one packet (or attempt) of `bytes` for the pod in `counter_slot`.
 #[inline(always)]
-pub fn count(pod_cgroup_id: u64, verdict: u8, hook: Hook, bytes: u64) {
-    let key = CounterKey {
-        cgroup_id: pod_cgroup_id,
-        verdict,
-        hook: hook as u8,
-        _pad: [0; 6],
-    };
-    match COUNTERS.get_ptr_mut(&key) {
+pub fn count(counter_slot: u32, verdict: u8, hook: Hook, bytes: u64) {
+    if let Some(row) = COUNTERS.get_ptr_mut(counter_slot) {
+        // Masked: always in bounds (HOOK_COUNT and VERDICT_COUNT are powers of two).
+        let c = unsafe {
+            (*row)
+                .by_hook
+                .get_unchecked_mut(hook as usize & (HOOK_COUNT - 1))
+                .get_unchecked_mut(verdict as usize & (VERDICT_COUNT - 1))
+        };
         // Per-CPU value: no other writer.
-        Some(c) => unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        },
-        None => {
-            let _ = COUNTERS.insert(&key, &Counter { packets: 1, bytes }, BPF_NOEXIST as u64);
-        }
+        c.packets += 1;
+        c.bytes += bytes;
     }
 }
 
+/// Counts for the pod with pod-level cgroup `pod_cgroup_id`, if it is still in the pod
+/// table: for programs handed only the pod's id (the DNS programs).
 #[inline(always)]
-fn bump_flow(key: &FlowKey, bytes: u64) {
+pub fn count_for_pod(pod_cgroup_id: u64, verdict: u8, hook: Hook, bytes: u64) {
+    if let Some(pod) = crate::pod::by_id(pod_cgroup_id) {
+        count(pod.entry.counter_slot, verdict, hook, bytes);
+    }
+}
+
+/// Adds `add` to the flow statistics of `key`.
+#[inline(always)]
+pub fn add_flow(key: &FlowKey, add: Counter) {
     match FLOWS.get_ptr_mut(key) {
         Some(c) => unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
+            (*c).packets += add.packets;
+            (*c).bytes += add.bytes;
         },
         None => {
-            let _ = FLOWS.insert(key, &Counter { packets: 1, bytes }, BPF_NOEXIST as u64);
+            let _ = FLOWS.insert(key, &add, BPF_NOEXIST as u64);
         }
     }
 }

@@ -362,7 +362,7 @@ impl Default for Metrics {
             ("pods", pipeguard_common::MAX_PODS),
             ("allow_v4", pipeguard_common::MAX_ALLOW_ENTRIES),
             ("allow_v6", pipeguard_common::MAX_ALLOW_ENTRIES),
-            ("counters", pipeguard_common::MAX_COUNTERS),
+            ("counters", pipeguard_common::MAX_COUNTER_SLOTS),
             ("flows", pipeguard_common::MAX_FLOWS),
             (DNS_LEARNED_MAP, pipeguard_common::MAX_LEARNED),
             (SOCKETS_MAP, pipeguard_common::MAX_SOCKETS),
@@ -426,7 +426,7 @@ impl Metrics {
 
     /// Brings the traffic and event counters up to the kernel's and the pipeline's values.
     /// Called on every scrape and after every sync. Its cost is bounded: one walk of the
-    /// counters map (at most `MAX_COUNTERS` entries), one refresh at a time.
+    /// pod table and one counter row per pod, one refresh at a time.
     pub fn refresh(&self) {
         let live = self.live.lock().expect("metrics lock");
         let Some(sources) = &live.sources else {

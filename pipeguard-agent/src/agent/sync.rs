@@ -178,6 +178,7 @@ impl Applied {
             mode: d.mode,
             flags: d.flags,
             ingress_policy_id: crate::engine::ingress_id(*id),
+            ..PodEntry::default()
         };
         let unchanged = self
             .pods

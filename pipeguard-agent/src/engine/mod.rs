@@ -10,6 +10,7 @@ mod generation;
 mod names;
 mod object;
 pub mod pins;
+mod slots;
 pub mod stats;
 mod tables;
 
@@ -84,7 +85,8 @@ pub enum UnknownPods {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub unknown_pods: UnknownPods,
-    /// Per-destination packet and byte statistics (one LRU update per packet).
+    /// Per-destination packet and byte statistics (an LRU update per packet of the slow
+    /// path, two atomic adds to the socket's record on the fast path).
     pub flow_stats: bool,
     /// Report allowed attempts too (one event per destination per second): `exec --learn`
     /// needs the process behind each destination. Never for the agent's stream.
@@ -152,6 +154,8 @@ pub struct Engine {
     pin_dir: Option<std::path::PathBuf>,
     /// The DNS programs are loaded and installed (see `ensure_dns`).
     dns_loaded: bool,
+    /// Each pod's row in the counter array.
+    slots: slots::CounterSlots,
 }
 
 impl Engine {
@@ -200,7 +204,15 @@ impl Engine {
             packet_guard_unavailable,
             pin_dir: config.pin_dir.clone(),
             dns_loaded: false,
+            slots: slots::CounterSlots::adopt([]),
         };
+        // Pods of a pinned pod table keep their rows (and their counts).
+        engine.slots = slots::CounterSlots::adopt(
+            engine
+                .pod_entries()?
+                .into_iter()
+                .map(|(pod, entry)| (pod, entry.counter_slot)),
+        );
         engine.write_config(config)?;
         // Pinned maps adopted from an earlier agent: nothing its sockets remember counts.
         engine.bump_generation()?;

@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use pipeguard_common::{
-    AcceptedPeer, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook, SocketState, VERDICT_ERROR, map_names,
+    AcceptedPeer, COUNTER_SLOT_NONE, COUNTER_SLOT_OVERFLOW, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook,
+    PodCounters, PodEntry, SocketState, VERDICT_ALLOW, VERDICT_COUNT, map_names,
 };
 
 use super::{Engine, EngineError};
@@ -29,65 +30,129 @@ fn every_entry<T: std::borrow::Borrow<MapData>, K: aya::Pod>(
     Ok(out)
 }
 
+/// What the fast path of each socket counted for its remembered destination and has not
+/// added to the flow table yet (see `SocketState::flow_pending`).
+fn pending_flows<T: std::borrow::Borrow<MapData>>(
+    sockets: &BpfHashMap<T, u64, SocketState>,
+) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
+    let mut out = Vec::new();
+    for item in sockets.iter() {
+        let (_, state) = item.map_err(|source| EngineError::Map {
+            map: map_names::SOCKETS,
+            source,
+        })?;
+        if state.flow_pending.packets != 0 {
+            out.push((
+                FlowKey {
+                    cgroup_id: state.pod_cgroup_id,
+                    addr: state.addr,
+                    port: state.port,
+                    protocol: state.protocol,
+                    verdict: VERDICT_ALLOW,
+                    _pad: [0; 4],
+                },
+                state.flow_pending,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// One total per flow key.
+fn merge(flows: impl Iterator<Item = (FlowKey, Counter)>) -> Vec<(FlowKey, Counter)> {
+    let mut merged: HashMap<FlowKey, Counter> = HashMap::new();
+    for (key, c) in flows {
+        let total = merged.entry(key).or_default();
+        total.packets += c.packets;
+        total.bytes += c.bytes;
+    }
+    merged.into_iter().collect()
+}
+
+/// A pod's counter row as (key, totals over CPUs), the counters it has used only.
+fn row_counters(pod_cgroup_id: u64, values: &PerCpuValues<PodCounters>) -> Vec<(CounterKey, Counter)> {
+    let mut out = Vec::new();
+    for hook in 0..HOOK_COUNT {
+        for verdict in 0..VERDICT_COUNT {
+            let c = values.iter().fold(Counter::default(), |acc, row| {
+                let c = row.by_hook[hook][verdict];
+                Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                }
+            });
+            if c != Counter::default() {
+                out.push((
+                    CounterKey {
+                        cgroup_id: pod_cgroup_id,
+                        verdict: verdict as u8,
+                        hook: hook as u8,
+                        _pad: [0; 6],
+                    },
+                    c,
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn read_row<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, PodCounters>,
+    slot: u32,
+) -> Result<PerCpuValues<PodCounters>, EngineError> {
+    map.get(&slot, 0).map_err(|source| EngineError::Map {
+        map: map_names::COUNTERS,
+        source,
+    })
+}
+
 impl Engine {
-    /// Every counter of one pod cgroup: (key, totals over all CPUs).
+    /// Every counter of one pod cgroup (0: attempts judged for no pod): (key, totals over
+    /// all CPUs). Empty for a pod the engine has no counter slot for.
     pub fn counters(&self, pod_cgroup_id: u64) -> Result<Vec<(CounterKey, Counter)>, EngineError> {
-        let map: PerCpuHashMap<&MapData, CounterKey, Counter> = self.map(map_names::COUNTERS)?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (key, values) = item.map_err(|source| EngineError::Map {
-                map: map_names::COUNTERS,
-                source,
-            })?;
-            if key.cgroup_id == pod_cgroup_id {
-                out.push((key, sum(&values)));
-            }
-        }
-        Ok(out)
+        let Some(slot) = self.slots.of(pod_cgroup_id) else {
+            return Ok(Vec::new());
+        };
+        let map: PerCpuArray<&MapData, PodCounters> = self.map(map_names::COUNTERS)?;
+        Ok(row_counters(pod_cgroup_id, &read_row(&map, slot)?))
     }
 
-    /// Every counter of every pod, from one walk of the map (the agent's path: a walk per
-    /// pod would make reading them quadratic in pods).
+    /// Every counter of every pod this engine counts, and of no pod.
     pub fn all_counters(&self) -> Result<Vec<(CounterKey, Counter)>, EngineError> {
-        let map: PerCpuHashMap<&MapData, CounterKey, Counter> = self.map(map_names::COUNTERS)?;
-        every_entry(&map, map_names::COUNTERS)
-    }
-
-    /// Per-destination statistics of one pod cgroup (only kept with `flow_stats`).
-    pub fn flows(&self, pod_cgroup_id: u64) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
-        let map: aya::maps::PerCpuHashMap<&MapData, FlowKey, Counter> = self.map(map_names::FLOWS)?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (key, values) = item.map_err(|source| EngineError::Map {
-                map: map_names::FLOWS,
-                source,
-            })?;
-            if key.cgroup_id == pod_cgroup_id {
-                out.push((key, sum(&values)));
-            }
+        let map: PerCpuArray<&MapData, PodCounters> = self.map(map_names::COUNTERS)?;
+        let mut out = row_counters(0, &read_row(&map, COUNTER_SLOT_NONE)?);
+        for (pod, slot) in self.slots.iter() {
+            out.extend(row_counters(pod, &read_row(&map, slot)?));
         }
         Ok(out)
     }
 
-    /// Deletes every counter of one pod cgroup, for each hook and verdict it could have. The
-    /// map is not LRU (a running pod's counts must never be evicted), so a finished pod's
-    /// counters would otherwise stay for good: the map would fill, new pods would go
-    /// uncounted, and every walk of it (each /metrics refresh) would cost more.
-    pub(super) fn delete_counters(&mut self, pod_cgroup_id: u64) -> Result<(), EngineError> {
-        let mut map: PerCpuHashMap<&mut MapData, CounterKey, Counter> = self.map_mut(map_names::COUNTERS)?;
-        for hook in 0..HOOK_COUNT as u8 {
-            for verdict in 0..=VERDICT_ERROR {
-                let key = CounterKey {
-                    cgroup_id: pod_cgroup_id,
-                    verdict,
-                    hook,
-                    _pad: [0; 6],
-                };
-                super::tables::ignore_missing(map.remove(&key))
-                    .map_err(super::tables::map_error(map_names::COUNTERS))?;
-            }
-        }
-        Ok(())
+    /// Per-destination statistics of one pod cgroup (only kept with `flow_stats`): the flow
+    /// table, plus what open sockets' fast paths counted and have not moved there yet.
+    pub fn flows(&self, pod_cgroup_id: u64) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
+        let map: PerCpuHashMap<&MapData, FlowKey, Counter> = self.map(map_names::FLOWS)?;
+        let sockets: BpfHashMap<&MapData, u64, SocketState> = self.map(map_names::SOCKETS)?;
+        let mut flows = every_entry(&map, map_names::FLOWS)?;
+        flows.extend(pending_flows(&sockets)?);
+        Ok(merge(
+            flows
+                .into_iter()
+                .filter(|(key, _)| key.cgroup_id == pod_cgroup_id),
+        ))
+    }
+
+    /// Zeroes a counter slot's row on every CPU (before a pod gets it).
+    pub(super) fn zero_counters(&mut self, slot: u32) -> Result<(), EngineError> {
+        let err = |source| EngineError::Map {
+            map: map_names::COUNTERS,
+            source,
+        };
+        let io_err = |source| err(aya::maps::MapError::IoError(source));
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| io_err(source))?;
+        let zeros = PerCpuValues::try_from(vec![PodCounters::default(); cpus]).map_err(io_err)?;
+        let mut map: PerCpuArray<&mut MapData, PodCounters> = self.map_mut(map_names::COUNTERS)?;
+        map.set(slot, zeros, 0).map_err(err)
     }
 
     /// Events the kernel could not put into the full ring buffer.
@@ -120,33 +185,41 @@ impl SocketsReader {
     }
 }
 
-/// A second handle on the counters map, so /metrics can read it at scrape time while the
-/// sync loop owns the engine.
+/// Second handles on the counter array and the pod table, so /metrics can read the
+/// counters at scrape time while the sync loop owns the engine.
 pub struct CounterReader {
-    map: PerCpuHashMap<MapData, CounterKey, Counter>,
+    map: PerCpuArray<MapData, PodCounters>,
+    pods: BpfHashMap<MapData, u64, PodEntry>,
 }
 
 impl CounterReader {
     /// Totals per (pod cgroup, verdict), summed over hooks and CPUs, and the DNS queries
-    /// per (pod cgroup, verdict): one walk of the map, so its cost is bounded by the map's
-    /// capacity whatever the number of pods.
+    /// and inbound attempts per (pod cgroup, verdict), for every pod in the pod table and
+    /// for no pod (cgroup 0): one walk of the pod table and one read per pod.
     pub fn totals(&self) -> Result<Totals, EngineError> {
         let mut out = Totals::default();
-        for item in self.map.iter() {
-            let (key, values) = item.map_err(|source| EngineError::Map {
-                map: map_names::COUNTERS,
+        let mut rows = vec![(0, COUNTER_SLOT_NONE)];
+        for item in self.pods.iter() {
+            let (pod, entry) = item.map_err(|source| EngineError::Map {
+                map: map_names::PODS,
                 source,
             })?;
             out.entries += 1;
-            let c = sum(&values);
-            let t = out.traffic.entry((key.cgroup_id, key.verdict)).or_default();
-            t.packets += c.packets;
-            t.bytes += c.bytes;
-            if key.hook == Hook::Dns as u8 {
-                *out.dns_queries.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
+            if entry.counter_slot != COUNTER_SLOT_NONE && entry.counter_slot != COUNTER_SLOT_OVERFLOW {
+                rows.push((pod, entry.counter_slot));
             }
-            if key.hook == Hook::Ingress as u8 {
-                *out.ingress.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
+        }
+        for (pod, slot) in rows {
+            for (key, c) in row_counters(pod, &read_row(&self.map, slot)?) {
+                let t = out.traffic.entry((key.cgroup_id, key.verdict)).or_default();
+                t.packets += c.packets;
+                t.bytes += c.bytes;
+                if key.hook == Hook::Dns as u8 {
+                    *out.dns_queries.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
+                }
+                if key.hook == Hook::Ingress as u8 {
+                    *out.ingress.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
+                }
             }
         }
         Ok(out)
@@ -161,7 +234,7 @@ pub struct Totals {
     pub dns_queries: HashMap<(u64, u8), u64>,
     /// (pod cgroup, verdict) → inbound attempts judged (hook `Ingress`).
     pub ingress: HashMap<(u64, u8), u64>,
-    /// Entries in the map (it is not LRU: when full, new pods go uncounted).
+    /// Pods counted (each holds a counter slot; past `MAX_COUNTER_SLOTS` they share one).
     pub entries: usize,
 }
 
@@ -169,13 +242,16 @@ pub struct Totals {
 /// recorder (the sync loop owns the engine).
 pub struct FlowReader {
     map: PerCpuHashMap<MapData, FlowKey, Counter>,
+    sockets: BpfHashMap<MapData, u64, SocketState>,
 }
 
 impl FlowReader {
-    /// Every flow of every pod, summed over CPUs: one walk of the map, bounded by its
-    /// capacity (`MAX_FLOWS`).
+    /// Every flow of every pod, summed over CPUs, with what open sockets have not moved
+    /// into the table yet: one walk of each map, bounded by their capacities.
     pub fn all(&self) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
-        every_entry(&self.map, map_names::FLOWS)
+        let mut flows = every_entry(&self.map, map_names::FLOWS)?;
+        flows.extend(pending_flows(&self.sockets)?);
+        Ok(merge(flows.into_iter()))
     }
 }
 
@@ -187,7 +263,12 @@ impl Engine {
                 map: map_names::FLOWS,
                 source,
             })?;
-        Ok(FlowReader { map })
+        let sockets = BpfHashMap::try_from(Map::LruHashMap(self.second_handle(map_names::SOCKETS)?))
+            .map_err(|source| EngineError::Map {
+                map: map_names::SOCKETS,
+                source,
+            })?;
+        Ok(FlowReader { map, sockets })
     }
 
     /// Counts the socket tables' records (sockets of guarded pods the kernel remembers).
@@ -208,9 +289,16 @@ impl Engine {
             map: map_names::COUNTERS,
             source,
         };
-        let data = self.second_handle(map_names::COUNTERS)?;
-        let map = PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(err)?;
-        Ok(CounterReader { map })
+        let map =
+            PerCpuArray::try_from(Map::PerCpuArray(self.second_handle(map_names::COUNTERS)?)).map_err(err)?;
+        let pods =
+            BpfHashMap::try_from(Map::HashMap(self.second_handle(map_names::PODS)?)).map_err(|source| {
+                EngineError::Map {
+                    map: map_names::PODS,
+                    source,
+                }
+            })?;
+        Ok(CounterReader { map, pods })
     }
 
     /// A new fd for the same map (by id), owned by the caller.
@@ -221,7 +309,8 @@ impl Engine {
                 Map::PerCpuHashMap(data)
                 | Map::LruHashMap(data)
                 | Map::HashMap(data)
-                | Map::PerCpuLruHashMap(data),
+                | Map::PerCpuLruHashMap(data)
+                | Map::PerCpuArray(data),
             ) => data,
             _ => return Err(EngineError::MissingMap { map: name }),
         };

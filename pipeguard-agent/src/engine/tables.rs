@@ -206,11 +206,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Points a pod-level cgroup at an allowlist.
-    pub fn put_pod(&mut self, cgroup_id: u64, entry: PodEntry) -> Result<(), EngineError> {
+    /// Points a pod-level cgroup at an allowlist. `entry.counter_slot` is the engine's to
+    /// choose: whatever the caller put there is replaced.
+    pub fn put_pod(&mut self, cgroup_id: u64, mut entry: PodEntry) -> Result<(), EngineError> {
         if entry.flags & pipeguard_common::POD_DNS_FILTERED != 0 {
             self.ensure_dns()?;
         }
+        let assigned = self.slots.assign(cgroup_id);
+        if assigned.fresh {
+            // Before the entry: the kernel counts into the row as soon as it reads it.
+            if let Err(error) = self.zero_counters(assigned.slot) {
+                self.slots.release(cgroup_id);
+                return Err(error);
+            }
+        }
+        entry.counter_slot = assigned.slot;
         let written =
             self.map_mut(map_names::PODS)
                 .and_then(|mut pods: HashMap<&mut MapData, u64, PodEntry>| {
@@ -220,7 +230,8 @@ impl Engine {
         self.after_write(written)
     }
 
-    /// The pod's entry, then its counters: a pod without an entry is no longer counted.
+    /// The pod's entry, then its counter slot: a pod without an entry is no longer
+    /// counted, and its slot is zeroed before another pod gets it.
     pub fn delete_pod(&mut self, cgroup_id: u64) -> Result<(), EngineError> {
         let written =
             self.map_mut(map_names::PODS)
@@ -228,13 +239,24 @@ impl Engine {
                     ignore_missing(pods.remove(&cgroup_id)).map_err(map_error(map_names::PODS))
                 });
         self.after_write(written)?;
-        self.delete_counters(cgroup_id)
+        self.slots.release(cgroup_id);
+        Ok(())
     }
 }
 
 impl Engine {
-    /// Every pod entry in the map (for adopting pinned state).
+    /// Every pod entry in the map (for adopting pinned state), as callers wrote them: the
+    /// counter slot is the engine's own business and reads as 0.
     pub fn pods(&self) -> Result<Vec<(u64, PodEntry)>, EngineError> {
+        let mut pods = self.pod_entries()?;
+        for (_, entry) in &mut pods {
+            entry.counter_slot = 0;
+        }
+        Ok(pods)
+    }
+
+    /// Every pod entry in the map as the kernel reads it.
+    pub(super) fn pod_entries(&self) -> Result<Vec<(u64, PodEntry)>, EngineError> {
         let pods: HashMap<&MapData, u64, PodEntry> = self.map(map_names::PODS)?;
         pods.iter()
             .collect::<Result<_, _>>()

@@ -166,6 +166,7 @@ async fn run_async(spec: JobSpec) -> Result<JobOutcome, JobError> {
                 0
             },
             ingress_policy_id: crate::engine::ingress_id(JOB_POLICY_ID),
+            ..PodEntry::default()
         },
     )?;
     engine.attach(cgroup.path())?;

@@ -90,6 +90,7 @@ fn run(action: &str) {
         "hold" => hold(target, rest),
         "udp-burst" => udp_burst(target, rest),
         "udp-hold" => udp_hold(target, rest),
+        "udp-alternate" => udp_alternate(target, rest),
         dns if dns.starts_with("dns-") => super::dns_probe::run(dns, target, rest),
         "wait-denied" => wait_for(target, true),
         "wait-allowed" => wait_for(target, false),
@@ -472,20 +473,44 @@ fn udp_burst(target: &str, count: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// From one unconnected socket: `count` one-byte datagrams to `target`, `count` to `other`,
+/// `count` to `target` again; then, with a `flag` path, keep the socket open until that file
+/// exists. `rest` is "OTHER COUNT [FLAG]".
+fn udp_alternate(target: &str, rest: &str) -> std::io::Result<()> {
+    let target = addr(target);
+    let mut args = rest.split(' ');
+    let other = addr(args.next().expect("udp-alternate: other destination"));
+    let count: u64 = args
+        .next()
+        .and_then(|c| c.parse().ok())
+        .expect("udp-alternate count");
+    let socket = udp_socket(&target)?;
+    for to in [target, other, target] {
+        for _ in 0..count {
+            socket.send_to(b"x", to)?;
+        }
+    }
+    if let Some(flag) = args.next() {
+        wait_for_file(flag);
+    }
+    Ok(())
+}
+
+fn wait_for_file(flag: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::path::Path::new(flag).exists() {
+        assert!(Instant::now() < deadline, "the test never created {flag}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// sendto "before" from one unconnected socket, wait until the file `flag` exists (the test
 /// changes the policy meanwhile), then sendto "after" from the same socket: its outcome.
 fn udp_hold(target: &str, flag: &str) -> std::io::Result<()> {
     let target = addr(target);
     let socket = udp_socket(&target)?;
     socket.send_to(b"before", target)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::path::Path::new(flag).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "udp-hold: the test never created {flag}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_file(flag);
     socket.send_to(b"after", target).map(drop)
 }
 

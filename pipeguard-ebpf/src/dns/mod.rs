@@ -21,7 +21,7 @@ use pipeguard_common::{
 use crate::{
     maps::DNS_CONFIG,
     packet::{self, Packet},
-    verdict::count,
+    verdict::count_for_pod,
 };
 
 pub const DNS_PORT: u16 = 53;
@@ -89,7 +89,7 @@ pub fn pg_dns_query(ctx: SkBuffContext) -> i32 {
         } else {
             VERDICT_DENY
         };
-        count(handoff.pod_cgroup_id, verdict, Hook::Dns, ctx.len() as u64);
+        count_for_pod(handoff.pod_cgroup_id, verdict, Hook::Dns, ctx.len() as u64);
         return if handoff.audit { PASS } else { DROP };
     }
     if query::check(&ctx, &handoff) { PASS } else { DROP }

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     addr::Dest,
     maps::{DNS_SCRATCH, EVENTS, SCRATCH_QUERY},
-    verdict::{count, count_event_drop},
+    verdict::{count_event_drop, count_for_pod},
 };
 
 enum Outcome {
@@ -41,11 +41,11 @@ pub fn check(ctx: &SkBuffContext, h: &Handoff) -> bool {
     match inspect(ctx, h) {
         Ok(Outcome::NoData) => {
             // No query in it (a TCP handshake or ACK): counted as the packet it is.
-            count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Egress, bytes);
+            count_for_pod(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Egress, bytes);
             true
         }
         Ok(Outcome::Allowed { report }) => {
-            count(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Dns, bytes);
+            count_for_pod(h.pod_cgroup_id, VERDICT_ALLOW, Hook::Dns, bytes);
             if let Some((qtype, end)) = report {
                 emit(ctx, h, VERDICT_ALLOW, qtype, end as u16, 0);
             }
@@ -58,7 +58,7 @@ pub fn check(ctx: &SkBuffContext, h: &Handoff) -> bool {
                 _ => (0, 0, DNS_EVENT_MALFORMED, Some(VERDICT_ERROR)),
             };
             let verdict = if h.audit { VERDICT_AUDIT } else { VERDICT_DENY };
-            count(h.pod_cgroup_id, counted.unwrap_or(verdict), Hook::Dns, bytes);
+            count_for_pod(h.pod_cgroup_id, counted.unwrap_or(verdict), Hook::Dns, bytes);
             emit(ctx, h, verdict, qtype, end as u16, flags);
             h.audit
         }
