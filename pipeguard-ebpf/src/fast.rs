@@ -59,14 +59,15 @@ pub fn by_cookie(cookie: u64) -> *mut SocketState {
     SOCKETS.get_ptr_mut(&cookie).unwrap_or(null_mut())
 }
 
-/// The state of the full socket that sent `skb`; null when it has none (or is a request or
-/// time-wait socket).
+/// The state of the socket that sent `skb`; null when it has none. Not asked whether it is
+/// a full socket (a helper call per packet): a request socket's cookie is its own, which no
+/// record has, and a time-wait socket's is its connection's, whose record went when TCP
+/// reached CLOSE (were it still there, it remembers the very peer the packet goes to).
 #[inline(always)]
 pub fn of_skb(skb: *mut __sk_buff) -> *mut SocketState {
-    if full_socket(skb).is_null() {
+    if unsafe { (*skb).__bindgen_anon_2.sk }.is_null() {
         return null_mut();
     }
-    // The cookie of the socket `skb` belongs to: the full socket just checked.
     by_cookie(unsafe { bpf_get_socket_cookie(skb.cast()) })
 }
 
