@@ -108,6 +108,8 @@ fn parse_v6(ctx: &SkBuffContext) -> Result<(Dest, Dest, u8, usize, bool), ()> {
 
 /// The header at `offset`, read in place (direct packet access: no helper call, no copy)
 /// when the skb's linear part holds it; `None` sends the caller to `bpf_skb_load_bytes`.
+/// Reads may be unaligned, as in C programs' `struct iphdr *` reads; the verifier allows
+/// that on architectures with efficient unaligned access (x86-64, arm64).
 #[inline(always)]
 fn direct<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
     let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
