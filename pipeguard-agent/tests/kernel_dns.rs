@@ -66,7 +66,6 @@ fn guard_pod(name: &str, entries: &PolicyEntries, config: EngineConfig, flags: u
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
                 flags,
-                ingress_policy_id: 0,
                 ..PodEntry::default()
             },
         )
@@ -956,7 +955,6 @@ fn names_learned_for_a_pod_without_domain_rules_allow_nothing() {
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS | POD_DNS_FILTERED,
-                ingress_policy_id: 0,
                 ..PodEntry::default()
             },
         )

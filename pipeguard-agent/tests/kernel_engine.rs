@@ -69,7 +69,6 @@ fn entry(mode: u32, flags: u32) -> PodEntry {
         policy_id: POLICY,
         mode,
         flags,
-        ingress_policy_id: 0,
         ..PodEntry::default()
     }
 }
@@ -303,7 +302,6 @@ fn moving_the_pod_to_another_allowlist_cuts_an_established_connection() {
                     policy_id: POLICY + 1,
                     mode: MODE_ENFORCE,
                     flags: POD_DENY_RAW_SOCKETS,
-                    ingress_policy_id: 0,
                     ..PodEntry::default()
                 },
             )

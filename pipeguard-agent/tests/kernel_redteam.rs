@@ -70,7 +70,6 @@ fn every_known_route_is_blocked_or_documented() {
                 policy_id: 1,
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS,
-                ingress_policy_id: 0,
                 ..PodEntry::default()
             },
         )

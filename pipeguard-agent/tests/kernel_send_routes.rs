@@ -51,7 +51,6 @@ fn guard(name: &str, port: u16) -> Guarded {
                 policy_id: POLICY,
                 mode: MODE_ENFORCE,
                 flags: POD_DENY_RAW_SOCKETS,
-                ingress_policy_id: 0,
                 ..PodEntry::default()
             },
         )

@@ -36,7 +36,6 @@ fn socket_records_live_exactly_as_long_as_the_sockets() {
         policy_id: POLICY,
         mode: MODE_ENFORCE,
         flags: 0,
-        ingress_policy_id: 0,
         ..PodEntry::default()
     };
     engine.put_pod(cgroup_id, pod).unwrap();
