@@ -60,9 +60,9 @@ pub fn by_cookie(cookie: u64) -> *mut SocketState {
 }
 
 /// The state of the socket that sent `skb`; null when it has none. Not asked whether it is
-/// a full socket (a helper call per packet): a request socket's cookie is its own, which no
-/// record has, and a time-wait socket's is its connection's, whose record went when TCP
-/// reached CLOSE (were it still there, it remembers the very peer the packet goes to).
+/// a full socket (a helper call per packet): the kernel runs cgroup_skb programs only for
+/// full sockets and hands them the full one (a listener for its SYN-ACKs), see
+/// `__cgroup_bpf_run_filter_skb`.
 #[inline(always)]
 pub fn of_skb(skb: *mut __sk_buff) -> *mut SocketState {
     if unsafe { (*skb).__bindgen_anon_2.sk }.is_null() {
