@@ -90,12 +90,30 @@ impl Guarded {
 
     /// (packets, bytes)
     fn counter(&self, hook: Hook, verdict: u8) -> (u64, u64) {
+        self.counter_of(self.cgroup_id, hook, verdict)
+    }
+
+    /// (packets, bytes) of pod `cgroup_id` in this engine.
+    fn counter_of(&self, cgroup_id: u64, hook: Hook, verdict: u8) -> (u64, u64) {
         self.engine
-            .counters(self.cgroup_id)
+            .counters(cgroup_id)
             .unwrap()
             .iter()
             .filter(|(k, _)| k.hook == hook as u8 && k.verdict == verdict)
             .fold((0, 0), |(p, b), (_, c)| (p + c.packets, b + c.bytes))
+    }
+
+    /// Another pod under the same allowlist and engine: its cgroup and id.
+    fn second_pod(&mut self, name: &str) -> (OwnedCgroup, u64) {
+        let cgroup = test_cgroup(name);
+        let id = cgroup.id().unwrap();
+        self.engine
+            .put_pod(id, entry(MODE_ENFORCE, POD_DENY_RAW_SOCKETS))
+            .unwrap();
+        self.engine
+            .attach(cgroup.path())
+            .expect("attach to the second pod's cgroup");
+        (cgroup, id)
     }
 }
 
@@ -472,29 +490,14 @@ fn a_counter_slot_handed_out_again_starts_at_zero() {
     for id in &placeholders {
         g.engine.put_pod(*id, entry(MODE_ENFORCE, 0)).unwrap();
     }
-    let next = test_cgroup("slot-next");
-    let next_id = next.id().unwrap();
-    g.engine
-        .put_pod(next_id, entry(MODE_ENFORCE, POD_DENY_RAW_SOCKETS))
-        .unwrap();
-    g.engine
-        .attach(next.path())
-        .expect("attach to the next pod's cgroup");
+    let (next, next_id) = g.second_pod("slot-next");
     assert_eq!(
         g.engine.counters(next_id).unwrap(),
         vec![],
         "the first pod's counts stayed in the slot"
     );
     run_probe(next.path(), &[format!("udp-burst {} 3", udp.addr)]);
-    let sent: u64 = g
-        .engine
-        .counters(next_id)
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.hook == Hook::Sendmsg4 as u8 && k.verdict == VERDICT_ALLOW)
-        .map(|(_, c)| c.packets)
-        .sum();
-    assert_eq!(sent, 3);
+    assert_eq!(g.counter_of(next_id, Hook::Sendmsg4, VERDICT_ALLOW).0, 3);
     for id in placeholders {
         g.engine.delete_pod(id).unwrap();
     }
@@ -506,14 +509,7 @@ fn a_counter_slot_handed_out_again_starts_at_zero() {
 fn deleting_a_pod_deletes_its_counters_and_no_one_elses() {
     let (tcp, udp) = listeners::tcp_and_udp("127.0.0.1");
     let mut g = guard("counters-go", &only(tcp.addr.port()), MODE_ENFORCE);
-    let other = test_cgroup("counters-stay");
-    let other_id = other.id().unwrap();
-    g.engine
-        .put_pod(other_id, entry(MODE_ENFORCE, POD_DENY_RAW_SOCKETS))
-        .unwrap();
-    g.engine
-        .attach(other.path())
-        .expect("attach to the other pod's cgroup");
+    let (other, other_id) = g.second_pod("counters-stay");
     let routes = [
         format!("tcp {} a", tcp.addr),
         format!("udp-sendto {} b", udp.addr),

@@ -10,11 +10,15 @@ use pipeguard_common::{
 
 use super::{Engine, EngineError};
 
+fn plus(a: Counter, b: Counter) -> Counter {
+    Counter {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
+}
+
 fn sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
-    values.iter().fold(Counter::default(), |acc, c| Counter {
-        packets: acc.packets + c.packets,
-        bytes: acc.bytes + c.bytes,
-    })
+    values.iter().copied().fold(Counter::default(), plus)
 }
 
 /// Every entry of a per-CPU counter map, summed over CPUs.
@@ -63,8 +67,7 @@ fn merge(flows: impl Iterator<Item = (FlowKey, Counter)>) -> Vec<(FlowKey, Count
     let mut merged: HashMap<FlowKey, Counter> = HashMap::new();
     for (key, c) in flows {
         let total = merged.entry(key).or_default();
-        total.packets += c.packets;
-        total.bytes += c.bytes;
+        *total = plus(*total, c);
     }
     merged.into_iter().collect()
 }
@@ -75,11 +78,7 @@ fn row_counters(pod_cgroup_id: u64, values: &PerCpuValues<PodCounters>) -> Vec<(
     for hook in 0..HOOK_COUNT {
         for verdict in 0..VERDICT_COUNT {
             let c = values.iter().fold(Counter::default(), |acc, row| {
-                let c = row.by_hook[hook][verdict];
-                Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                }
+                plus(acc, row.by_hook[hook][verdict])
             });
             if c != Counter::default() {
                 out.push((
@@ -212,8 +211,7 @@ impl CounterReader {
         for (pod, slot) in rows {
             for (key, c) in row_counters(pod, &read_row(&self.map, slot)?) {
                 let t = out.traffic.entry((key.cgroup_id, key.verdict)).or_default();
-                t.packets += c.packets;
-                t.bytes += c.bytes;
+                *t = plus(*t, c);
                 if key.hook == Hook::Dns as u8 {
                     *out.dns_queries.entry((key.cgroup_id, key.verdict)).or_default() += c.packets;
                 }
