@@ -425,8 +425,8 @@ impl Metrics {
     }
 
     /// Brings the traffic and event counters up to the kernel's and the pipeline's values.
-    /// Called on every scrape and after every sync. Its cost is bounded: one walk of the
-    /// pod table and one counter row per pod, one refresh at a time.
+    /// Called on every scrape (only: it walks the pod and socket tables, whose cost is
+    /// their capacity, and reads one counter row per pod), one refresh at a time.
     pub fn refresh(&self) {
         let live = self.live.lock().expect("metrics lock");
         let Some(sources) = &live.sources else {

@@ -161,7 +161,8 @@ pub(super) async fn run(parts: Parts<'_>) -> Result<(), AgentError> {
             }
             next_dns_sweep = Instant::now() + crate::engine::dns::SWEEP_INTERVAL;
         }
-        health.metrics.refresh();
+        // No metrics refresh here: /metrics refreshes at scrape time, and a refresh walks
+        // the pod and socket tables, too much for every wake-up under pod churn.
         health
             .metrics
             .unmatched_pod_cgroups
