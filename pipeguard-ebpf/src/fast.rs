@@ -113,7 +113,7 @@ pub fn remembered(
         || s.generation != generation
         || s.port != port
         || s.protocol != protocol
-        || s.addr != dest.addr
+        || !dest.is(&s.addr)
     {
         return None;
     }
@@ -140,7 +140,7 @@ pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
     if s.pod_cgroup_id != judged.pod_cgroup_id {
         return;
     }
-    if s.addr != attempt.dest.addr || s.port != attempt.port || s.protocol != attempt.protocol {
+    if !attempt.dest.is(&s.addr) || s.port != attempt.port || s.protocol != attempt.protocol {
         settle_flow(s);
     }
     s.addr = attempt.dest.addr;

@@ -19,6 +19,8 @@
 //! local and belongs to the same pod, the packet is the pod's own (a job connecting to the
 //! test server it started). A failed lookup only means the packet is judged by the rules.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
     helpers::generated::{
@@ -38,6 +40,7 @@ use crate::{
     packet::Packet,
     pod::Pod,
     verdict::{Attempt, allowed, decide, report},
+    zeroed,
 };
 
 /// True when the packet may reach the pod's socket.
@@ -89,8 +92,9 @@ pub fn note_sent(ctx: &SkBuffContext, packet: &Packet, pod_flags: u32) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let now = unsafe { bpf_ktime_get_ns() };
     // LRU: a lost entry only means the answer is judged as new inbound.
+    let mut key = MaybeUninit::uninit();
     let _ = SENT.insert(
-        &key(cookie, &packet.dst, packet.dst_port, packet.protocol),
+        fill_key(&mut key, cookie, &packet.dst, packet.dst_port, packet.protocol),
         &now,
         0,
     );
@@ -137,8 +141,16 @@ fn sent_to(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
     if cookie == 0 {
         return false;
     }
-    let Some(seen) = (unsafe { SENT.get(&key(cookie, &packet.src, packet.src_port, packet.protocol)) })
-    else {
+    let mut key = MaybeUninit::uninit();
+    let Some(seen) = (unsafe {
+        SENT.get(fill_key(
+            &mut key,
+            cookie,
+            &packet.src,
+            packet.src_port,
+            packet.protocol,
+        ))
+    }) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -146,13 +158,21 @@ fn sent_to(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
 }
 
 #[inline(always)]
-fn key(cookie: u64, peer: &Dest, port: u16, protocol: u8) -> ReplyKey {
-    ReplyKey {
-        cookie,
-        addr: peer.addr,
-        port,
-        protocol,
-        _pad: [0; 5],
+fn fill_key<'a>(
+    key: &'a mut MaybeUninit<ReplyKey>,
+    cookie: u64,
+    peer: &Dest,
+    port: u16,
+    protocol: u8,
+) -> &'a ReplyKey {
+    let k = zeroed::zero(key);
+    // SAFETY: zeroed, then its fields written in place.
+    unsafe {
+        (*k).cookie = cookie;
+        (*k).addr = peer.addr;
+        (*k).port = port;
+        (*k).protocol = protocol;
+        &*k
     }
 }
 

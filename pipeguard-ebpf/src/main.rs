@@ -36,6 +36,8 @@ mod sock_create;
 mod sock_ops;
 #[cfg(target_arch = "bpf")]
 mod verdict;
+#[cfg(target_arch = "bpf")]
+mod zeroed;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

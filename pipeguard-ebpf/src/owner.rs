@@ -13,13 +13,19 @@
 //! The record lives under the socket's cookie from `pg_sock_create` to `pg_sock_release`
 //! (close()), or for a TCP connection to its CLOSE (`pg_sock_ops`).
 
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    mem::MaybeUninit,
+    ptr::{addr_of, read_volatile},
+};
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_ANY, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+        bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_current_comm as bpf_get_current_comm_raw,
+            bpf_get_socket_cookie,
+        },
     },
     macros::cgroup_sock,
     programs::{SockAddrContext, SockContext},
@@ -30,6 +36,7 @@ use crate::{
     fast,
     maps::{ACCEPTED, SOCKETS},
     pod::{self, Pod},
+    zeroed,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -40,16 +47,20 @@ const IPPROTO_TCP: u32 = 6;
 #[inline(always)]
 pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-    let record = SocketState {
-        pod_cgroup_id: pod.cgroup_id,
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        generation: POLICY_GENERATION_NONE,
-        owner_pid_tgid: bpf_get_current_pid_tgid(),
-        owner_comm: bpf_get_current_comm().unwrap_or_default(),
-        ..SocketState::default()
+    let mut record = MaybeUninit::<SocketState>::uninit();
+    let r = zeroed::zero(&mut record);
+    // SAFETY: every byte of `record` is initialised (zeroed, then fields written).
+    let record = unsafe {
+        (*r).pod_cgroup_id = pod.cgroup_id;
+        (*r).cgroup_id = bpf_get_current_cgroup_id();
+        (*r).generation = POLICY_GENERATION_NONE;
+        (*r).owner_pid_tgid = bpf_get_current_pid_tgid();
+        // Fills all 16 bytes (the name, then zeros) or zeroes them on failure.
+        bpf_get_current_comm_raw((*r).owner_comm.as_mut_ptr().cast(), 16);
+        record.assume_init_ref()
     };
     // A failure leaves no record: the socket hooks fall back to the calling task's pod.
-    let _ = SOCKETS.insert(&cookie, &record, BPF_ANY as u64);
+    let _ = SOCKETS.insert(&cookie, record, BPF_ANY as u64);
 }
 
 /// The socket's record goes with it when close() releases it, unless it is a TCP

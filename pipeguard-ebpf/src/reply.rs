@@ -16,7 +16,10 @@
 //! by the exact sender, so no other address does. A sender the pod's allowlist already
 //! allows is not recorded: should a policy change revoke it, its datagrams earn nothing.
 
-use core::ptr::{addr_of, null_mut, read_volatile};
+use core::{
+    mem::MaybeUninit,
+    ptr::{addr_of, null_mut, read_volatile},
+};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock},
@@ -33,7 +36,7 @@ use crate::{
     maps::{ACCEPTED, REPLIES},
     packet::Packet,
     pod::Pod,
-    verdict,
+    verdict, zeroed,
 };
 
 const AF_INET: u32 = 2;
@@ -75,14 +78,16 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    let record = AcceptedPeer {
-        addr: peer.addr,
-        port,
-        pod_cgroup_id: 0,
-        generation: POLICY_GENERATION_NONE,
-        ..AcceptedPeer::default()
+    let mut record = MaybeUninit::<AcceptedPeer>::uninit();
+    let r = zeroed::zero(&mut record);
+    // SAFETY: zeroed, then its fields written in place.
+    let record = unsafe {
+        (*r).addr = peer.addr;
+        (*r).port = port;
+        (*r).generation = POLICY_GENERATION_NONE;
+        &*r
     };
-    let _ = ACCEPTED.insert(&cookie, &record, BPF_ANY as u64);
+    let _ = ACCEPTED.insert(&cookie, record, BPF_ANY as u64);
 }
 
 /// A TCP packet at the egress hook is a reply when its socket is a listener sending a
@@ -153,7 +158,7 @@ fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
 fn peer_of(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let peer = ACCEPTED.get_ptr_mut(&cookie).unwrap_or(null_mut());
-    if peer.is_null() || unsafe { (*peer).port != packet.dst_port || (*peer).addr != packet.dst.addr } {
+    if peer.is_null() || unsafe { (*peer).port != packet.dst_port || !packet.dst.is(&(*peer).addr) } {
         return null_mut();
     }
     peer
@@ -204,7 +209,9 @@ pub fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<
         Some(pod) if verdict::allows(pod.entry.policy_id, &packet.src, PROTO_UDP, packet.src_port) => return,
         _ => {}
     }
-    let key = key(
+    let mut key = MaybeUninit::uninit();
+    let key = fill_key(
+        &mut key,
         unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
         &packet.src,
         packet.src_port,
@@ -212,7 +219,7 @@ pub fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<
     let now = unsafe { bpf_ktime_get_ns() };
     // A full table evicts the oldest entry (LRU); a failed update only means the reply
     // will be judged as egress.
-    let _ = REPLIES.insert(&key, &now, 0);
+    let _ = REPLIES.insert(key, &now, 0);
 }
 
 /// True when the socket `cookie` received a UDP datagram from `dest`:`port` within the
@@ -222,7 +229,8 @@ pub fn is_udp_reply(cookie: u64, dest: &Dest, port: u16, config: &Config) -> boo
     if cookie == 0 {
         return false;
     }
-    let Some(seen) = (unsafe { REPLIES.get(&key(cookie, dest, port)) }) else {
+    let mut key = MaybeUninit::uninit();
+    let Some(seen) = (unsafe { REPLIES.get(fill_key(&mut key, cookie, dest, port)) }) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -230,12 +238,14 @@ pub fn is_udp_reply(cookie: u64, dest: &Dest, port: u16, config: &Config) -> boo
 }
 
 #[inline(always)]
-fn key(cookie: u64, peer: &Dest, port: u16) -> ReplyKey {
-    ReplyKey {
-        cookie,
-        addr: peer.addr,
-        port,
-        protocol: PROTO_UDP,
-        _pad: [0; 5],
+fn fill_key<'a>(key: &'a mut MaybeUninit<ReplyKey>, cookie: u64, peer: &Dest, port: u16) -> &'a ReplyKey {
+    let k = zeroed::zero(key);
+    // SAFETY: zeroed, then its fields written in place.
+    unsafe {
+        (*k).cookie = cookie;
+        (*k).addr = peer.addr;
+        (*k).port = port;
+        (*k).protocol = PROTO_UDP;
+        &*k
     }
 }

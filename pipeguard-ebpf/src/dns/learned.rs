@@ -8,12 +8,15 @@
 //! rule's ports) and the destination: the socket may remember it for the fast path, so the
 //! packets of a connection to a named host skip the pod walk and these lookups.
 
+use core::{mem::MaybeUninit, ptr::addr_of_mut};
+
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use pipeguard_common::{LearnedKey, LearnedPass, NameKey, SocketState};
 
 use crate::{
     maps::{DNS_LEARNED, DNS_NAMES},
     verdict::Attempt,
+    zeroed,
 };
 
 pub struct Verdict {
@@ -52,15 +55,16 @@ pub fn check(policy_id: u32, attempt: &Attempt, socket: *mut SocketState, rememb
             }
             let by_pass = !socket.is_null() && (remember || holds_pass(socket, policy_id, attempt));
             if remember && !socket.is_null() {
+                // SAFETY: the socket's record in the map; its pass is rewritten in place.
                 unsafe {
-                    (*socket).learned = LearnedPass {
-                        addr: attempt.dest.addr,
-                        rule: learned.rule,
-                        name_hash: learned.name_hash,
-                        port: attempt.port,
-                        protocol: attempt.protocol,
-                        _pad: [0; 5],
-                    };
+                    let pass = zeroed::zero(
+                        &mut *addr_of_mut!((*socket).learned).cast::<MaybeUninit<LearnedPass>>(),
+                    );
+                    (*pass).addr = attempt.dest.addr;
+                    (*pass).rule = learned.rule;
+                    (*pass).name_hash = learned.name_hash;
+                    (*pass).port = attempt.port;
+                    (*pass).protocol = attempt.protocol;
                 }
             }
             return Verdict {
@@ -91,7 +95,7 @@ fn holds_pass(socket: *const SocketState, policy_id: u32, attempt: &Attempt) -> 
         && pass.rule.policy_id == policy_id
         && pass.port == attempt.port
         && pass.protocol == attempt.protocol
-        && pass.addr == attempt.dest.addr
+        && attempt.dest.is(&pass.addr)
 }
 
 /// The rule is looked up at every use: a policy change that drops the name or its ports
