@@ -30,17 +30,15 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    Config, Hook, MAX_CGROUP_DEPTH, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, ReplyKey,
-    VERDICT_DENY,
+    Config, Hook, MAX_CGROUP_DEPTH, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_DENY,
 };
 
 use crate::{
-    addr::Dest,
     maps::SENT,
     packet::Packet,
     pod::Pod,
+    reply,
     verdict::{Attempt, allowed, decide, report},
-    zeroed,
 };
 
 /// True when the packet may reach the pod's socket.
@@ -94,7 +92,7 @@ pub fn note_sent(ctx: &SkBuffContext, packet: &Packet, pod_flags: u32) {
     // LRU: a lost entry only means the answer is judged as new inbound.
     let mut key = MaybeUninit::uninit();
     let _ = SENT.insert(
-        fill_key(&mut key, cookie, &packet.dst, packet.dst_port, packet.protocol),
+        reply::fill_key(&mut key, cookie, &packet.dst, packet.dst_port, packet.protocol),
         &now,
         0,
     );
@@ -143,7 +141,7 @@ fn sent_to(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
     }
     let mut key = MaybeUninit::uninit();
     let Some(seen) = (unsafe {
-        SENT.get(fill_key(
+        SENT.get(reply::fill_key(
             &mut key,
             cookie,
             &packet.src,
@@ -155,25 +153,6 @@ fn sent_to(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     now.wrapping_sub(*seen) < config.reply_window_ns
-}
-
-#[inline(always)]
-fn fill_key<'a>(
-    key: &'a mut MaybeUninit<ReplyKey>,
-    cookie: u64,
-    peer: &Dest,
-    port: u16,
-    protocol: u8,
-) -> &'a ReplyKey {
-    let k = zeroed::zero(key);
-    // SAFETY: zeroed, then its fields written in place.
-    unsafe {
-        (*k).cookie = cookie;
-        (*k).addr = peer.addr;
-        (*k).port = port;
-        (*k).protocol = protocol;
-        &*k
-    }
 }
 
 /// The packet comes from a local socket of the same pod (looked up by the packet's own

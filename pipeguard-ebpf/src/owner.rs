@@ -94,18 +94,24 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
 #[inline(always)]
 pub fn forget(cookie: u64) {
     remove_state(cookie);
-    let _ = ACCEPTED.remove(&cookie);
+    // Looked up first: most connections were never accepted, and deleting an absent key
+    // still takes the bucket's lock.
+    if unsafe { ACCEPTED.get(&cookie) }.is_some() {
+        let _ = ACCEPTED.remove(&cookie);
+    }
 }
 
-/// Removes the socket's record, after moving what its fast path counted into the flow
-/// statistics (when they are kept).
+/// Removes the socket's record, if it has one (the agent's programs see every pod's
+/// sockets), after moving what its fast path counted into the flow statistics (when they
+/// are kept).
 #[inline(always)]
 fn remove_state(cookie: u64) {
+    let state = fast::by_cookie(cookie);
+    if state.is_null() {
+        return;
+    }
     if crate::verdict::config().flags & CONFIG_FLOW_STATS != 0 {
-        let state = fast::by_cookie(cookie);
-        if !state.is_null() {
-            fast::settle_flow(unsafe { &mut *state });
-        }
+        fast::settle_flow(unsafe { &mut *state });
     }
     let _ = SOCKETS.remove(&cookie);
 }

@@ -215,6 +215,7 @@ pub fn learn(ctx: &SkBuffContext, packet: &Packet, config: &Config, pod: Option<
         unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
         &packet.src,
         packet.src_port,
+        PROTO_UDP,
     );
     let now = unsafe { bpf_ktime_get_ns() };
     // A full table evicts the oldest entry (LRU); a failed update only means the reply
@@ -230,22 +231,29 @@ pub fn is_udp_reply(cookie: u64, dest: &Dest, port: u16, config: &Config) -> boo
         return false;
     }
     let mut key = MaybeUninit::uninit();
-    let Some(seen) = (unsafe { REPLIES.get(fill_key(&mut key, cookie, dest, port)) }) else {
+    let Some(seen) = (unsafe { REPLIES.get(fill_key(&mut key, cookie, dest, port, PROTO_UDP)) }) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     now.wrapping_sub(*seen) < config.reply_window_ns
 }
 
+/// The key of a {socket, peer, port, protocol} table (`REPLIES`, `SENT`), written into `key`.
 #[inline(always)]
-fn fill_key<'a>(key: &'a mut MaybeUninit<ReplyKey>, cookie: u64, peer: &Dest, port: u16) -> &'a ReplyKey {
+pub fn fill_key<'a>(
+    key: &'a mut MaybeUninit<ReplyKey>,
+    cookie: u64,
+    peer: &Dest,
+    port: u16,
+    protocol: u8,
+) -> &'a ReplyKey {
     let k = zeroed::zero(key);
     // SAFETY: zeroed, then its fields written in place.
     unsafe {
         (*k).cookie = cookie;
         (*k).addr = peer.addr;
         (*k).port = port;
-        (*k).protocol = PROTO_UDP;
+        (*k).protocol = protocol;
         &*k
     }
 }
