@@ -19,7 +19,10 @@
 //! local and belongs to the same pod, the packet is the pod's own (a job connecting to the
 //! test server it started). A failed lookup only means the packet is judged by the rules.
 
-use core::mem::MaybeUninit;
+use core::{
+    mem::{MaybeUninit, size_of_val},
+    ptr::addr_of_mut,
+};
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
@@ -163,32 +166,35 @@ fn from_same_pod(ctx: &SkBuffContext, packet: &Packet, pod: &Pod) -> bool {
     if packet.src_port == 0 || !(packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP) {
         return false;
     }
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // Not zeroed: the lookup reads the `size` bytes of the variant written below, all of
+    // them set (zeroing it would be a byte-at-a-time `memset`, see `zeroed`).
+    let mut tuple = MaybeUninit::<bpf_sock_tuple>::uninit();
+    let tuple = tuple.as_mut_ptr();
     let size = unsafe {
         if packet.src.is_v4 {
             // The sender's view: its peer is our destination, its own address our source.
-            let t = &mut tuple.__bindgen_anon_1.ipv4;
-            t.saddr = u32::from_ne_bytes(packet.dst.v4_bytes());
-            t.daddr = u32::from_ne_bytes(packet.src.v4_bytes());
-            t.sport = packet.dst_port.to_be();
-            t.dport = packet.src_port.to_be();
-            core::mem::size_of_val(t)
+            let t = addr_of_mut!((*tuple).__bindgen_anon_1.ipv4);
+            (*t).saddr = u32::from_ne_bytes(packet.dst.v4_bytes());
+            (*t).daddr = u32::from_ne_bytes(packet.src.v4_bytes());
+            (*t).sport = packet.dst_port.to_be();
+            (*t).dport = packet.src_port.to_be();
+            size_of_val(&*t)
         } else {
-            let t = &mut tuple.__bindgen_anon_1.ipv6;
-            t.saddr = words(&packet.dst.addr);
-            t.daddr = words(&packet.src.addr);
-            t.sport = packet.dst_port.to_be();
-            t.dport = packet.src_port.to_be();
-            core::mem::size_of_val(t)
+            let t = addr_of_mut!((*tuple).__bindgen_anon_1.ipv6);
+            (*t).saddr = words(&packet.dst.addr);
+            (*t).daddr = words(&packet.src.addr);
+            (*t).sport = packet.dst_port.to_be();
+            (*t).dport = packet.src_port.to_be();
+            size_of_val(&*t)
         }
     };
     let netns = BPF_F_CURRENT_NETNS as u64;
     let skb = ctx.skb.skb.cast();
     let sk = unsafe {
         if packet.protocol == PROTO_TCP {
-            bpf_sk_lookup_tcp(skb, &mut tuple, size as u32, netns, 0)
+            bpf_sk_lookup_tcp(skb, tuple, size as u32, netns, 0)
         } else {
-            bpf_sk_lookup_udp(skb, &mut tuple, size as u32, netns, 0)
+            bpf_sk_lookup_udp(skb, tuple, size as u32, netns, 0)
         }
     };
     if sk.is_null() {
