@@ -46,8 +46,15 @@ impl Dest {
 
     #[inline(always)]
     pub fn from_v6_bytes(addr: [u8; 16]) -> Self {
-        let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
-        Self { addr, is_v4: mapped }
+        // SAFETY: same size, every bit pattern is valid for both.
+        Self::v6(unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(addr) })
+    }
+
+    /// The address as four network-order u32s (what `bpf_sock_tuple` and the context hold).
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 4] {
+        // SAFETY: same size, every bit pattern is valid for both.
+        unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(self.addr) }
     }
 
     #[inline(always)]

@@ -181,8 +181,8 @@ fn from_same_pod(ctx: &SkBuffContext, packet: &Packet, pod: &Pod) -> bool {
             size_of_val(&*t)
         } else {
             let t = addr_of_mut!((*tuple).__bindgen_anon_1.ipv6);
-            (*t).saddr = words(&packet.dst.addr);
-            (*t).daddr = words(&packet.src.addr);
+            (*t).saddr = packet.dst.words();
+            (*t).daddr = packet.src.words();
             (*t).sport = packet.dst_port.to_be();
             (*t).dport = packet.src_port.to_be();
             size_of_val(&*t)
@@ -215,14 +215,4 @@ fn from_same_pod(ctx: &SkBuffContext, packet: &Packet, pod: &Pod) -> bool {
     }
     unsafe { bpf_sk_release(sk.cast()) };
     same
-}
-
-#[inline(always)]
-fn words(addr: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
-        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
-        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
-        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
-    ]
 }
