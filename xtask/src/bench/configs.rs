@@ -95,7 +95,7 @@ pub(super) fn label(cfg: &str) -> &'static str {
         "pg-100k" => "pipeguard 100k CIDRs",
         "ipt-10k" => "iptables chain 10k",
         "nft-10k" => "nftables set 10k",
-        "empty" => "empty programs",
+        "empty" | "dns-empty" => "empty programs",
         "dns-ip" => "pipeguard IP rules only, dns_tunnel off",
         "dns-ip-seen" => "pipeguard IP rules only, names read for dns_tunnel",
         "dns-names" => "pipeguard 16 domain rules",

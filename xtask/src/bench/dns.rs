@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use super::{
     Bench, PIN_ENV, Params, cpus,
     dns_worker::{NON_DNS_PORT, QUERIED_NAMES, name},
-    kernel,
+    kernel::{self, EmptyJob, join_on_exec},
     net::{PORT_CRR, Sample},
     netns::OwnNetns,
     report::{Json, summarize},
@@ -47,6 +47,8 @@ fn exec_args(cfg: &str) -> &'static [&'static str] {
     }
 }
 const BASE_WORKER: &str = "dns-base";
+/// An unguarded job in a cgroup with empty programs (see `kernel::EmptyJob`).
+const EMPTY: &str = "dns-empty";
 const SERVER_WORKER: &str = "srv-dns";
 
 impl Bench {
@@ -57,18 +59,21 @@ impl Bench {
             fs::write(self.policy_path(cfg), dns_policy(names))?;
         }
         let resolver = Dnsmasq::start(&ns, &self.dir)?;
-        let outcome = self.dns_sections(p, &ns);
+        let empty = EmptyJob::create(&format!("pgbench-dns-{}", std::process::id()))?;
+        let outcome = self.dns_sections(p, &ns, &empty);
         for (_, key, _) in GUARDED {
             drop(self.workers.remove(key));
         }
         drop(self.workers.remove(BASE_WORKER));
+        drop(self.workers.remove(EMPTY));
+        drop(empty);
         drop(self.workers.remove(SERVER_WORKER));
         drop(resolver);
         drop(netns);
         outcome
     }
 
-    fn dns_sections(&mut self, p: &Params, ns: &str) -> Result<()> {
+    fn dns_sections(&mut self, p: &Params, ns: &str, empty: &EmptyJob) -> Result<()> {
         let reps = p.control_reps.max(2);
         let exec = self.dns_exec_cost(reps)?;
 
@@ -79,6 +84,9 @@ impl Bench {
         }
         self.spawn(SERVER_WORKER, srv)?;
         self.spawn(BASE_WORKER, self.client(ns, None, None))?;
+        let mut cmd = self.client(ns, None, None);
+        join_on_exec(&mut cmd, &empty.cgroup.path)?;
+        self.spawn(EMPTY, cmd)?;
         self.wait_for_resolver()?;
         for (cfg, key, _) in GUARDED {
             let policy = self.policy_path(cfg);
@@ -91,7 +99,7 @@ impl Bench {
             "D1. DNS: lookups per second, interleaved rounds; each resolves a name over UDP (a fresh socket per lookup, like glibc), then connects to the answer and exchanges 1 byte, or not (resolve only)",
             &["path", "configuration", "cycles/s, median (min–max)", "ratio to no enforcement"],
         );
-        let configs = ["base", "dns-ip", "dns-ip-seen", "dns-names", "dns-10k"];
+        let configs = ["base", EMPTY, "dns-ip", "dns-ip-seen", "dns-names", "dns-10k"];
         let no_stats = |_: &mut Self, _: &str| Ok(BTreeMap::new());
         let (crr, _) = self.dns_rounds("dns-crr", &configs, rounds, secs, no_stats)?;
         self.record(
@@ -102,6 +110,7 @@ impl Bench {
             &configs,
             1.0,
             &[
+                ("dns-names", EMPTY),
                 ("dns-ip-seen", "dns-ip"),
                 ("dns-names", "dns-ip"),
                 ("dns-10k", "dns-ip"),
@@ -173,14 +182,16 @@ impl Bench {
                         .ask(&format!("{verb} {RESOLVER}:53 {}", secs / 2.0))?;
                     continue;
                 }
-                let before = if cfg == "base" {
-                    BTreeMap::new()
-                } else {
+                // Unguarded workers hold no programs to read.
+                let guarded = cfg != "base" && cfg != EMPTY;
+                let before = if guarded {
                     stats(self, key)?
+                } else {
+                    BTreeMap::new()
                 };
                 let s: Sample = self.worker(key)?.ask(&format!("{verb} {RESOLVER}:53 {secs}"))?;
                 rates.entry(cfg.to_string()).or_default().push(s.rate());
-                if cfg == "base" {
+                if !guarded {
                     continue;
                 }
                 for (prog, after) in stats(self, key)? {

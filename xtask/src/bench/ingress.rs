@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use super::{
     Bench, Params,
     configs::{Rules, ingress_policy_yaml, label, policy_yaml},
-    kernel::{self, EmptyPrograms, RunStats},
+    kernel::{self, EmptyJob, EmptyPrograms, RunStats},
     net::{PORT_CRR, Sample},
     netns::{OwnNetns, run_quiet, veth_pair},
     report::{Json, summarize},
@@ -68,14 +68,13 @@ impl Bench {
             "pgic",
         ])?;
         self.ingress_policies()?;
-        let cgroup = kernel::ScratchCgroup::create(&format!("pgbench-in-{pid}"))?;
-        let empty = EmptyPrograms::attach(&cgroup.path)?;
+        let empty = EmptyJob::create(&format!("pgbench-in-{pid}"))?;
 
         let outcome = self
-            .ingress_workers(&srv_ns, &cli_ns, &cgroup.path)
+            .ingress_workers(&srv_ns, &cli_ns, &empty.cgroup.path)
             .and_then(|()| {
                 self.ingress_rate(p)?;
-                self.ingress_kernel_cost(p, &empty)
+                self.ingress_kernel_cost(p, &empty.programs)
             });
         for key in [VETH_CLIENT, LOOPBACK_CLIENT]
             .into_iter()
@@ -84,7 +83,6 @@ impl Bench {
             drop(self.workers.remove(key));
         }
         drop(empty);
-        drop(cgroup);
         drop(netns);
         outcome
     }

@@ -94,6 +94,30 @@ impl EmptyPrograms {
     }
 }
 
+/// A job's cgroup with [`EmptyPrograms`] attached: what cgroup-BPF enforcement costs before
+/// its first instruction (the kernel running programs at every hook pipeguard uses, and a
+/// job in a cgroup of its own). Two levels deep, as `pipeguard exec`'s job is
+/// (`pipeguard/exec-PID`), so the depth costs the same on both sides. Its worker must be
+/// gone before this drops (a cgroup with processes cannot be removed).
+pub struct EmptyJob {
+    pub programs: EmptyPrograms,
+    pub cgroup: ScratchCgroup,
+    _parent: ScratchCgroup,
+}
+
+impl EmptyJob {
+    pub fn create(name: &str) -> Result<Self> {
+        let parent = ScratchCgroup::create(name)?;
+        let cgroup = ScratchCgroup::create(&format!("{name}/job"))?;
+        let programs = EmptyPrograms::attach(&cgroup.path)?;
+        Ok(Self {
+            programs,
+            cgroup,
+            _parent: parent,
+        })
+    }
+}
+
 /// An empty cgroup_skb egress program, unattached, and its id (for BPF_PROG_TEST_RUN).
 pub fn empty_egress_program() -> Result<(OwnedFd, u32)> {
     let fd = load_empty(PROG_TYPE_CGROUP_SKB, ATTACH_INET_EGRESS, "egress")?;

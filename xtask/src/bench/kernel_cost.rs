@@ -11,20 +11,16 @@ use super::{
 };
 
 use super::{
-    Bench, NS_CLIENT, Params,
+    Bench, Params,
     configs::{addr, label},
-    kernel,
+    kernel::{self, EmptyJob},
 };
 
 impl Bench {
     /// ns per program run from the kernel's run-time statistics, net of empty programs.
-    pub(super) fn kernel_cost(&mut self, p: &Params) -> Result<()> {
+    pub(super) fn kernel_cost(&mut self, p: &Params, empty: &EmptyJob) -> Result<()> {
         let _stats = kernel::BpfStats::enable()?;
-        let cgroup = kernel::ScratchCgroup::create(&format!("pgbench-{}", std::process::id()))?;
-        let empty = kernel::EmptyPrograms::attach(&cgroup.path)?;
-        let mut cmd = self.client(NS_CLIENT, None, None);
-        kernel::join_on_exec(&mut cmd, &cgroup.path)?;
-        self.spawn("empty", cmd)?;
+        let empty = &empty.programs;
 
         let configs = ["empty", "pg-allow", "pg-1k", "pg-10k", "pg-100k"];
         // (config, hook) → per-round ns/run, and totals.
@@ -69,11 +65,6 @@ impl Bench {
                 }
             }
         }
-        if let Some(w) = self.workers.remove("empty") {
-            w.finish()?;
-        }
-        drop(empty);
-        drop(cgroup);
 
         self.table.section(
             "4. Kernel cost per program run (kernel.bpf_stats_enabled; veth connect loop + UDP sendto)",

@@ -20,10 +20,18 @@ use super::{
     Bench, NS_CLIENT, NS_IPT, NS_NFT, NS_SERVER, PIN_ENV, Params,
     configs::{PG_CONFIGS, Rules, addr, label, policy_yaml},
     cpus,
+    kernel::{EmptyJob, join_on_exec},
     netns::{Netns, run_quiet},
     report,
     workers::Worker,
 };
+
+/// What the data-path sections run in; dropped after the workers stopped.
+pub(super) struct DataPath {
+    /// The "empty programs" client's cgroup (before the namespaces: fields drop in order).
+    pub empty: EmptyJob,
+    _netns: Netns,
+}
 
 impl Bench {
     pub(super) fn policy_path(&self, cfg: &str) -> PathBuf {
@@ -103,12 +111,12 @@ impl Bench {
     }
 
     pub(super) fn all(&mut self, p: &Params) -> Result<()> {
-        let netns = self.start_data_path()?;
+        let data_path = self.start_data_path()?;
         self.memory("idle")?;
 
         self.throughput(p)?;
         self.memory("after load")?;
-        self.kernel_cost(p)?;
+        self.kernel_cost(p, &data_path.empty)?;
         self.egress_test_run(p)?;
         self.control_plane(p)?;
         self.table.section(
@@ -129,23 +137,23 @@ impl Bench {
         self.dns(p)?;
         self.ingress(p)?;
         self.stop_workers();
-        drop(netns);
+        drop(data_path);
         Ok(())
     }
 
     /// `--only datapath`: sections 1-4 (rates, kernel cost per run, test runs), nothing else.
     pub(super) fn data_path(&mut self, p: &Params) -> Result<()> {
-        let netns = self.start_data_path()?;
+        let data_path = self.start_data_path()?;
         self.throughput(p)?;
-        self.kernel_cost(p)?;
+        self.kernel_cost(p, &data_path.empty)?;
         self.egress_test_run(p)?;
         self.stop_workers();
-        drop(netns);
+        drop(data_path);
         Ok(())
     }
 
     /// Policies, namespaces, firewall rules, servers and every client worker.
-    fn start_data_path(&mut self) -> Result<Netns> {
+    fn start_data_path(&mut self) -> Result<DataPath> {
         let t = Instant::now();
         let rules = Rules::generate(100_000);
         for (cfg, n) in PG_CONFIGS {
@@ -181,13 +189,17 @@ impl Bench {
         self.spawn("srv-veth", srv)?;
         self.spawn("srv-lo", lo)?;
         self.spawn("base", self.client(NS_CLIENT, None, None))?;
+        let empty = EmptyJob::create(&format!("pgbench-{}", std::process::id()))?;
+        let mut cmd = self.client(NS_CLIENT, None, None);
+        join_on_exec(&mut cmd, &empty.cgroup.path)?;
+        self.spawn("empty", cmd)?;
         self.spawn("ipt-10k", self.client(NS_IPT, None, None))?;
         self.spawn("nft-10k", self.client(NS_NFT, None, None))?;
         for (cfg, _) in PG_CONFIGS {
             let policy = self.policy_path(cfg);
             self.spawn(cfg, self.client(NS_CLIENT, Some(&policy), None))?;
         }
-        Ok(netns)
+        Ok(DataPath { empty, _netns: netns })
     }
 
     pub(super) fn firewalls(&self, rules: &Rules) -> Result<()> {

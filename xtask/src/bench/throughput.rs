@@ -29,10 +29,22 @@ impl Bench {
             "1. New TCP connections per second (connect, 1-byte request and response, close)",
             &header,
         );
-        let lo = ["base", "pg-allow", "pg-10k", "pg-100k"];
+        // "empty": a job's cgroup with empty programs at every hook, the floor any cgroup-BPF
+        // enforcement starts from; "pipeguard ÷ empty" is what pipeguard's own code costs.
+        let lo = ["base", "empty", "pg-allow", "pg-10k", "pg-100k"];
         let v = self.interleave("crr", "loopback", PORT_CRR, &lo, secs, rounds, rate)?;
-        self.record("conn_rate", "loopback", "/s", &v, &lo, 1.0, &[]);
-        let veth = ["base", "pg-allow", "pg-10k", "pg-100k", "ipt-10k", "nft-10k"];
+        self.record(
+            "conn_rate",
+            "loopback",
+            "/s",
+            &v,
+            &lo,
+            1.0,
+            &[("pg-10k", "empty")],
+        );
+        let veth = [
+            "base", "empty", "pg-allow", "pg-10k", "pg-100k", "ipt-10k", "nft-10k",
+        ];
         let v = self.interleave("crr", "veth", PORT_CRR, &veth, secs, rounds, rate)?;
         self.record(
             "conn_rate",
@@ -41,10 +53,10 @@ impl Bench {
             &v,
             &veth,
             1.0,
-            &[("pg-10k", "ipt-10k"), ("pg-10k", "nft-10k")],
+            &[("pg-10k", "empty"), ("pg-10k", "ipt-10k"), ("pg-10k", "nft-10k")],
         );
 
-        let pair = ["base", "pg-10k"];
+        let configs = ["base", "empty", "pg-10k"];
         for (title, test, verb, port, unit, metric) in [
             (
                 "2a. Request/response on one connection (1-byte ping-pong), transactions per second",
@@ -73,8 +85,8 @@ impl Bench {
         ] {
             self.table.section(title, &header);
             for path in ["loopback", "veth"] {
-                let v = self.interleave(verb, path, port, &pair, secs, rounds, metric)?;
-                self.record(test, path, unit, &v, &pair, 1.0, &[]);
+                let v = self.interleave(verb, path, port, &configs, secs, rounds, metric)?;
+                self.record(test, path, unit, &v, &configs, 1.0, &[("pg-10k", "empty")]);
             }
         }
         Ok(())
