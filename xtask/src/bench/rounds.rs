@@ -112,6 +112,15 @@ impl Bench {
 
     pub(super) fn all(&mut self, p: &Params) -> Result<()> {
         let data_path = self.start_data_path()?;
+        let outcome = self.all_sections(p, &data_path);
+        // Workers out of the empty job's cgroup and the namespaces before they go, on
+        // every path.
+        self.stop_workers();
+        drop(data_path);
+        outcome
+    }
+
+    fn all_sections(&mut self, p: &Params, data_path: &DataPath) -> Result<()> {
         self.memory("idle")?;
 
         self.throughput(p)?;
@@ -135,21 +144,19 @@ impl Bench {
         }
         self.events(p)?;
         self.dns(p)?;
-        self.ingress(p)?;
-        self.stop_workers();
-        drop(data_path);
-        Ok(())
+        self.ingress(p)
     }
 
     /// `--only datapath`: sections 1-4 (rates, kernel cost per run, test runs), nothing else.
     pub(super) fn data_path(&mut self, p: &Params) -> Result<()> {
         let data_path = self.start_data_path()?;
-        self.throughput(p)?;
-        self.kernel_cost(p, &data_path.empty)?;
-        self.egress_test_run(p)?;
+        let outcome = self
+            .throughput(p)
+            .and_then(|()| self.kernel_cost(p, &data_path.empty))
+            .and_then(|()| self.egress_test_run(p));
         self.stop_workers();
         drop(data_path);
-        Ok(())
+        outcome
     }
 
     /// Policies, namespaces, firewall rules, servers and every client worker.
@@ -189,16 +196,17 @@ impl Bench {
         self.spawn("srv-veth", srv)?;
         self.spawn("srv-lo", lo)?;
         self.spawn("base", self.client(NS_CLIENT, None, None))?;
-        let empty = EmptyJob::create(&format!("pgbench-{}", std::process::id()))?;
-        let mut cmd = self.client(NS_CLIENT, None, None);
-        join_on_exec(&mut cmd, &empty.cgroup.path)?;
-        self.spawn("empty", cmd)?;
         self.spawn("ipt-10k", self.client(NS_IPT, None, None))?;
         self.spawn("nft-10k", self.client(NS_NFT, None, None))?;
         for (cfg, _) in PG_CONFIGS {
             let policy = self.policy_path(cfg);
             self.spawn(cfg, self.client(NS_CLIENT, Some(&policy), None))?;
         }
+        // Last: should a spawn fail, no worker is left in a cgroup that is going away.
+        let empty = EmptyJob::create(&format!("pgbench-{}", std::process::id()))?;
+        let mut cmd = self.client(NS_CLIENT, None, None);
+        join_on_exec(&mut cmd, &empty.cgroup.path)?;
+        self.spawn("empty", cmd)?;
         Ok(DataPath { empty, _netns: netns })
     }
 
