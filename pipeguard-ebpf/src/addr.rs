@@ -46,15 +46,13 @@ impl Dest {
 
     #[inline(always)]
     pub fn from_v6_bytes(addr: [u8; 16]) -> Self {
-        // SAFETY: same size, every bit pattern is valid for both.
-        Self::v6(unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(addr) })
+        Self::v6(bytes_to_words(addr))
     }
 
     /// The address as four network-order u32s (what `bpf_sock_tuple` and the context hold).
     #[inline(always)]
     pub fn words(&self) -> [u32; 4] {
-        // SAFETY: same size, every bit pattern is valid for both.
-        unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(self.addr) }
+        bytes_to_words(self.addr)
     }
 
     #[inline(always)]
@@ -67,4 +65,10 @@ impl Dest {
 fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
     // SAFETY: same size, every bit pattern is valid for both.
     unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
+#[inline(always)]
+fn bytes_to_words(addr: [u8; 16]) -> [u32; 4] {
+    // SAFETY: same size, every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(addr) }
 }
