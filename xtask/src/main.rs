@@ -151,6 +151,8 @@ fn demo() -> Result<ExitCode> {
 fn test() -> Result<ExitCode> {
     let tc = toolchain::setup()?;
     packages::ensure_test_packages()?;
+    // skopeo, umoci and kubectl: on a fresh machine the README's test command alone must pass.
+    test_tools::setup(&workspace_root())?;
     // Kernel tests share cgroups and the loopback; run them one at a time.
     // Default members only: the eBPF crate builds for bpfel-unknown-none, never for the host.
     status(cargo(&tc, &["test", "--", "--test-threads=1"]))?;
