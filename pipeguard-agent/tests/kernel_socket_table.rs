@@ -74,6 +74,12 @@ fn socket_records_live_exactly_as_long_as_the_sockets() {
     // `reply`), and whatever it records goes with it too.
     let mut visitor = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut accepted, _) = listener.accept().unwrap();
+    assert_eq!(
+        table.accepted_pods(),
+        vec![cgroup_id],
+        "the accepted connection's record names its pod before any reply (handed over by the \
+         ingress hook at the handshake's last ACK)"
+    );
     for _ in 0..8 {
         let mut b = [0u8; 1];
         visitor.write_all(b"q").unwrap();

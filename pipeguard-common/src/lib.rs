@@ -34,8 +34,9 @@ pub mod map_names {
     pub const DNS_REPORTED: &str = "PG_DNS_REPORTED_V1";
     pub const DNS_REPORT_BUDGET: &str = "PG_DNS_REPORT_BUDGET_V1";
     pub const DNS_SEEN: &str = "PG_DNS_SEEN_V1";
+    pub const HANDSHAKE: &str = "PG_HANDSHAKE_V1";
     /// Every map, for pinning.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -61,6 +62,7 @@ pub mod map_names {
         DNS_REPORTED,
         DNS_REPORT_BUDGET,
         DNS_SEEN,
+        HANDSHAKE,
     ];
 }
 
@@ -376,7 +378,27 @@ pub struct ReplyKey {
 }
 const _: () = assert!(core::mem::size_of::<ReplyKey>() == 32);
 
-/// Socket-local storage of a TCP connection the pod accepted: the peer it was accepted
+/// Per CPU: the pod of the listener whose handshake packet the ingress hook just let in,
+/// with the packet's peer and local port. The handshake's last ACK reaches `pg_sock_ops`
+/// (passive established, on the new connection) right after the ingress hook, on the same
+/// CPU, and sock_ops has no helper to find a socket's cgroup: this is how the accepted
+/// connection's record learns its pod without a walk at its first reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Handshake {
+    /// The peer, as in `AcceptedPeer::addr`.
+    pub addr: [u8; 16],
+    /// Host byte order, both.
+    pub port: u16,
+    pub local_port: u16,
+    pub counter_slot: u32,
+    pub pod_cgroup_id: u64,
+    /// Read before the pod lookup, as `AcceptedPeer::generation`.
+    pub generation: u64,
+}
+const _: () = assert!(core::mem::size_of::<Handshake>() == 40);
+
+/// The record (`ACCEPTED`) of a TCP connection the pod accepted: the peer it was accepted
 /// from. Packets of that socket to that peer are replies; once the socket is reused for
 /// anything else (disconnected and connected elsewhere) the peer no longer matches.
 #[repr(C)]

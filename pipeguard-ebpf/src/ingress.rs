@@ -5,10 +5,10 @@
 //! judged as new egress.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use pipeguard_common::{Config, Hook, POD_INGRESS_ISOLATED, VERDICT_ERROR};
+use pipeguard_common::{Config, Hook, POD_INGRESS_ISOLATED, PROTO_TCP, VERDICT_ERROR};
 
 use crate::{
-    dns, ingress_policy,
+    dns, fast, ingress_policy,
     maps::DNS_INGRESS,
     packet::{self, Packet},
     pod::{self, Pod},
@@ -30,12 +30,19 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
         }
     }
     let config = config();
+    // Before the pod lookup (see `reply::note_handshake`).
+    let generation = fast::generation();
     // Two branches, each with its own `Pod` (see `pg_egress` on why not one `Option`).
     match pod::of_skb(ctx.skb.skb) {
         Some(pod) => match parsed {
             Ok(packet) => {
                 if !ingress_policy::admits(&ctx, &packet, &pod, &config) {
                     return DROP;
+                }
+                // A listener's handshake packet (or DNS over TCP, which no new connection
+                // matches).
+                if packet.protocol == PROTO_TCP {
+                    reply::note_handshake(&packet, &pod, generation);
                 }
                 learn(&ctx, &packet, &config, Some(&pod))
             }

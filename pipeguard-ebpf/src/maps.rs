@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use pipeguard_common::{
     AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, DnsConfig, DnsScratch, EVENT_RING_BYTES, FlowKey,
-    LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES,
-    MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN, MAX_SOCKETS, NameKey,
-    NameRule, NameText, PodCounters, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey,
-    SocketState,
+    Handshake, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_LEARNED,
+    MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN, MAX_SOCKETS,
+    NameKey, NameRule, NameText, PodCounters, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget,
+    ReportedKey, SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -61,6 +61,11 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// (see `owner`). A table, not socket storage, for the reason `SOCKETS` gives.
 #[map(name = "PG_ACCEPTED_V3")]
 pub static ACCEPTED: LruHashMap<u64, AcceptedPeer> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Index 0, per CPU: the pod of the handshake packet the ingress hook just let in, for
+/// `pg_sock_ops` to put into the accepted connection's record (see `reply`).
+#[map(name = "PG_HANDSHAKE_V1")]
+pub static HANDSHAKE: PerCpuArray<Handshake> = PerCpuArray::with_max_entries(1, 0);
 
 /// Socket cookie → the pod and task that created the socket (written by `pg_sock_create`,
 /// read by the socket hooks and ingress events; see `owner`) and the verdict the socket

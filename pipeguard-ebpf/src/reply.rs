@@ -3,7 +3,9 @@
 //!
 //! TCP: `pg_sock_ops` records the peer of every connection the pod accepted under the child
 //! socket's cookie (`ACCEPTED`, removed with the socket's other records, see `owner`);
-//! packets of that socket to that peer are replies. A listener's SYN-ACKs are replies too:
+//! packets of that socket to that peer are replies. The record carries the pod the replies
+//! are counted for, handed over by the ingress hook, which found it for the handshake's
+//! last ACK just before (`note_handshake`), so no reply walks the cgroup tree. A listener's SYN-ACKs are replies too:
 //! the kernel hands the egress hook the listener (the full socket of the request socket),
 //! in state LISTEN. Sockets the pod opened with connect() carry no mark, so their packets
 //! stay judged (revocation keeps working). Last, the reset a connection sends when close()
@@ -33,7 +35,7 @@ use pipeguard_common::{
 use crate::{
     addr::Dest,
     fast,
-    maps::{ACCEPTED, REPLIES},
+    maps::{ACCEPTED, HANDSHAKE, REPLIES},
     packet::Packet,
     pod::Pod,
     verdict, zeroed,
@@ -53,7 +55,7 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
     // Context fields must be read with exactly-sized loads at fixed offsets (the verifier
     // rewrites them), so every field is read before choosing: a branch would let LLVM
     // select between two context pointers, which the verifier rejects.
-    let (sk, family, ip4, ip6, port) = unsafe {
+    let (sk, family, ip4, ip6, port, local_port) = unsafe {
         (
             read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)),
             read_volatile(addr_of!((*ops).family)),
@@ -66,6 +68,8 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
             ],
             // remote_port comes in network order in the upper 16 bits.
             u32::from_be(read_volatile(addr_of!((*ops).remote_port))) as u16,
+            // Host order.
+            read_volatile(addr_of!((*ops).local_port)) as u16,
         )
     };
     // An AF_INET6 socket accepted from an IPv4 peer sees ::ffff:a.b.c.d: canonical IPv4.
@@ -85,9 +89,52 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
         (*r).addr = peer.addr;
         (*r).port = port;
         (*r).generation = POLICY_GENERATION_NONE;
+        take_handshake(&mut *r, &peer, local_port);
         &*r
     };
     let _ = ACCEPTED.insert(&cookie, record, BPF_ANY as u64);
+}
+
+/// In the ingress hook, for a TCP packet to a listener of `pod` that passed, `generation`
+/// read before the pod lookup: should it be the handshake's last ACK, `mark_accepted` runs
+/// next on this CPU and takes the pod from here.
+#[inline(always)]
+pub fn note_handshake(packet: &Packet, pod: &Pod, generation: u64) {
+    let Some(h) = HANDSHAKE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    unsafe {
+        (*h).addr = packet.src.addr;
+        (*h).port = packet.src_port;
+        (*h).local_port = packet.dst_port;
+        (*h).counter_slot = pod.entry.counter_slot;
+        (*h).pod_cgroup_id = pod.cgroup_id;
+        (*h).generation = generation;
+    }
+}
+
+/// Fills the pod of the new connection's record from `note_handshake` when its packet was
+/// this connection's (peer and local port). Taken, so it serves no other connection. When
+/// it does not match (the ACK waited in the listener's backlog), the first reply finds the
+/// pod itself.
+#[inline(always)]
+fn take_handshake(record: &mut AcceptedPeer, peer: &Dest, local_port: u16) {
+    let Some(h) = HANDSHAKE.get_ptr_mut(0) else {
+        return;
+    };
+    let h = unsafe { &mut *h };
+    if h.generation == POLICY_GENERATION_NONE
+        || h.port != record.port
+        || h.local_port != local_port
+        || !peer.is(&h.addr)
+    {
+        return;
+    }
+    record.pod_cgroup_id = h.pod_cgroup_id;
+    record.counter_slot = h.counter_slot;
+    record.generation = h.generation;
+    h.generation = POLICY_GENERATION_NONE;
 }
 
 /// A TCP packet at the egress hook is a reply when its socket is a listener sending a
@@ -117,7 +164,9 @@ pub fn is_listener_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
 /// to that peer (a reply); null for anything else.
 #[inline(always)]
 pub fn accepted_peer(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
-    if sending_tcp_socket(ctx, packet).is_null() {
+    let full = sending_tcp_socket(ctx, packet);
+    // A listener has no record: the lookup is spared for its SYN-ACKs.
+    if full.is_null() || is_listening(full) {
         return null_mut();
     }
     peer_of(ctx, packet)

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use pipeguard_common::{
     AcceptedPeer, COUNTER_SLOT_NONE, COUNTER_SLOT_OVERFLOW, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook,
-    PodCounters, PodEntry, SocketState, VERDICT_ALLOW, VERDICT_COUNT, map_names,
+    POLICY_GENERATION_NONE, PodCounters, PodEntry, SocketState, VERDICT_ALLOW, VERDICT_COUNT, map_names,
 };
 
 use super::{Engine, EngineError};
@@ -181,6 +181,17 @@ impl SocketsReader {
     /// Accepted connections with their peer's record; bounded the same way.
     pub fn accepted(&self) -> usize {
         self.accepted.keys().filter(Result::is_ok).count()
+    }
+
+    /// The pods accepted connections' replies are counted for, where their record knows
+    /// it (see `AcceptedPeer::generation`); bounded the same way.
+    pub fn accepted_pods(&self) -> Vec<u64> {
+        self.accepted
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, peer)| peer.generation != POLICY_GENERATION_NONE)
+            .map(|(_, peer)| peer.pod_cgroup_id)
+            .collect()
     }
 }
 
