@@ -5,12 +5,13 @@
 //! socket's cookie (`ACCEPTED`, removed with the socket's other records, see `owner`);
 //! packets of that socket to that peer are replies. The record carries the pod the replies
 //! are counted for, handed over by the ingress hook, which found it for the handshake's
-//! last ACK just before (`note_handshake`), so no reply walks the cgroup tree. A listener's SYN-ACKs are replies too:
-//! the kernel hands the egress hook the listener (the full socket of the request socket),
-//! in state LISTEN. Sockets the pod opened with connect() carry no mark, so their packets
-//! stay judged (revocation keeps working). Last, the reset a connection sends when close()
-//! aborts it (linger 0, unread data) after its records are gone: TCP sends one only from a
-//! connection that was established, and only to its peer.
+//! last ACK just before (`note_handshake`), so no reply walks the cgroup tree. A
+//! listener's SYN-ACKs are replies too: the kernel hands the egress hook the listener (the
+//! full socket of the request socket), in state LISTEN. Sockets the pod opened with
+//! connect() carry no mark, so their packets stay judged (revocation keeps working). Last,
+//! the reset a connection sends when close() aborts it (linger 0, unread data) after its
+//! records are gone: TCP sends one only from a connection that was established, and only
+//! to its peer.
 //!
 //! UDP: the ingress hook records {receiving socket, sender address, sender port} with the
 //! time of the datagram; the egress and socket hooks let the same socket send to that peer
@@ -103,7 +104,9 @@ pub fn note_handshake(packet: &Packet, pod: &Pod, generation: u64) {
     let Some(h) = HANDSHAKE.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    // SAFETY: this CPU's slot. A reader it interrupts (sock_ops on a listener's backlog, in
+    // process context) may see a mix of two packets' fields: its whole-tuple compare turns
+    // the mix away.
     unsafe {
         (*h).addr = packet.src.addr;
         (*h).port = packet.src_port;
@@ -214,8 +217,9 @@ fn peer_of(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
 }
 
 /// The counter slot of the pod a reply of this accepted connection is counted for without
-/// the pod walk: the one the last reply was counted for, while the policy generation has
-/// not moved (a pod table write moves it, so a pod that left the table is looked up again).
+/// the pod walk: the one the handshake handed over (`take_handshake`) or the last reply was
+/// counted for, while the policy generation has not moved (a pod table write moves it, so a
+/// pod that left the table is looked up again).
 #[inline(always)]
 pub fn counted_pod(peer: *const AcceptedPeer) -> Option<u32> {
     if peer.is_null() {
