@@ -111,10 +111,14 @@ impl Bench {
     }
 
     pub(super) fn all(&mut self, p: &Params) -> Result<()> {
+        self.with_data_path(|me, data_path| me.all_sections(p, data_path))
+    }
+
+    /// Runs `sections` with the data path's workers up, then stops them before the empty
+    /// job's cgroup and the namespaces go, whatever `sections` returned.
+    fn with_data_path(&mut self, sections: impl FnOnce(&mut Self, &DataPath) -> Result<()>) -> Result<()> {
         let data_path = self.start_data_path()?;
-        let outcome = self.all_sections(p, &data_path);
-        // Workers out of the empty job's cgroup and the namespaces before they go, on
-        // every path.
+        let outcome = sections(self, &data_path);
         self.stop_workers();
         drop(data_path);
         outcome
@@ -149,14 +153,11 @@ impl Bench {
 
     /// `--only datapath`: sections 1-4 (rates, kernel cost per run, test runs), nothing else.
     pub(super) fn data_path(&mut self, p: &Params) -> Result<()> {
-        let data_path = self.start_data_path()?;
-        let outcome = self
-            .throughput(p)
-            .and_then(|()| self.kernel_cost(p, &data_path.empty))
-            .and_then(|()| self.egress_test_run(p));
-        self.stop_workers();
-        drop(data_path);
-        outcome
+        self.with_data_path(|me, data_path| {
+            me.throughput(p)?;
+            me.kernel_cost(p, &data_path.empty)?;
+            me.egress_test_run(p)
+        })
     }
 
     /// Policies, namespaces, firewall rules, servers and every client worker.
