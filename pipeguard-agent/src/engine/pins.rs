@@ -7,7 +7,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -107,12 +107,52 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     Ok(())
 }
 
-/// Removes everything pinned under `pin_dir`: unpinning a link detaches its program once no
-/// process holds it; unpinning a map frees it once no program uses it.
+/// Removes everything pinned under `pin_dir`, links first. Each link is detached
+/// (BPF_LINK_DETACH) before it is unpinned: unpinning alone frees the link only after an RCU
+/// grace period and a kernel work item, so for a moment after this returned the programs
+/// would still judge traffic. Unpinning a map frees it once no program uses it.
 pub fn remove_all(pin_dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
+    let links = pin_dir.join("links");
+    let detached = detach_tree(&links);
     remove_tree(pin_dir, &mut removed)?;
+    detached?;
     Ok(removed)
+}
+
+/// Detaches every link pinned under `dir`, going on past failures; the first one is returned.
+fn detach_tree(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mut first_error = Ok(());
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let result = if path.is_dir() {
+            detach_tree(&path)
+        } else {
+            open_pinned(&path)
+                .and_then(|link| detach_link(link.as_fd()))
+                .map_err(|e| io::Error::new(e.kind(), format!("detaching {}: {e}", path.display())))
+        };
+        if first_error.is_ok() {
+            first_error = result;
+        }
+    }
+    first_error
+}
+
+/// Detaches a link's program now, whoever else holds the link (BPF_LINK_DETACH).
+fn detach_link(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    // SAFETY: attr is zeroed and its first u32 is link_fd; BPF_LINK_DETACH = 34.
+    unsafe {
+        attr.as_mut_ptr().cast::<u32>().write(link.as_raw_fd() as u32);
+        if libc::syscall(libc::SYS_bpf, 34, attr.as_mut_ptr(), size_of_val(&attr)) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn remove_tree(dir: &Path, removed: &mut usize) -> io::Result<()> {
