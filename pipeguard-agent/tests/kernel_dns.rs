@@ -429,6 +429,52 @@ fn resolving_a_name_again_renews_its_address() {
 }
 
 #[test]
+fn names_sharing_an_address_each_keep_their_own_ports() {
+    let (to_a, to_b, other) = (
+        listeners::tcp("127.0.0.1:0"),
+        listeners::tcp("127.0.0.1:0"),
+        listeners::tcp("127.0.0.1:0"),
+    );
+    let (a, b, c) = (to_a.addr.port(), to_b.addr.port(), other.addr.port());
+    let ip = own_ip(87);
+    let dns = Dnsmasq::start(
+        "shared",
+        &ip,
+        "127.0.0.1 a.shared.test\n127.0.0.1 b.shared.test\n",
+        60,
+    );
+    let g = guard(
+        "dns-shared",
+        &dns_only(
+            &format!("{ip}/32"),
+            vec![rule("a.shared.test", a), rule("b.shared.test", b)],
+        ),
+        EngineConfig::default(),
+    );
+    let r = dns.addr;
+    let out = g.probe(&[
+        format!("dns-udp {r} a.shared.test"),
+        // The same address, taught again under another rule (a CDN serving both names).
+        format!("dns-udp {r} b.shared.test"),
+        format!("tcp 127.0.0.1:{a} to-a"),
+        format!("tcp 127.0.0.1:{b} to-b"),
+        format!("tcp 127.0.0.1:{c} to-neither"),
+    ]);
+    for o in &out[..4] {
+        assert_ok(o);
+    }
+    assert!(out[4].denied_with_eperm(), "no rule allows that port: {:?}", out[4]);
+    assert!(to_a.received.wait_for(b"to-a", Duration::from_secs(3)));
+    assert!(to_b.received.wait_for(b"to-b", Duration::from_secs(3)));
+    let learned = g.engine.learned().unwrap();
+    let holds = learned
+        .iter()
+        .filter(|l| l.addr == std::net::IpAddr::from([127, 0, 0, 1]))
+        .count();
+    assert_eq!(holds, 2, "one hold per rule on the shared address: {learned:?}");
+}
+
+#[test]
 fn getaddrinfo_of_a_refused_name_fails_fast() {
     let ip = own_ip(59);
     let dns = Dnsmasq::start("gai", &ip, "127.0.0.1 ok.pg.test\n", 60);

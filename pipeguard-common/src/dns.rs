@@ -6,7 +6,7 @@
 //! `PG_DNS_NAMES_V1`; a hit is confirmed by comparing the stored name text, so a hash
 //! collision can never allow a name. An allowed query is remembered in `PG_DNS_QUERIES_V2`;
 //! the answer that matches it (same socket, resolver, query id and question) teaches its
-//! A/AAAA addresses to `PG_DNS_LEARNED_V1`, which the socket and packet hooks consult after
+//! A/AAAA addresses to `PG_DNS_LEARNED_V2`, which the socket and packet hooks consult after
 //! the static tries.
 
 use bytemuck::{Pod, Zeroable};
@@ -48,7 +48,7 @@ pub const NAME_EXACT: u32 = 1;
 /// (`*.npmjs.org` is stored as `npmjs.org`).
 pub const NAME_WILDCARD: u32 = 2;
 /// `NameKey::kind` of a query slot of an observed query (a pod that is not DNS-filtered,
-/// `DNS_LEARN_NAMES`): its answer names addresses in `PG_DNS_SEEN_V1`, never in the
+/// `DNS_LEARN_NAMES`): its answer names addresses in `PG_DNS_SEEN_V2`, never in the
 /// learned table, and no name rule has this kind: it allows nothing.
 pub const NAME_SEEN: u32 = 3;
 
@@ -202,7 +202,7 @@ pub fn same_query(a: &QueryKey, b: &QueryKey) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
-/// Key of `PG_DNS_LEARNED_V1`.
+/// Key of `PG_DNS_LEARNED_V2`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct LearnedKey {
@@ -212,17 +212,51 @@ pub struct LearnedKey {
 }
 const _: () = assert!(core::mem::size_of::<LearnedKey>() == 20);
 
-/// A learned address: allowed for the ports of `rule` (looked up at every use, so a policy
-/// change takes effect at once) until `expires_ns`.
+/// Rules one learned address holds at once: names on a shared address (a CDN) taught under
+/// different rules (other ports) each keep their own. A further rule takes the place of the
+/// one that expires first.
+pub const LEARNED_RULES: usize = 2;
+const _: () = assert!(LEARNED_RULES.is_power_of_two());
+
+/// One rule's hold on a learned address: its ports (the rule is looked up at every use, so
+/// a policy change takes effect at once) until `expires_ns`. Unused: all zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct LearnedAddr {
+pub struct LearnedRule {
     pub expires_ns: u64,
     /// `name_hash` of the question that taught it (the name events show).
     pub name_hash: u64,
     pub rule: NameKey,
 }
-const _: () = assert!(core::mem::size_of::<LearnedAddr>() == 32);
+const _: () = assert!(core::mem::size_of::<LearnedRule>() == 32);
+
+/// A learned address: allowed while one of its rules lives, for that rule's ports. A new
+/// rule replaces the whole value (an LRU update), so a reader never sees a rule with
+/// another's expiry; only a rule taught again has its time moved in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LearnedAddr {
+    pub rules: [LearnedRule; LEARNED_RULES],
+}
+const _: () = assert!(core::mem::size_of::<LearnedAddr>() == 32 * LEARNED_RULES);
+
+impl LearnedAddr {
+    /// The rule that lives longest (whose name user space shows).
+    pub fn longest(&self) -> &LearnedRule {
+        let mut longest = &self.rules[0];
+        for rule in &self.rules[1..] {
+            if rule.expires_ns > longest.expires_ns {
+                longest = rule;
+            }
+        }
+        longest
+    }
+
+    /// When the last of its rules expires.
+    pub fn expires_ns(&self) -> u64 {
+        self.longest().expires_ns
+    }
+}
 
 /// In a socket's `SocketState`: the learned destination the socket started a connection
 /// or datagram to while the address's entry lived, and the rule that allowed it. The socket
@@ -280,7 +314,7 @@ const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
 /// that is not DNS-filtered (read, never judged).
 pub const DNS_REPORT_QUERIES: u32 = 1 << 0;
 /// `DnsConfig::flags`: the answers to the queries of guarded pods that are not DNS-filtered
-/// name their addresses in `PG_DNS_SEEN_V1` (a table of its own, so these never push out
+/// name their addresses in `PG_DNS_SEEN_V2` (a table of its own, so these never push out
 /// an entry enforcement needs): names for learning, never an allow.
 pub const DNS_LEARN_NAMES: u32 = 1 << 1;
 

@@ -24,7 +24,7 @@ pub mod map_names {
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
-    pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V1";
+    pub const DNS_LEARNED: &str = "PG_DNS_LEARNED_V2";
     pub const DNS_NAME_TEXT: &str = "PG_DNS_NAME_TEXT_V1";
     pub const DNS_CONFIG: &str = "PG_DNS_CONFIG_V1";
     pub const DNS_SCRATCH: &str = "PG_DNS_SCRATCH_V2";
@@ -33,7 +33,7 @@ pub mod map_names {
     pub const SENT: &str = "PG_SENT_V1";
     pub const DNS_REPORTED: &str = "PG_DNS_REPORTED_V1";
     pub const DNS_REPORT_BUDGET: &str = "PG_DNS_REPORT_BUDGET_V1";
-    pub const DNS_SEEN: &str = "PG_DNS_SEEN_V1";
+    pub const DNS_SEEN: &str = "PG_DNS_SEEN_V2";
     pub const HANDSHAKE: &str = "PG_HANDSHAKE_V1";
     /// Every map, for pinning.
     pub const ALL: [&str; 26] = [

@@ -92,8 +92,8 @@ pub static DNS_NAMES: HashMap<NameKey, NameRule> =
 #[map(name = "PG_DNS_QUERIES_V2")]
 pub static DNS_QUERIES: Array<QuerySlot> = Array::with_max_entries(MAX_QUERIES, 0);
 
-/// {policy id, address} → until when, through which rule, from which name.
-#[map(name = "PG_DNS_LEARNED_V1")]
+/// {policy id, address} → its rules: until when, through which rule, from which name.
+#[map(name = "PG_DNS_LEARNED_V2")]
 pub static DNS_LEARNED: LruHashMap<LearnedKey, LearnedAddr> = LruHashMap::with_max_entries(MAX_LEARNED, 0);
 
 /// Question name hash → its text, for events and summaries.
@@ -106,7 +106,7 @@ pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
 
 /// {policy id, address} → until when, from which name: the answers to observed queries
 /// (`DNS_LEARN_NAMES`), for learning. Shaped like `DNS_LEARNED`; never consulted to allow.
-#[map(name = "PG_DNS_SEEN_V1")]
+#[map(name = "PG_DNS_SEEN_V2")]
 pub static DNS_SEEN: LruHashMap<LearnedKey, LearnedAddr> = LruHashMap::with_max_entries(MAX_SEEN, 0);
 
 /// {pod, question name hash} → when a query a wildcard rule allowed was last reported

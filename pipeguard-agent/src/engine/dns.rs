@@ -27,7 +27,8 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// An address learned from an answer, as the kernel holds it.
+/// An address learned from an answer under one rule, as the kernel holds it (an address
+/// several rules taught is one of these per rule).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Learned {
     pub policy_id: u32,
@@ -85,12 +86,14 @@ impl Engine {
         let mut out = Vec::new();
         for item in map.iter() {
             let (key, value) = item.map_err(map_error(name))?;
-            out.push(Learned {
-                policy_id: key.policy_id,
-                addr: ip_of(key.addr),
-                remaining: std::time::Duration::from_nanos(value.expires_ns.saturating_sub(now)),
-                name_hash: value.name_hash,
-            });
+            for held in value.rules.iter().filter(|r| r.expires_ns != 0) {
+                out.push(Learned {
+                    policy_id: key.policy_id,
+                    addr: ip_of(key.addr),
+                    remaining: std::time::Duration::from_nanos(held.expires_ns.saturating_sub(now)),
+                    name_hash: held.name_hash,
+                });
+            }
         }
         Ok(out)
     }
@@ -192,7 +195,7 @@ impl Engine {
         let mut expired = Vec::new();
         for item in table.iter() {
             let (key, value) = item.map_err(map_error(name))?;
-            if value.expires_ns > now {
+            if value.expires_ns() > now {
                 remaining += 1;
             } else {
                 expired.push(key);
@@ -201,7 +204,7 @@ impl Engine {
         for key in &expired {
             // Read again right before the delete: an answer may have taught the address
             // again since the walk (the window left is the two syscalls in between).
-            if table.get(key, 0).is_ok_and(|v| v.expires_ns > monotonic_ns()) {
+            if table.get(key, 0).is_ok_and(|v| v.expires_ns() > monotonic_ns()) {
                 remaining += 1;
                 continue;
             }
@@ -294,7 +297,7 @@ impl PodNames {
             let Some(pods) = pods_of.get(&key.policy_id) else {
                 continue;
             };
-            let Some(name) = self.texts.name(value.name_hash) else {
+            let Some(name) = self.texts.name(value.longest().name_hash) else {
                 continue;
             };
             for pod in pods {

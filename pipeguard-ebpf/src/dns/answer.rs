@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    LearnedAddr, LearnedKey, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, NAME_SEEN, NameKey, QueryKey,
+    LEARNED_RULES, LearnedAddr, LearnedKey, LearnedRule, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, NAME_SEEN,
+    NameKey, QueryKey,
 };
 
 use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name, queries};
@@ -84,7 +85,7 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
             if ttl > MAX_TTL_S {
                 ttl = MAX_TTL_S;
             }
-            let entry = LearnedAddr {
+            let held = LearnedRule {
                 expires_ns: now + ttl as u64 * 1_000_000_000,
                 name_hash: query.question_hash,
                 rule: query.rule,
@@ -101,18 +102,14 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
                 &DNS_LEARNED
             };
             match table.get_ptr_mut(&key) {
-                // Taught again under the same rule (a name resolved again): only its time
-                // and name move, in place: an LRU update would take a new node per answer.
-                // Both are single stores a reader sees whole, old or new.
-                Some(old) if unsafe { same_rule(&(*old).rule, &entry.rule) } => unsafe {
-                    if (*old).expires_ns < entry.expires_ns {
-                        core::ptr::write_volatile(&raw mut (*old).name_hash, entry.name_hash);
-                        core::ptr::write_volatile(&raw mut (*old).expires_ns, entry.expires_ns);
+                Some(old) => {
+                    if let Some(replacement) = unsafe { teach(old, &held) } {
+                        let _ = table.insert(&key, &replacement, 0);
                     }
-                },
-                // An entry that already lives longer keeps its time.
-                Some(old) if unsafe { (*old).expires_ns } > entry.expires_ns => {}
-                _ => {
+                }
+                None => {
+                    let mut entry = LearnedAddr::default();
+                    entry.rules[0] = held;
                     let _ = table.insert(&key, &entry, 0);
                 }
             }
@@ -123,6 +120,42 @@ pub fn learn(ctx: &SkBuffContext, t: &Packet) -> Result<(), ()> {
     Ok(())
 }
 
+/// Teaches a known address: a rule taught again has only its time and name moved, in place
+/// (single stores a reader sees whole, old or new; an LRU update would take a new node per
+/// answer). A new rule takes a free or expired place, else the one that expires first if
+/// it expires before the new one: returned as the whole new value, for an LRU update.
+#[inline(always)]
+unsafe fn teach(old: *mut LearnedAddr, held: &LearnedRule) -> Option<LearnedAddr> {
+    let mut victim = 0;
+    let mut victim_expires = u64::MAX;
+    let mut i = 0;
+    while i < LEARNED_RULES {
+        let place = unsafe { &mut (*old).rules[i] };
+        if same_rule(&place.rule, &held.rule) {
+            if place.expires_ns < held.expires_ns {
+                unsafe {
+                    core::ptr::write_volatile(&raw mut place.name_hash, held.name_hash);
+                    core::ptr::write_volatile(&raw mut place.expires_ns, held.expires_ns);
+                }
+            }
+            return None;
+        }
+        if place.expires_ns < victim_expires {
+            victim = i;
+            victim_expires = place.expires_ns;
+        }
+        i += 1;
+    }
+    // All of its rules outlive this one.
+    if victim_expires >= held.expires_ns {
+        return None;
+    }
+    let mut replacement = unsafe { *old };
+    replacement.rules[victim & (LEARNED_RULES - 1)] = *held;
+    Some(replacement)
+}
+
+/// Unused places are all zero: no rule has kind 0, so they never match.
 #[inline(always)]
 fn same_rule(a: &NameKey, b: &NameKey) -> bool {
     a.policy_id == b.policy_id && a.kind == b.kind && a.hash == b.hash
