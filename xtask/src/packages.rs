@@ -15,7 +15,12 @@ fn have(cmd: &str) -> bool {
 }
 
 pub fn ensure_test_packages() -> Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
+    ensure(&TEST_PACKAGES)
+}
+
+/// Installs from Debian the package of each (command, package) whose command is missing.
+pub fn ensure(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, package)| *package)
@@ -31,6 +36,7 @@ pub fn ensure_test_packages() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
+    // A fresh machine's package lists may be missing or stale: update once and retry.
     if crate::status(install()).is_err() {
         let mut update = Command::new("apt-get");
         update.args(["update", "-q"]);

