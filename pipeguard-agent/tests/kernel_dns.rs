@@ -463,7 +463,11 @@ fn names_sharing_an_address_each_keep_their_own_ports() {
     for o in &out[..4] {
         assert_ok(o);
     }
-    assert!(out[4].denied_with_eperm(), "no rule allows that port: {:?}", out[4]);
+    assert!(
+        out[4].denied_with_eperm(),
+        "no rule allows that port: {:?}",
+        out[4]
+    );
     assert!(to_a.received.wait_for(b"to-a", Duration::from_secs(3)));
     assert!(to_b.received.wait_for(b"to-b", Duration::from_secs(3)));
     let learned = g.engine.learned().unwrap();

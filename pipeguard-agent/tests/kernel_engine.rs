@@ -14,7 +14,7 @@ use pipeguard::{
 };
 use pipeguard_common::{
     Hook, MODE_AUDIT, MODE_ENFORCE, POD_DENY_RAW_SOCKETS, PROTO_TCP, PROTO_UDP, PodEntry, PortRange,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, map_names,
 };
 
 #[test]
@@ -666,7 +666,17 @@ fn pinned_enforcement_outlives_the_engine_and_is_adopted_then_removed() {
     assert_eperm(&run_probe(cgroup.path(), &[format!("tcp {} x", denied.addr)]));
     assert_ok(&run_probe(cgroup.path(), &[format!("tcp {} y", allowed.addr)]));
 
+    // A map an older agent pinned under a layout name this one no longer has.
+    let maps = bpffs.pin_dir().join("maps");
+    aya::maps::MapData::from_pin(maps.join(map_names::PODS))
+        .unwrap()
+        .pin(maps.join("PG_PODS_V1"))
+        .unwrap();
     let mut engine = Engine::load(&config).expect("a second engine reuses the pinned maps");
+    assert!(
+        !maps.join("PG_PODS_V1").exists() && maps.join(map_names::PODS).exists(),
+        "the older layout's map is unpinned, the current one kept"
+    );
     assert!(
         engine
             .pods()

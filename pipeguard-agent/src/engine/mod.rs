@@ -184,6 +184,15 @@ impl Engine {
         let mut ebpf = loader.load(object).map_err(EngineError::Load)?;
         // The loader holds the parsed kernel BTF; it is not needed past this point.
         drop(loader);
+        if let Some(dir) = &config.pin_dir {
+            match pins::remove_stale_maps(dir, &map_names::ALL) {
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::info!(?removed, "unpinned the maps of older layouts")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not unpin the maps of older layouts"),
+            }
+        }
         let logger = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             // The object has no log statements compiled in at this level; nothing to drain.

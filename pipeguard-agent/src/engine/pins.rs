@@ -22,6 +22,23 @@ pub fn link_path(pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
     pin_dir.join("links").join(cgroup_id.to_string()).join(program)
 }
 
+/// Unpins the maps under `maps/` that no current layout names, and returns their names: a
+/// changed layout gets a new versioned name, and the old map would stay pinned, its memory
+/// held, for good. Programs still using one keep it until they are replaced.
+pub fn remove_stale_maps(pin_dir: &Path, current: &[&str]) -> io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(maps_dir(pin_dir))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if current.contains(&name.as_str()) || !entry.file_type()?.is_file() {
+            continue;
+        }
+        std::fs::remove_file(entry.path())?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
 fn is_bpffs(path: &Path) -> io::Result<bool> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: valid C string and an out-pointer to a zeroed statfs.

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    LEARNED_RULES, LearnedAddr, LearnedKey, LearnedRule, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S, NAME_SEEN,
-    NameKey, QueryKey,
+    LEARNED_RULES, LearnedAddr, LearnedKey, LearnedRule, MAX_ANSWER_RECORDS, MAX_NAME_BYTES, MAX_TTL_S,
+    NAME_SEEN, NameKey, QueryKey,
 };
 
 use super::{FLAG_RESPONSE, HEADER_BYTES, RCODE_MASK, header, message, name, queries};

@@ -98,8 +98,7 @@ fn allow(
     if remember && !socket.is_null() {
         // SAFETY: the socket's record in the map; its pass is rewritten in place.
         unsafe {
-            let pass =
-                zeroed::zero(&mut *addr_of_mut!((*socket).learned).cast::<MaybeUninit<LearnedPass>>());
+            let pass = zeroed::zero(&mut *addr_of_mut!((*socket).learned).cast::<MaybeUninit<LearnedPass>>());
             (*pass).addr = attempt.dest.addr;
             (*pass).rule = *rule;
             (*pass).name_hash = name_hash;
