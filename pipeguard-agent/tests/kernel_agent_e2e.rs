@@ -743,7 +743,8 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
         .unwrap();
     assert!(status.success());
     assert!(!bpffs.pin_dir().exists(), "uninstall leaves nothing pinned");
-    until(&a, format!("wait-allowed {m}"));
+    let after = once(&a, format!("tcp {m} uninstalled"));
+    assert!(after.ok, "nothing is enforced once --uninstall returned: {after:?}");
 }
 
 #[test]
