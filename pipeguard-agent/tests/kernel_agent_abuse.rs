@@ -644,16 +644,18 @@ fn a_failing_cgroup_scan_makes_the_agent_not_ready() {
     // Let the readiness probes' connections close, so the count below is the idle one.
     std::thread::sleep(Duration::from_secs(1));
     let old = squeeze_descriptors(agent.pid());
-    // A new pod cgroup wakes the loop; its scan cannot open the directories. A descriptor
-    // the agent closed just after the count would leave room for the scan: then squeeze
-    // again and try with another pod.
+    // A new pod cgroup wakes the loop. Its pod is not in the API yet, so the loop takes the
+    // full path, whose scan cannot open the directories. (A cgroup whose pod the agent
+    // already knows is registered without a scan: applying the pod first made this test
+    // depend on which event the agent handled first.) A descriptor the agent closed just
+    // after the count would leave room for the scan: then squeeze again and try another.
     let mut reported = false;
+    let mut runners = Vec::new();
     let mut cg = None;
     for attempt in 0..5u32 {
         let runner = uid(0x5ca1 + attempt);
-        n.server
-            .apply(pod("ci", &format!("runner-late-{attempt}"), &runner, "10.0.0.61"));
         cg = Some(n.pod_cgroup(&runner));
+        runners.push(runner);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline && !reported {
             reported = agent.log().contains("scanning pod cgroups under");
@@ -663,6 +665,10 @@ fn a_failing_cgroup_scan_makes_the_agent_not_ready() {
             break;
         }
         squeeze_descriptors(agent.pid());
+    }
+    for (attempt, runner) in runners.iter().enumerate() {
+        n.server
+            .apply(pod("ci", &format!("runner-late-{attempt}"), runner, "10.0.0.61"));
     }
     assert!(reported, "the failed scan was never reported:\n{}", agent.log());
     let cg = cg.unwrap();

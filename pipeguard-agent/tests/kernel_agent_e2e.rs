@@ -744,7 +744,10 @@ fn enforcement_survives_sigkill_and_a_new_agent_adopts_it() {
     assert!(status.success());
     assert!(!bpffs.pin_dir().exists(), "uninstall leaves nothing pinned");
     let after = once(&a, format!("tcp {m} uninstalled"));
-    assert!(after.ok, "nothing is enforced once --uninstall returned: {after:?}");
+    assert!(
+        after.ok,
+        "nothing is enforced once --uninstall returned: {after:?}"
+    );
 }
 
 #[test]
