@@ -1,4 +1,4 @@
-//! The socket tables (`PG_SOCKETS_V6`, `PG_ACCEPTED_V3`): a guarded pod's socket has a
+//! The socket tables (`PG_SOCKETS_V7`, `PG_ACCEPTED_V4`): a guarded pod's socket has a
 //! record (its creating pod, its remembered verdict; an accepted connection's peer) from
 //! socket() or accept until it is done, and none after: released at close() for UDP and
 //! listeners, at TCP's CLOSE for connections (after their FIN or reset left). A record

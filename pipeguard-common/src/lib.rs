@@ -19,8 +19,8 @@ pub mod map_names {
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
-    pub const ACCEPTED: &str = "PG_ACCEPTED_V3";
-    pub const SOCKETS: &str = "PG_SOCKETS_V6";
+    pub const ACCEPTED: &str = "PG_ACCEPTED_V4";
+    pub const SOCKETS: &str = "PG_SOCKETS_V7";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
@@ -404,6 +404,8 @@ const _: () = assert!(core::mem::size_of::<Handshake>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AcceptedPeer {
+    /// The accepted socket's cookie; 0: a free slot (see `SocketRecord`).
+    pub cookie: u64,
     /// IPv6, or IPv4-mapped IPv6 for IPv4 (canonical, as in `FlowKey`).
     pub addr: [u8; 16],
     /// Host byte order.
@@ -418,7 +420,15 @@ pub struct AcceptedPeer {
     pub pod_cgroup_id: u64,
     pub generation: u64,
 }
-const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 40);
+const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 48);
+
+// SAFETY: `cookie` first (asserted), 8-byte aligned and sized (asserted).
+unsafe impl SocketRecord for AcceptedPeer {}
+const _: () = assert!(
+    core::mem::offset_of!(AcceptedPeer, cookie) == 0
+        && core::mem::align_of::<AcceptedPeer>() == 8
+        && core::mem::size_of::<AcceptedPeer>() % 8 == 0
+);
 
 /// The socket table's record of a guarded pod's socket. Written when the pod creates it: the
 /// socket hooks judge the socket by the pod that created it (as the packet hook does), not
@@ -429,6 +439,8 @@ const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SocketState {
+    /// The socket's cookie; 0: a free slot of the table (see `socket_home`).
+    pub cookie: u64,
     /// The pod-level cgroup (key of the pod table).
     pub pod_cgroup_id: u64,
     /// The socket's own cgroup (reported in events).
@@ -466,7 +478,34 @@ pub struct SocketState {
     /// CPUs at once).
     pub flow_pending: Counter,
 }
-const _: () = assert!(core::mem::size_of::<SocketState>() == 152);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 160);
+
+/// A record of the per-socket tables (`PG_SOCKETS_*`, `PG_ACCEPTED_*`): arrays whose slots
+/// are claimed and freed by the socket cookie in their first 8 bytes (0: free).
+///
+/// # Safety
+/// The type's first field is that cookie (`u64`), it is 8-byte aligned, and its size is a
+/// multiple of 8.
+pub unsafe trait SocketRecord: Copy {}
+
+// SAFETY: `cookie` first (asserted), 8-byte aligned and sized (asserted).
+unsafe impl SocketRecord for SocketState {}
+const _: () = assert!(
+    core::mem::offset_of!(SocketState, cookie) == 0
+        && core::mem::align_of::<SocketState>() == 8
+        && core::mem::size_of::<SocketState>() % 8 == 0
+);
+
+/// Slots a socket's record may take in a per-socket table, from `socket_home` on: a lookup
+/// reads at most this many, a record finds no place when all of them are taken.
+pub const SOCKET_PROBES: u32 = 4;
+const _: () = assert!(MAX_SOCKETS.is_power_of_two());
+
+/// The first slot of the socket with `cookie`. Cookies are handed out in sequence, so they
+/// are mixed (a multiplicative hash) for sockets opened together not to share slots.
+pub const fn socket_home(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & (MAX_SOCKETS - 1)
+}
 
 /// `SocketState::remembered`: the pod's static allowlist allowed the destination (else the
 /// socket's learned pass did).

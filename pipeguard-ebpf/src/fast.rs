@@ -28,7 +28,7 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_NOEXIST, BPF_TCP_CLOSE, bpf_sock},
+    bindings::{__sk_buff, BPF_TCP_CLOSE, bpf_sock},
     helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
 };
 use pipeguard_common::{
@@ -38,7 +38,8 @@ use pipeguard_common::{
 
 use crate::{
     addr::Dest,
-    maps::{POLICY_GENERATION, SOCKETS},
+    maps::{ACCEPTED, POLICY_GENERATION, SOCKETS},
+    socket_table,
     verdict::{self, Attempt, Judged},
 };
 
@@ -56,7 +57,7 @@ pub fn generation() -> u64 {
 /// The state of the socket whose cookie is `cookie`; null when it has none.
 #[inline(always)]
 pub fn by_cookie(cookie: u64) -> *mut SocketState {
-    SOCKETS.get_ptr_mut(&cookie).unwrap_or(null_mut())
+    socket_table::find(&SOCKETS, cookie)
 }
 
 /// The state of the socket that sent `skb`; null when it has none. Not asked whether it is
@@ -208,33 +209,41 @@ pub fn settle_flow(s: &mut SocketState) {
 const SEGMENTS_BEFORE_STATE: u32 = 4;
 
 /// In the packet hook: the state of the sending socket, created for pod `pod_cgroup_id`
-/// when the socket has none (accepted connections, sockets older than the programs) and is
-/// worth it (`SEGMENTS_BEFORE_STATE`); null when not.
+/// when the socket has none (accepted connections, UDP sockets older than the programs)
+/// and is worth it (`SEGMENTS_BEFORE_STATE`); null when not. Nothing frees a slot but the
+/// socket's end, so a TCP connection gets one only if `pg_sock_ops` will see its CLOSE:
+/// one it accepted (connections older than the programs never asked for the callback).
 #[inline(always)]
 pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64) -> *mut SocketState {
     let full = full_socket(skb);
     if full.is_null() {
         return null_mut();
     }
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     let tcp = unsafe { bpf_tcp_sock(full) };
     if !tcp.is_null()
         && (unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*tcp).segs_out)) } <= SEGMENTS_BEFORE_STATE
             // Its last packets (a reset after close): sock_ops already removed its record
             // at CLOSE, and nothing would remove a new one.
-            || unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).state)) } == BPF_TCP_CLOSE)
+            || unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).state)) } == BPF_TCP_CLOSE
+            || socket_table::find(&ACCEPTED, cookie).is_null())
     {
         return null_mut();
     }
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    // It belongs to the pod the packet hook found; the creator is unknown (0).
-    let state = SocketState {
-        pod_cgroup_id,
-        cgroup_id,
-        ..SocketState::default()
-    };
-    // NOEXIST: a record written meanwhile (another CPU) is kept.
-    let _ = SOCKETS.insert(&cookie, &state, BPF_NOEXIST as u64);
-    by_cookie(cookie)
+    // A record written meanwhile (another CPU) is kept.
+    let existing = by_cookie(cookie);
+    if !existing.is_null() {
+        return existing;
+    }
+    let state = socket_table::claim(&SOCKETS, cookie);
+    if !state.is_null() {
+        // It belongs to the pod the packet hook found; the creator is unknown (0).
+        unsafe {
+            (*state).pod_cgroup_id = pod_cgroup_id;
+            (*state).cgroup_id = cgroup_id;
+        }
+    }
+    state
 }
 
 #[inline(always)]

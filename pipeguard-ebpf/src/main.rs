@@ -2,7 +2,7 @@
 //! error to a deliberate verdict; the shared decision logic lives in `verdict`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// `atomic_xadd`: an atomic add on a map value (see `fast::atomic_add`).
+// `atomic_xadd`, `atomic_cxchg`: atomics on map values (`fast::atomic_add`, `socket_table`).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
@@ -34,6 +34,8 @@ mod sock_addr;
 mod sock_create;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod socket_table;
 #[cfg(target_arch = "bpf")]
 mod verdict;
 #[cfg(target_arch = "bpf")]

@@ -1,7 +1,7 @@
 //! Every map the programs use. Layouts are in pipeguard-common; names are versioned there.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
@@ -56,25 +56,25 @@ pub static REPLIES: LruHashMap<ReplyKey, u64> = LruHashMap::with_max_entries(MAX
 #[map(name = "PG_CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Socket cookie → the peer a TCP socket of a guarded pod was accepted from (written by
-/// `pg_sock_ops`, read by the egress hook; see `reply`), removed with the socket's state
-/// (see `owner`). A table, not socket storage, for the reason `SOCKETS` gives.
-#[map(name = "PG_ACCEPTED_V3")]
-pub static ACCEPTED: LruHashMap<u64, AcceptedPeer> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+/// The peer a TCP socket of a guarded pod was accepted from, by the socket's cookie (see
+/// `socket_table`; written by `pg_sock_ops`, read by the egress hook, see `reply`), removed
+/// with the socket's state (see `owner`). An array for the reasons `SOCKETS` gives.
+#[map(name = "PG_ACCEPTED_V4")]
+pub static ACCEPTED: Array<AcceptedPeer> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
 
 /// Index 0, per CPU: the pod of the handshake packet the ingress hook just let in, for
 /// `pg_sock_ops` to put into the accepted connection's record (see `reply`).
 #[map(name = "PG_HANDSHAKE_V1")]
 pub static HANDSHAKE: PerCpuArray<Handshake> = PerCpuArray::with_max_entries(1, 0);
 
-/// Socket cookie → the pod and task that created the socket (written by `pg_sock_create`,
-/// read by the socket hooks and ingress events; see `owner`) and the verdict the socket
-/// remembers (see `fast`). Removed by `pg_sock_release`. A preallocated table rather than
-/// socket storage: a socket's storage costs two accounted allocations and an RCU free,
-/// more than the rest of the socket's hooks together; a table entry is taken from a free
-/// list. LRU, so records of sockets released while the programs were detached age out.
-#[map(name = "PG_SOCKETS_V6")]
-pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+/// The records of guarded pods' sockets by cookie (see `socket_table`): the pod and task
+/// that created the socket (written by `pg_sock_create`, read by the socket hooks and
+/// ingress events; see `owner`) and the verdict the socket remembers (see `fast`). An
+/// array rather than socket storage (two accounted allocations and an RCU free per socket)
+/// or a hash map (a locked insert and delete per socket). Mmapable: user space reads it in
+/// place (counts, flow statistics) instead of a lookup per slot.
+#[map(name = "PG_SOCKETS_V7")]
+pub static SOCKETS: Array<SocketState> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
 
 /// Index 0: the policy generation, which user space moves after every write to the pod
 /// table or an allowlist; a remembered verdict of another generation is judged again.

@@ -13,13 +13,10 @@
 //! The record lives under the socket's cookie from `pg_sock_create` to `pg_sock_release`
 //! (close()), or for a TCP connection to its CLOSE (`pg_sock_ops`).
 
-use core::{
-    mem::MaybeUninit,
-    ptr::{addr_of, read_volatile},
-};
+use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_ANY, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock},
+    bindings::{__sk_buff, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock},
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{
@@ -36,7 +33,7 @@ use crate::{
     fast,
     maps::{ACCEPTED, SOCKETS},
     pod::{self, Pod},
-    zeroed,
+    socket_table,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -47,20 +44,20 @@ const IPPROTO_TCP: u32 = 6;
 #[inline(always)]
 pub fn remember(sk: *mut bpf_sock, pod: &Pod) {
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-    let mut record = MaybeUninit::<SocketState>::uninit();
-    let r = zeroed::zero(&mut record);
-    // SAFETY: every byte of `record` is initialised (zeroed, then fields written).
-    let record = unsafe {
+    // No place leaves no record: the socket hooks fall back to the calling task's pod.
+    let r = socket_table::claim(&SOCKETS, cookie);
+    if r.is_null() {
+        return;
+    }
+    // SAFETY: the slot this socket claimed, its other fields zeroed.
+    unsafe {
         (*r).pod_cgroup_id = pod.cgroup_id;
         (*r).cgroup_id = bpf_get_current_cgroup_id();
         (*r).generation = POLICY_GENERATION_NONE;
         (*r).owner_pid_tgid = bpf_get_current_pid_tgid();
         // Fills all 16 bytes (the name, then zeros) or zeroes them on failure.
         bpf_get_current_comm_raw((*r).owner_comm.as_mut_ptr().cast(), 16);
-        record.assume_init_ref()
-    };
-    // A failure leaves no record: the socket hooks fall back to the calling task's pod.
-    let _ = SOCKETS.insert(&cookie, record, BPF_ANY as u64);
+    }
 }
 
 /// The socket's record goes with it when close() releases it, unless it is a TCP
@@ -94,11 +91,7 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
 #[inline(always)]
 pub fn forget(cookie: u64) {
     remove_state(cookie);
-    // Looked up first: most connections were never accepted, and deleting an absent key
-    // still takes the bucket's lock.
-    if unsafe { ACCEPTED.get(&cookie) }.is_some() {
-        let _ = ACCEPTED.remove(&cookie);
-    }
+    socket_table::remove(&ACCEPTED, cookie);
 }
 
 /// Removes the socket's record, if it has one (the agent's programs see every pod's
@@ -113,7 +106,7 @@ fn remove_state(cookie: u64) {
     if crate::verdict::config().flags & CONFIG_FLOW_STATS != 0 {
         fast::settle_flow(unsafe { &mut *state });
     }
-    let _ = SOCKETS.remove(&cookie);
+    socket_table::remove(&SOCKETS, cookie);
 }
 
 /// Event fields naming the process that created the socket receiving `skb` (for ingress

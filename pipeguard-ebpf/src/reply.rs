@@ -25,7 +25,7 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock},
+    bindings::{BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock},
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock},
     programs::{SkBuffContext, SockOpsContext},
 };
@@ -39,7 +39,7 @@ use crate::{
     maps::{ACCEPTED, HANDSHAKE, REPLIES},
     packet::Packet,
     pod::Pod,
-    verdict, zeroed,
+    socket_table, verdict, zeroed,
 };
 
 const AF_INET: u32 = 2;
@@ -83,17 +83,17 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    let mut record = MaybeUninit::<AcceptedPeer>::uninit();
-    let r = zeroed::zero(&mut record);
-    // SAFETY: zeroed, then its fields written in place.
-    let record = unsafe {
+    let r = socket_table::claim(&ACCEPTED, cookie);
+    if r.is_null() {
+        return;
+    }
+    // SAFETY: the slot this socket claimed, its other fields zeroed.
+    unsafe {
         (*r).addr = peer.addr;
         (*r).port = port;
         (*r).generation = POLICY_GENERATION_NONE;
         take_handshake(&mut *r, &peer, local_port);
-        &*r
-    };
-    let _ = ACCEPTED.insert(&cookie, record, BPF_ANY as u64);
+    }
 }
 
 /// In the ingress hook, for a TCP packet to a listener of `pod` that passed, `generation`
@@ -209,7 +209,7 @@ fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
 #[inline(always)]
 fn peer_of(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let peer = ACCEPTED.get_ptr_mut(&cookie).unwrap_or(null_mut());
+    let peer = socket_table::find(&ACCEPTED, cookie);
     if peer.is_null() || unsafe { (*peer).port != packet.dst_port || !packet.dst.is(&(*peer).addr) } {
         return null_mut();
     }

@@ -11,6 +11,7 @@ mod names;
 mod object;
 pub mod pins;
 mod slots;
+mod socket_records;
 pub mod stats;
 mod tables;
 

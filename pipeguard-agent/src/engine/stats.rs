@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use pipeguard_common::{
     AcceptedPeer, COUNTER_SLOT_NONE, COUNTER_SLOT_OVERFLOW, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook,
-    POLICY_GENERATION_NONE, PodCounters, PodEntry, SocketState, VERDICT_ALLOW, VERDICT_COUNT, map_names,
+    POLICY_GENERATION_NONE, PodCounters, PodEntry, SocketRecord, SocketState, VERDICT_ALLOW, VERDICT_COUNT,
+    map_names,
 };
 
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, socket_records::SocketRecords};
 
 fn plus(a: Counter, b: Counter) -> Counter {
     Counter {
@@ -36,17 +37,12 @@ fn every_entry<T: std::borrow::Borrow<MapData>, K: aya::Pod>(
 
 /// What the fast path of each socket counted for its remembered destination and has not
 /// added to the flow table yet (see `SocketState::flow_pending`).
-fn pending_flows<T: std::borrow::Borrow<MapData>>(
-    sockets: &BpfHashMap<T, u64, SocketState>,
-) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
-    let mut out = Vec::new();
-    for item in sockets.iter() {
-        let (_, state) = item.map_err(|source| EngineError::Map {
-            map: map_names::SOCKETS,
-            source,
-        })?;
-        if state.flow_pending.packets != 0 {
-            out.push((
+fn pending_flows(sockets: &SocketRecords<SocketState>) -> Vec<(FlowKey, Counter)> {
+    sockets
+        .records()
+        .filter(|state| state.flow_pending.packets != 0)
+        .map(|state| {
+            (
                 FlowKey {
                     cgroup_id: state.pod_cgroup_id,
                     addr: state.addr,
@@ -56,10 +52,9 @@ fn pending_flows<T: std::borrow::Borrow<MapData>>(
                     _pad: [0; 4],
                 },
                 state.flow_pending,
-            ));
-        }
-    }
-    Ok(out)
+            )
+        })
+        .collect()
 }
 
 /// One total per flow key.
@@ -131,9 +126,9 @@ impl Engine {
     /// table, plus what open sockets' fast paths counted and have not moved there yet.
     pub fn flows(&self, pod_cgroup_id: u64) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
         let map: PerCpuHashMap<&MapData, FlowKey, Counter> = self.map(map_names::FLOWS)?;
-        let sockets: BpfHashMap<&MapData, u64, SocketState> = self.map(map_names::SOCKETS)?;
+        let sockets = self.socket_records(map_names::SOCKETS)?;
         let mut flows = every_entry(&map, map_names::FLOWS)?;
-        flows.extend(pending_flows(&sockets)?);
+        flows.extend(pending_flows(&sockets));
         Ok(merge(
             flows
                 .into_iter()
@@ -167,30 +162,28 @@ impl Engine {
 
 /// Second handles on the socket tables.
 pub struct SocketsReader {
-    states: BpfHashMap<MapData, u64, SocketState>,
-    accepted: BpfHashMap<MapData, u64, AcceptedPeer>,
+    states: SocketRecords<SocketState>,
+    accepted: SocketRecords<AcceptedPeer>,
 }
 
 impl SocketsReader {
-    /// Sockets with a record (their pod, their remembered verdict): one walk of the keys,
-    /// bounded by `MAX_SOCKETS`.
+    /// Sockets with a record (their pod, their remembered verdict): one scan of the table.
     pub fn count(&self) -> usize {
-        self.states.keys().filter(Result::is_ok).count()
+        self.states.count()
     }
 
     /// Accepted connections with their peer's record; bounded the same way.
     pub fn accepted(&self) -> usize {
-        self.accepted.keys().filter(Result::is_ok).count()
+        self.accepted.count()
     }
 
     /// The pods accepted connections' replies are counted for, where their record knows
     /// it (see `AcceptedPeer::generation`); bounded the same way.
     pub fn accepted_pods(&self) -> Vec<u64> {
         self.accepted
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, peer)| peer.generation != POLICY_GENERATION_NONE)
-            .map(|(_, peer)| peer.pod_cgroup_id)
+            .records()
+            .filter(|peer| peer.generation != POLICY_GENERATION_NONE)
+            .map(|peer| peer.pod_cgroup_id)
             .collect()
     }
 }
@@ -251,7 +244,7 @@ pub struct Totals {
 /// recorder (the sync loop owns the engine).
 pub struct FlowReader {
     map: PerCpuHashMap<MapData, FlowKey, Counter>,
-    sockets: BpfHashMap<MapData, u64, SocketState>,
+    sockets: SocketRecords<SocketState>,
 }
 
 impl FlowReader {
@@ -259,7 +252,7 @@ impl FlowReader {
     /// into the table yet: one walk of each map, bounded by their capacities.
     pub fn all(&self) -> Result<Vec<(FlowKey, Counter)>, EngineError> {
         let mut flows = every_entry(&self.map, map_names::FLOWS)?;
-        flows.extend(pending_flows(&self.sockets)?);
+        flows.extend(pending_flows(&self.sockets));
         Ok(merge(flows.into_iter()))
     }
 }
@@ -272,24 +265,17 @@ impl Engine {
                 map: map_names::FLOWS,
                 source,
             })?;
-        let sockets = BpfHashMap::try_from(Map::LruHashMap(self.second_handle(map_names::SOCKETS)?))
-            .map_err(|source| EngineError::Map {
-                map: map_names::SOCKETS,
-                source,
-            })?;
-        Ok(FlowReader { map, sockets })
+        Ok(FlowReader {
+            map,
+            sockets: self.socket_records(map_names::SOCKETS)?,
+        })
     }
 
     /// Counts the socket tables' records (sockets of guarded pods the kernel remembers).
     pub fn sockets_reader(&self) -> Result<SocketsReader, EngineError> {
-        let open = |name| {
-            let data = self.second_handle(name)?;
-            Ok::<_, EngineError>(Map::LruHashMap(data))
-        };
-        let err = |map| move |source| EngineError::Map { map, source };
         Ok(SocketsReader {
-            states: BpfHashMap::try_from(open(map_names::SOCKETS)?).map_err(err(map_names::SOCKETS))?,
-            accepted: BpfHashMap::try_from(open(map_names::ACCEPTED)?).map_err(err(map_names::ACCEPTED))?,
+            states: self.socket_records(map_names::SOCKETS)?,
+            accepted: self.socket_records(map_names::ACCEPTED)?,
         })
     }
 
@@ -311,6 +297,14 @@ impl Engine {
     }
 
     /// A new fd for the same map (by id), owned by the caller.
+    /// A per-socket table, mapped for reading in place.
+    fn socket_records<T: SocketRecord>(&self, name: &'static str) -> Result<SocketRecords<T>, EngineError> {
+        SocketRecords::map(self.second_handle(name)?).map_err(|source| EngineError::Map {
+            map: name,
+            source: aya::maps::MapError::IoError(source),
+        })
+    }
+
     pub(super) fn second_handle(&self, name: &'static str) -> Result<MapData, EngineError> {
         let err = |source| EngineError::Map { map: name, source };
         let data = match self.ebpf.map(name) {
@@ -319,7 +313,8 @@ impl Engine {
                 | Map::LruHashMap(data)
                 | Map::HashMap(data)
                 | Map::PerCpuLruHashMap(data)
-                | Map::PerCpuArray(data),
+                | Map::PerCpuArray(data)
+                | Map::Array(data),
             ) => data,
             _ => return Err(EngineError::MissingMap { map: name }),
         };
