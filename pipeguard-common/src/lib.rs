@@ -501,10 +501,12 @@ const _: () = assert!(
 pub const SOCKET_PROBES: u32 = 4;
 const _: () = assert!(MAX_SOCKETS.is_power_of_two());
 
-/// The first slot of the socket with `cookie`. Cookies are handed out in sequence, so they
-/// are mixed (a multiplicative hash) for sockets opened together not to share slots.
+/// The first slot of the socket with `cookie`: the top bits of a Fibonacci hash, which
+/// spreads cookies handed out in sequence evenly (lower bits of the product clump under
+/// churn: a quarter-full table then refused 5 % of new sockets in a simulation, against
+/// none).
 pub const fn socket_home(cookie: u64) -> u32 {
-    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & (MAX_SOCKETS - 1)
+    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - MAX_SOCKETS.trailing_zeros())) as u32
 }
 
 /// `SocketState::remembered`: the pod's static allowlist allowed the destination (else the
@@ -573,4 +575,50 @@ mod user {
     unsafe impl aya::Pod for NameText {}
     unsafe impl aya::Pod for DnsConfig {}
     unsafe impl aya::Pod for DnsEvent {}
+}
+
+#[cfg(test)]
+mod socket_table_tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    use super::*;
+
+    /// The socket table as the kernel fills it (`socket_table.rs`): a record takes the first
+    /// free of `SOCKET_PROBES` slots from its home. Cookies in sequence, a quarter of the
+    /// table live, a socket picked at random closing as each new one opens: all but a few in
+    /// ten thousand find a place (hashing with the product's lower bits refused about 5 %).
+    #[test]
+    fn sequential_cookies_under_churn_find_a_place_in_a_quarter_full_table() {
+        let mut slots = vec![0u64; MAX_SOCKETS as usize];
+        let mut live: Vec<u32> = Vec::new();
+        let mut random = 0x2545_F491_4F6C_DD1Du64;
+        let mut refused = 0;
+        let opened = 4 * MAX_SOCKETS as u64;
+        for cookie in 1..=opened {
+            if live.len() == MAX_SOCKETS as usize / 4 {
+                random ^= random << 13;
+                random ^= random >> 7;
+                random ^= random << 17;
+                let gone = live.swap_remove((random % live.len() as u64) as usize);
+                slots[gone as usize] = 0;
+            }
+            let home = socket_home(cookie);
+            assert!(home < MAX_SOCKETS);
+            let free = (0..SOCKET_PROBES)
+                .map(|probe| (home + probe) & (MAX_SOCKETS - 1))
+                .find(|&slot| slots[slot as usize] == 0);
+            match free {
+                Some(slot) => {
+                    slots[slot as usize] = cookie;
+                    live.push(slot);
+                }
+                None => refused += 1,
+            }
+        }
+        assert!(
+            refused * 10_000 < opened * 5,
+            "{refused} of {opened} sockets found no place"
+        );
+    }
 }
