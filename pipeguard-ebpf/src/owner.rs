@@ -8,7 +8,7 @@
 //! acting on a guarded pod's socket (a thread moved elsewhere, a process the fd was handed
 //! to) is judged as the pod, like the packet hook does. Sockets created before the programs
 //! were attached have no record and are judged by the calling task, as before; so are
-//! sockets whose record the full socket table pushed out (`MAX_SOCKETS`).
+//! sockets that found no free slot in the socket table (`socket_table`).
 //!
 //! The record lives under the socket's cookie from `pg_sock_create` to `pg_sock_release`
 //! (close()), or for a TCP connection to its CLOSE (`pg_sock_ops`).
@@ -106,7 +106,7 @@ fn remove_state(cookie: u64) {
     if crate::verdict::config().flags & CONFIG_FLOW_STATS != 0 {
         fast::settle_flow(unsafe { &mut *state });
     }
-    socket_table::remove(&SOCKETS, cookie);
+    socket_table::free(state);
 }
 
 /// Event fields naming the process that created the socket receiving `skb` (for ingress

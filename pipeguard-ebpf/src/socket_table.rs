@@ -1,6 +1,6 @@
 //! The per-socket tables (`SOCKETS`, `ACCEPTED`): records by socket cookie in an array,
-//! open addressing. A record takes the first free slot of the `SOCKET_PROBES` from its
-//! cookie's `socket_home`, claimed by a compare-and-swap of the slot's cookie (its first
+//! open addressing. A record takes the first free of its cookie's `SOCKET_PROBES` slots
+//! (`socket_slot`), claimed by a compare-and-swap of the slot's cookie (its first
 //! field, see `SocketRecord`), and frees it by zeroing that cookie. A lookup is a few
 //! inlined array reads; an LRU hash map's insert and delete (bucket lock, LRU lists, a cold
 //! element) were half of a socket's hooks.
@@ -15,15 +15,14 @@ use core::{
 };
 
 use aya_ebpf::maps::Array;
-use pipeguard_common::{MAX_SOCKETS, SOCKET_PROBES, SocketRecord, socket_home};
+use pipeguard_common::{SOCKET_PROBES, SocketRecord, socket_slot};
 
 /// The record of the socket with `cookie` in `table`; null when it has none.
 #[inline(always)]
 pub fn find<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
-    let home = socket_home(cookie);
     let mut probe = 0;
     while probe < SOCKET_PROBES {
-        if let Some(slot) = table.get_ptr_mut((home + probe) & (MAX_SOCKETS - 1)) {
+        if let Some(slot) = table.get_ptr_mut(socket_slot(cookie, probe)) {
             // SAFETY: a slot of the array; its cookie is read once, whole.
             if unsafe { read_volatile(slot.cast::<u64>()) } == cookie {
                 return slot;
@@ -36,15 +35,15 @@ pub fn find<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
 
 /// Claims a free slot of `table` for the socket with `cookie` (not 0) and returns it with
 /// every other field zeroed, for the caller to fill; null when all probed slots are taken.
-/// Two hooks of one socket claiming at once (UDP sends from two CPUs) meet at the first
-/// free slot, where the loser finds the cookie and shares the record; a slot freed between
-/// their walks can still give the socket two, which `remove` frees together.
+/// Two hooks of one socket claiming at once (the packet hook on two CPUs, for a UDP socket
+/// older than the programs) meet at the first free slot, where the loser finds the cookie
+/// and shares the record. Only a slot freed between their two walks can give the socket a
+/// second record, which would then outlive it: a leak of one slot, not a wrong verdict.
 #[inline(always)]
 pub fn claim<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
-    let home = socket_home(cookie);
     let mut probe = 0;
     while probe < SOCKET_PROBES {
-        if let Some(slot) = table.get_ptr_mut((home + probe) & (MAX_SOCKETS - 1)) {
+        if let Some(slot) = table.get_ptr_mut(socket_slot(cookie, probe)) {
             // SAFETY: a slot of the array. The swap makes the slot this socket's alone.
             let (held, claimed) = unsafe {
                 atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
@@ -66,20 +65,19 @@ pub fn claim<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
     null_mut()
 }
 
-/// Frees every slot of `table` holding the socket with `cookie` (it is gone).
+/// Frees the record of the socket with `cookie` in `table`, if it has one (it is gone).
 #[inline(always)]
 pub fn remove<T: SocketRecord>(table: &Array<T>, cookie: u64) {
-    let home = socket_home(cookie);
-    let mut probe = 0;
-    while probe < SOCKET_PROBES {
-        if let Some(slot) = table.get_ptr_mut((home + probe) & (MAX_SOCKETS - 1)) {
-            // SAFETY: a slot of the array, whose first field is the cookie.
-            let words = slot.cast::<u64>();
-            if unsafe { read_volatile(words) } == cookie {
-                unsafe { write_volatile(words, 0) };
-            }
-        }
-        probe += 1;
+    free(find(table, cookie));
+}
+
+/// Frees a record `find` or `claim` returned (null: nothing to free). Only its first
+/// word is written: the next claim zeroes the rest.
+#[inline(always)]
+pub fn free<T: SocketRecord>(record: *mut T) {
+    if !record.is_null() {
+        // SAFETY: a slot of an array of `T`, whose first field is the cookie.
+        unsafe { write_volatile(record.cast::<u64>(), 0) };
     }
 }
 
