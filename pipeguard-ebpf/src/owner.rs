@@ -136,7 +136,8 @@ pub fn state(ctx: &SockAddrContext) -> *mut SocketState {
 /// The pod whose policy judges this socket-hook call, and the cgroup to report.
 #[inline(always)]
 pub fn of_state(state: *const SocketState) -> (Option<Pod>, u64) {
-    if state.is_null() {
+    // No pod yet: a record being written on another CPU (see `socket_table::claim`).
+    if state.is_null() || unsafe { (*state).pod_cgroup_id } == 0 {
         return (pod::of_current_task(), unsafe { bpf_get_current_cgroup_id() });
     }
     let (pod_cgroup_id, cgroup_id) = unsafe { ((*state).pod_cgroup_id, (*state).cgroup_id) };

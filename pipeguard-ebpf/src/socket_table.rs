@@ -6,8 +6,10 @@
 //! element) were half of a socket's hooks.
 //!
 //! A record is written only by its own socket's hooks after the claim, so no other socket's
-//! write tears it. When every probed slot is taken the socket gets no record: as for a
-//! socket older than the programs, its hooks judge it without one.
+//! write tears it, and a free slot is all zeros (`free` zeroes the fields before the
+//! cookie), so a hook that finds a record being written reads zeros, never another
+//! socket's fields: no pod, nothing remembered. When every probed slot is taken the socket
+//! gets no record: as for a socket older than the programs, its hooks judge it without one.
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
@@ -33,8 +35,8 @@ pub fn find<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
     null_mut()
 }
 
-/// Claims a free slot of `table` for the socket with `cookie` (not 0) and returns it with
-/// every other field zeroed, for the caller to fill; null when all probed slots are taken.
+/// Claims a free slot of `table` for the socket with `cookie` (not 0) and returns it, its
+/// other fields zeroed, for the caller to fill; null when all probed slots are taken.
 /// Two hooks of one socket claiming at once (the packet hook on two CPUs, for a UDP socket
 /// older than the programs) meet at the first free slot, where the loser finds the cookie
 /// and shares the record. Only a slot freed between their two walks can give the socket a
@@ -53,7 +55,9 @@ pub fn claim<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
                 )
             };
             if claimed {
-                clear_fields(slot);
+                // Zero already, unless a hook of the slot's last socket wrote after `free`
+                // (its last packet on another CPU): nothing of that socket may carry over.
+                zero_fields(slot);
                 return slot;
             }
             if held == cookie {
@@ -71,19 +75,21 @@ pub fn remove<T: SocketRecord>(table: &Array<T>, cookie: u64) {
     free(find(table, cookie));
 }
 
-/// Frees a record `find` or `claim` returned (null: nothing to free). Only its first
-/// word is written: the next claim zeroes the rest.
+/// Frees a record `find` or `claim` returned (null: nothing to free): its fields are
+/// zeroed, then its cookie.
 #[inline(always)]
 pub fn free<T: SocketRecord>(record: *mut T) {
-    if !record.is_null() {
-        // SAFETY: a slot of an array of `T`, whose first field is the cookie.
-        unsafe { write_volatile(record.cast::<u64>(), 0) };
+    if record.is_null() {
+        return;
     }
+    zero_fields(record);
+    // SAFETY: a slot of an array of `T`, whose first field is the cookie.
+    unsafe { write_volatile(record.cast::<u64>(), 0) };
 }
 
 /// Zeroes every field but the cookie, one 8-byte store per word (see `zeroed`).
 #[inline(always)]
-fn clear_fields<T: SocketRecord>(slot: *mut T) {
+fn zero_fields<T: SocketRecord>(slot: *mut T) {
     let words = slot.cast::<u64>();
     let mut i = 1;
     while i < core::mem::size_of::<T>() / 8 {
