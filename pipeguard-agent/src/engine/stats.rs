@@ -40,6 +40,7 @@ fn every_entry<T: std::borrow::Borrow<MapData>, K: aya::Pod>(
 fn pending_flows(sockets: &SocketRecords<SocketState>) -> Vec<(FlowKey, Counter)> {
     sockets
         .records()
+        .into_iter()
         .filter(|state| state.flow_pending.packets != 0)
         .map(|state| {
             (
@@ -182,6 +183,7 @@ impl SocketsReader {
     pub fn accepted_pods(&self) -> Vec<u64> {
         self.accepted
             .records()
+            .into_iter()
             .filter(|peer| peer.generation != POLICY_GENERATION_NONE)
             .map(|peer| peer.pod_cgroup_id)
             .collect()
@@ -297,12 +299,9 @@ impl Engine {
     }
 
     /// A new fd for the same map (by id), owned by the caller.
-    /// A per-socket table, mapped for reading in place.
+    /// A second handle on a per-socket table, read in place.
     fn socket_records<T: SocketRecord>(&self, name: &'static str) -> Result<SocketRecords<T>, EngineError> {
-        SocketRecords::map(self.second_handle(name)?).map_err(|source| EngineError::Map {
-            map: name,
-            source: aya::maps::MapError::IoError(source),
-        })
+        Ok(SocketRecords::new(self.second_handle(name)?, name))
     }
 
     pub(super) fn second_handle(&self, name: &'static str) -> Result<MapData, EngineError> {
