@@ -298,12 +298,12 @@ impl Engine {
         Ok(CounterReader { map, pods })
     }
 
-    /// A new fd for the same map (by id), owned by the caller.
     /// A second handle on a per-socket table, read in place.
     fn socket_records<T: SocketRecord>(&self, name: &'static str) -> Result<SocketRecords<T>, EngineError> {
         Ok(SocketRecords::new(self.second_handle(name)?, name))
     }
 
+    /// A new fd for the same map (by id), owned by the caller.
     pub(super) fn second_handle(&self, name: &'static str) -> Result<MapData, EngineError> {
         let err = |source| EngineError::Map { map: name, source };
         let data = match self.ebpf.map(name) {
