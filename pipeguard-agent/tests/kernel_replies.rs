@@ -270,6 +270,50 @@ fn every_reply_of_an_accepted_connection_is_counted() {
     assert_eq!(g.count(Hook::Egress, VERDICT_DENY), 0);
 }
 
+/// An accepted connection's replies stay replies when the allowlist starts allowing its
+/// peer too (the socket then remembers an allowlist verdict) and when it stops again.
+#[test]
+fn an_accepted_connection_outlives_an_allowlist_that_allowed_its_peer() {
+    let mut g = guard("reply-revoked");
+    let port_file = g.file("port");
+    let mut child = g.serve(format!("tcp-echo 127.0.0.1:0 {port_file}"));
+    let port = published_port(&port_file, &mut child);
+    let client = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("the job accepts");
+    let client_port = client.local_addr().unwrap().port();
+    client.set_nodelay(true).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+    let peer = common::allow_only("127.0.0.1/32", client_port, &[PROTO_TCP]);
+    let nothing = common::allow_only("127.0.0.6/32", 9, &[PROTO_TCP, PROTO_UDP]);
+    let rounds = [
+        ("reply", None),
+        ("allowed too", Some((&nothing, &peer))),
+        ("revoked", Some((&peer, &nothing))),
+    ];
+    for (round, change) in rounds {
+        if let Some((old, new)) = change {
+            g.engine.replace_policy(POLICY, old, new).unwrap();
+        }
+        // Several answers, so the socket judges and then remembers under each policy.
+        for i in 0..3 {
+            let asked = format!("{round} {i}\n");
+            (&client).write_all(asked.as_bytes()).unwrap();
+            let mut answer = String::new();
+            std::io::BufRead::read_line(&mut reader, &mut answer)
+                .unwrap_or_else(|e| panic!("{round}: the job's answer: {e}"));
+            assert_eq!(answer, asked, "{round}");
+        }
+    }
+    drop((client, reader));
+    let outcomes = finish(child);
+    assert!(outcome(&outcomes, "9").ok, "{outcomes:#?}");
+    assert_eq!(g.count(Hook::Egress, VERDICT_DENY), 0, "a reply was refused");
+}
+
 /// One TCP round: the client outside the job connects and sends a line, the job answers,
 /// and tries the abuses `tcp-serve` lists.
 fn tcp_round(name: &str, bind: &str, server_ip: &str, third_bind: &str) {

@@ -1,4 +1,4 @@
-//! The socket tables (`PG_SOCKETS_V7`, `PG_ACCEPTED_V4`): a guarded pod's socket has a
+//! The socket table (`PG_SOCKETS_V8`): a guarded pod's socket has a
 //! record (its creating pod, its remembered verdict; an accepted connection's peer) from
 //! socket() or accept until it is done, and none after: released at close() for UDP and
 //! listeners, at TCP's CLOSE for connections (after their FIN or reset left). A record
@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::test_cgroup;
-use pipeguard::engine::{Engine, EngineConfig};
+use pipeguard::engine::{Engine, EngineConfig, UnknownPods};
 use pipeguard_common::{Hook, MODE_ENFORCE, PROTO_TCP, PROTO_UDP, PodEntry, VERDICT_DENY};
 
 const POLICY: u32 = 3;
@@ -158,4 +158,48 @@ fn linger_zero(s: &TcpStream) {
         )
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// A connection accepted in a cgroup the programs see but no pod owns gets no record (its
+/// packets are never judged, so nothing asks whether they are replies), unless unknown pods
+/// are denied: then its replies are judged, and the record is what lets them out.
+#[test]
+fn only_judged_sockets_get_records() {
+    common::require_kernel();
+    for unknown_pods in [UnknownPods::Allow, UnknownPods::Deny] {
+        let cgroup = test_cgroup("socket-table-unowned");
+        let mut engine = Engine::load(&EngineConfig {
+            unknown_pods,
+            ..EngineConfig::default()
+        })
+        .expect("load the eBPF programs");
+        engine.attach(cgroup.path()).expect("attach to the test cgroup");
+        let table = engine.sockets_reader().unwrap();
+        let (before, accepted_before) = (table.count(), table.accepted());
+
+        let listener = common::inside(cgroup.path(), || TcpListener::bind("127.0.0.1:0").unwrap());
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut served, _) = listener.accept().unwrap();
+        let mut b = [0u8; 1];
+        client.write_all(b"q").unwrap();
+        served.read_exact(&mut b).unwrap();
+        served.write_all(b"a").unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        client
+            .read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("{unknown_pods:?}: the accepted connection's answer: {e}"));
+
+        let deny = unknown_pods == UnknownPods::Deny;
+        assert_eq!(
+            table.accepted() - accepted_before,
+            usize::from(deny),
+            "{unknown_pods:?}: records of the accepted connection"
+        );
+        assert_eq!(
+            table.count() - before,
+            usize::from(deny),
+            "{unknown_pods:?}: records of the cgroup's sockets (the listener has none: no pod created it)"
+        );
+        drop((client, served, listener));
+    }
 }

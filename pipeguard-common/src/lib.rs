@@ -19,8 +19,7 @@ pub mod map_names {
     pub const EVENT_LIMIT: &str = "PG_EVENT_LIMIT_V1";
     pub const CONFIG: &str = "PG_CONFIG_V2";
     pub const REPLIES: &str = "PG_REPLIES_V1";
-    pub const ACCEPTED: &str = "PG_ACCEPTED_V4";
-    pub const SOCKETS: &str = "PG_SOCKETS_V7";
+    pub const SOCKETS: &str = "PG_SOCKETS_V8";
     pub const POLICY_GENERATION: &str = "PG_POLICY_GENERATION_V1";
     pub const DNS_NAMES: &str = "PG_DNS_NAMES_V1";
     pub const DNS_QUERIES: &str = "PG_DNS_QUERIES_V2";
@@ -34,9 +33,9 @@ pub mod map_names {
     pub const DNS_REPORTED: &str = "PG_DNS_REPORTED_V1";
     pub const DNS_REPORT_BUDGET: &str = "PG_DNS_REPORT_BUDGET_V1";
     pub const DNS_SEEN: &str = "PG_DNS_SEEN_V2";
-    pub const HANDSHAKE: &str = "PG_HANDSHAKE_V1";
+    pub const HANDSHAKE: &str = "PG_HANDSHAKE_V2";
     /// Every map, for pinning.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 25] = [
         PODS,
         ALLOW_V4,
         ALLOW_V6,
@@ -47,7 +46,6 @@ pub mod map_names {
         EVENT_LIMIT,
         CONFIG,
         REPLIES,
-        ACCEPTED,
         SOCKETS,
         POLICY_GENERATION,
         DNS_NAMES,
@@ -378,64 +376,40 @@ pub struct ReplyKey {
 }
 const _: () = assert!(core::mem::size_of::<ReplyKey>() == 32);
 
-/// Per CPU: the pod of the listener whose handshake packet the ingress hook just let in,
-/// with the packet's peer and local port. The handshake's last ACK reaches `pg_sock_ops`
-/// (passive established, on the new connection) right after the ingress hook, on the same
-/// CPU, and sock_ops has no helper to find a socket's cgroup: this is how the accepted
-/// connection's record learns its pod without a walk at its first reply.
+/// Per CPU: the listener's pod (or none: 0) for the handshake packet the ingress hook just
+/// let in, with the packet's peer and local port. The handshake's last ACK reaches
+/// `pg_sock_ops` (passive established, on the new connection) right after the ingress hook,
+/// on the same CPU, and sock_ops has no helper to find a socket's cgroup: this is how the
+/// accepted connection's record learns its pod without a walk at its first reply, and how
+/// a connection of a pod nothing judges is spared a record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Handshake {
-    /// The peer, as in `AcceptedPeer::addr`.
+    /// The peer, as in `SocketState::addr`.
     pub addr: [u8; 16],
     /// Host byte order, both.
     pub port: u16,
     pub local_port: u16,
+    /// The pod's entry as the ingress hook found it (`PodEntry`), under `generation`.
     pub counter_slot: u32,
     pub pod_cgroup_id: u64,
-    /// Read before the pod lookup, as `AcceptedPeer::generation`.
+    /// Read before the pod lookup; `POLICY_GENERATION_NONE`: taken, or never written.
     pub generation: u64,
+    pub pod_flags: u32,
+    pub policy_id: u32,
+    pub mode: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Handshake>() == 40);
-
-/// The record (`ACCEPTED`) of a TCP connection the pod accepted: the peer it was accepted
-/// from. Packets of that socket to that peer are replies; once the socket is reused for
-/// anything else (disconnected and connected elsewhere) the peer no longer matches.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct AcceptedPeer {
-    /// The accepted socket's cookie; 0: a free slot (see `SocketRecord`).
-    pub cookie: u64,
-    /// IPv6, or IPv4-mapped IPv6 for IPv4 (canonical, as in `FlowKey`).
-    pub addr: [u8; 16],
-    /// Host byte order.
-    pub port: u16,
-    pub _pad: [u8; 2],
-    /// `counter_slot` of `pod_cgroup_id` (was padding: a record of an older agent holds 0,
-    /// and its generation is stale, so it is never read).
-    pub counter_slot: u32,
-    /// The pod this connection's replies were last counted for, under policy `generation`
-    /// (`POLICY_GENERATION_NONE`: not yet): while the generation holds, the packet hook
-    /// counts them for it without the pod walk (a reply's verdict is always allow).
-    pub pod_cgroup_id: u64,
-    pub generation: u64,
-}
-const _: () = assert!(core::mem::size_of::<AcceptedPeer>() == 48);
-
-// SAFETY: `cookie` first (asserted), 8-byte aligned and sized (asserted).
-unsafe impl SocketRecord for AcceptedPeer {}
-const _: () = assert!(
-    core::mem::offset_of!(AcceptedPeer, cookie) == 0
-        && core::mem::align_of::<AcceptedPeer>() == 8
-        && core::mem::size_of::<AcceptedPeer>() % 8 == 0
-);
+const _: () = assert!(core::mem::size_of::<Handshake>() == 56);
 
 /// The socket table's record of a guarded pod's socket. Written when the pod creates it: the
 /// socket hooks judge the socket by the pod that created it (as the packet hook does), not
 /// by whichever task happens to call connect() or sendmsg() on it. Then the fast path: the
 /// last destination the static allowlist allowed for this socket, under which policy
 /// generation (see `POLICY_GENERATION`), so the next attempt or packet to the same
-/// destination skips the pod lookup and the trie until the generation moves.
+/// destination skips the pod lookup and the trie until the generation moves. A TCP
+/// connection the pod accepted gets its record from `pg_sock_ops` instead, with the peer
+/// it was accepted from as its destination (`REMEMBERED_REPLY`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SocketState {
@@ -480,7 +454,7 @@ pub struct SocketState {
 }
 const _: () = assert!(core::mem::size_of::<SocketState>() == 160);
 
-/// A record of the per-socket tables (`PG_SOCKETS_*`, `PG_ACCEPTED_*`): arrays whose slots
+/// A record of the per-socket table (`PG_SOCKETS_*`): an array whose slots
 /// are claimed and freed by the socket cookie in their first 8 bytes (0: free).
 ///
 /// # Safety
@@ -524,6 +498,11 @@ pub const REMEMBERED_BY_ALLOWLIST: u8 = 1 << 0;
 /// `SocketState::remembered`: the destination chosen by the pod (flow statistics count it);
 /// unset for the peer of a connection the pod accepted, whose packets are replies.
 pub const REMEMBERED_DESTINATION: u8 = 1 << 1;
+/// `SocketState::remembered`: the destination is the peer this TCP connection was accepted
+/// from, so its packets there are replies, allowed whatever the allowlist says. The
+/// generation then only dates the pod fields: an older one sends the packet to the pod
+/// lookup, never to a refusal.
+pub const REMEMBERED_REPLY: u8 = 1 << 2;
 
 /// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
 /// pod table or an allowlist, so every remembered verdict is judged again on its next use.
@@ -572,7 +551,6 @@ mod user {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ReplyKey {}
-    unsafe impl aya::Pod for AcceptedPeer {}
     unsafe impl aya::Pod for SocketState {}
     unsafe impl aya::Pod for NameKey {}
     unsafe impl aya::Pod for NameRule {}

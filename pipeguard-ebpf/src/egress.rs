@@ -32,10 +32,16 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
     // packet without the pod walk and the trie (see `fast`).
     let state = fast::of_skb(ctx.skb.skb);
     let config = config();
-    let mut accepted = core::ptr::null_mut();
-    let mut generation = POLICY_GENERATION_NONE;
     if let Ok(packet) = &parsed {
-        if let Some(pod) = fast::remembered(state, &config, &packet.dst, packet.dst_port, packet.protocol) {
+        // Replies of a connection the pod accepted are remembered too (see `reply`).
+        if let Some(pod) = fast::remembered(
+            state,
+            &config,
+            &packet.dst,
+            packet.dst_port,
+            packet.protocol,
+            true,
+        ) {
             let dns = dns::is_dns(pod.flags, packet);
             let bytes = ctx.len() as u64;
             // A query the DNS program judges is counted there, with its verdict.
@@ -60,33 +66,27 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             }
             return PASS;
         }
-        // A reply of a connection the pod accepted is always allowed: once its pod is
-        // known, it is only counted (learning wants every packet's event; DNS its program).
+        // A listener's SYN-ACK, counted for the pod that created the listener while it is in
+        // the table (learning wants every packet's event; DNS its program).
         if config.flags & CONFIG_REPORT_ALLOWED == 0
+            && !state.is_null()
             && !fast::is_dns_port(packet.protocol, packet.dst_port, packet.src_port)
+            && reply::is_listener_syn_ack(&ctx, packet)
         {
-            accepted = reply::accepted_peer(&ctx, packet);
-            if let Some(counter_slot) = reply::counted_pod(accepted) {
-                count(counter_slot, VERDICT_ALLOW, Hook::Egress, ctx.len() as u64);
+            if let Some(pod) = pod::by_id(unsafe { (*state).pod_cgroup_id }) {
+                count(
+                    pod.entry.counter_slot,
+                    VERDICT_ALLOW,
+                    Hook::Egress,
+                    ctx.len() as u64,
+                );
                 return PASS;
-            }
-            if !accepted.is_null() {
-                // Before the pod lookup: a pod table write after it moves the generation.
-                generation = fast::generation();
-            } else if !state.is_null() && reply::is_listener_syn_ack(&ctx, packet) {
-                // Counted for the pod that created the listener, while it is in the table.
-                if let Some(pod) = pod::by_id(unsafe { (*state).pod_cgroup_id }) {
-                    count(
-                        pod.entry.counter_slot,
-                        VERDICT_ALLOW,
-                        Hook::Egress,
-                        ctx.len() as u64,
-                    );
-                    return PASS;
-                }
             }
         }
     }
+    // Before the pod lookup: a pod table write after it moves the generation past this, so
+    // what a reply remembers is never older than what was read.
+    let generation = fast::generation();
     // The two branches call `check` separately on purpose: passing one `Option<Pod>` down
     // lets LLVM spill the uninitialized payload of `None`, which the verifier rejects.
     match pod::of_skb(ctx.skb.skb) {
@@ -98,12 +98,15 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
                     dns_judges: dns,
                     ..attempt(&ctx, &packet, &config, state)
                 };
-                let judged = check(&attempt, Some(pod), |config| is_reply(&ctx, &packet, config));
+                let judged = check(&attempt, Some(pod), |config| {
+                    is_reply(&ctx, &packet, config, state)
+                });
                 if judged.pass {
                     ingress_policy::note_sent(&ctx, &packet, flags);
-                    reply::remember_pod(accepted, judged.pod_cgroup_id, judged.counter_slot, generation);
                 }
-                if judged.generation != POLICY_GENERATION_NONE {
+                if judged.by_reply {
+                    fast::remember_reply(state, &judged, generation, packet.src_port);
+                } else if judged.generation != POLICY_GENERATION_NONE {
                     let state = if state.is_null() {
                         fast::of_skb_or_create(ctx.skb.skb, judged.pod_cgroup_id, attempt.cgroup_id)
                     } else {
@@ -141,7 +144,7 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
         None => match parsed {
             Ok(packet) => verdict(
                 check(&attempt(&ctx, &packet, &config, state), None, |config| {
-                    is_reply(&ctx, &packet, config)
+                    is_reply(&ctx, &packet, config, state)
                 })
                 .pass,
             ),
@@ -200,18 +203,18 @@ fn attempt(ctx: &SkBuffContext, packet: &Packet, config: &Config, socket: *mut S
         socket,
         // Asked only when flow statistics are kept: one table lookup per TCP packet.
         destination: config.flags & CONFIG_FLOW_STATS == 0
-            || !(packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet)),
+            || !(packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet, socket)),
         dns_judges: false,
     }
 }
 
 #[inline(always)]
-fn is_reply(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
+fn is_reply(ctx: &SkBuffContext, packet: &Packet, config: &Config, state: *const SocketState) -> bool {
     if packet.protocol == PROTO_UDP {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
         return reply::is_udp_reply(cookie, &packet.dst, packet.dst_port, config);
     }
-    packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet)
+    packet.protocol == PROTO_TCP && reply::is_tcp_reply(ctx, packet, state)
 }
 
 #[inline(always)]

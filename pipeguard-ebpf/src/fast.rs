@@ -11,7 +11,9 @@
 //! compared against the packet's own headers, so a raw socket or ICMP gains nothing. Only
 //! allows by the static allowlist, or by the socket's pass to a learned DNS destination
 //! (which outlives the address's entry and so depends on the allowlist alone, see
-//! `dns::learned`), are remembered: replies, addresses merely learned, and audited or denied
+//! `dns::learned`), are remembered, and the replies of a connection the pod accepted, which
+//! depend on nothing but the connection (`REMEMBERED_REPLY`, see `reply`; the generation
+//! then only dates the pod): UDP replies, addresses merely learned, and audited or denied
 //! attempts take the slow path every time, with their events. DNS (port 53, either
 //! direction) of a DNS-filtered pod skips only the walk and the trie: the packet hook still
 //! hands it to the DNS program, with the pod's allowlist and mode the socket remembered.
@@ -28,22 +30,23 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_TCP_CLOSE, bpf_sock},
-    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
+    bindings::{__sk_buff, bpf_sock},
+    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock},
 };
 use pipeguard_common::{
-    CONFIG_REPORT_ALLOWED, Config, Counter, FlowKey, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP,
-    REMEMBERED_BY_ALLOWLIST, REMEMBERED_DESTINATION, SocketState, VERDICT_ALLOW,
+    CONFIG_REPORT_ALLOWED, Config, Counter, FlowKey, Hook, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP,
+    REMEMBERED_BY_ALLOWLIST, REMEMBERED_DESTINATION, REMEMBERED_REPLY, SocketState, VERDICT_ALLOW,
 };
 
 use crate::{
     addr::Dest,
-    maps::{ACCEPTED, POLICY_GENERATION, SOCKETS},
+    maps::{POLICY_GENERATION, SOCKETS},
     socket_table,
     verdict::{self, Attempt, Judged},
 };
 
 const DNS_PORT: u16 = 53;
+const IPPROTO_TCP: u32 = 6;
 
 /// The policy generation now. Read before the lookups a remembered verdict is based on.
 #[inline(always)]
@@ -96,7 +99,8 @@ pub struct Remembered {
 }
 
 /// The socket's pod when its remembered verdict allows this attempt now. The packet hook
-/// still hands a DNS-filtered pod's DNS to its DNS program.
+/// still hands a DNS-filtered pod's DNS to its DNS program. `replies`: whether an accepted
+/// connection's peer counts, which only its packets are (a connect() to that peer is new).
 #[inline(always)]
 pub fn remembered(
     state: *const SocketState,
@@ -104,6 +108,7 @@ pub fn remembered(
     dest: &Dest,
     port: u16,
     protocol: u8,
+    replies: bool,
 ) -> Option<Remembered> {
     if state.is_null() || config.flags & CONFIG_REPORT_ALLOWED != 0 {
         return None;
@@ -112,6 +117,7 @@ pub fn remembered(
     let s = unsafe { &*state };
     if s.generation == POLICY_GENERATION_NONE
         || s.generation != generation
+        || (!replies && s.remembered & REMEMBERED_REPLY != 0)
         || s.port != port
         || s.protocol != protocol
         || !dest.is(&s.addr)
@@ -131,7 +137,7 @@ pub fn remembered(
 
 /// After the slow path judged `attempt`: when the pod's static allowlist allowed it,
 /// remember that in `state` (null: nothing to write into), unless the state belongs to
-/// another pod.
+/// another pod. An accepted connection's packets to its peer stay replies.
 #[inline(always)]
 pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
     if state.is_null() || judged.generation == POLICY_GENERATION_NONE {
@@ -141,26 +147,70 @@ pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
     if s.pod_cgroup_id != judged.pod_cgroup_id {
         return;
     }
-    if !attempt.dest.is(&s.addr) || s.port != attempt.port || s.protocol != attempt.protocol {
+    let same = attempt.dest.is(&s.addr) && s.port == attempt.port && s.protocol == attempt.protocol;
+    let reply = if same && attempt.hook == Hook::Egress {
+        s.remembered & REMEMBERED_REPLY
+    } else {
+        0
+    };
+    if !same {
         settle_flow(s);
     }
     s.addr = attempt.dest.addr;
     s.port = attempt.port;
     s.protocol = attempt.protocol;
-    s.remembered = if judged.by_allowlist {
-        REMEMBERED_BY_ALLOWLIST
-    } else {
-        0
-    } | if attempt.destination {
-        REMEMBERED_DESTINATION
-    } else {
-        0
-    };
+    s.remembered = reply
+        | if judged.by_allowlist {
+            REMEMBERED_BY_ALLOWLIST
+        } else {
+            0
+        }
+        | if attempt.destination {
+            REMEMBERED_DESTINATION
+        } else {
+            0
+        };
     s.pod_flags = judged.pod_flags;
     s.counter_slot = judged.counter_slot;
     s.policy_id = judged.policy_id;
     s.mode = judged.mode;
     s.generation = judged.generation;
+}
+
+/// The record `state` (null: none) is an accepted connection's and `dest`:`port` its peer.
+#[inline(always)]
+pub fn is_accepted_peer(state: *const SocketState, dest: &Dest, port: u16) -> bool {
+    if state.is_null() {
+        return false;
+    }
+    let s = unsafe { &*state };
+    s.remembered & REMEMBERED_REPLY != 0 && s.port == port && s.protocol == PROTO_TCP && dest.is(&s.addr)
+}
+
+/// After the slow path let a reply of an accepted connection through (`judged.by_reply`):
+/// its record remembers the pod under `generation`, read before the pod lookup, so the
+/// next replies skip the walk. DNS ports are not remembered (see `reply::take_pod`).
+#[inline(always)]
+pub fn remember_reply(state: *mut SocketState, judged: &Judged, generation: u64, src_port: u16) {
+    if state.is_null() || judged.pod_cgroup_id == 0 || generation == POLICY_GENERATION_NONE {
+        return;
+    }
+    let s = unsafe { &mut *state };
+    if s.remembered & REMEMBERED_REPLY == 0
+        || (s.pod_cgroup_id != 0 && s.pod_cgroup_id != judged.pod_cgroup_id)
+        || is_dns_port(PROTO_TCP, s.port, src_port)
+    {
+        return;
+    }
+    if s.pod_cgroup_id == 0 {
+        s.pod_cgroup_id = judged.pod_cgroup_id;
+        s.cgroup_id = judged.pod_cgroup_id;
+    }
+    s.pod_flags = judged.pod_flags;
+    s.counter_slot = judged.counter_slot;
+    s.policy_id = judged.policy_id;
+    s.mode = judged.mode;
+    s.generation = generation;
 }
 
 /// A remembered packet's share of the flow statistics (`CONFIG_FLOW_STATS`), kept in the
@@ -203,33 +253,19 @@ pub fn settle_flow(s: &mut SocketState) {
     verdict::add_flow(&key, Counter { packets, bytes });
 }
 
-/// A TCP connection without state earns it once it has sent more than this many segments:
-/// a short request/response (an accepted probe, a cache lookup) pays neither the record's
-/// insert nor its removal, which cost more than the slow path of its few packets.
-const SEGMENTS_BEFORE_STATE: u32 = 4;
-
 /// In the packet hook: the state of the sending socket, created for pod `pod_cgroup_id`
-/// when the socket has none (accepted connections, UDP sockets older than the programs)
-/// and is worth it (`SEGMENTS_BEFORE_STATE`); null when not. Nothing frees a slot but the
-/// socket's end, so a TCP connection gets one only if `pg_sock_ops` will see its CLOSE:
-/// one it accepted (connections older than the programs never asked for the callback).
+/// when the socket has none (a UDP socket older than the programs); null when not. Nothing
+/// frees a slot but the socket's end, so TCP sockets get theirs only where their CLOSE is
+/// asked for: at socket() or, accepted, from `pg_sock_ops`.
 #[inline(always)]
 pub fn of_skb_or_create(skb: *mut __sk_buff, pod_cgroup_id: u64, cgroup_id: u64) -> *mut SocketState {
     let full = full_socket(skb);
-    if full.is_null() {
-        return null_mut();
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    let tcp = unsafe { bpf_tcp_sock(full) };
-    if !tcp.is_null()
-        && (unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*tcp).segs_out)) } <= SEGMENTS_BEFORE_STATE
-            // Its last packets (a reset after close): sock_ops already removed its record
-            // at CLOSE, and nothing would remove a new one.
-            || unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).state)) } == BPF_TCP_CLOSE
-            || socket_table::find(&ACCEPTED, cookie).is_null())
+    if full.is_null()
+        || unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).protocol)) } == IPPROTO_TCP
     {
         return null_mut();
     }
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     // A record written meanwhile (another CPU) is kept.
     let existing = by_cookie(cookie);
     if !existing.is_null() {

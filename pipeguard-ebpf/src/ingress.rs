@@ -42,7 +42,7 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
                 // A listener's handshake packet (or DNS over TCP, which no new connection
                 // matches).
                 if packet.protocol == PROTO_TCP {
-                    reply::note_handshake(&packet, &pod, generation);
+                    reply::note_handshake(&packet, Some(&pod), generation);
                 }
                 learn(&ctx, &packet, &config, Some(&pod))
             }
@@ -59,7 +59,13 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
             Err(()) => PASS,
         },
         None => match parsed {
-            Ok(packet) => learn(&ctx, &packet, &config, None),
+            Ok(packet) => {
+                // So its accepted connection is spared a record (see `reply::mark_accepted`).
+                if packet.protocol == PROTO_TCP {
+                    reply::note_handshake(&packet, None, generation);
+                }
+                learn(&ctx, &packet, &config, None)
+            }
             Err(()) => PASS,
         },
     }

@@ -6,11 +6,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use pipeguard_common::{
-    AcceptedPeer, AllowKeyV4, AllowKeyV6, Config, Counter, DnsConfig, DnsScratch, EVENT_RING_BYTES, FlowKey,
-    Handshake, LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_LEARNED,
-    MAX_NAME_RULES, MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN, MAX_SOCKETS,
-    NameKey, NameRule, NameText, PodCounters, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget,
-    ReportedKey, SocketState,
+    AllowKeyV4, AllowKeyV6, Config, Counter, DnsConfig, DnsScratch, EVENT_RING_BYTES, FlowKey, Handshake,
+    LearnedAddr, LearnedKey, MAX_ALLOW_ENTRIES, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_LEARNED, MAX_NAME_RULES,
+    MAX_NAME_TEXTS, MAX_PODS, MAX_QUERIES, MAX_REPLIES, MAX_REPORTED, MAX_SEEN, MAX_SOCKETS, NameKey,
+    NameRule, NameText, PodCounters, PodEntry, PortSet, QuerySlot, ReplyKey, ReportBudget, ReportedKey,
+    SocketState,
 };
 
 /// Pod-level cgroup id → the pod's policy id, mode and flags.
@@ -56,24 +56,20 @@ pub static REPLIES: LruHashMap<ReplyKey, u64> = LruHashMap::with_max_entries(MAX
 #[map(name = "PG_CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// The peer a TCP socket of a guarded pod was accepted from, by the socket's cookie (see
-/// `socket_table`; written by `pg_sock_ops`, read by the egress hook, see `reply`), removed
-/// with the socket's state (see `owner`). An array for the reasons `SOCKETS` gives.
-#[map(name = "PG_ACCEPTED_V4")]
-pub static ACCEPTED: Array<AcceptedPeer> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
-
-/// Index 0, per CPU: the pod of the handshake packet the ingress hook just let in, for
-/// `pg_sock_ops` to put into the accepted connection's record (see `reply`).
-#[map(name = "PG_HANDSHAKE_V1")]
+/// Index 0, per CPU: the pod (or none) of the handshake packet the ingress hook just let
+/// in, for `pg_sock_ops` to put into the accepted connection's record (see `reply`).
+#[map(name = "PG_HANDSHAKE_V2")]
 pub static HANDSHAKE: PerCpuArray<Handshake> = PerCpuArray::with_max_entries(1, 0);
 
 /// The records of guarded pods' sockets by cookie (see `socket_table`): the pod and task
 /// that created the socket (written by `pg_sock_create`, read by the socket hooks and
-/// ingress events; see `owner`) and the verdict the socket remembers (see `fast`). An
+/// ingress events; see `owner`) and the verdict the socket remembers (see `fast`); for a
+/// connection the pod accepted, the peer its replies go to (written by `pg_sock_ops`, see
+/// `reply`). An
 /// array rather than socket storage (two accounted allocations and an RCU free per socket)
 /// or a hash map (a locked insert and delete per socket). Mmapable: user space reads it in
 /// place (counts, flow statistics) instead of a lookup per slot.
-#[map(name = "PG_SOCKETS_V7")]
+#[map(name = "PG_SOCKETS_V8")]
 pub static SOCKETS: Array<SocketState> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
 
 /// Index 0: the policy generation, which user space moves after every write to the pod

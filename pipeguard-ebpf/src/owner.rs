@@ -31,7 +31,7 @@ use pipeguard_common::{CONFIG_FLOW_STATS, Event, POLICY_GENERATION_NONE, SocketS
 
 use crate::{
     fast,
-    maps::{ACCEPTED, SOCKETS},
+    maps::SOCKETS,
     pod::{self, Pod},
     socket_table,
 };
@@ -78,27 +78,15 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-    if tcp {
-        forget(cookie);
-    } else {
-        remove_state(cookie);
-    }
+    forget(cookie);
     1
-}
-
-/// Removes the records of the TCP socket with `cookie`: its state and, for a connection
-/// the pod accepted, its peer (see `reply`).
-#[inline(always)]
-pub fn forget(cookie: u64) {
-    remove_state(cookie);
-    socket_table::remove(&ACCEPTED, cookie);
 }
 
 /// Removes the socket's record, if it has one (the agent's programs see every pod's
 /// sockets), after moving what its fast path counted into the flow statistics (when they
 /// are kept).
 #[inline(always)]
-fn remove_state(cookie: u64) {
+pub fn forget(cookie: u64) {
     let state = fast::by_cookie(cookie);
     if state.is_null() {
         return;

@@ -1,17 +1,20 @@
 //! Replies pass, like NetworkPolicy's stateful semantics: what a guarded socket sends back to
 //! a peer that talked to it first is not new egress.
 //!
-//! TCP: `pg_sock_ops` records the peer of every connection the pod accepted under the child
-//! socket's cookie (`ACCEPTED`, removed with the socket's other records, see `owner`);
-//! packets of that socket to that peer are replies. The record carries the pod the replies
-//! are counted for, handed over by the ingress hook, which found it for the handshake's
-//! last ACK just before (`note_handshake`), so no reply walks the cgroup tree. A
-//! listener's SYN-ACKs are replies too: the kernel hands the egress hook the listener (the
-//! full socket of the request socket), in state LISTEN. Sockets the pod opened with
-//! connect() carry no mark, so their packets stay judged (revocation keeps working). Last,
-//! the reset a connection sends when close() aborts it (linger 0, unread data) after its
-//! records are gone: TCP sends one only from a connection that was established, and only
-//! to its peer.
+//! TCP: `pg_sock_ops` gives every connection a judged pod accepted a record in the socket
+//! table (`SOCKETS`) whose destination is the peer it was accepted from, marked
+//! `REMEMBERED_REPLY`, removed with the socket at CLOSE (see `owner`); packets of that
+//! socket to that peer are replies. The record carries the pod the replies are counted
+//! for, handed over by the ingress hook, which found it for the handshake's last ACK just
+//! before (`note_handshake`): while the policy generation holds, a reply passes on the fast
+//! path like any remembered verdict (`fast::remembered`), with one table lookup and no
+//! cgroup walk. A connection of a pod nothing judges (no pod, unknown pods allowed) gets no
+//! record. A listener's SYN-ACKs are replies too: the kernel hands the egress hook the
+//! listener (the full socket of the request socket), in state LISTEN. Sockets the pod
+//! opened with connect() carry no mark, so their packets stay judged (revocation keeps
+//! working). Last, the reset a connection sends when close() aborts it (linger 0, unread
+//! data) after its record is gone: TCP sends one only from a connection that was
+//! established, and only to its peer.
 //!
 //! UDP: the ingress hook records {receiving socket, sender address, sender port} with the
 //! time of the datagram; the egress and socket hooks let the same socket send to that peer
@@ -30,13 +33,14 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use pipeguard_common::{
-    AcceptedPeer, Config, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, ReplyKey, UNKNOWN_DENY,
+    Config, Handshake, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP, REMEMBERED_REPLY, ReplyKey, SocketState,
+    UNKNOWN_DENY,
 };
 
 use crate::{
     addr::Dest,
     fast,
-    maps::{ACCEPTED, HANDSHAKE, REPLIES},
+    maps::{HANDSHAKE, REPLIES, SOCKETS},
     packet::Packet,
     pod::Pod,
     socket_table, verdict, zeroed,
@@ -49,9 +53,11 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// In `pg_sock_ops`, on BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: the child socket of an accepted
-/// connection remembers its peer.
+/// connection remembers its peer. False when it got no record: its pod is judged by
+/// nothing, or the socket table had no place (its packets are then judged as egress:
+/// closed, never opened).
 #[inline(always)]
-pub fn mark_accepted(ctx: &SockOpsContext) {
+pub fn mark_accepted(ctx: &SockOpsContext) -> bool {
     let ops = ctx.ops;
     // Context fields must be read with exactly-sized loads at fixed offsets (the verifier
     // rewrites them), so every field is read before choosing: a branch would let LLVM
@@ -80,27 +86,44 @@ pub fn mark_accepted(ctx: &SockOpsContext) {
         Dest::v6(ip6)
     };
     if sk.is_null() {
-        return;
+        return false;
+    }
+    let handshake = handshake_of(&peer, port, local_port);
+    // SAFETY: this CPU's slot (see `note_handshake`).
+    if !handshake.is_null()
+        && unsafe { (*handshake).pod_cgroup_id } == 0
+        && verdict::config().unknown_pods != UNKNOWN_DENY
+    {
+        // Not a guarded pod's: nothing ever asks whether its packets are replies.
+        unsafe { (*handshake).generation = POLICY_GENERATION_NONE };
+        return false;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    let r = socket_table::claim(&ACCEPTED, cookie);
-    if r.is_null() {
-        return;
+    let r = socket_table::claim(&SOCKETS, cookie);
+    if !r.is_null() {
+        // SAFETY: the slot this socket claimed, its other fields zeroed.
+        unsafe {
+            (*r).addr = peer.addr;
+            (*r).port = port;
+            (*r).protocol = PROTO_TCP;
+            (*r).remembered = REMEMBERED_REPLY;
+        }
+        if !handshake.is_null() {
+            take_pod(unsafe { &mut *r }, unsafe { &*handshake }, local_port);
+        }
     }
-    // SAFETY: the slot this socket claimed, its other fields zeroed.
-    unsafe {
-        (*r).addr = peer.addr;
-        (*r).port = port;
-        (*r).generation = POLICY_GENERATION_NONE;
-        take_handshake(&mut *r, &peer, local_port);
+    if !handshake.is_null() {
+        // Taken, so it serves no other connection.
+        unsafe { (*handshake).generation = POLICY_GENERATION_NONE };
     }
+    !r.is_null()
 }
 
-/// In the ingress hook, for a TCP packet to a listener of `pod` that passed, `generation`
-/// read before the pod lookup: should it be the handshake's last ACK, `mark_accepted` runs
-/// next on this CPU and takes the pod from here.
+/// In the ingress hook, for a TCP packet to a listener that passed, of `pod` (None: a
+/// socket of no pod), `generation` read before the pod lookup: should it be the handshake's
+/// last ACK, `mark_accepted` runs next on this CPU and takes the pod from here.
 #[inline(always)]
-pub fn note_handshake(packet: &Packet, pod: &Pod, generation: u64) {
+pub fn note_handshake(packet: &Packet, pod: Option<&Pod>, generation: u64) {
     let Some(h) = HANDSHAKE.get_ptr_mut(0) else {
         return;
     };
@@ -111,40 +134,64 @@ pub fn note_handshake(packet: &Packet, pod: &Pod, generation: u64) {
         (*h).addr = packet.src.addr;
         (*h).port = packet.src_port;
         (*h).local_port = packet.dst_port;
-        (*h).counter_slot = pod.entry.counter_slot;
-        (*h).pod_cgroup_id = pod.cgroup_id;
+        match pod {
+            Some(pod) => {
+                (*h).pod_cgroup_id = pod.cgroup_id;
+                (*h).counter_slot = pod.entry.counter_slot;
+                (*h).pod_flags = pod.entry.flags;
+                (*h).policy_id = pod.entry.policy_id;
+                (*h).mode = pod.entry.mode;
+            }
+            None => (*h).pod_cgroup_id = 0,
+        }
         (*h).generation = generation;
     }
 }
 
-/// Fills the pod of the new connection's record from `note_handshake` when its packet was
-/// this connection's (peer and local port). Taken, so it serves no other connection. When
-/// it does not match (the ACK waited in the listener's backlog), the first reply finds the
-/// pod itself.
+/// This CPU's handshake when its packet was this connection's (peer and local port); null
+/// when it was not (the ACK waited in the listener's backlog: the first reply finds the pod
+/// itself).
 #[inline(always)]
-fn take_handshake(record: &mut AcceptedPeer, peer: &Dest, local_port: u16) {
+fn handshake_of(peer: &Dest, port: u16, local_port: u16) -> *mut Handshake {
     let Some(h) = HANDSHAKE.get_ptr_mut(0) else {
-        return;
+        return null_mut();
     };
-    let h = unsafe { &mut *h };
-    if h.generation == POLICY_GENERATION_NONE
-        || h.port != record.port
-        || h.local_port != local_port
-        || !peer.is(&h.addr)
+    let hs = unsafe { &*h };
+    if hs.generation == POLICY_GENERATION_NONE
+        || hs.port != port
+        || hs.local_port != local_port
+        || !peer.is(&hs.addr)
     {
+        return null_mut();
+    }
+    h
+}
+
+/// The pod of an accepted connection's record, from its handshake: remembered under the
+/// handshake's generation, so its replies skip the pod walk. DNS ports keep no generation
+/// (their packets always go to the DNS program the slow path picks).
+#[inline(always)]
+fn take_pod(record: &mut SocketState, h: &Handshake, local_port: u16) {
+    if h.pod_cgroup_id == 0 {
         return;
     }
     record.pod_cgroup_id = h.pod_cgroup_id;
+    // The connection's own cgroup is unknown here (no helper names it): its pod's stands in.
+    record.cgroup_id = h.pod_cgroup_id;
     record.counter_slot = h.counter_slot;
-    record.generation = h.generation;
-    h.generation = POLICY_GENERATION_NONE;
+    record.pod_flags = h.pod_flags;
+    record.policy_id = h.policy_id;
+    record.mode = h.mode;
+    if !fast::is_dns_port(PROTO_TCP, record.port, local_port) {
+        record.generation = h.generation;
+    }
 }
 
 /// A TCP packet at the egress hook is a reply when its socket is a listener sending a
-/// SYN-ACK, an accepted connection sending to the peer it was accepted from, or a closed
-/// connection's reset.
+/// SYN-ACK, an accepted connection sending to the peer it was accepted from (`state`: the
+/// sending socket's record, or null), or a closed connection's reset.
 #[inline(always)]
-pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
+pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet, state: *const SocketState) -> bool {
     let full = sending_tcp_socket(ctx, packet);
     if full.is_null() {
         return false;
@@ -152,7 +199,7 @@ pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
     match unsafe { read_volatile(addr_of!((*full).state)) } {
         BPF_TCP_LISTEN => is_syn_ack(ctx, packet),
         BPF_TCP_CLOSE => is_reset(ctx, packet),
-        _ => !peer_of(ctx, packet).is_null(),
+        _ => fast::is_accepted_peer(state, &packet.dst, packet.dst_port),
     }
 }
 
@@ -160,19 +207,9 @@ pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet) -> bool {
 #[inline(always)]
 pub fn is_listener_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
     let full = sending_tcp_socket(ctx, packet);
-    !full.is_null() && is_listening(full) && is_syn_ack(ctx, packet)
-}
-
-/// The accepted-peer record of the socket that sent this TCP packet, when the packet goes
-/// to that peer (a reply); null for anything else.
-#[inline(always)]
-pub fn accepted_peer(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
-    let full = sending_tcp_socket(ctx, packet);
-    // A listener has no record: the lookup is spared for its SYN-ACKs.
-    if full.is_null() || is_listening(full) {
-        return null_mut();
-    }
-    peer_of(ctx, packet)
+    !full.is_null()
+        && unsafe { read_volatile(addr_of!((*full).state)) } == BPF_TCP_LISTEN
+        && is_syn_ack(ctx, packet)
 }
 
 /// The full socket that sent a TCP packet with a port; null for anything else.
@@ -183,11 +220,6 @@ fn sending_tcp_socket(ctx: &SkBuffContext, packet: &Packet) -> *mut bpf_sock {
         return null_mut();
     }
     unsafe { bpf_sk_fullsock(sk) }
-}
-
-#[inline(always)]
-fn is_listening(full: *mut bpf_sock) -> bool {
-    (unsafe { read_volatile(addr_of!((*full).state)) }) == BPF_TCP_LISTEN
 }
 
 #[inline(always)]
@@ -202,46 +234,6 @@ fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
         return false;
     };
     flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
-}
-
-/// The sending (full) socket's accepted-peer record when the packet goes to that peer;
-/// null otherwise.
-#[inline(always)]
-fn peer_of(ctx: &SkBuffContext, packet: &Packet) -> *mut AcceptedPeer {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let peer = socket_table::find(&ACCEPTED, cookie);
-    if peer.is_null() || unsafe { (*peer).port != packet.dst_port || !packet.dst.is(&(*peer).addr) } {
-        return null_mut();
-    }
-    peer
-}
-
-/// The counter slot of the pod a reply of this accepted connection is counted for without
-/// the pod walk: the one the handshake handed over (`take_handshake`) or the last reply was
-/// counted for, while the policy generation has not moved (a pod table write moves it, so a
-/// pod that left the table is looked up again).
-#[inline(always)]
-pub fn counted_pod(peer: *const AcceptedPeer) -> Option<u32> {
-    if peer.is_null() {
-        return None;
-    }
-    let p = unsafe { &*peer };
-    (p.generation != POLICY_GENERATION_NONE && p.pod_cgroup_id != 0 && p.generation == fast::generation())
-        .then_some(p.counter_slot)
-}
-
-/// After the slow path counted a reply for `pod_cgroup_id`, found under `generation` (read
-/// before the pod lookup).
-#[inline(always)]
-pub fn remember_pod(peer: *mut AcceptedPeer, pod_cgroup_id: u64, counter_slot: u32, generation: u64) {
-    if peer.is_null() {
-        return;
-    }
-    unsafe {
-        (*peer).pod_cgroup_id = pod_cgroup_id;
-        (*peer).counter_slot = counter_slot;
-        (*peer).generation = generation;
-    }
 }
 
 /// Called for every packet a socket under the attached cgroup receives, with the receiving

@@ -62,7 +62,7 @@ fn decide(ctx: SockAddrContext, hook: Hook) -> i32 {
     let protocol = protocol as u8;
     let state = owner::state(&ctx);
     let config = verdict::config();
-    if let Some(pod) = fast::remembered(state, &config, &dest, port, protocol) {
+    if let Some(pod) = fast::remembered(state, &config, &dest, port, protocol, false) {
         // The same destination this socket's pod was allowed under this generation.
         verdict::count(pod.counter_slot, VERDICT_ALLOW, hook, 0);
         return ALLOW;

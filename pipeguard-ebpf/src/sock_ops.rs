@@ -1,9 +1,9 @@
 //! sock_ops: marks TCP connections the pod accepted, so their packets are replies (see
 //! `reply`): the passive-established callback runs on the new child socket, which inherits
-//! the listener's cgroup, once the handshake completes. And ends a connection's records
-//! (`owner`) when TCP reaches CLOSE: accepted connections and a guarded pod's established
-//! ones ask for state callbacks, since close() (`pg_sock_release`) comes before their last
-//! packets.
+//! the listener's cgroup, once the handshake completes. And ends a connection's record
+//! (`owner`) when TCP reaches CLOSE: connections with a record (accepted, or a guarded
+//! pod's established ones) ask for state callbacks, since close() (`pg_sock_release`)
+//! comes before their last packets.
 
 use aya_ebpf::{
     bindings::{
@@ -24,10 +24,12 @@ const OK: u32 = 1;
 pub fn pg_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // Failing to mark (a full table) only means this connection's packets are
-            // judged as egress: closed, never opened.
-            reply::mark_accepted(&ctx);
-            ask_for_state_changes(&ctx);
+            // Only a record needs the callbacks (to be removed at CLOSE). Failing to mark (a
+            // full table) only means this connection's packets are judged as egress: closed,
+            // never opened.
+            if reply::mark_accepted(&ctx) {
+                ask_for_state_changes(&ctx);
+            }
         }
         // Only a guarded pod's connection has a record to remove: other pods' connections
         // (the agent attaches above every pod) are spared the callbacks.

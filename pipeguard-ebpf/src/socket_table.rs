@@ -1,4 +1,4 @@
-//! The per-socket tables (`SOCKETS`, `ACCEPTED`): records by socket cookie in an array,
+//! The per-socket table (`SOCKETS`): records by socket cookie in an array,
 //! open addressing. A record takes the first free of its cookie's `SOCKET_PROBES` slots
 //! (`socket_slot`), claimed by a compare-and-swap of the slot's cookie (its first
 //! field, see `SocketRecord`), and frees it by zeroing that cookie. A lookup is a few
@@ -67,12 +67,6 @@ pub fn claim<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
         probe += 1;
     }
     null_mut()
-}
-
-/// Frees the record of the socket with `cookie` in `table`, if it has one (it is gone).
-#[inline(always)]
-pub fn remove<T: SocketRecord>(table: &Array<T>, cookie: u64) {
-    free(find(table, cookie));
 }
 
 /// Frees a record `find` or `claim` returned (null: nothing to free): its fields are

@@ -60,6 +60,8 @@ pub struct Judged {
     pub generation: u64,
     /// The pod's static allowlist allowed the attempt (what a DNS query needs to teach).
     pub by_allowlist: bool,
+    /// Nothing but being a reply (`is_reply`) allowed it.
+    pub by_reply: bool,
     /// The pod that judged (0 for none), its counter slot, `POD_*` flags, allowlist and mode.
     pub pod_cgroup_id: u64,
     pub counter_slot: u32,
@@ -80,6 +82,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
                 pass: true,
                 generation: POLICY_GENERATION_NONE,
                 by_allowlist: false,
+                by_reply: false,
                 pod_cgroup_id: 0,
                 counter_slot: COUNTER_SLOT_NONE,
                 pod_flags: 0,
@@ -87,16 +90,14 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
                 mode: 0,
             };
         }
-        let verdict = if is_reply(&config) {
-            VERDICT_ALLOW
-        } else {
-            VERDICT_DENY
-        };
+        let by_reply = is_reply(&config);
+        let verdict = if by_reply { VERDICT_ALLOW } else { VERDICT_DENY };
         report(attempt, 0, COUNTER_SLOT_NONE, 0, verdict, &config, 0, 0);
         return Judged {
             pass: verdict == VERDICT_ALLOW,
             generation: POLICY_GENERATION_NONE,
             by_allowlist: false,
+            by_reply,
             pod_cgroup_id: 0,
             counter_slot: COUNTER_SLOT_NONE,
             pod_flags: 0,
@@ -109,9 +110,10 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
     let by_allowlist = allowed(pod.entry.policy_id, attempt);
     let mut name_hash = 0;
     let mut by_pass = false;
+    let by_reply = !by_allowlist && is_reply(&config);
     let verdict = decide(
         by_allowlist
-            || is_reply(&config)
+            || by_reply
             || (pod.entry.flags & POD_DNS_FILTERED != 0 && {
                 // The addresses the pod's allowed DNS answers taught its allowlist.
                 // Socket hooks start connections and datagrams; the packet hook continues them.
@@ -145,6 +147,7 @@ pub fn check(attempt: &Attempt, pod: Option<Pod>, is_reply: impl FnOnce(&Config)
             POLICY_GENERATION_NONE
         },
         by_allowlist,
+        by_reply,
         pod_cgroup_id: pod.cgroup_id,
         counter_slot: pod.entry.counter_slot,
         pod_flags: pod.entry.flags,

@@ -76,10 +76,9 @@ pub struct VersionLabels {
 
 /// The `map` label of the learned-address map in `map_entries`, `map_capacity`, `dns_swept`.
 pub const DNS_LEARNED_MAP: &str = "dns_learned";
-/// The `map` label of the socket table (records of guarded pods' live sockets).
+/// The `map` label of the socket table (records of guarded pods' live sockets, the
+/// connections they accepted included).
 pub const SOCKETS_MAP: &str = "sockets";
-/// The `map` label of the accepted-connection table (their peers).
-pub const ACCEPTED_MAP: &str = "accepted";
 /// The `map` label of the outstanding-query map in `dns_swept`.
 pub const DNS_QUERIES_MAP: &str = "dns_queries";
 
@@ -366,7 +365,6 @@ impl Default for Metrics {
             ("flows", pipeguard_common::MAX_FLOWS),
             (DNS_LEARNED_MAP, pipeguard_common::MAX_LEARNED),
             (SOCKETS_MAP, pipeguard_common::MAX_SOCKETS),
-            (ACCEPTED_MAP, pipeguard_common::MAX_SOCKETS),
         ] {
             m.map_capacity
                 .get_or_create(&MapLabels { map: map.into() })
@@ -441,11 +439,11 @@ impl Metrics {
                 .set(learned.count() as i64);
         }
         if let Some(sockets) = &sources.sockets {
-            for (map, entries) in [(SOCKETS_MAP, sockets.count()), (ACCEPTED_MAP, sockets.accepted())] {
-                self.map_entries
-                    .get_or_create(&MapLabels { map: map.into() })
-                    .set(entries as i64);
-            }
+            self.map_entries
+                .get_or_create(&MapLabels {
+                    map: SOCKETS_MAP.into(),
+                })
+                .set(sockets.count() as i64);
         }
         let Some(reader) = &sources.counters else {
             return;

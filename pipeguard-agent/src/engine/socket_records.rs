@@ -1,4 +1,4 @@
-//! The kernel's per-socket tables (`PG_SOCKETS_*`, `PG_ACCEPTED_*`: mmapable arrays of
+//! The kernel's per-socket table (`PG_SOCKETS_*`: an mmapable array of
 //! `SocketRecord`s), read in place: a scan of read-only mappings instead of a lookup
 //! syscall per slot. Mapped a window (about a megabyte) at a time and unmapped after, so
 //! the tables' pages (the kernel's memory, counted as BPF map memory) neither sit in the

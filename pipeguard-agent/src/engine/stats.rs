@@ -4,9 +4,8 @@ use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use pipeguard_common::{
-    AcceptedPeer, COUNTER_SLOT_NONE, COUNTER_SLOT_OVERFLOW, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook,
-    POLICY_GENERATION_NONE, PodCounters, PodEntry, SocketRecord, SocketState, VERDICT_ALLOW, VERDICT_COUNT,
-    map_names,
+    COUNTER_SLOT_NONE, COUNTER_SLOT_OVERFLOW, Counter, CounterKey, FlowKey, HOOK_COUNT, Hook, PodCounters,
+    PodEntry, REMEMBERED_REPLY, SocketRecord, SocketState, VERDICT_ALLOW, VERDICT_COUNT, map_names,
 };
 
 use super::{Engine, EngineError, socket_records::SocketRecords};
@@ -161,32 +160,37 @@ impl Engine {
     }
 }
 
-/// Second handles on the socket tables.
+/// A second handle on the socket table.
 pub struct SocketsReader {
     states: SocketRecords<SocketState>,
-    accepted: SocketRecords<AcceptedPeer>,
 }
 
 impl SocketsReader {
-    /// Sockets with a record (their pod, their remembered verdict): one scan of the table.
+    /// Sockets with a record (their pod, their remembered verdict), accepted connections
+    /// included: one scan of the table.
     pub fn count(&self) -> usize {
         self.states.count()
     }
 
-    /// Accepted connections with their peer's record; bounded the same way.
+    /// Accepted connections with a record (`REMEMBERED_REPLY`); bounded the same way.
     pub fn accepted(&self) -> usize {
-        self.accepted.count()
+        self.accepted_records().count()
     }
 
-    /// The pods accepted connections' replies are counted for, where their record knows
-    /// it (see `AcceptedPeer::generation`); bounded the same way.
+    /// The pods of accepted connections, where their record knows it (handed over at the
+    /// handshake, or found by their first reply); bounded the same way.
     pub fn accepted_pods(&self) -> Vec<u64> {
-        self.accepted
+        self.accepted_records()
+            .filter(|s| s.pod_cgroup_id != 0)
+            .map(|s| s.pod_cgroup_id)
+            .collect()
+    }
+
+    fn accepted_records(&self) -> impl Iterator<Item = SocketState> {
+        self.states
             .records()
             .into_iter()
-            .filter(|peer| peer.generation != POLICY_GENERATION_NONE)
-            .map(|peer| peer.pod_cgroup_id)
-            .collect()
+            .filter(|s| s.remembered & REMEMBERED_REPLY != 0)
     }
 }
 
@@ -277,7 +281,6 @@ impl Engine {
     pub fn sockets_reader(&self) -> Result<SocketsReader, EngineError> {
         Ok(SocketsReader {
             states: self.socket_records(map_names::SOCKETS)?,
-            accepted: self.socket_records(map_names::ACCEPTED)?,
         })
     }
 

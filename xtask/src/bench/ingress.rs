@@ -1,11 +1,12 @@
-//! Sections I1–I2: ingress enforcement (issue 16), on the server side. Servers in a
+//! Sections I1–I3: ingress enforcement (issue 16), on the server side. Servers in a
 //! namespace of this run's own, each on addresses of its own: one unguarded, one guarded
 //! by `pipeguard exec` with no ingress rules (not isolated), two isolated for ingress by a
 //! policy admitting the client next to 16 or 10,000 other source CIDRs, and one in a
 //! scratch cgroup with empty programs. One unguarded client per path (veth from a second
 //! namespace, loopback inside the servers' namespace) connects to each in interleaved
-//! rounds; the kernel cost of `pg_ingress` comes from its run-time statistics on admitted
-//! connections and on SYNs from a source the rules refuse.
+//! rounds; the kernel cost of `pg_ingress` (and of every program, per admitted
+//! connection) comes from their run-time statistics on admitted connections and on SYNs
+//! from a source the rules refuse.
 
 use std::{collections::BTreeMap, fs};
 
@@ -169,6 +170,8 @@ impl Bench {
         let mut totals: BTreeMap<(&str, &str), (RunStats, u64)> = BTreeMap::new();
         // Every program the server's cgroup runs (both skb hooks, sock_ops, ...): run time.
         let mut all_programs: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        // Admitted connections, per program: (config, program) → runs and run time.
+        let mut by_program: BTreeMap<(&str, String), RunStats> = BTreeMap::new();
         for r in 0..p.kernel_rounds {
             for i in 0..configs.len() {
                 let cfg = configs[(i + r) % configs.len()];
@@ -183,6 +186,14 @@ impl Bench {
                     let after = self.server_stats(cfg, empty)?;
                     let d = after.ingress.since(before.ingress);
                     *all_programs.entry((cfg, kind)).or_default() += after.all.since(before.all).run_time_ns;
+                    if kind == "admitted" {
+                        for (name, now) in &after.programs {
+                            let d = now.since(before.programs.get(name).copied().unwrap_or_default());
+                            let t = by_program.entry((cfg, name.clone())).or_default();
+                            t.run_time_ns += d.run_time_ns;
+                            t.run_cnt += d.run_cnt;
+                        }
+                    }
                     if d.run_cnt == 0 {
                         bail!("{cfg}: the ingress program never ran on {kind} connections");
                     }
@@ -247,7 +258,58 @@ impl Bench {
             }
         }
         self.figures.set("ingress_kernel_ns_per_run", arr);
+        self.per_program_cost(&configs, &by_program, &totals);
         Ok(())
+    }
+
+    /// I3: where an admitted connection's kernel time goes, program by program.
+    fn per_program_cost(
+        &mut self,
+        configs: &[&str],
+        by_program: &BTreeMap<(&str, String), RunStats>,
+        totals: &BTreeMap<(&str, &str), (RunStats, u64)>,
+    ) {
+        self.table.section(
+            "I3. Each program's share of an admitted connection (kernel.bpf_stats_enabled, as in I2)",
+            &[
+                "server",
+                "program",
+                "runs per connection",
+                "ns/run",
+                "ns per connection",
+            ],
+        );
+        let mut arr = Json::Arr(Vec::new());
+        for &cfg in configs {
+            let connections = totals[&(cfg, "admitted")].1.max(1) as f64;
+            for ((_, name), t) in by_program
+                .range((cfg, String::new())..)
+                .take_while(|((c, _), _)| *c == cfg)
+            {
+                if t.run_cnt == 0 {
+                    continue;
+                }
+                let (runs, per_run) = (
+                    t.run_cnt as f64 / connections,
+                    t.run_time_ns as f64 / t.run_cnt as f64,
+                );
+                let mut o = Json::obj();
+                o.set("config", cfg)
+                    .set("program", name.as_str())
+                    .set("runs_per_connection", runs)
+                    .set("ns_per_run", per_run)
+                    .set("ns_per_connection", runs * per_run);
+                arr.push(o);
+                self.table.row(vec![
+                    server_label(cfg).to_string(),
+                    name.clone(),
+                    format!("{runs:.2}"),
+                    format!("{per_run:.0}"),
+                    format!("{:.0}", runs * per_run),
+                ]);
+            }
+        }
+        self.figures.set("ingress_program_cost", arr);
     }
 
     /// Run-time statistics of the programs `cfg`'s server runs under: its ingress program,
@@ -266,13 +328,19 @@ impl Bench {
             run_time_ns: sum.run_time_ns + s.run_time_ns,
             run_cnt: sum.run_cnt + s.run_cnt,
         });
-        Ok(ServerStats { ingress, all })
+        Ok(ServerStats {
+            ingress,
+            all,
+            programs: stats,
+        })
     }
 }
 
 struct ServerStats {
     ingress: RunStats,
     all: RunStats,
+    /// By program name.
+    programs: BTreeMap<String, RunStats>,
 }
 
 fn server_key(cfg: &str) -> &'static str {
