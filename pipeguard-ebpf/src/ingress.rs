@@ -24,8 +24,9 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
     // Most received packets belong to a connected TCP socket: nothing to judge or learn, so
     // they pass before the pod walk (3 of the 5 packets of a short inbound connection).
     let parsed = packet::parse(&ctx);
+    let socket = ingress_policy::socket_state(&ctx);
     if let Ok(packet) = &parsed {
-        if ingress_policy::is_connected_tcp(&ctx, packet) && packet.src_port != dns::DNS_PORT {
+        if ingress_policy::is_connected_tcp(packet, socket) && packet.src_port != dns::DNS_PORT {
             return PASS;
         }
     }
@@ -36,7 +37,7 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
     match pod::of_skb(ctx.skb.skb) {
         Some(pod) => match parsed {
             Ok(packet) => {
-                if !ingress_policy::admits(&ctx, &packet, &pod, &config) {
+                if !ingress_policy::admits(&ctx, &packet, socket, &pod, &config) {
                     return DROP;
                 }
                 // A listener's handshake packet (or DNS over TCP, which no new connection

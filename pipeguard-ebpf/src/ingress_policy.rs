@@ -33,7 +33,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use pipeguard_common::{
-    Config, Hook, MAX_CGROUP_DEPTH, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_DENY,
+    CONFIG_REPORT_ALLOWED, Config, Hook, MAX_CGROUP_DEPTH, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -41,32 +42,44 @@ use crate::{
     packet::Packet,
     pod::Pod,
     reply,
-    verdict::{Attempt, allowed, decide, report},
+    verdict::{Attempt, allows, decide, report},
 };
 
-/// True when the packet may reach the pod's socket.
+/// True when the packet may reach the pod's socket, whose state (`socket_state`) is
+/// `socket`.
 #[inline(always)]
-pub fn admits(ctx: &SkBuffContext, packet: &Packet, pod: &Pod, config: &Config) -> bool {
-    if pod.entry.flags & POD_INGRESS_ISOLATED == 0 || !is_new_inbound(ctx, packet, config) {
+pub fn admits(ctx: &SkBuffContext, packet: &Packet, socket: Option<u32>, pod: &Pod, config: &Config) -> bool {
+    if pod.entry.flags & POD_INGRESS_ISOLATED == 0 || !is_new_inbound(ctx, packet, socket, config) {
         return true;
     }
+    // Ingress is judged by addresses only: nothing learned applies.
+    let verdict = decide(
+        allows(
+            pod.entry.ingress_policy_id,
+            &packet.src,
+            packet.protocol,
+            packet.dst_port,
+        ) || from_same_pod(ctx, packet, pod),
+        pod.entry.mode,
+    );
     let attempt = Attempt {
         dest: packet.src,
         port: packet.dst_port,
         protocol: packet.protocol,
         hook: Hook::Ingress,
         bytes: ctx.len() as u64,
-        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+        // Only events name it: an admitted packet is just counted (unless allowed attempts
+        // are reported too).
+        cgroup_id: if verdict != VERDICT_ALLOW || config.flags & CONFIG_REPORT_ALLOWED != 0 {
+            unsafe { bpf_skb_cgroup_id(ctx.skb.skb) }
+        } else {
+            0
+        },
         ctx: ctx.skb.skb.cast(),
-        // Ingress is judged by addresses only: nothing learned applies.
         socket: core::ptr::null_mut(),
         destination: true,
         dns_judges: false,
     };
-    let verdict = decide(
-        allowed(pod.entry.ingress_policy_id, &attempt) || from_same_pod(ctx, packet, pod),
-        pod.entry.mode,
-    );
     report(
         &attempt,
         pod.cgroup_id,
@@ -101,19 +114,20 @@ pub fn note_sent(ctx: &SkBuffContext, packet: &Packet, pod_flags: u32) {
     );
 }
 
-/// A TCP packet for a full socket that is not listening: part of a connection the pod
-/// opened or already accepted, never new inbound (see the module comment).
+/// A TCP packet for a full socket (in state `socket`) that is not listening: part of a
+/// connection the pod opened or already accepted, never new inbound (see the module
+/// comment).
 #[inline(always)]
-pub fn is_connected_tcp(ctx: &SkBuffContext, packet: &Packet) -> bool {
-    packet.protocol == PROTO_TCP && socket_state(ctx).is_some_and(|s| s != BPF_TCP_LISTEN)
+pub fn is_connected_tcp(packet: &Packet, socket: Option<u32>) -> bool {
+    packet.protocol == PROTO_TCP && socket.is_some_and(|s| s != BPF_TCP_LISTEN)
 }
 
 #[inline(always)]
-fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool {
+fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, socket: Option<u32>, config: &Config) -> bool {
     match packet.protocol {
-        PROTO_TCP => socket_state(ctx) == Some(BPF_TCP_LISTEN),
+        PROTO_TCP => socket == Some(BPF_TCP_LISTEN),
         PROTO_UDP | PROTO_SCTP => {
-            if packet.protocol == PROTO_UDP && socket_state(ctx) == Some(BPF_TCP_ESTABLISHED) {
+            if packet.protocol == PROTO_UDP && socket == Some(BPF_TCP_ESTABLISHED) {
                 return false;
             }
             !sent_to(ctx, packet, config)
@@ -122,9 +136,10 @@ fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, config: &Config) -> bool
     }
 }
 
-/// The state of the receiving socket (`BPF_TCP_*`; UDP uses ESTABLISHED for connected).
+/// The state of the receiving socket (`BPF_TCP_*`; UDP uses ESTABLISHED for connected);
+/// None without a full socket.
 #[inline(always)]
-fn socket_state(ctx: &SkBuffContext) -> Option<u32> {
+pub fn socket_state(ctx: &SkBuffContext) -> Option<u32> {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return None;
