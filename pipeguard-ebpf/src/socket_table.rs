@@ -19,6 +19,8 @@ use core::{
 use aya_ebpf::maps::Array;
 use pipeguard_common::{SOCKET_PROBES, SocketRecord, socket_slot};
 
+use crate::zeroed;
+
 /// The record of the socket with `cookie` in `table`; null when it has none.
 #[inline(always)]
 pub fn find<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
@@ -57,7 +59,8 @@ pub fn claim<T: SocketRecord>(table: &Array<T>, cookie: u64) -> *mut T {
             if claimed {
                 // Zero already, unless a hook of the slot's last socket wrote after `free`
                 // (its last packet on another CPU): nothing of that socket may carry over.
-                zero_fields(slot);
+                // SAFETY: the slot this socket just claimed.
+                unsafe { zeroed::words_from(slot, 1) };
                 return slot;
             }
             if held == cookie {
@@ -76,19 +79,10 @@ pub fn free<T: SocketRecord>(record: *mut T) {
     if record.is_null() {
         return;
     }
-    zero_fields(record);
-    // SAFETY: a slot of an array of `T`, whose first field is the cookie.
-    unsafe { write_volatile(record.cast::<u64>(), 0) };
-}
-
-/// Zeroes every field but the cookie, one 8-byte store per word (see `zeroed`).
-#[inline(always)]
-fn zero_fields<T: SocketRecord>(slot: *mut T) {
-    let words = slot.cast::<u64>();
-    let mut i = 1;
-    while i < core::mem::size_of::<T>() / 8 {
-        // SAFETY: in bounds; a `SocketRecord` is 8-byte aligned, its size a multiple of 8.
-        unsafe { write_volatile(words.add(i), 0) };
-        i += 1;
+    // SAFETY: a slot of an array of `T`, whose first field is the cookie: the fields
+    // first, then the cookie.
+    unsafe {
+        zeroed::words_from(record, 1);
+        write_volatile(record.cast::<u64>(), 0);
     }
 }
