@@ -46,8 +46,9 @@ pub fn pg_sock_ops(ctx: SockOpsContext) -> u32 {
     OK
 }
 
-/// Keeps whatever callbacks another program asked for on this socket. Failing leaves the
-/// record to the table's LRU.
+/// Keeps whatever callbacks another program asked for on this socket. It fails only for
+/// flags the kernel does not know, never for this one (a record without its CLOSE would hold
+/// its slot for good: nothing ages records out).
 #[inline(always)]
 fn ask_for_state_changes(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
