@@ -170,11 +170,46 @@ pub fn remember(state: *mut SocketState, judged: &Judged, attempt: &Attempt) {
         } else {
             0
         };
-    s.pod_flags = judged.pod_flags;
-    s.counter_slot = judged.counter_slot;
-    s.policy_id = judged.policy_id;
-    s.mode = judged.mode;
-    s.generation = judged.generation;
+    set_judged_pod(s, judged, judged.generation);
+}
+
+/// What a record remembers of the pod that judged (`Judged`'s pod fields, or the ones a
+/// handshake handed over), under `generation`. A record without a pod yet (an accepted
+/// connection's) takes this one, its cgroup standing in for the socket's own (no helper
+/// names it where accepted connections get their record).
+#[inline(always)]
+pub fn set_pod(
+    s: &mut SocketState,
+    pod_cgroup_id: u64,
+    counter_slot: u32,
+    pod_flags: u32,
+    policy_id: u32,
+    mode: u32,
+    generation: u64,
+) {
+    if s.pod_cgroup_id == 0 {
+        s.pod_cgroup_id = pod_cgroup_id;
+        s.cgroup_id = pod_cgroup_id;
+    }
+    s.counter_slot = counter_slot;
+    s.pod_flags = pod_flags;
+    s.policy_id = policy_id;
+    s.mode = mode;
+    s.generation = generation;
+}
+
+/// `set_pod` from the slow path's verdict.
+#[inline(always)]
+fn set_judged_pod(s: &mut SocketState, judged: &Judged, generation: u64) {
+    set_pod(
+        s,
+        judged.pod_cgroup_id,
+        judged.counter_slot,
+        judged.pod_flags,
+        judged.policy_id,
+        judged.mode,
+        generation,
+    );
 }
 
 /// The record `state` (null: none) is an accepted connection's and `dest`:`port` its peer.
@@ -202,15 +237,7 @@ pub fn remember_reply(state: *mut SocketState, judged: &Judged, generation: u64,
     {
         return;
     }
-    if s.pod_cgroup_id == 0 {
-        s.pod_cgroup_id = judged.pod_cgroup_id;
-        s.cgroup_id = judged.pod_cgroup_id;
-    }
-    s.pod_flags = judged.pod_flags;
-    s.counter_slot = judged.counter_slot;
-    s.policy_id = judged.policy_id;
-    s.mode = judged.mode;
-    s.generation = generation;
+    set_judged_pod(s, judged, generation);
 }
 
 /// A remembered packet's share of the flow statistics (`CONFIG_FLOW_STATS`), kept in the

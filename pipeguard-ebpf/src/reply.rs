@@ -175,16 +175,20 @@ fn take_pod(record: &mut SocketState, h: &Handshake, local_port: u16) {
     if h.pod_cgroup_id == 0 {
         return;
     }
-    record.pod_cgroup_id = h.pod_cgroup_id;
-    // The connection's own cgroup is unknown here (no helper names it): its pod's stands in.
-    record.cgroup_id = h.pod_cgroup_id;
-    record.counter_slot = h.counter_slot;
-    record.pod_flags = h.pod_flags;
-    record.policy_id = h.policy_id;
-    record.mode = h.mode;
-    if !fast::is_dns_port(PROTO_TCP, record.port, local_port) {
-        record.generation = h.generation;
-    }
+    let generation = if fast::is_dns_port(PROTO_TCP, record.port, local_port) {
+        POLICY_GENERATION_NONE
+    } else {
+        h.generation
+    };
+    fast::set_pod(
+        record,
+        h.pod_cgroup_id,
+        h.counter_slot,
+        h.pod_flags,
+        h.policy_id,
+        h.mode,
+        generation,
+    );
 }
 
 /// A TCP packet at the egress hook is a reply when its socket is a listener sending a
