@@ -233,33 +233,62 @@ fn udp_replies_pass_over_v4_mapped_ipv6() {
     udp_round("udp-mapped", "[::]:0", "127.0.0.1:0", "127.0.0.1", "127.0.0.2:0");
 }
 
+/// A client outside the job of the job's `tcp-echo` server.
+struct EchoClient {
+    child: Child,
+    client: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl EchoClient {
+    /// Starts the server in the job and connects to it.
+    fn start(g: &Guarded) -> Self {
+        let port_file = g.file("port");
+        let mut child = g.serve(format!("tcp-echo 127.0.0.1:0 {port_file}"));
+        let port = published_port(&port_file, &mut child);
+        let client = TcpStream::connect_timeout(
+            &format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .expect("the job accepts");
+        client.set_nodelay(true).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let reader = std::io::BufReader::new(client.try_clone().unwrap());
+        Self {
+            child,
+            client,
+            reader,
+        }
+    }
+
+    /// Sends `line` (newline-terminated); the job's answer must be the same line.
+    fn ask(&mut self, line: &str) {
+        (&self.client).write_all(line.as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut self.reader, &mut answer)
+            .unwrap_or_else(|e| panic!("the job's answer to {line:?}: {e}"));
+        assert_eq!(answer, line);
+    }
+
+    /// Closes the connection and waits for the job: its outcomes.
+    fn finish(self) -> Vec<Outcome> {
+        drop((self.client, self.reader));
+        finish(self.child)
+    }
+}
+
 /// After its first reply found the pod, an accepted connection's replies are counted for
-/// it without the pod walk (`reply::counted_pod`): every answer is still counted, none
-/// refused.
+/// it without the pod walk (its record remembers the pod, `fast::remembered`): every answer
+/// is still counted, none refused.
 #[test]
 fn every_reply_of_an_accepted_connection_is_counted() {
     const ROUNDS: u64 = 100;
     let g = guard("reply-count");
-    let port_file = g.file("port");
-    let mut child = g.serve(format!("tcp-echo 127.0.0.1:0 {port_file}"));
-    let port = published_port(&port_file, &mut child);
-    let client = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("the job accepts");
-    client.set_nodelay(true).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+    let mut echo = EchoClient::start(&g);
     for round in 0..ROUNDS {
-        let asked = format!("round {round}\n");
-        (&client).write_all(asked.as_bytes()).unwrap();
-        let mut answer = String::new();
-        std::io::BufRead::read_line(&mut reader, &mut answer).expect("the job's answer");
-        assert_eq!(answer, asked);
+        echo.ask(&format!("round {round}\n"));
     }
-    drop((client, reader));
-    let outcomes = finish(child);
+    let outcomes = echo.finish();
     assert!(outcome(&outcomes, &ROUNDS.to_string()).ok, "{outcomes:#?}");
     // One segment per answer at least, plus the handshake and the close.
     let allowed = g.count(Hook::Egress, VERDICT_ALLOW);
@@ -275,18 +304,8 @@ fn every_reply_of_an_accepted_connection_is_counted() {
 #[test]
 fn an_accepted_connection_outlives_an_allowlist_that_allowed_its_peer() {
     let mut g = guard("reply-revoked");
-    let port_file = g.file("port");
-    let mut child = g.serve(format!("tcp-echo 127.0.0.1:0 {port_file}"));
-    let port = published_port(&port_file, &mut child);
-    let client = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("the job accepts");
-    let client_port = client.local_addr().unwrap().port();
-    client.set_nodelay(true).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+    let mut echo = EchoClient::start(&g);
+    let client_port = echo.client.local_addr().unwrap().port();
     let peer = common::allow_only("127.0.0.1/32", client_port, &[PROTO_TCP]);
     let nothing = common::allow_only("127.0.0.6/32", 9, &[PROTO_TCP, PROTO_UDP]);
     let rounds = [
@@ -300,16 +319,10 @@ fn an_accepted_connection_outlives_an_allowlist_that_allowed_its_peer() {
         }
         // Several answers, so the socket judges and then remembers under each policy.
         for i in 0..3 {
-            let asked = format!("{round} {i}\n");
-            (&client).write_all(asked.as_bytes()).unwrap();
-            let mut answer = String::new();
-            std::io::BufRead::read_line(&mut reader, &mut answer)
-                .unwrap_or_else(|e| panic!("{round}: the job's answer: {e}"));
-            assert_eq!(answer, asked, "{round}");
+            echo.ask(&format!("{round} {i}\n"));
         }
     }
-    drop((client, reader));
-    let outcomes = finish(child);
+    let outcomes = echo.finish();
     assert!(outcome(&outcomes, "9").ok, "{outcomes:#?}");
     assert_eq!(g.count(Hook::Egress, VERDICT_DENY), 0, "a reply was refused");
 }
