@@ -402,6 +402,63 @@ fn pods_not_isolated_for_ingress_are_unaffected() {
     );
 }
 
+/// A listener's record keeps its pod's entry once a handshake walked to the pod (its next
+/// handshakes skip the walk): a change of the pod's entry, or of its allowlist, after that
+/// still reaches the listener's next connection.
+#[test]
+fn a_listener_follows_changes_made_after_it_accepted() {
+    let first = entries(&[("127.0.0.2/32", all())], &[]);
+    let mut p = pod("ing-change", &first, MODE_ENFORCE);
+    let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let dest = listener.local_addr().unwrap();
+    for _ in 0..3 {
+        inbound::connect_from(ip("127.0.0.2"), dest).expect("the allowed source");
+        assert!(accepted(&listener));
+    }
+
+    let second = entries(&[("127.0.0.3/32", all())], &[]);
+    p.set_ingress(&first, &second);
+    inbound::connect_from(ip("127.0.0.3"), dest).expect("allowed since the change");
+    assert!(accepted(&listener));
+    inbound::connect_from(ip("127.0.0.2"), dest).expect_err("revoked by the change");
+    assert!(!accepted(&listener));
+
+    let cgroup_id = p.cgroup_id;
+    p.engine
+        .put_pod(
+            cgroup_id,
+            PodEntry {
+                policy_id: EGRESS,
+                mode: MODE_AUDIT,
+                flags: POD_INGRESS_ISOLATED,
+                ingress_policy_id: INGRESS,
+                ..PodEntry::default()
+            },
+        )
+        .unwrap();
+    inbound::connect_from(ip("127.0.0.2"), dest).expect("audit mode refuses nothing");
+    assert!(accepted(&listener));
+    assert!(
+        p.count(VERDICT_AUDIT) >= 1,
+        "the audited handshake is counted as such"
+    );
+
+    p.engine
+        .put_pod(
+            cgroup_id,
+            PodEntry {
+                policy_id: EGRESS,
+                mode: MODE_ENFORCE,
+                flags: POD_INGRESS_ISOLATED,
+                ingress_policy_id: INGRESS,
+                ..PodEntry::default()
+            },
+        )
+        .unwrap();
+    inbound::connect_from(ip("127.0.0.2"), dest).expect_err("enforced again");
+    assert!(!accepted(&listener));
+}
+
 /// `pipeguard exec` with an ingress policy: the job's listener admits 127.0.0.0/8 except
 /// 127.0.0.3; the refused client never reaches accept(), the allowed one does, and the
 /// refusal is an ingress event in the job's stream.

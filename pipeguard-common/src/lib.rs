@@ -419,7 +419,8 @@ pub struct SocketState {
     pub pod_cgroup_id: u64,
     /// The socket's own cgroup (reported in events).
     pub cgroup_id: u64,
-    /// Policy generation the remembered verdict was judged under; 0: nothing remembered.
+    /// Policy generation the remembered verdict (or a listener's pod entry) was judged
+    /// under; 0: nothing remembered; `u64::MAX`: a listener's entry being written.
     pub generation: u64,
     /// The allowed destination (IPv4 as ::ffff:a.b.c.d), network order.
     pub addr: [u8; 16],
@@ -444,7 +445,9 @@ pub struct SocketState {
     pub mode: u32,
     /// The pod's `counter_slot` under the remembered generation.
     pub counter_slot: u32,
-    pub _pad: u32,
+    /// The pod's `ingress_policy_id` under that generation (`REMEMBERED_LISTENER` only; it
+    /// was padding before, so older records hold 0 and no flag).
+    pub ingress_policy_id: u32,
     /// Packets and bytes the fast path let through to the remembered destination and has
     /// not yet added to the flow statistics (`CONFIG_FLOW_STATS` only): they are added when
     /// the socket remembers another destination or goes, and user space adds what is still
@@ -503,6 +506,10 @@ pub const REMEMBERED_DESTINATION: u8 = 1 << 1;
 /// generation then only dates the pod fields: an older one sends the packet to the pod
 /// lookup, never to a refusal.
 pub const REMEMBERED_REPLY: u8 = 1 << 2;
+/// `SocketState::remembered`: a listener's record holding its pod's entry (the pod fields
+/// and `ingress_policy_id`) under the generation, and no destination: its handshakes skip
+/// the walk to the pod (see the eBPF crate's `listener`).
+pub const REMEMBERED_LISTENER: u8 = 1 << 3;
 
 /// Index 0 of the `POLICY_GENERATION` array: user space adds one after every write to the
 /// pod table or an allowlist, so every remembered verdict is judged again on its next use.

@@ -15,7 +15,7 @@ use pipeguard_common::{
 
 use crate::{
     dns::{self, handoff::Handoff},
-    fast, ingress_policy,
+    fast, ingress_policy, listener,
     maps::DNS_EGRESS,
     packet::{self, Packet},
     pod, reply,
@@ -73,7 +73,9 @@ pub fn pg_egress(ctx: SkBuffContext) -> i32 {
             && !fast::is_dns_port(packet.protocol, packet.dst_port, packet.src_port)
             && reply::is_listener_syn_ack(&ctx, packet)
         {
-            if let Some(pod) = pod::by_id(unsafe { (*state).pod_cgroup_id }) {
+            if let Some(pod) = listener::pod(state, fast::generation())
+                .or_else(|| pod::by_id(unsafe { (*state).pod_cgroup_id }))
+            {
                 count(
                     pod.entry.counter_slot,
                     VERDICT_ALLOW,

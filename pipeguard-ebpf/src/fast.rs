@@ -35,7 +35,8 @@ use aya_ebpf::{
 };
 use pipeguard_common::{
     CONFIG_REPORT_ALLOWED, Config, Counter, FlowKey, Hook, POLICY_GENERATION_NONE, PROTO_TCP, PROTO_UDP,
-    REMEMBERED_BY_ALLOWLIST, REMEMBERED_DESTINATION, REMEMBERED_REPLY, SocketState, VERDICT_ALLOW,
+    REMEMBERED_BY_ALLOWLIST, REMEMBERED_DESTINATION, REMEMBERED_LISTENER, REMEMBERED_REPLY, SocketState,
+    VERDICT_ALLOW,
 };
 
 use crate::{
@@ -115,9 +116,15 @@ pub fn remembered(
     }
     let generation = generation();
     let s = unsafe { &*state };
+    // A listener's pod entry (`listener`) is no destination.
+    let not_remembered = if replies {
+        REMEMBERED_LISTENER
+    } else {
+        REMEMBERED_LISTENER | REMEMBERED_REPLY
+    };
     if s.generation == POLICY_GENERATION_NONE
         || s.generation != generation
-        || (!replies && s.remembered & REMEMBERED_REPLY != 0)
+        || s.remembered & not_remembered != 0
         || s.port != port
         || s.protocol != protocol
         || !dest.is(&s.addr)

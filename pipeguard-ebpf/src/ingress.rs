@@ -4,11 +4,14 @@
 //! (`pg_dns_answer`). A failure to learn never opens anything: it only means a reply is
 //! judged as new egress.
 
-use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::BPF_TCP_LISTEN, helpers::generated::bpf_get_socket_cookie, macros::cgroup_skb,
+    programs::SkBuffContext,
+};
 use pipeguard_common::{Config, Hook, POD_INGRESS_ISOLATED, PROTO_TCP, VERDICT_ERROR};
 
 use crate::{
-    dns, fast, ingress_policy,
+    dns, fast, ingress_policy, listener,
     maps::DNS_INGRESS,
     packet::{self, Packet},
     pod::{self, Pod},
@@ -31,10 +34,10 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
         }
     }
     let config = config();
-    // Before the pod lookup (see `reply::note_handshake`).
+    // Before the pod lookup (see `reply::note_handshake`, `listener`).
     let generation = fast::generation();
     // Two branches, each with its own `Pod` (see `pg_egress` on why not one `Option`).
-    match pod::of_skb(ctx.skb.skb) {
+    match receiving_pod(&ctx, socket, generation) {
         Some(pod) => match parsed {
             Ok(packet) => {
                 if !ingress_policy::admits(&ctx, &packet, socket, &pod, &config) {
@@ -70,6 +73,23 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
             Err(()) => PASS,
         },
     }
+}
+
+/// The pod of the receiving socket: a listener's record may hold it (`listener`).
+#[inline(always)]
+fn receiving_pod(ctx: &SkBuffContext, socket: Option<u32>, generation: u64) -> Option<Pod> {
+    if socket != Some(BPF_TCP_LISTEN) {
+        return pod::of_skb(ctx.skb.skb);
+    }
+    // A listener is a socket: no need to ask `fast::of_skb` (the verifier also refuses a
+    // second read of the context's socket here).
+    let record = fast::by_cookie(unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) });
+    if let Some(pod) = listener::pod(record, generation) {
+        return Some(pod);
+    }
+    let pod = pod::of_skb(ctx.skb.skb)?;
+    listener::remember(record, &pod, generation);
+    Some(pod)
 }
 
 #[inline(always)]

@@ -19,6 +19,8 @@ mod ingress;
 #[cfg(target_arch = "bpf")]
 mod ingress_policy;
 #[cfg(target_arch = "bpf")]
+mod listener;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod owner;
