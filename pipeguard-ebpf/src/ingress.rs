@@ -25,14 +25,16 @@ const DROP: i32 = 0;
 #[cgroup_skb(ingress)]
 pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
     // Most received packets belong to a connected TCP socket: nothing to judge or learn, so
-    // they pass before the pod walk (3 of the 5 packets of a short inbound connection).
-    let parsed = packet::parse(&ctx);
-    let socket = ingress_policy::socket_state(&ctx);
-    if let Ok(packet) = &parsed {
-        if ingress_policy::is_connected_tcp(packet, socket) && packet.src_port != dns::DNS_PORT {
-            return PASS;
-        }
+    // they pass before the packet is read (3 of the 5 packets of a short inbound connection).
+    let receiver = ingress_policy::receiver(&ctx);
+    if receiver
+        .as_ref()
+        .is_some_and(|r| r.is_connected_tcp() && r.peer_port != dns::DNS_PORT)
+    {
+        return PASS;
     }
+    let socket = receiver.map(|r| r.state);
+    let parsed = packet::parse(&ctx);
     let config = config();
     // Before the pod lookup (see `reply::note_handshake`, `listener`).
     let generation = fast::generation();

@@ -21,7 +21,7 @@
 
 use core::{
     mem::{MaybeUninit, size_of_val},
-    ptr::addr_of_mut,
+    ptr::{addr_of, addr_of_mut, read_volatile},
 };
 
 use aya_ebpf::{
@@ -44,6 +44,8 @@ use crate::{
     reply,
     verdict::{Attempt, allows, decide, report},
 };
+
+const IPPROTO_TCP: u32 = 6;
 
 /// True when the packet may reach the pod's socket, whose state (`socket_state`) is
 /// `socket`.
@@ -114,14 +116,6 @@ pub fn note_sent(ctx: &SkBuffContext, packet: &Packet, pod_flags: u32) {
     );
 }
 
-/// A TCP packet for a full socket (in state `socket`) that is not listening: part of a
-/// connection the pod opened or already accepted, never new inbound (see the module
-/// comment).
-#[inline(always)]
-pub fn is_connected_tcp(packet: &Packet, socket: Option<u32>) -> bool {
-    packet.protocol == PROTO_TCP && socket.is_some_and(|s| s != BPF_TCP_LISTEN)
-}
-
 #[inline(always)]
 fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, socket: Option<u32>, config: &Config) -> bool {
     match packet.protocol {
@@ -136,10 +130,28 @@ fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, socket: Option<u32>, con
     }
 }
 
-/// The state of the receiving socket (`BPF_TCP_*`; UDP uses ESTABLISHED for connected);
-/// None without a full socket.
+/// What the ingress hook reads of the receiving socket.
+pub struct Receiver {
+    /// `BPF_TCP_*` (UDP uses ESTABLISHED for connected).
+    pub state: u32,
+    pub protocol: u32,
+    /// The peer's port, host order (0 when not connected).
+    pub peer_port: u16,
+}
+
+impl Receiver {
+    /// A TCP socket that is not listening: part of a connection the pod opened or already
+    /// accepted, so what it receives is never new inbound (see the module comment), and it
+    /// can only be TCP from its peer.
+    #[inline(always)]
+    pub fn is_connected_tcp(&self) -> bool {
+        self.protocol == IPPROTO_TCP && self.state != BPF_TCP_LISTEN
+    }
+}
+
+/// The receiving socket; None without a full socket.
 #[inline(always)]
-pub fn socket_state(ctx: &SkBuffContext) -> Option<u32> {
+pub fn receiver(ctx: &SkBuffContext) -> Option<Receiver> {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return None;
@@ -148,7 +160,14 @@ pub fn socket_state(ctx: &SkBuffContext) -> Option<u32> {
     if full.is_null() {
         return None;
     }
-    Some(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*full).state)) })
+    // SAFETY: a full socket the verifier checked; each field read once, whole.
+    unsafe {
+        Some(Receiver {
+            state: read_volatile(addr_of!((*full).state)),
+            protocol: read_volatile(addr_of!((*full).protocol)),
+            peer_port: u16::from_be(read_volatile(addr_of!((*full).dst_port))),
+        })
+    }
 }
 
 #[inline(always)]
