@@ -402,9 +402,10 @@ fn pods_not_isolated_for_ingress_are_unaffected() {
     );
 }
 
-/// A listener's record keeps its pod's entry once a handshake walked to the pod (its next
-/// handshakes skip the walk): a change of the pod's entry, or of its allowlist, after that
-/// still reaches the listener's next connection.
+/// A listener's record keeps its pod's entry once a handshake walked to the pod, and the
+/// source it admitted last (its next handshakes skip the walk and the trie): a change of the
+/// pod's entry, or of its allowlist, after that still reaches the listener's next
+/// connection.
 #[test]
 fn a_listener_follows_changes_made_after_it_accepted() {
     let first = entries(&[("127.0.0.2/32", all())], &[]);
@@ -416,12 +417,16 @@ fn a_listener_follows_changes_made_after_it_accepted() {
         assert!(accepted(&listener));
     }
 
+    // The record also remembers the source it admitted last (127.0.0.2): a second attempt
+    // finds the entry written again by the first, and the remembered source must not count.
     let second = entries(&[("127.0.0.3/32", all())], &[]);
     p.set_ingress(&first, &second);
+    for _ in 0..2 {
+        inbound::connect_from(ip("127.0.0.2"), dest).expect_err("revoked by the change");
+        assert!(!accepted(&listener));
+    }
     inbound::connect_from(ip("127.0.0.3"), dest).expect("allowed since the change");
     assert!(accepted(&listener));
-    inbound::connect_from(ip("127.0.0.2"), dest).expect_err("revoked by the change");
-    assert!(!accepted(&listener));
 
     let cgroup_id = p.cgroup_id;
     p.engine

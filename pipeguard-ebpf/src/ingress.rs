@@ -8,7 +8,9 @@ use aya_ebpf::{
     bindings::BPF_TCP_LISTEN, helpers::generated::bpf_get_socket_cookie, macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use pipeguard_common::{Config, Hook, POD_INGRESS_ISOLATED, PROTO_TCP, VERDICT_ERROR};
+use core::ptr::null_mut;
+
+use pipeguard_common::{Config, Hook, POD_INGRESS_ISOLATED, PROTO_TCP, SocketState, VERDICT_ERROR};
 
 use crate::{
     dns, fast, ingress_policy, listener,
@@ -38,57 +40,76 @@ pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
     let config = config();
     // Before the pod lookup (see `reply::note_handshake`, `listener`).
     let generation = fast::generation();
-    // Two branches, each with its own `Pod` (see `pg_egress` on why not one `Option`).
-    match receiving_pod(&ctx, socket, generation) {
-        Some(pod) => match parsed {
-            Ok(packet) => {
-                if !ingress_policy::admits(&ctx, &packet, socket, &pod, &config) {
-                    return DROP;
+    let record = if socket == Some(BPF_TCP_LISTEN) {
+        // A listener is a socket: no need to ask `fast::of_skb` (the verifier also refuses a
+        // second read of the context's socket here).
+        fast::by_cookie(unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) })
+    } else {
+        null_mut()
+    };
+    // Each pod found has its own branch: merging them into one `Option` lets LLVM spill the
+    // uninitialized payload of `None`, which the verifier rejects.
+    match listener::pod(record, generation) {
+        // Only a record that holds the pod's entry keeps the sources it admitted.
+        Some(pod) => judge(&ctx, parsed, socket, &pod, &config, record, generation),
+        None => match walk(&ctx, record, generation) {
+            Some(pod) => judge(&ctx, parsed, socket, &pod, &config, null_mut(), generation),
+            None => match parsed {
+                Ok(packet) => {
+                    // So its accepted connection is spared a record (see
+                    // `reply::mark_accepted`).
+                    if packet.protocol == PROTO_TCP {
+                        reply::note_handshake(&packet, None, generation);
+                    }
+                    learn(&ctx, &packet, &config, None)
                 }
-                // A listener's handshake packet (or DNS over TCP, which no new connection
-                // matches).
-                if packet.protocol == PROTO_TCP {
-                    reply::note_handshake(&packet, Some(&pod), generation);
-                }
-                learn(&ctx, &packet, &config, Some(&pod))
-            }
-            Err(()) if pod.entry.flags & POD_INGRESS_ISOLATED != 0 => {
-                // What cannot be read cannot be admitted to an isolated pod.
-                count(
-                    pod.entry.counter_slot,
-                    VERDICT_ERROR,
-                    Hook::Ingress,
-                    ctx.len() as u64,
-                );
-                DROP
-            }
-            Err(()) => PASS,
-        },
-        None => match parsed {
-            Ok(packet) => {
-                // So its accepted connection is spared a record (see `reply::mark_accepted`).
-                if packet.protocol == PROTO_TCP {
-                    reply::note_handshake(&packet, None, generation);
-                }
-                learn(&ctx, &packet, &config, None)
-            }
-            Err(()) => PASS,
+                Err(()) => PASS,
+            },
         },
     }
 }
 
-/// The pod of the receiving socket: a listener's record may hold it (`listener`).
+/// A packet for a socket of `pod` (`listener`: see `ingress_policy::admits`).
 #[inline(always)]
-fn receiving_pod(ctx: &SkBuffContext, socket: Option<u32>, generation: u64) -> Option<Pod> {
-    if socket != Some(BPF_TCP_LISTEN) {
-        return pod::of_skb(ctx.skb.skb);
+fn judge(
+    ctx: &SkBuffContext,
+    parsed: Result<Packet, ()>,
+    socket: Option<u32>,
+    pod: &Pod,
+    config: &Config,
+    listener: *mut SocketState,
+    generation: u64,
+) -> i32 {
+    match parsed {
+        Ok(packet) => {
+            if !ingress_policy::admits(ctx, &packet, socket, pod, config, listener, generation) {
+                return DROP;
+            }
+            // A listener's handshake packet (or DNS over TCP, which no new connection
+            // matches).
+            if packet.protocol == PROTO_TCP {
+                reply::note_handshake(&packet, Some(pod), generation);
+            }
+            learn(ctx, &packet, config, Some(pod))
+        }
+        Err(()) if pod.entry.flags & POD_INGRESS_ISOLATED != 0 => {
+            // What cannot be read cannot be admitted to an isolated pod.
+            count(
+                pod.entry.counter_slot,
+                VERDICT_ERROR,
+                Hook::Ingress,
+                ctx.len() as u64,
+            );
+            DROP
+        }
+        Err(()) => PASS,
     }
-    // A listener is a socket: no need to ask `fast::of_skb` (the verifier also refuses a
-    // second read of the context's socket here).
-    let record = fast::by_cookie(unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) });
-    if let Some(pod) = listener::pod(record, generation) {
-        return Some(pod);
-    }
+}
+
+/// The pod of the receiving socket, up the cgroup tree; a listener's record (`record`,
+/// null: none) keeps its entry (`listener`).
+#[inline(always)]
+fn walk(ctx: &SkBuffContext, record: *mut SocketState, generation: u64) -> Option<Pod> {
     let pod = pod::of_skb(ctx.skb.skb)?;
     listener::remember(record, &pod, generation);
     Some(pod)

@@ -34,36 +34,58 @@ use aya_ebpf::{
 };
 use pipeguard_common::{
     CONFIG_REPORT_ALLOWED, Config, Hook, MAX_CGROUP_DEPTH, POD_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
+    PROTO_UDP, SocketState, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
+    listener,
     maps::SENT,
     packet::Packet,
     pod::Pod,
     reply,
-    verdict::{Attempt, allows, decide, report},
+    verdict::{Attempt, allows, count, decide, report},
 };
 
 const IPPROTO_TCP: u32 = 6;
 
-/// True when the packet may reach the pod's socket, whose state (`socket_state`) is
-/// `socket`.
+/// True when the packet may reach the pod's socket, whose state (`receiver`) is `socket`.
+/// `listener`: the receiving listener's record when it holds the pod's entry under
+/// `generation` (read before the pod lookup), else null.
 #[inline(always)]
-pub fn admits(ctx: &SkBuffContext, packet: &Packet, socket: Option<u32>, pod: &Pod, config: &Config) -> bool {
+pub fn admits(
+    ctx: &SkBuffContext,
+    packet: &Packet,
+    socket: Option<u32>,
+    pod: &Pod,
+    config: &Config,
+    listener: *mut SocketState,
+    generation: u64,
+) -> bool {
     if pod.entry.flags & POD_INGRESS_ISOLATED == 0 || !is_new_inbound(ctx, packet, socket, config) {
         return true;
     }
+    // Learning wants every admitted packet's event (`report`).
+    let remembers = config.flags & CONFIG_REPORT_ALLOWED == 0;
+    if remembers && listener::admitted(listener, &packet.src, packet.dst_port, generation) {
+        count(
+            pod.entry.counter_slot,
+            VERDICT_ALLOW,
+            Hook::Ingress,
+            ctx.len() as u64,
+        );
+        return true;
+    }
     // Ingress is judged by addresses only: nothing learned applies.
-    let verdict = decide(
-        allows(
-            pod.entry.ingress_policy_id,
-            &packet.src,
-            packet.protocol,
-            packet.dst_port,
-        ) || from_same_pod(ctx, packet, pod),
-        pod.entry.mode,
+    let by_allowlist = allows(
+        pod.entry.ingress_policy_id,
+        &packet.src,
+        packet.protocol,
+        packet.dst_port,
     );
+    if by_allowlist && remembers {
+        listener::remember_admitted(listener, &packet.src, packet.dst_port, generation);
+    }
+    let verdict = decide(by_allowlist || from_same_pod(ctx, packet, pod), pod.entry.mode);
     let attempt = Attempt {
         dest: packet.src,
         port: packet.dst_port,

@@ -11,6 +11,12 @@
 //! again after the fields and walks when it moved. A record that remembers a destination (a
 //! SYN-ACK the slow path judged, under learning) gets no entry, and the fast path never
 //! takes an entry for a destination (`fast::remembered`).
+//!
+//! With the entry, the record keeps the last IPv4 source and local port the pod's ingress
+//! allowlist admitted, with the generation's low 16 bits, in one 8-byte word (the first
+//! half of `addr`, which no destination of a listener uses): a handshake's last ACK, and
+//! any SYN from the same source, skip the trie. The word is written and read whole, and a
+//! word written under an older generation never matches the current one.
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
@@ -19,7 +25,7 @@ use core::{
 
 use pipeguard_common::{POLICY_GENERATION_NONE, PodEntry, REMEMBERED_LISTENER, SocketState};
 
-use crate::pod::Pod;
+use crate::{addr::Dest, pod::Pod};
 
 /// The generation of a record being written: never the current one.
 const WRITING: u64 = u64::MAX;
@@ -97,4 +103,42 @@ pub fn remember(state: *mut SocketState, pod: &Pod, generation: u64) {
             write_volatile(addr_of_mut!((*state).generation), generation);
         }
     }
+}
+
+/// The listener whose record (`state`, null: none) `pod` just read under `generation` last
+/// admitted `source` on `port` by its pod's ingress allowlist under this generation.
+#[inline(always)]
+pub fn admitted(state: *const SocketState, source: &Dest, port: u16, generation: u64) -> bool {
+    if state.is_null() {
+        return false;
+    }
+    let Some(key) = source_key(source, port, generation) else {
+        return false;
+    };
+    // SAFETY: a slot of the socket table; `addr` is 8-aligned (asserted in common).
+    unsafe { read_volatile(addr_of!((*state).addr).cast::<u64>()) == key }
+}
+
+/// After the ingress allowlist of the listener's pod admitted `source` on `port`, judged
+/// under `generation` (read before the lookups), with the pod's entry from the listener's
+/// record (`state`, null: none).
+#[inline(always)]
+pub fn remember_admitted(state: *mut SocketState, source: &Dest, port: u16, generation: u64) {
+    if state.is_null() {
+        return;
+    }
+    if let Some(key) = source_key(source, port, generation) {
+        // SAFETY: as in `admitted`; one 8-byte store.
+        unsafe { write_volatile(addr_of_mut!((*state).addr).cast::<u64>(), key) };
+    }
+}
+
+/// Never 0 (no listener is on port 0), so a record without a source matches nothing.
+#[inline(always)]
+fn source_key(source: &Dest, port: u16, generation: u64) -> Option<u64> {
+    if !source.is_v4 {
+        return None;
+    }
+    let v4 = u32::from_be_bytes(source.v4_bytes());
+    Some((u64::from(v4) << 32) | (u64::from(port) << 16) | (generation & 0xffff))
 }
