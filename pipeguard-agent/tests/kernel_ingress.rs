@@ -464,6 +464,46 @@ fn a_listener_follows_changes_made_after_it_accepted() {
     assert!(!accepted(&listener));
 }
 
+/// The source a listener's record remembers carries only the generation's low 16 bits:
+/// rewriting the record's pod entry forgets it, so 65,536 writes later (or any multiple)
+/// it still admits nothing.
+#[test]
+fn a_remembered_source_does_not_outlive_its_generation() {
+    let allowing = entries(&[("127.0.0.2/32", all())], &[]);
+    let mut p = pod("ing-wrap", &allowing, MODE_ENFORCE);
+    let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let dest = listener.local_addr().unwrap();
+    for _ in 0..2 {
+        inbound::connect_from(ip("127.0.0.2"), dest).expect("the allowed source");
+        assert!(accepted(&listener));
+    }
+    let admitted_under = p.engine.policy_generation().unwrap();
+
+    p.set_ingress(&allowing, &entries(&[("127.0.0.3/32", all())], &[]));
+    let entry = PodEntry {
+        policy_id: EGRESS,
+        mode: MODE_ENFORCE,
+        flags: POD_INGRESS_ISOLATED,
+        ingress_policy_id: INGRESS,
+        ..PodEntry::default()
+    };
+    let cgroup_id = p.cgroup_id;
+    let moved = p.engine.policy_generation().unwrap() - admitted_under;
+    // Each write moves the generation by one.
+    for _ in 0..(65_536 - moved % 65_536) % 65_536 {
+        p.engine.put_pod(cgroup_id, entry).unwrap();
+    }
+    let now = p.engine.policy_generation().unwrap();
+    assert_eq!((now - admitted_under) % 65_536, 0, "{now} vs {admitted_under}");
+    assert_ne!(now, admitted_under);
+
+    // The first attempt finds the entry outdated and writes it again; the second reads it.
+    for _ in 0..2 {
+        inbound::connect_from(ip("127.0.0.2"), dest).expect_err("refused since the change");
+        assert!(!accepted(&listener));
+    }
+}
+
 /// `pipeguard exec` with an ingress policy: the job's listener admits 127.0.0.0/8 except
 /// 127.0.0.3; the refused client never reaches accept(), the allowed one does, and the
 /// refusal is an ingress event in the job's stream.

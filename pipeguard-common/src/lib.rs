@@ -456,6 +456,8 @@ pub struct SocketState {
     pub flow_pending: Counter,
 }
 const _: () = assert!(core::mem::size_of::<SocketState>() == 160);
+// A listener's record keeps one 8-byte word in the first half of `addr` (see `REMEMBERED_LISTENER`).
+const _: () = assert!(core::mem::offset_of!(SocketState, addr) % 8 == 0);
 
 /// A record of the per-socket table (`PG_SOCKETS_*`): an array whose slots
 /// are claimed and freed by the socket cookie in their first 8 bytes (0: free).

@@ -15,8 +15,9 @@
 //! With the entry, the record keeps the last IPv4 source and local port the pod's ingress
 //! allowlist admitted, with the generation's low 16 bits, in one 8-byte word (the first
 //! half of `addr`, which no destination of a listener uses): a handshake's last ACK, and
-//! any SYN from the same source, skip the trie. The word is written and read whole, and a
-//! word written under an older generation never matches the current one.
+//! any SYN from the same source, skip the trie. The word is written and read whole; writing
+//! the entry clears it, and the generation bits turn away a word an admission judged under
+//! the previous generation writes after that.
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
@@ -97,6 +98,9 @@ pub fn remember(state: *mut SocketState, pod: &Pod, generation: u64) {
             pod.entry.ingress_policy_id,
         );
         write_volatile(addr_of_mut!((*state).counter_slot), pod.entry.counter_slot);
+        // Admitted under an older generation: forgotten, not merely outdated (the key keeps
+        // only the generation's low bits).
+        write_volatile(addr_of_mut!((*state).addr).cast::<u64>(), 0);
         // The listener closed meanwhile and another socket took the slot: its record stays
         // `WRITING` (nothing trusts it) until its own hooks write it.
         if read_volatile(addr_of!((*state).cookie)) == cookie {

@@ -20,6 +20,12 @@ impl Engine {
         Ok(value)
     }
 
+    /// The policy generation now: what a socket's remembered verdicts are dated by.
+    pub fn policy_generation(&mut self) -> Result<u64, EngineError> {
+        let array: Array<&mut MapData, u64> = self.map_mut(map_names::POLICY_GENERATION)?;
+        array.get(&0, 0).map_err(map_error(map_names::POLICY_GENERATION))
+    }
+
     /// Adds one to the policy generation (index 0 of its array; user space is its only
     /// writer). Skips 0, which means "nothing remembered".
     pub(super) fn bump_generation(&mut self) -> Result<(), EngineError> {
