@@ -14,10 +14,10 @@
 //!
 //! With the entry, the record keeps the last IPv4 source and local port the pod's ingress
 //! allowlist admitted, with the generation's low 16 bits, in one 8-byte word (the first
-//! half of `addr`, which no destination of a listener uses): a handshake's last ACK, and
-//! any SYN from the same source, skip the trie. The word is written and read whole; writing
-//! the entry clears it, and the generation bits turn away a word an admission judged under
-//! the previous generation writes after that.
+//! half of `addr`: a record with an entry remembers no destination). A handshake's last
+//! ACK, and any SYN from the same source, skip the trie. The word is written and read
+//! whole; writing the entry clears it, and the generation bits turn away a word that an
+//! admission judged under the previous generation writes after that.
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
