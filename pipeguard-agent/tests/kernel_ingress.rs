@@ -62,6 +62,17 @@ fn all() -> PortSet {
     }
 }
 
+/// The test pod's entry: egress open (`EGRESS`), isolated for ingress by `INGRESS`.
+fn isolated(mode: u32) -> PodEntry {
+    PodEntry {
+        policy_id: EGRESS,
+        mode,
+        flags: POD_INGRESS_ISOLATED,
+        ingress_policy_id: INGRESS,
+        ..PodEntry::default()
+    }
+}
+
 /// Pod egress is open (only ingress is under test); ingress is `ingress`.
 fn pod(name: &str, ingress: &PolicyEntries, mode: u32) -> Pod {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,18 +83,7 @@ fn pod(name: &str, ingress: &PolicyEntries, mode: u32) -> Pod {
         .put_policy(EGRESS, &entries(&[("0.0.0.0/0", all())], &[("::/0", all())]))
         .unwrap();
     engine.put_policy(INGRESS, ingress).unwrap();
-    engine
-        .put_pod(
-            cgroup_id,
-            PodEntry {
-                policy_id: EGRESS,
-                mode,
-                flags: POD_INGRESS_ISOLATED,
-                ingress_policy_id: INGRESS,
-                ..PodEntry::default()
-            },
-        )
-        .unwrap();
+    engine.put_pod(cgroup_id, isolated(mode)).unwrap();
     engine.attach(cgroup.path()).expect("attach to the test cgroup");
     let ring = engine.take_events().unwrap();
     Pod {
@@ -429,18 +429,7 @@ fn a_listener_follows_changes_made_after_it_accepted() {
     assert!(accepted(&listener));
 
     let cgroup_id = p.cgroup_id;
-    p.engine
-        .put_pod(
-            cgroup_id,
-            PodEntry {
-                policy_id: EGRESS,
-                mode: MODE_AUDIT,
-                flags: POD_INGRESS_ISOLATED,
-                ingress_policy_id: INGRESS,
-                ..PodEntry::default()
-            },
-        )
-        .unwrap();
+    p.engine.put_pod(cgroup_id, isolated(MODE_AUDIT)).unwrap();
     inbound::connect_from(ip("127.0.0.2"), dest).expect("audit mode refuses nothing");
     assert!(accepted(&listener));
     assert!(
@@ -448,18 +437,7 @@ fn a_listener_follows_changes_made_after_it_accepted() {
         "the audited handshake is counted as such"
     );
 
-    p.engine
-        .put_pod(
-            cgroup_id,
-            PodEntry {
-                policy_id: EGRESS,
-                mode: MODE_ENFORCE,
-                flags: POD_INGRESS_ISOLATED,
-                ingress_policy_id: INGRESS,
-                ..PodEntry::default()
-            },
-        )
-        .unwrap();
+    p.engine.put_pod(cgroup_id, isolated(MODE_ENFORCE)).unwrap();
     inbound::connect_from(ip("127.0.0.2"), dest).expect_err("enforced again");
     assert!(!accepted(&listener));
 }
@@ -480,18 +458,11 @@ fn a_remembered_source_does_not_outlive_its_generation() {
     let admitted_under = p.engine.policy_generation().unwrap();
 
     p.set_ingress(&allowing, &entries(&[("127.0.0.3/32", all())], &[]));
-    let entry = PodEntry {
-        policy_id: EGRESS,
-        mode: MODE_ENFORCE,
-        flags: POD_INGRESS_ISOLATED,
-        ingress_policy_id: INGRESS,
-        ..PodEntry::default()
-    };
     let cgroup_id = p.cgroup_id;
     let moved = p.engine.policy_generation().unwrap() - admitted_under;
     // Each write moves the generation by one.
     for _ in 0..(65_536 - moved % 65_536) % 65_536 {
-        p.engine.put_pod(cgroup_id, entry).unwrap();
+        p.engine.put_pod(cgroup_id, isolated(MODE_ENFORCE)).unwrap();
     }
     let now = p.engine.policy_generation().unwrap();
     assert_eq!((now - admitted_under) % 65_536, 0, "{now} vs {admitted_under}");
@@ -903,20 +874,14 @@ fn pinned_ingress_enforcement_outlives_the_engine_and_is_adopted() {
         ..EngineConfig::default()
     };
     let rules = entries(&[("127.0.0.2/32", all())], &[]);
-    let isolated = PodEntry {
-        policy_id: EGRESS,
-        mode: MODE_ENFORCE,
-        flags: POD_INGRESS_ISOLATED,
-        ingress_policy_id: INGRESS,
-        ..PodEntry::default()
-    };
+    let entry = isolated(MODE_ENFORCE);
     {
         let mut engine = Engine::load(&config).expect("load with pins");
         engine
             .put_policy(EGRESS, &entries(&[("0.0.0.0/0", all())], &[("::/0", all())]))
             .unwrap();
         engine.put_policy(INGRESS, &rules).unwrap();
-        engine.put_pod(cgroup_id, isolated).unwrap();
+        engine.put_pod(cgroup_id, entry).unwrap();
         engine.attach(cgroup.path()).unwrap();
     }
     // No engine now: only the pins hold the programs and maps.
@@ -941,7 +906,7 @@ fn pinned_ingress_enforcement_outlives_the_engine_and_is_adopted() {
 
     let mut engine = Engine::load(&config).expect("a second engine reuses the pinned maps");
     assert!(
-        engine.pods().unwrap().contains(&(cgroup_id, isolated)),
+        engine.pods().unwrap().contains(&(cgroup_id, entry)),
         "the pod and its ingress isolation survived"
     );
     assert_eq!(

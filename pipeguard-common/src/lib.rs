@@ -457,7 +457,7 @@ pub struct SocketState {
 }
 const _: () = assert!(core::mem::size_of::<SocketState>() == 160);
 // A listener's record keeps one 8-byte word in the first half of `addr` (see `REMEMBERED_LISTENER`).
-const _: () = assert!(core::mem::offset_of!(SocketState, addr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(SocketState, addr).is_multiple_of(8));
 
 /// A record of the per-socket table (`PG_SOCKETS_*`): an array whose slots
 /// are claimed and freed by the socket cookie in their first 8 bytes (0: free).
@@ -472,7 +472,7 @@ unsafe impl SocketRecord for SocketState {}
 const _: () = assert!(
     core::mem::offset_of!(SocketState, cookie) == 0
         && core::mem::align_of::<SocketState>() == 8
-        && core::mem::size_of::<SocketState>() % 8 == 0
+        && core::mem::size_of::<SocketState>().is_multiple_of(8)
 );
 
 /// Slots a socket's record may take in a per-socket table (`socket_slot`): a lookup reads
