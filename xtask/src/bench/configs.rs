@@ -89,6 +89,7 @@ pub(super) const PG_CONFIGS: [(&str, usize); 4] = [
 pub(super) fn label(cfg: &str) -> &'static str {
     match cfg {
         "base" => "no enforcement",
+        "base-2" => "no enforcement, a second server (A/A control)",
         "pg-allow" => "pipeguard allow-all",
         "pg-1k" => "pipeguard 1k CIDRs",
         "pg-10k" => "pipeguard 10k CIDRs",

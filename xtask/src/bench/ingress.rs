@@ -1,5 +1,6 @@
 //! Sections I1–I3: ingress enforcement (issue 16), on the server side. Servers in a
-//! namespace of this run's own, each on addresses of its own: one unguarded, one guarded
+//! namespace of this run's own, each on addresses of its own: two unguarded (the second an
+//! A/A control: how far apart two identical servers measure), one guarded
 //! by `pipeguard exec` with no ingress rules (not isolated), two isolated for ingress by a
 //! policy admitting the client next to 16 or 10,000 other source CIDRs, and one in a
 //! scratch cgroup with empty programs. One unguarded client per path (veth from a second
@@ -23,8 +24,9 @@ use super::{
 
 /// Server configurations: key, worker key, last byte of its veth (10.203.9.X) and loopback
 /// (127.0.9.X) addresses. 10.203.0.0/16 is outside every generated rule set.
-const SERVERS: [(&str, &str, u8); 5] = [
+const SERVERS: [(&str, &str, u8); 6] = [
     ("base", "srv-in-base", 1),
+    ("base-2", "srv-in-base-2", 14),
     ("empty", "srv-in-empty", 10),
     ("ing-none", "srv-in-none", 11),
     ("ing-16", "srv-in-16", 12),
@@ -136,7 +138,8 @@ impl Bench {
         );
         // "empty": the kernel's own cost of a cgroup with programs attached, which no program
         // of ours can take away; the guarded servers ÷ it is what pipeguard's programs cost.
-        let configs = ["base", "empty", "ing-none", "ing-16", "ing-10k"];
+        // "base-2" ÷ "base": two identical unguarded servers, what this loop cannot resolve.
+        let configs = ["base", "base-2", "empty", "ing-none", "ing-16", "ing-10k"];
         for path in ["loopback", "veth"] {
             let v = self.interleave_to("crr", &configs, p.secs, p.rounds, Sample::rate, |cfg| {
                 (client_of(path).to_string(), server_addr(path, cfg))
