@@ -56,8 +56,12 @@ enum Task {
         /// throughput rounds. Example: `cargo xtask bench --only agent-load`
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
+        /// Interleaved rounds of each rate section (default 12, quick 3): more to pin down a
+        /// ratio near its target (the spread of the median shrinks as 1/sqrt(rounds)).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        rounds: Option<u16>,
         /// Only build what the benchmark runs (no root needed); CI does this so it cannot rot.
-        #[arg(long, conflicts_with_all = ["quick", "json", "only"])]
+        #[arg(long, conflicts_with_all = ["quick", "json", "only", "rounds"])]
         no_run: bool,
     },
     /// The benchmark's load generator and servers (started by `bench`).
@@ -97,8 +101,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { no_run: true, .. } => bench::build_all().map(|_| ExitCode::SUCCESS),
         Task::Bench {
-            quick, json, only, ..
-        } => bench::run(quick, json, only),
+            quick,
+            json,
+            only,
+            rounds,
+            ..
+        } => bench::run(quick, json, only, rounds.map(usize::from)),
         Task::BenchWorker { args } => bench::worker(&args),
     }
 }

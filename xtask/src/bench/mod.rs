@@ -103,7 +103,12 @@ struct Params {
     paced_events: u64,
 }
 
-pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Result<ExitCode> {
+pub fn run(
+    quick: bool,
+    json_path: Option<PathBuf>,
+    only: Option<String>,
+    rounds: Option<usize>,
+) -> Result<ExitCode> {
     // SAFETY: plain getter.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF)");
@@ -127,7 +132,7 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
         build_all()?
     };
     ensure_firewall_tools()?;
-    let p = if quick {
+    let mut p = if quick {
         Params {
             quick,
             rounds: 3,
@@ -150,6 +155,9 @@ pub fn run(quick: bool, json_path: Option<PathBuf>, only: Option<String>) -> Res
             paced_events: 2_000,
         }
     };
+    if let Some(rounds) = rounds {
+        p.rounds = rounds;
+    }
     let dir = crate::workspace_root().join("target/bench");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
