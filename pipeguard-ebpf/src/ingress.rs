@@ -27,7 +27,7 @@ const DROP: i32 = 0;
 #[cgroup_skb(ingress)]
 pub fn pg_ingress(ctx: SkBuffContext) -> i32 {
     // Most received packets belong to a connected TCP socket: nothing to judge or learn, so
-    // they pass before the packet is read (3 of the 5 packets of a short inbound connection).
+    // they pass before the packet is parsed (3 of the 5 packets of a short inbound connection).
     let receiver = ingress_policy::receiver(&ctx);
     if receiver
         .as_ref()

@@ -27,8 +27,8 @@ use core::{
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id, bpf_sk_fullsock,
-        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id, bpf_sk_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_cgroup_id,
     },
     programs::SkBuffContext,
 };
@@ -40,13 +40,11 @@ use pipeguard_common::{
 use crate::{
     listener,
     maps::SENT,
-    packet::Packet,
+    packet::{self, Packet},
     pod::Pod,
     reply,
     verdict::{Attempt, allows, count, decide, report},
 };
-
-const IPPROTO_TCP: u32 = 6;
 
 /// True when the packet may reach the pod's socket, whose state (`receiver`) is `socket`.
 /// `listener`: the receiving listener's record when it holds the pod's entry under
@@ -152,11 +150,14 @@ fn is_new_inbound(ctx: &SkBuffContext, packet: &Packet, socket: Option<u32>, con
     }
 }
 
-/// What the ingress hook reads of the receiving socket.
+/// What the ingress hook reads of the receiving socket, and of the packet.
 pub struct Receiver {
     /// `BPF_TCP_*` (UDP uses ESTABLISHED for connected).
     pub state: u32,
-    pub protocol: u32,
+    /// The packet's IP protocol (IPv6: its first next header). A socket only receives its own
+    /// protocol's packets, so for TCP it is the socket's (a raw socket of protocol TCP, like
+    /// before: its copies are not judged).
+    pub protocol: u8,
     /// The peer's port, host order (0 when not connected).
     pub peer_port: u16,
 }
@@ -167,29 +168,31 @@ impl Receiver {
     /// can only be TCP from its peer.
     #[inline(always)]
     pub fn is_connected_tcp(&self) -> bool {
-        self.protocol == IPPROTO_TCP && self.state != BPF_TCP_LISTEN
+        self.protocol == PROTO_TCP && self.state != BPF_TCP_LISTEN
     }
 }
 
-/// The receiving socket; None without a full socket.
+/// The receiving socket; None without one. Its state and peer port are in the part every
+/// socket shares, so no `bpf_sk_fullsock` call (a helper call on every received packet);
+/// the protocol is the packet's, one byte of its header.
 #[inline(always)]
 pub fn receiver(ctx: &SkBuffContext) -> Option<Receiver> {
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    let sk = unsafe { read_volatile(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) };
     if sk.is_null() {
         return None;
     }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket the verifier checked; each field read once, whole.
-    unsafe {
-        Some(Receiver {
-            state: read_volatile(addr_of!((*full).state)),
-            protocol: read_volatile(addr_of!((*full).protocol)),
-            peer_port: u16::from_be(read_volatile(addr_of!((*full).dst_port))),
-        })
-    }
+    // SAFETY: a socket the verifier checked for null; each field read once, whole.
+    let (state, peer_port) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).state)),
+            u16::from_be(read_volatile(addr_of!((*sk).dst_port)) as u16),
+        )
+    };
+    Some(Receiver {
+        state,
+        protocol: packet::ip_protocol(ctx),
+        peer_port,
+    })
 }
 
 #[inline(always)]

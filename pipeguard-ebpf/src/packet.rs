@@ -51,6 +51,31 @@ pub fn parse(ctx: &SkBuffContext) -> Result<Packet, ()> {
     })
 }
 
+/// The flags byte of a TCP packet's header; 0 (no flag) when it cannot be read.
+#[inline(always)]
+pub fn tcp_flags(ctx: &SkBuffContext, packet: &Packet) -> u8 {
+    const FLAGS_OFFSET: usize = 13;
+    let at = packet.l4 + FLAGS_OFFSET;
+    match direct::<u8>(ctx, at) {
+        Some(flags) => unsafe { *flags },
+        None => ctx.load(at).unwrap_or(0),
+    }
+}
+
+/// The IP protocol of the packet (IPv6: its first next header, which an extension header
+/// may stand in for); 0 when the header is not in the linear data.
+#[inline(always)]
+pub fn ip_protocol(ctx: &SkBuffContext) -> u8 {
+    const V4_PROTOCOL: usize = 9;
+    const V6_NEXT_HEADER: usize = 6;
+    let offset = if u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) == ETH_P_IP {
+        V4_PROTOCOL
+    } else {
+        V6_NEXT_HEADER
+    };
+    direct::<u8>(ctx, offset).map_or(0, |p| unsafe { *p })
+}
+
 /// (source, destination, protocol, transport header offset, is first fragment)
 #[inline(always)]
 fn parse_v4(ctx: &SkBuffContext) -> Result<(Dest, Dest, u8, usize, bool), ()> {

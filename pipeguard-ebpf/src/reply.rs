@@ -28,8 +28,8 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock},
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock},
+    bindings::{BPF_TCP_CLOSE, BPF_TCP_LISTEN},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::{SkBuffContext, SockOpsContext},
 };
 use pipeguard_common::{
@@ -41,13 +41,12 @@ use crate::{
     addr::Dest,
     fast,
     maps::{HANDSHAKE, REPLIES, SOCKETS},
-    packet::Packet,
+    packet::{self, Packet},
     pod::Pod,
     socket_table, verdict, zeroed,
 };
 
 const AF_INET: u32 = 2;
-const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -196,48 +195,41 @@ fn take_pod(record: &mut SocketState, h: &Handshake, local_port: u16) {
 /// sending socket's record, or null), or a closed connection's reset.
 #[inline(always)]
 pub fn is_tcp_reply(ctx: &SkBuffContext, packet: &Packet, state: *const SocketState) -> bool {
-    let full = sending_tcp_socket(ctx, packet);
-    if full.is_null() {
-        return false;
-    }
-    match unsafe { read_volatile(addr_of!((*full).state)) } {
-        BPF_TCP_LISTEN => is_syn_ack(ctx, packet),
-        BPF_TCP_CLOSE => is_reset(ctx, packet),
-        _ => fast::is_accepted_peer(state, &packet.dst, packet.dst_port),
+    match sending_tcp_state(ctx, packet) {
+        None => false,
+        Some(BPF_TCP_LISTEN) => is_syn_ack(ctx, packet),
+        Some(BPF_TCP_CLOSE) => is_reset(ctx, packet),
+        Some(_) => fast::is_accepted_peer(state, &packet.dst, packet.dst_port),
     }
 }
 
 /// A listener's SYN-ACK: the handshake answer, the only packet a listener sends of its own.
 #[inline(always)]
 pub fn is_listener_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
-    let full = sending_tcp_socket(ctx, packet);
-    !full.is_null()
-        && unsafe { read_volatile(addr_of!((*full).state)) } == BPF_TCP_LISTEN
-        && is_syn_ack(ctx, packet)
+    sending_tcp_state(ctx, packet) == Some(BPF_TCP_LISTEN) && is_syn_ack(ctx, packet)
 }
 
-/// The full socket that sent a TCP packet with a port; null for anything else.
+/// The TCP state of the socket that sent a TCP packet with a port; None for anything
+/// else. The state is in the part every socket shares: no `bpf_sk_fullsock` call (the
+/// kernel runs the egress hook for full sockets only, a listener for its SYN-ACKs).
 #[inline(always)]
-fn sending_tcp_socket(ctx: &SkBuffContext, packet: &Packet) -> *mut bpf_sock {
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+fn sending_tcp_state(ctx: &SkBuffContext, packet: &Packet) -> Option<u32> {
+    let sk = unsafe { read_volatile(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) };
     if sk.is_null() || packet.protocol != PROTO_TCP || packet.dst_port == 0 {
-        return null_mut();
+        return None;
     }
-    unsafe { bpf_sk_fullsock(sk) }
+    // SAFETY: a socket the verifier checked for null; read once, whole.
+    Some(unsafe { read_volatile(addr_of!((*sk).state)) })
 }
 
 #[inline(always)]
 fn is_reset(ctx: &SkBuffContext, packet: &Packet) -> bool {
-    ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET)
-        .is_ok_and(|flags| flags & TCP_RST != 0)
+    packet::tcp_flags(ctx, packet) & TCP_RST != 0
 }
 
 #[inline(always)]
 fn is_syn_ack(ctx: &SkBuffContext, packet: &Packet) -> bool {
-    let Ok(flags) = ctx.load::<u8>(packet.l4 + TCP_FLAGS_OFFSET) else {
-        return false;
-    };
-    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+    packet::tcp_flags(ctx, packet) & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
 }
 
 /// Called for every packet a socket under the attached cgroup receives, with the receiving
