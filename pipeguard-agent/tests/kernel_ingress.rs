@@ -123,6 +123,19 @@ impl Pod {
     fn set_ingress(&mut self, old: &PolicyEntries, new: &PolicyEntries) {
         self.engine.replace_policy(INGRESS, old, new).unwrap();
     }
+
+    /// A loopback listener of the pod that has admitted `times` connections from 127.0.0.2
+    /// (which the pod's ingress allowlist must admit): from the second on, its record holds
+    /// the pod's entry and the admitted source.
+    fn listener_admitting(&self, times: usize) -> (TcpListener, SocketAddr) {
+        let listener = self.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
+        let dest = listener.local_addr().unwrap();
+        for _ in 0..times {
+            inbound::connect_from(ip("127.0.0.2"), dest).expect("the allowed source");
+            assert!(accepted(&listener));
+        }
+        (listener, dest)
+    }
 }
 
 /// True when the listener has a connection waiting (it was let through).
@@ -410,12 +423,7 @@ fn pods_not_isolated_for_ingress_are_unaffected() {
 fn a_listener_follows_changes_made_after_it_accepted() {
     let first = entries(&[("127.0.0.2/32", all())], &[]);
     let mut p = pod("ing-change", &first, MODE_ENFORCE);
-    let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    let dest = listener.local_addr().unwrap();
-    for _ in 0..3 {
-        inbound::connect_from(ip("127.0.0.2"), dest).expect("the allowed source");
-        assert!(accepted(&listener));
-    }
+    let (listener, dest) = p.listener_admitting(3);
 
     // The record also remembers the source it admitted last (127.0.0.2): a second attempt
     // finds the entry written again by the first, and the remembered source must not count.
@@ -449,12 +457,7 @@ fn a_listener_follows_changes_made_after_it_accepted() {
 fn a_remembered_source_does_not_outlive_its_generation() {
     let allowing = entries(&[("127.0.0.2/32", all())], &[]);
     let mut p = pod("ing-wrap", &allowing, MODE_ENFORCE);
-    let listener = p.inside(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    let dest = listener.local_addr().unwrap();
-    for _ in 0..2 {
-        inbound::connect_from(ip("127.0.0.2"), dest).expect("the allowed source");
-        assert!(accepted(&listener));
-    }
+    let (listener, dest) = p.listener_admitting(2);
     let admitted_under = p.engine.policy_generation().unwrap();
 
     p.set_ingress(&allowing, &entries(&[("127.0.0.3/32", all())], &[]));
